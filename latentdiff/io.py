@@ -1,0 +1,204 @@
+"""Files on disk: atomic writes, component folders (config.json + model.safetensors), strict loads.
+
+Every write goes to a temporary name in the same folder, is flushed to disk (fsync) and then
+renamed over the target, so a crash at any moment leaves either the old file or the new one.
+Folders are written the same way: built under a temporary name, then swapped in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+T = TypeVar("T")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically (tensors are made contiguous CPU copies)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Build a folder under a temporary name, then swap it in for ``folder`` in one rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def dataclass_from_dict(cls: type[T], data: dict, where: str) -> T:
+    """Build a config dataclass from a dict; unknown keys are an error naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            v = data[f.name]
+            # JSON and TOML have no tuples: turn lists back into tuples where the default is one.
+            if isinstance(v, list) and isinstance(f.default, tuple):
+                v = tuple(v)
+            kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+@dataclass
+class LoadReport:
+    """What a strict load matched, and what it found missing, unused or of the wrong shape."""
+
+    name: str
+    matched: int = 0
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unused or self.mismatched)
+
+    def __str__(self) -> str:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+        parts = [f"{self.name}: {self.matched} tensors matched"]
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} [{few(self.missing)}]")
+        if self.unused:
+            parts.append(f"unused {len(self.unused)} [{few(self.unused)}]")
+        if self.mismatched:
+            parts.append(f"wrong shape {len(self.mismatched)} [{few(self.mismatched)}]")
+        return "; ".join(parts)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str) -> LoadReport:
+    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor."""
+    own = module.state_dict()
+    report = LoadReport(name)
+    for k, v in state.items():
+        if k not in own:
+            report.unused.append(k)
+        elif own[k].shape != v.shape:
+            report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        else:
+            report.matched += 1
+    report.missing = sorted(set(own) - set(state))
+    if not report.ok:
+        raise ValueError(f"refusing a partial load: {report}")
+    module.load_state_dict(state, strict=True)
+    return report
+
+
+def save_component(folder: str | os.PathLike, module: nn.Module, config: dict) -> None:
+    """Write one component: ``config.json`` and ``model.safetensors`` (weights may be empty)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = module.state_dict()
+    if state:
+        write_safetensors(folder / WEIGHTS_NAME, state)
+    write_json(folder / CONFIG_NAME, config)
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """Read a component's config.json with an error that names the folder."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a latentdiff component folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+
+
+def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a component's weights (empty when the component has none)."""
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several error types for a damaged file
+        raise ValueError(f"{path} could not be read ({e}); the file is corrupt or truncated") from e
+
+
+def load_component_weights(module: nn.Module, folder: str | os.PathLike, name: str) -> LoadReport:
+    """Strictly load a component's weights into ``module`` and return the report."""
+    return load_state_strict(module, read_weights(folder), name)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """Read a .ckpt/.pt/.bin file without executing pickled code (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} needs arbitrary code execution to load (a pickle beyond plain tensors), which latentdiff "
+            "refuses; convert it to .safetensors with a tool you trust"
+        ) from e

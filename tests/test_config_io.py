@@ -1,0 +1,123 @@
+"""Configs (presets, TOML, overrides, unknown keys) and files (atomic writes, strict loads)."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from latentdiff.config import build_config, parse_override
+from latentdiff.io import atomic_folder, atomic_path, load_state_strict, read_config, read_weights, save_component
+from latentdiff.types import Cond
+
+
+@dataclass
+class Inner:
+    kind: str = "a"  # which
+    dim: int = 4  # size
+
+
+@dataclass
+class Outer:
+    steps: int = 10  # steps
+    lr: float = 1e-3  # rate
+    names: tuple = ("x",)  # names
+    inner: Inner = field(default_factory=Inner)  # a table
+
+
+def test_layers_apply_in_order(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 20\nnames = ["p", "q"]\n[inner]\nkind = "b"\n')
+    cfg = build_config(Outer, {"fast": {"steps": 5, "lr": 0.5}}, "fast", toml, {"inner.dim": 8})
+    assert cfg == Outer(steps=20, lr=0.5, names=("p", "q"), inner=Inner(kind="b", dim=8))
+
+
+@pytest.mark.parametrize("where", ["preset", "toml", "override"])
+def test_unknown_key_is_named(tmp_path, where):
+    toml = tmp_path / "c.toml"
+    toml.write_text("stepz = 3\n" if where == "toml" else "")
+    presets = {"p": {"stepz": 1} if where == "preset" else {}}
+    overrides = {"inner.dimm": 3} if where == "override" else {}
+    with pytest.raises(ValueError, match="unknown key.*(stepz|dimm).*valid keys"):
+        build_config(Outer, presets, "p", toml, overrides)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: fast"):
+        build_config(Outer, {"fast": {}}, "nope", None, {})
+
+
+def test_parse_override_reads_toml_literals():
+    assert parse_override("steps=5") == ("steps", 5)
+    assert parse_override("lr=1e-4") == ("lr", 1e-4)
+    assert parse_override("flag=true") == ("flag", True)
+    assert parse_override("name=hello") == ("name", "hello")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("steps")
+
+
+def test_atomic_path_keeps_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_folder_swaps_whole_folder(tmp_path):
+    folder = tmp_path / "model"
+    with atomic_folder(folder) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(KeyError):
+        with atomic_folder(folder) as tmp:
+            (tmp / "a").write_text("2")
+            raise KeyError("crash")
+    assert (folder / "a").read_text() == "1"
+    with atomic_folder(folder) as tmp:
+        (tmp / "b").write_text("3")
+    assert sorted(p.name for p in folder.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_strict_load_refuses_partial_and_reports(tmp_path):
+    src, dst = nn.Linear(3, 2), nn.Linear(3, 2)
+    save_component(tmp_path / "c", src, {"type": "Linear"})
+    report = load_state_strict(dst, read_weights(tmp_path / "c"), "linear")
+    assert report.ok and report.matched == 2
+    assert torch.equal(dst.weight, src.weight)
+    with pytest.raises(ValueError, match="missing 1.*bias"):
+        load_state_strict(nn.Linear(3, 2), {"weight": src.weight.detach()}, "linear")
+    with pytest.raises(ValueError, match="unused 1.*extra"):
+        load_state_strict(nn.Linear(3, 2), {**src.state_dict(), "extra": torch.zeros(1)}, "linear")
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_state_strict(nn.Linear(3, 4), src.state_dict(), "linear")
+
+
+def test_corrupt_component_files_give_clear_errors(tmp_path):
+    save_component(tmp_path / "c", nn.Linear(3, 2), {"type": "Linear"})
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_weights(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_config(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="not a latentdiff component folder"):
+        read_config(tmp_path / "missing")
+    assert json.loads(json.dumps({"ok": 1}))
+
+
+def test_cond_cat_map_repeat():
+    a = Cond(context=torch.ones(2, 3, 4), context_mask=torch.ones(2, 3, dtype=torch.bool), vector=torch.ones(2, 5))
+    b = Cond(context=torch.zeros(1, 3, 4), context_mask=torch.zeros(1, 3, dtype=torch.bool), vector=torch.zeros(1, 5))
+    c = a.cat(b)
+    assert c.context.shape == (3, 3, 4) and c.vector[2].sum() == 0 and c.concat is None
+    assert a.repeat(2).context.shape == (4, 3, 4)
+    with pytest.raises(ValueError, match="only one of them"):
+        a.cat(Cond(context=torch.zeros(1, 3, 4)))
+    with pytest.raises(ValueError, match="pad both"):
+        a.cat(Cond(context=torch.zeros(1, 2, 4), context_mask=torch.zeros(1, 2, dtype=torch.bool),
+                   vector=torch.zeros(1, 5)))
