@@ -1,0 +1,350 @@
+"""KL-regularized convolutional autoencoder (the Stable Diffusion VAE), Rombach et al. 2022.
+
+Layout and parameter names follow diffusers' ``AutoencoderKL`` one to one (``encoder.down_blocks.0.resnets.0.conv1``,
+``encoder.mid_block.attentions.0.to_q``, ``quant_conv``, ``decoder.up_blocks.0.upsamplers.0.conv``, ...), so a
+diffusers state dict loads with ``load_state_dict(strict=True)``.
+
+The autoencoder owns its latent normalization: ``encode`` returns ``(z - shift_factor) * scale_factor`` and
+``decode`` undoes it. Nothing outside this file knows the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3  # image channels (also the decoder's output channels)
+    base_channels: int = 128  # channels at full resolution
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # per level; downsampling factor = 2 ** (levels - 1)
+    num_res_blocks: int = 2  # resnet blocks per encoder level (the decoder uses one more)
+    latent_channels: int = 4  # channels of the latent z
+    mid_attention: bool = True  # self-attention block in the middle of encoder and decoder
+    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
+    use_quant_conv: bool = True  # 1x1 convs around the latent (SD 1/2/XL: yes; SD3, Flux: no)
+    scale_factor: float = (
+        1.0  # latents = (z - shift_factor) * scale_factor; computed from data after training
+    )
+    shift_factor: float = 0.0  # see scale_factor
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        if not self.channel_mult:
+            raise ValueError("channel_mult needs at least one level")
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor from image to latent."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+PRESETS: dict[str, AutoencoderConfig] = {
+    # Small autoencoders for the built-in 64x64 shapes data; minutes on a 2-core CPU.
+    "shapes-f4c4": AutoencoderConfig(
+        base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=16
+    ),
+    "shapes-f8c4": AutoencoderConfig(
+        base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=16
+    ),
+    "shapes-f4c16": AutoencoderConfig(
+        base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16, norm_groups=16
+    ),
+    # Stable Diffusion 1.x / 2.x VAE (kl-f8).
+    "sd": AutoencoderConfig(
+        base_channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=4,
+        scale_factor=0.18215,
+    ),
+    # SDXL VAE: same network as "sd", retrained, its own scale.
+    "sdxl": AutoencoderConfig(
+        base_channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=4,
+        scale_factor=0.13025,
+    ),
+    # SD3 and Flux VAEs: 16 latent channels, no quant convs, scale and shift.
+    "sd3": AutoencoderConfig(
+        base_channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=16,
+        use_quant_conv=False,
+        scale_factor=1.5305,
+        shift_factor=0.0609,
+    ),
+    "flux": AutoencoderConfig(
+        base_channels=128,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=16,
+        use_quant_conv=False,
+        scale_factor=0.3611,
+        shift_factor=0.1159,
+    ),
+}
+
+
+class DiagonalGaussian:
+    """Diagonal Gaussian posterior q(z|x) from stacked (mean, logvar) channels, Kingma & Welling 2014."""
+
+    def __init__(self, moments: Tensor):
+        if moments.shape[1] % 2:
+            raise ValueError(f"moments need an even channel count (mean and logvar), got {moments.shape[1]}")
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """A draw z = mean + std * eps; the noise is drawn on the generator's device, then moved."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per sample, summed over latent dims: (B,)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
+
+
+class _Block(nn.Module):
+    """A resolution level: ``resnets`` then an optional ``downsamplers`` / ``upsamplers`` list of one."""
+
+    def __init__(self, resnets: list[nn.Module], down: nn.Module | None = None, up: nn.Module | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if down is not None:
+            self.downsamplers = nn.ModuleList([down])
+        if up is not None:
+            self.upsamplers = nn.ModuleList([up])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for sampler in getattr(self, "downsamplers", ()):
+            x = sampler(x)
+        for sampler in getattr(self, "upsamplers", ()):
+            x = sampler(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet -> self-attention -> resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, norm_groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, norm_groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, norm_groups)] if attention else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> posterior moments (B, 2 * latent_channels, H / f, W / f)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mult]
+        g = cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        blocks, c_in = [], chans[0]
+        for i, c in enumerate(chans):
+            resnets = [ResnetBlock2D(c_in if j == 0 else c, c, None, g) for j in range(cfg.num_res_blocks)]
+            last = i == len(chans) - 1
+            blocks.append(_Block(resnets, down=None if last else Downsample2D(c, asymmetric_pad=True)))
+            c_in = c
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(chans[-1], g, cfg.mid_attention)
+        self.conv_norm_out = group_norm(chans[-1], g)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)  # (B, c0, H, W)
+        for block in self.down_blocks:
+            h = block(h)  # (B, ci, H / 2^i, W / 2^i)
+        h = self.mid_block(h)  # (B, c_last, h, w)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2C, h, w)
+
+
+class Decoder(nn.Module):
+    """Latent z (B, latent_channels, h, w) -> image (B, 3, h * f, w * f)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in reversed(cfg.channel_mult)]  # lowest resolution first
+        g = cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1)
+        self.mid_block = MidBlock(chans[0], g, cfg.mid_attention)
+        blocks, c_in = [], chans[0]
+        for i, c in enumerate(chans):
+            resnets = [
+                ResnetBlock2D(c_in if j == 0 else c, c, None, g) for j in range(cfg.num_res_blocks + 1)
+            ]
+            last = i == len(chans) - 1
+            blocks.append(_Block(resnets, up=None if last else Upsample2D(c)))
+            c_in = c
+        self.up_blocks = nn.ModuleList(blocks)
+        self.conv_norm_out = group_norm(chans[-1], g)
+        self.conv_out = nn.Conv2d(chans[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z)  # (B, c_last, h, w)
+        h = self.mid_block(h)
+        for block in self.up_blocks:
+            h = block(h)  # resolution doubles after every block but the last
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, H, W)
+
+
+class AutoencoderKL(nn.Module):
+    """KL autoencoder with latent scale/shift, Rombach et al. 2022 (Esser et al. 2021 without the GAN here)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config = replace(config)  # own copy: storing scale/shift must not touch a preset
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_quant_conv else None
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor from image to latent."""
+        return self.config.factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        H, W = images.shape[-2:]
+        f = self.factor
+        if H % f or W % f:
+            raise ValueError(
+                f"image size {H}x{W} is not divisible by the autoencoder's factor {f}: "
+                f"pad or crop to a multiple of {f} (e.g. {math.ceil(H / f) * f}x{math.ceil(W / f) * f})"
+            )
+
+    def encode_posterior(self, images: Tensor) -> DiagonalGaussian:
+        """Images in [-1, 1] (B, 3, H, W) -> q(z|x) in the raw (unnormalized) latent space."""
+        self._check_images(images)
+        moments = self.encoder(images)  # (B, 2C, h, w)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw latents -> the roughly unit-variance latents a denoiser sees."""
+        return (z - self.config.shift_factor) * self.config.scale_factor
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        """Inverse of ``normalize``."""
+        return latents / self.config.scale_factor + self.config.shift_factor
+
+    def encode(
+        self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Images in [-1, 1] -> normalized latents (posterior mode, or a sample if ``sample``)."""
+        posterior = self.encode_posterior(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.normalize(z)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, h * f, w * f), roughly in [-1, 1]."""
+        if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"expected latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}"
+            )
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalized latents -> images, roughly in [-1, 1]."""
+        return self.decode_raw(self.denormalize(latents))
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """Training pass: images -> (reconstruction from a posterior sample, posterior)."""
+        posterior = self.encode_posterior(images)
+        return self.decode_raw(posterior.sample(generator)), posterior
+
+
+def vae_loss(
+    reconstruction: Tensor,
+    images: Tensor,
+    posterior: DiagonalGaussian,
+    kl_weight: float = 1e-6,
+    recon: str = "l1",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reconstruction + kl_weight * KL, with LDM's weighting (Rombach et al. 2022, kl-f* configs).
+
+    The reconstruction term is a per-pixel mean; the KL is summed over latent dims and divided by the
+    number of image values per sample, so ``kl_weight`` means what it means in the LDM configs (1e-6).
+    """
+    if recon == "l1":
+        rec = (reconstruction - images).abs().mean()
+    elif recon == "l2":
+        rec = (reconstruction - images).pow(2).mean()
+    else:
+        raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+    kl = posterior.kl().mean()  # nats per sample
+    loss = rec + kl_weight * kl / images[0].numel()
+    return loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
+
+
+@torch.no_grad()
+def compute_latent_stats(
+    autoencoder: AutoencoderKL,
+    batches: Iterable[Tensor],
+    sample: bool = True,
+    center: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """(scale, shift) that bring raw latents to zero mean, unit variance, as Rombach et al. 2022 (Sec. 3.1, G).
+
+    ``batches`` yields images in [-1, 1]. Latents are posterior samples (``sample=True``, what the LDM paper
+    measured) or modes. ``center=False`` keeps shift = 0 (the SD 1.x convention). Store the result in
+    ``autoencoder.config.scale_factor`` / ``shift_factor``.
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    n, total, total_sq = 0, 0.0, 0.0
+    for images in batches:
+        posterior = autoencoder.encode_posterior(images)
+        z = (posterior.sample(generator) if sample else posterior.mode()).double()
+        n += z.numel()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+    autoencoder.train(was_training)
+    if n == 0:
+        raise ValueError("compute_latent_stats got no batches")
+    mean = total / n
+    shift = mean if center else 0.0
+    second_moment = total_sq / n - 2 * shift * mean + shift * shift  # E[(z - shift)^2]
+    if second_moment <= 0:
+        raise ValueError("latents have zero variance: is the autoencoder trained?")
+    return 1.0 / math.sqrt(second_moment), shift

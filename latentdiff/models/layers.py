@@ -1,0 +1,180 @@
+"""Shared building blocks for the autoencoder and the denoisers.
+
+Module and parameter names follow diffusers (``to_q``, ``to_out.0``, ``norm1``, ``conv_shortcut``, ...)
+so that pretrained checkpoints map onto these modules name for name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(
+    t: Tensor,
+    dim: int,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, Vaswani et al. 2017 / Ho et al. 2020.
+
+    The defaults give Stable Diffusion's convention ([cos, sin], frequencies exp(-ln(P) k / half)).
+    Returns float32 (B, dim) whatever the input dtype: timesteps up to 1000 need float32 precision.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D tensor of shape (B,), got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period))
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))  # (half,)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    if flip_sin_to_cos:
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    else:
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # odd dim: one zero column, as diffusers
+    return emb
+
+
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm, Wu & He 2018; checks that the channels split into the groups."""
+    if channels % groups:
+        raise ValueError(
+            f"{channels} channels cannot be split into {groups} norm groups: "
+            f"choose norm_groups dividing every channel count"
+        )
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of a module (zero-init output layers, as in ControlNet and DiT); returns it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def key_padding_mask(mask: Tensor) -> Tensor:
+    """(B, L) bool key mask, True = real token -> (B, 1, 1, L) SDPA mask.
+
+    A row with no real token attends to every token (as an additive -10000 bias does in diffusers),
+    instead of producing NaN.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"context_mask must be a bool tensor (True = real token), got {mask.dtype}")
+    if mask.ndim != 2:
+        raise ValueError(f"context_mask must have shape (B, L), got {tuple(mask.shape)}")
+    mask = mask | ~mask.any(dim=-1, keepdim=True)  # (B, L)
+    return mask[:, None, None, :]  # (B, 1, 1, L)
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention through scaled_dot_product_attention, Vaswani et al. 2017."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        head_dim: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.context_dim = context_dim or query_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(self.context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(self.context_dim, inner, bias=bias)
+        # A list with one Linear so the keys read `to_out.0.weight`, as in diffusers checkpoints.
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x (B, L, D), context (B, S, Dc) or None for self-attention, mask (B, S) bool True = real token."""
+        context = x if context is None else context
+        B, L, _ = x.shape
+        S = context.shape[1]
+        q = self.to_q(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
+        k = self.to_k(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, h, S, d)
+        v = self.to_v(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, h, S, d)
+        attn_mask = None if mask is None else key_padding_mask(mask)  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, L, d)
+        out = out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)  # (B, L, h*d)
+        return self.to_out[0](out)  # (B, L, D)
+
+
+class SpatialSelfAttention(Attention):
+    """Single-head self-attention over all pixels with GroupNorm and residual (the VAE's mid block)."""
+
+    def __init__(self, channels: int, norm_groups: int = 32, eps: float = 1e-6):
+        super().__init__(channels, heads=1, head_dim=channels, bias=True, out_bias=True)
+        self.group_norm = group_norm(channels, norm_groups, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = super().forward(h)  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-activation residual block with optional time embedding, He et al. 2016 / Ho et al. 2020."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        temb_dim: int | None = None,
+        norm_groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.norm1 = group_norm(in_channels, norm_groups, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_channels) if temb_dim is not None else None
+        self.norm2 = group_norm(out_channels, norm_groups, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, Co, H, W)
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("this ResnetBlock2D was built with temb_dim: pass a time embedding")
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, Co, 1, 1) broadcast
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, Co, H, W)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv; ``asymmetric_pad`` pads right/bottom only, as the LDM/SD VAE encoder does."""
+
+    def __init__(self, channels: int, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))  # (B, C, H+1, W+1)
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x)

@@ -1,0 +1,452 @@
+"""The latent-diffusion U-Net with cross-attention (Stable Diffusion 1.x/2.x/XL), Rombach et al. 2022.
+
+Layout and parameter names follow diffusers' ``UNet2DConditionModel`` (``conv_in``, ``time_embedding.linear_1``,
+``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``, ``mid_block``, ``up_blocks``, ``conv_out``),
+so a diffusers state dict loads with ``load_state_dict(strict=True)``.
+
+Conditioning comes in a ``Cond``: ``context`` (+ ``context_mask``) feeds cross-attention; ``vector`` is added to
+the time embedding through an MLP (SDXL's ``add_embedding``), or, with ``num_classes``, holds integer labels
+for a class embedding; ``concat`` is joined to the input channels; ``control`` holds ControlNet residuals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..types import Cond
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm, timestep_embedding
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # channels predicted (eps, v, x0 or flow: the parameterization decides)
+    model_channels: int = 320  # channels at the first level; time embedding is 4x this
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # per level; inputs must be divisible by 2 ** (levels - 1)
+    num_res_blocks: int = 2  # resnet blocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # level indices that get transformer blocks
+    mid_attention: bool = True  # transformer block between the two middle resnets
+    num_heads: int = 8  # attention heads at every level, unless head_dim is set
+    head_dim: int | None = None  # if set: channels per head, heads = level channels // head_dim (SD 2, SDXL)
+    context_dim: int | None = 768  # dim of cond.context tokens; None = self-attention only
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per attention, or one count per level
+    use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2, SDXL) instead of 1x1 conv (SD 1)
+    vector_dim: int | None = None  # dim of cond.vector (pooled text, sizes...) added to the time embedding
+    num_classes: int | None = None  # class-label embedding; labels come as integer cond.vector of shape (B,)
+    concat_channels: int = 0  # extra input channels from cond.concat (inpainting mask + masked latent: 5)
+    dropout: float = 0.0  # dropout inside resnet blocks
+    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
+    norm_eps: float = 1e-5  # GroupNorm / LayerNorm epsilon
+    flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] (SD) or [sin, cos]
+    freq_shift: float = 0.0  # timestep embedding downscale_freq_shift (SD: 0)
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        levels = len(self.channel_mult)
+        if isinstance(self.transformer_depth, (list, tuple)):
+            self.transformer_depth = tuple(self.transformer_depth)
+            if len(self.transformer_depth) != levels:
+                raise ValueError(
+                    f"transformer_depth has {len(self.transformer_depth)} entries but there are {levels} levels"
+                )
+        bad = [i for i in self.attention_levels if not 0 <= i < levels]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range for {levels} levels (0..{levels - 1})")
+        if self.vector_dim is not None and self.num_classes is not None:
+            raise ValueError("vector_dim and num_classes both read cond.vector: set only one of them")
+        attended = set(self.attention_levels) | ({levels - 1} if self.mid_attention else set())
+        for i in sorted(attended):
+            self.heads_at(self.model_channels * self.channel_mult[i])  # fail early on indivisible widths
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads for a block of this width."""
+        if self.head_dim is None:
+            if channels % self.num_heads:
+                raise ValueError(f"hidden size {channels} must be divisible by num_heads {self.num_heads}")
+            return self.num_heads
+        if channels % self.head_dim:
+            raise ValueError(f"hidden size {channels} must be divisible by head_dim {self.head_dim}")
+        return channels // self.head_dim
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per attention at this level."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # For 16x16x4 latents of 64x64 shapes images (f=4 autoencoder); trains on a CPU.
+    "shapes-tiny": UNetConfig(
+        model_channels=48,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        head_dim=24,
+        context_dim=256,
+        norm_groups=16,
+    ),
+    "shapes-small": UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        head_dim=32,
+        context_dim=256,
+        norm_groups=32,
+    ),
+    # Stable Diffusion 1.x (CompVis / runwayml v1-5).
+    "sd15": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        num_heads=8,
+        context_dim=768,
+    ),
+    # Stable Diffusion 2.x: 64-dim heads, linear projections, OpenCLIP-H context.
+    "sd21": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        head_dim=64,
+        context_dim=1024,
+        use_linear_projection=True,
+    ),
+    # SDXL base: vector = [pooled text (1280), Fourier(size/crop ids) (6 x 256)].
+    "sdxl": UNetConfig(
+        model_channels=320,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        head_dim=64,
+        context_dim=2048,
+        transformer_depth=(1, 2, 10),
+        use_linear_projection=True,
+        vector_dim=2816,
+    ),
+}
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on an embedding: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit, Shazeer 2020."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)  # (B, L, dim_out) each
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP with GEGLU; ``net.0`` / ``net.2`` as in diffusers."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN block: self-attention, cross-attention to the context, GEGLU MLP, Vaswani et al. 2017."""
+
+    def __init__(
+        self, dim: int, heads: int, context_dim: int | None, dropout: float = 0.0, eps: float = 1e-5
+    ):
+        super().__init__()
+        head_dim = dim // heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn1 = Attention(dim, None, heads, head_dim)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim, eps=eps)
+            self.attn2 = Attention(dim, context_dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, HW, D)
+        if hasattr(self, "attn2"):
+            x = x + self.attn2(self.norm2(x), context, mask)  # (B, HW, D)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """Feature map -> tokens -> transformer blocks -> feature map, with a residual (diffusers Transformer2DModel)."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int | None, cfg: UNetConfig):
+        super().__init__()
+        self.use_linear_projection = cfg.use_linear_projection
+        self.norm = group_norm(channels, cfg.norm_groups, eps=1e-6)
+        if cfg.use_linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                BasicTransformerBlock(channels, heads, context_dim, cfg.dropout, cfg.norm_eps)
+                for _ in range(depth)
+            ]
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)  # (B, C, H, W)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C) tokens
+        if self.use_linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)  # (B, HW, C)
+        if self.use_linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.use_linear_projection:
+            h = self.proj_out(h)
+        return x + h
+
+
+class UNetBlock(nn.Module):
+    """One level of the U-Net: ``resnets``, optional ``attentions``, optional ``downsamplers``/``upsamplers``."""
+
+    def __init__(
+        self, resnets: list[nn.Module], attentions: list[nn.Module] | None, resample: nn.Module | None
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
+        if isinstance(resample, Downsample2D):
+            self.downsamplers = nn.ModuleList([resample])
+        elif isinstance(resample, Upsample2D):
+            self.upsamplers = nn.ModuleList([resample])
+
+
+class UNet(nn.Module):
+    """Latent-diffusion U-Net with cross-attention, Rombach et al. 2022 (Ronneberger et al. 2015, Ho et al. 2020)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        cfg = self.config = replace(config)  # own copy, so presets are never mutated through a model
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        chans = [cfg.model_channels * m for m in cfg.channel_mult]
+        levels = len(chans)
+        temb_dim = 4 * cfg.model_channels
+        g, eps = cfg.norm_groups, cfg.norm_eps
+
+        def resnet(c_in: int, c_out: int) -> ResnetBlock2D:
+            return ResnetBlock2D(c_in, c_out, temb_dim, g, eps, cfg.dropout)
+
+        def attention(c: int, level: int) -> Transformer2D:
+            return Transformer2D(c, cfg.heads_at(c), cfg.depth_at(level), cfg.context_dim, cfg)
+
+        # Embeddings of noise level, labels and vectors, summed into one (B, temb_dim) vector.
+        self.time_embedding = TimestepEmbedding(cfg.model_channels, temb_dim)
+        if cfg.num_classes is not None:
+            self.class_embedding = nn.Embedding(cfg.num_classes, temb_dim)
+        if cfg.vector_dim is not None:
+            self.add_embedding = TimestepEmbedding(cfg.vector_dim, temb_dim)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, chans[0], 3, padding=1)
+
+        # Down path: every resnet (+attention) output and every downsampler output is a skip.
+        down, skip_chans, c_in = [], [chans[0]], chans[0]
+        for i, c in enumerate(chans):
+            resnets, attns = [], []
+            for j in range(cfg.num_res_blocks):
+                resnets.append(resnet(c_in if j == 0 else c, c))
+                if i in cfg.attention_levels:
+                    attns.append(attention(c, i))
+                skip_chans.append(c)
+            last = i == levels - 1
+            down.append(UNetBlock(resnets, attns, None if last else Downsample2D(c)))
+            if not last:
+                skip_chans.append(c)
+            c_in = c
+        self.down_blocks = nn.ModuleList(down)
+
+        self.mid_block = UNetBlock(
+            [resnet(chans[-1], chans[-1]), resnet(chans[-1], chans[-1])],
+            [attention(chans[-1], levels - 1)] if cfg.mid_attention else None,
+            None,
+        )
+
+        # Up path, lowest resolution first: each resnet eats one skip (concatenated on channels).
+        up, c_in = [], chans[-1]
+        for i, c in reversed(list(enumerate(chans))):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                resnets.append(resnet(c_in + skip_chans.pop(), c))
+                if i in cfg.attention_levels:
+                    attns.append(attention(c, i))
+                c_in = c
+            up.append(UNetBlock(resnets, attns, None if i == 0 else Upsample2D(c)))
+        self.up_blocks = nn.ModuleList(up)
+
+        self.conv_norm_out = group_norm(chans[0], g, eps)
+        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+
+    def _run(self, module: nn.Module, *args):
+        """Call a block, recomputing it in backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _embed(self, c_noise: Tensor, cond: Cond, B: int) -> Tensor:
+        """Time embedding plus label / vector embeddings: (B, temb_dim)."""
+        cfg = self.config
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(B)
+        if c_noise.shape != (B,):
+            raise ValueError(f"c_noise must have shape (B,) = ({B},), got {tuple(c_noise.shape)}")
+        t = timestep_embedding(
+            c_noise,
+            cfg.model_channels,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            downscale_freq_shift=cfg.freq_shift,
+        )  # (B, mc) float32
+        emb = self.time_embedding(t.to(self.time_embedding.linear_1.weight.dtype))  # (B, temb)
+        vec = cond.vector
+        if cfg.num_classes is not None or cfg.vector_dim is not None:
+            if vec is None:
+                what = (
+                    "integer class labels (B,)" if cfg.num_classes is not None else f"(B, {cfg.vector_dim})"
+                )
+                raise ValueError(f"this UNet is conditioned on cond.vector: pass {what}")
+            if cfg.num_classes is not None:
+                if vec.shape != (B,) or vec.is_floating_point():
+                    raise ValueError(
+                        f"with num_classes, cond.vector holds integer labels of shape ({B},), "
+                        f"got {vec.dtype} {tuple(vec.shape)}"
+                    )
+                emb = emb + self.class_embedding(vec)
+            else:
+                if vec.shape != (B, cfg.vector_dim):
+                    raise ValueError(
+                        f"cond.vector has shape {tuple(vec.shape)} but the UNet expects (B, vector_dim) = "
+                        f"({B}, {cfg.vector_dim})"
+                    )
+                emb = emb + self.add_embedding(vec.to(emb.dtype))
+        elif vec is not None:
+            raise ValueError("cond.vector was given but this UNet has neither vector_dim nor num_classes")
+        return emb
+
+    def _check_context(self, cond: Cond, B: int) -> tuple[Tensor | None, Tensor | None]:
+        cfg = self.config
+        context, mask = cond.context, cond.context_mask
+        if cfg.context_dim is None:
+            if context is not None:
+                raise ValueError(
+                    "cond.context was given but this UNet has no cross-attention (context_dim=None)"
+                )
+            return None, None
+        if context is None:
+            raise ValueError(
+                f"this UNet cross-attends to cond.context: pass (B, L, {cfg.context_dim}) tokens"
+            )
+        if context.ndim != 3 or context.shape[0] != B:
+            raise ValueError(
+                f"cond.context must have shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}"
+            )
+        if context.shape[-1] != cfg.context_dim:
+            raise ValueError(
+                f"context dim {context.shape[-1]} does not match the UNet's context_dim {cfg.context_dim}"
+            )
+        if mask is not None and mask.shape != context.shape[:2]:
+            raise ValueError(
+                f"context_mask shape {tuple(mask.shape)} does not match context tokens {tuple(context.shape[:2])}"
+            )
+        return context, mask
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
+        cfg = self.config
+        cond = cond if cond is not None else Cond()
+        B, _, H, W = x.shape
+        f = 2 ** (len(cfg.channel_mult) - 1)
+        if H % f or W % f:
+            raise ValueError(
+                f"latent size {H}x{W} must be divisible by {f} (2 ** (levels - 1)): pad or crop it"
+            )
+        if cond.concat is not None:
+            if cond.concat.shape != (B, cfg.concat_channels, H, W):
+                raise ValueError(
+                    f"cond.concat has shape {tuple(cond.concat.shape)}, expected ({B}, {cfg.concat_channels}, {H}, {W})"
+                )
+            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)  # (B, C + Cc, H, W)
+        elif cfg.concat_channels:
+            raise ValueError(f"this UNet expects cond.concat with {cfg.concat_channels} channels")
+        emb = self._embed(c_noise, cond, B)  # (B, temb)
+        context, mask = self._check_context(cond, B)
+
+        # Down.
+        h = self.conv_in(x)  # (B, c0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            attns = getattr(block, "attentions", [None] * len(block.resnets))
+            for resnet, attn in zip(block.resnets, attns):
+                h = self._run(resnet, h, emb)
+                if attn is not None:
+                    h = self._run(attn, h, context, mask)
+                skips.append(h)
+            for down in getattr(block, "downsamplers", ()):
+                h = down(h)  # (B, c, H/2, W/2)
+                skips.append(h)
+
+        # ControlNet residuals: one per skip, then one for the middle.
+        control = cond.control
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(
+                    f"cond.control has {len(control)} residuals, this UNet needs {len(skips) + 1}"
+                )
+            for k, (s, r) in enumerate(zip(skips, control)):
+                if r.shape != s.shape:
+                    raise ValueError(
+                        f"cond.control[{k}] has shape {tuple(r.shape)}, the skip it adds to has {tuple(s.shape)}"
+                    )
+            skips = [s + r for s, r in zip(skips, control)]
+
+        # Middle.
+        h = self._run(self.mid_block.resnets[0], h, emb)
+        for attn in getattr(self.mid_block, "attentions", ()):
+            h = self._run(attn, h, context, mask)
+        h = self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
+        if control is not None:
+            h = h + control[-1]
+
+        # Up.
+        for block in self.up_blocks:
+            attns = getattr(block, "attentions", [None] * len(block.resnets))
+            for resnet, attn in zip(block.resnets, attns):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
+                h = self._run(resnet, h, emb)
+                if attn is not None:
+                    h = self._run(attn, h, context, mask)
+            for up in getattr(block, "upsamplers", ()):
+                h = up(h)  # (B, c, 2h, 2w)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
