@@ -1,0 +1,14 @@
+"""Data sets: the built-in procedural ``shapes`` set, image folders, and the latent cache."""
+
+from __future__ import annotations
+
+
+def make_image_dataset(data: str, num_images: int, image_size: int, seed: int, split: str = "train"):
+    """``"shapes"`` -> the built-in set (``num_images`` items); anything else -> an image folder."""
+    if data == "shapes":
+        from latentdiff.data.shapes import ShapesDataset
+
+        return ShapesDataset(num_images, size=image_size, seed=seed, split=split)
+    from latentdiff.data.folder import ImageFolder
+
+    return ImageFolder(data, image_size)

@@ -1,0 +1,120 @@
+"""Save and load the components of a model folder, each ``config.json`` + ``model.safetensors``.
+
+A latentdiff model folder::
+
+    model_index.json     {"format": "latentdiff", "components": [...]}
+    autoencoder/         AutoencoderKL config (including its latent scale and shift) and weights
+    denoiser/            network config, parameterization and noise schedule, and (EMA) weights
+    text_encoder/        text encoder config, and weights when it was trained with the model
+
+Loading is strict: every tensor must match; the load report says what matched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentdiff.config import from_dict
+from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
+from latentdiff.diffusion import schedules
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.parameterization import make_parameterization
+from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from latentdiff.models.unet import UNet, UNetConfig
+
+BETA_SCHEDULES = {
+    "linear": schedules.linear_betas,
+    "scaled_linear": schedules.scaled_linear_betas,
+    "cosine": schedules.cosine_betas,
+}
+
+
+@dataclass
+class NoiseSchedule:
+    """The discrete noise schedule a (VP, 1000-step) denoiser was trained with."""
+
+    betas: str = "scaled_linear"  # "linear", "scaled_linear" (SD) or "cosine"
+    num_timesteps: int = 1000  # discrete training timesteps
+    zero_terminal_snr: bool = False  # rescale so the last step is pure noise (Lin et al. 2023)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        if self.betas not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta schedule {self.betas!r}; choose one of {sorted(BETA_SCHEDULES)}")
+        ac = schedules.alphas_cumprod(BETA_SCHEDULES[self.betas](self.num_timesteps))
+        return schedules.rescale_zero_terminal_snr(ac) if self.zero_terminal_snr else ac
+
+
+@dataclass
+class DenoiserSpec:
+    """Everything needed to rebuild a Denoiser apart from its weights."""
+
+    network: str = "unet"  # network family
+    parameterization: str = "eps"  # "eps", "v", "x0", "edm" or "flow"
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # used by eps, v and x0
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config
+
+
+def build_denoiser(spec: DenoiserSpec) -> Denoiser:
+    """Network + parameterization -> Denoiser."""
+    if spec.network != "unet":
+        raise ValueError(f"unknown network family {spec.network!r}; this version has 'unet'")
+    needs_schedule = spec.parameterization in ("eps", "v", "x0")
+    param = make_parameterization(
+        spec.parameterization, alphas_cumprod=spec.schedule.alphas_cumprod() if needs_schedule else None
+    )
+    return Denoiser(UNet(spec.unet), param)
+
+
+def save_autoencoder(folder: str | Path, autoencoder: AutoencoderKL) -> None:
+    save_component(folder, autoencoder, {"type": "AutoencoderKL", "config": dataclasses.asdict(autoencoder.config)})
+
+
+def load_autoencoder(folder: str | Path, verbose: bool = False) -> AutoencoderKL:
+    cfg = read_config(folder)
+    if cfg.get("type") != "AutoencoderKL":
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an autoencoder")
+    model = AutoencoderKL(from_dict(AutoencoderConfig, cfg["config"], f"{folder}/config.json"))
+    _report(load_component_weights(model, folder, "autoencoder"), verbose)
+    return model.eval()
+
+
+def save_denoiser(folder: str | Path, denoiser: Denoiser, spec: DenoiserSpec) -> None:
+    save_component(folder, denoiser.network, {"type": "Denoiser", "config": dataclasses.asdict(spec)})
+
+
+def load_denoiser(folder: str | Path, verbose: bool = False) -> tuple[Denoiser, DenoiserSpec]:
+    cfg = read_config(folder)
+    if cfg.get("type") != "Denoiser":
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a denoiser")
+    spec = from_dict(DenoiserSpec, cfg["config"], f"{folder}/config.json")
+    denoiser = build_denoiser(spec)
+    _report(load_component_weights(denoiser.network, folder, "denoiser"), verbose)
+    return denoiser.eval(), spec
+
+
+def save_text_encoder(folder: str | Path, text_encoder: nn.Module) -> None:
+    save_component(folder, text_encoder, {"type": "TextEncoder", "config": dataclasses.asdict(text_encoder.config)})
+
+
+def load_text_encoder(folder: str | Path, verbose: bool = False) -> nn.Module:
+    cfg = read_config(folder)
+    if cfg.get("type") != "TextEncoder":
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a text encoder")
+    model = build_text_encoder(from_dict(TextEncoderConfig, cfg["config"], f"{folder}/config.json"))
+    _report(load_component_weights(model, folder, "text_encoder"), verbose)
+    return model.eval()
+
+
+def write_model_index(folder: str | Path, components: list[str], extra: dict | None = None) -> None:
+    write_json(Path(folder) / "model_index.json", {"format": "latentdiff", "components": components, **(extra or {})})
+
+
+def _report(report: LoadReport, verbose: bool) -> None:
+    if verbose:
+        print(report)

@@ -1,0 +1,129 @@
+"""Text-to-image generation on top of the pieces: text encoder -> sampler with CFG -> autoencoder decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
+from latentdiff.diffusion import guidance as guidance_lib
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.sampling import get_sampler
+from latentdiff.diffusion.schedules import make_sigmas
+from latentdiff.images import to_pil, to_uint8
+from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.train.common import autocast
+from latentdiff.types import Cond
+
+OUTPUTS = ("pil", "np", "pt", "latent")
+
+
+class Pipeline:
+    """An autoencoder, a denoiser and a text encoder, ready to generate."""
+
+    def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
+                 precision: str = "fp32", name: str = "model", default_size: int = 64):
+        self.autoencoder = autoencoder.eval()
+        self.denoiser = denoiser.eval()
+        self.text_encoder = text_encoder.eval()
+        self.precision = precision  # "fp32" or "bf16" autocast for the denoiser
+        self.name = name  # recorded in the PNG parameters
+        self.default_size = default_size  # pixels, when generate() is given no height/width
+
+    def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
+        """Prompts and negative prompts through the text encoder in one call, so both share a length."""
+        both = self.text_encoder(prompts + negative)
+        n = len(prompts)
+        return both.map(lambda t: t[:n]), both.map(lambda t: t[n:])
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 20,
+                 sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance: float = 5.0, seed: int = 0,
+                 height: int | None = None, width: int | None = None, num_images: int = 1,
+                 latents: Tensor | None = None, output: str = "pil", guidance_rescale: float = 0.0,
+                 callback=None):
+        """Generate ``num_images`` images per prompt; the same arguments give the same images."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given: pass a prompt string or a non-empty list of prompts")
+        negative = negative_prompt if negative_prompt is not None else ""
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        height = height or self.default_size
+        width = width or self.default_size
+        factor = self.autoencoder.factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
+                             f"{factor}; try {height // factor * factor}x{width // factor * factor}")
+        sample_fn, default_grid = get_sampler(sampler)
+        sigmas = make_sigmas(schedule or default_grid, steps, self.denoiser.parameterization)
+
+        # Conditioning: prompts and negative prompts, each repeated num_images times.
+        cond, uncond = self.encode_prompts(prompts, negatives)
+        cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
+        shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)
+
+        # Initial noise on the CPU in float32 (the diffusers convention), then scaled to sigmas[0].
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        x = latents if torch.isinf(sigmas[0]) else latents * sigmas[0].float()
+
+        denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
+        with autocast(self.precision, x.device):
+            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback)
+        if output == "latent":
+            return z.float()
+        images = self.autoencoder.decode(z.float()).float()
+        if output == "pt":
+            return images
+        if output == "np":
+            return to_uint8(images)
+        return to_pil(images)
+
+
+def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False) -> Pipeline:
+    """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/)."""
+    folder = Path(path)
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist; train one with `latentdiff demo` "
+                                "or `latentdiff train`")
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: it is not a model folder "
+                                "(expected model_index.json, autoencoder/, denoiser/, text_encoder/)")
+    try:
+        info = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is corrupt ({e})") from e
+    if info.get("format") != "latentdiff":
+        raise ValueError(f"{index} is not a latentdiff model index (format {info.get('format')!r})")
+    autoencoder = load_autoencoder(folder / "autoencoder", verbose)
+    denoiser, _ = load_denoiser(folder / "denoiser", verbose)
+    text_encoder = load_text_encoder(folder / "text_encoder", verbose)
+    return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
+                    default_size=info.get("sample_size", 64))
+
+
+def save_images(images: list[Image.Image], path: str | Path, parameters: dict, grid: bool = False) -> list[Path]:
+    """Write images as PNGs carrying ``parameters``: one file, numbered files, or one grid."""
+    from latentdiff.images import make_grid, save_png
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if grid or len(images) == 1:
+        image = make_grid(images) if len(images) > 1 else images[0]
+        return [save_png(image, path, parameters)]
+    return [save_png(im, path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), {**parameters, "index": i})
+            for i, im in enumerate(images)]

@@ -1,0 +1,153 @@
+"""Autoencoder training: setup -> build -> loop (loss, step, EMA, log, samples, checkpoint) -> latent stats -> save."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latentdiff.components import save_autoencoder
+from latentdiff.config import to_dict
+from latentdiff.data import make_image_dataset
+from latentdiff.images import make_grid, save_png, to_pil
+from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
+from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, vae_loss
+from latentdiff.train.common import (
+    EMA, MetricsLog, autocast, batch_indices, check_finite_params, find_checkpoint, interrupt_message,
+    load_training_checkpoint, lr_at, save_training_checkpoint,
+)
+
+
+@dataclass
+class VAETrainConfig:
+    """``latentdiff train-vae``: what to train on, which autoencoder, and how."""
+
+    out: str = "runs/vae"  # run folder: checkpoints/, metrics.jsonl, samples/, and the final autoencoder/
+    data: str = "shapes"  # "shapes" (built in) or a folder of images
+    num_images: int = 20000  # shapes: training set size
+    image_size: int = 64  # training resolution in pixels
+    seed: int = 0  # seeds the data order, the weights and the posterior noise
+    model: str = "shapes-f4c4"  # autoencoder preset (models/autoencoder.py)
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 32  # images per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (to 10% of lr)
+    grad_clip: float = 1.0  # max gradient norm
+    ema_decay: float = 0.999  # EMA of weights, the one saved at the end
+    kl_weight: float = 1e-6  # weight of the KL term
+    recon_loss: str = "l1"  # "l1" or "l2"
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    stats_images: int = 2048  # images used to compute the latent scale and shift
+    log_every: int = 25  # steps between metrics lines
+    sample_every: int = 500  # steps between reconstruction grids (0 = never)
+    save_every: int = 500  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the run folder's latest checkpoint
+    quiet: bool = False  # no progress line
+
+
+VAE_PRESETS: dict[str, dict] = {
+    "shapes": {},
+    "shapes-f8c4": {"model": "shapes-f8c4"},
+    "shapes-f4c16": {"model": "shapes-f4c16"},
+    "shapes-test": {"num_images": 64, "steps": 3, "batch_size": 4, "warmup_steps": 1, "stats_images": 8,
+                    "log_every": 1, "sample_every": 2, "save_every": 2, "quiet": True},
+}
+
+
+def train_vae(cfg: VAETrainConfig) -> Path:
+    """Train an autoencoder, compute its latent scale/shift, and write ``cfg.out/autoencoder``."""
+    # Setup.
+    if cfg.model not in AUTOENCODER_PRESETS:
+        raise ValueError(f"unknown autoencoder preset {cfg.model!r}; known: {', '.join(sorted(AUTOENCODER_PRESETS))}")
+    run = Path(cfg.out)
+    checkpoint = find_checkpoint(run) if cfg.resume else None
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device("cpu")
+    dataset = make_image_dataset(cfg.data, cfg.num_images, cfg.image_size, cfg.seed, split="train")
+
+    # Build.
+    model = AutoencoderKL(AUTOENCODER_PRESETS[cfg.model])
+    if cfg.image_size % model.factor:
+        raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay)
+    start = 0
+    if checkpoint is not None:
+        start = load_training_checkpoint(checkpoint, model, ema, opt, generator)
+        print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
+    n_params = sum(p.numel() for p in model.parameters())
+    if not cfg.quiet:
+        print(f"autoencoder {cfg.model}: {n_params / 1e6:.2f}M parameters, factor {model.factor}, "
+              f"{model.latent_channels} latent channels; {len(dataset)} images", file=sys.stderr)
+    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))])
+    log = MetricsLog(run / "metrics.jsonl", cfg.steps, quiet=cfg.quiet)
+    bad_steps = 0
+
+    # Loop.
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            model.train()
+            images = torch.stack([dataset[i]["image"] for i in batch_indices(step, cfg.batch_size, len(dataset), cfg.seed).tolist()])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+            with autocast(cfg.precision, device):
+                recon, posterior = model(images)
+            loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                print(f"\nstep {step + 1}: non-finite loss, step skipped ({bad_steps} so far)", file=sys.stderr)
+                if bad_steps >= 10:
+                    raise RuntimeError("loss was non-finite for 10 steps: lower lr or use fp32; "
+                                       "the last checkpoint is untouched")
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                log.log(step, **{k: float(v) for k, v in parts.items()},
+                        grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                save_reconstructions(ema.module, fixed, run / "samples" / f"recon_{step + 1:07d}.png")
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                check_finite_params(model)
+                save_training_checkpoint(run, step + 1, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+    except KeyboardInterrupt:
+        log.close()
+        raise SystemExit(interrupt_message(run, step)) from None
+    log.close()
+
+    # Latent statistics, then the final component (the EMA weights).
+    final = ema.module
+    check_finite_params(final)
+    stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
+    batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
+    scale, shift = compute_latent_stats(final, batches)
+    final.config = dataclasses.replace(final.config, scale_factor=scale, shift_factor=shift)
+    save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+    save_autoencoder(run / "autoencoder", final)
+    save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
+    if not cfg.quiet:
+        print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
+              file=sys.stderr)
+    return run / "autoencoder"
+
+
+@torch.no_grad()
+def save_reconstructions(model: AutoencoderKL, images: torch.Tensor, path: Path) -> None:
+    """A grid: the originals in the top row, their reconstructions below."""
+    model.eval()
+    recon = model.decode_raw(model.encode_posterior(images).mode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid(to_pil(torch.cat([images, recon])), ncols=len(images)), path)
