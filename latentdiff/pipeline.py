@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.sampling import get_sampler
+from latentdiff.diffusion.sampling import get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
@@ -78,7 +78,7 @@ class Pipeline:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x = latents if torch.isinf(sigmas[0]) else latents * sigmas[0].float()
+        x = init_x(latents, sigmas)
 
         denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
         with autocast(self.precision, x.device):

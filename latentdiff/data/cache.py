@@ -42,6 +42,7 @@ class CacheConfig:
 
 CACHE_PRESETS: dict[str, dict] = {
     "shapes": {},
+    "shapes-demo": {"image_size": 32, "num_images": 10000},
     "shapes-test": {"num_images": 64, "shard_size": 40},
 }
 

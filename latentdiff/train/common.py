@@ -72,18 +72,16 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: s
 class MetricsLog:
     """Appends one JSON object a line to ``metrics.jsonl`` and draws a one-line progress report."""
 
-    def __init__(self, path: Path, total_steps: int, quiet: bool = False):
+    def __init__(self, path: Path, total_steps: int, start_step: int = 0, quiet: bool = False):
         self.file = open(path, "a")
         self.total = total_steps
+        self.start = start_step  # the step this process began at (after a resume, not 0)
         self.quiet = quiet
         self.t0 = time.time()
-        self.first_step: int | None = None
 
     def log(self, step: int, **values) -> None:
-        if self.first_step is None:
-            self.first_step = step
         elapsed = time.time() - self.t0
-        done = step + 1 - self.first_step
+        done = step + 1 - self.start
         rate = done / max(elapsed, 1e-9)
         record = {"step": step + 1, **values, "steps_per_s": round(rate, 3), "time_s": round(elapsed, 1)}
         self.file.write(json.dumps(record) + "\n")

@@ -43,6 +43,7 @@ class VAETrainConfig:
     recon_loss: str = "l1"  # "l1" or "l2"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     stats_images: int = 2048  # images used to compute the latent scale and shift
+    preload_gib: float = 2.0  # decode the whole data set into memory (uint8) once if it fits in this
     log_every: int = 25  # steps between metrics lines
     sample_every: int = 500  # steps between reconstruction grids (0 = never)
     save_every: int = 500  # steps between checkpoints
@@ -53,6 +54,11 @@ class VAETrainConfig:
 
 VAE_PRESETS: dict[str, dict] = {
     "shapes": {},
+    # The demo's stage 1: 32x32 images and a narrow autoencoder, about 5 minutes on 2 CPU cores. L2 learns the
+    # small objects several times faster than L1 here (object-pixel error 0.10 vs 0.30 after 1000 steps).
+    "shapes-demo": {"image_size": 32, "num_images": 4000, "model": "shapes-demo", "steps": 900, "batch_size": 32,
+                    "lr": 2e-3, "warmup_steps": 20, "recon_loss": "l2", "grad_clip": 100.0, "sample_every": 300,
+                    "save_every": 300},
     "shapes-f8c4": {"model": "shapes-f8c4"},
     "shapes-f4c16": {"model": "shapes-f4c16"},
     "shapes-test": {"num_images": 64, "steps": 3, "batch_size": 4, "warmup_steps": 1, "stats_images": 8,
@@ -72,6 +78,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     generator = torch.Generator().manual_seed(cfg.seed)
     device = torch.device("cpu")
     dataset = make_image_dataset(cfg.data, cfg.num_images, cfg.image_size, cfg.seed, split="train")
+    images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet)
 
     # Build.
     model = AutoencoderKL(AUTOENCODER_PRESETS[cfg.model])
@@ -88,7 +95,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         print(f"autoencoder {cfg.model}: {n_params / 1e6:.2f}M parameters, factor {model.factor}, "
               f"{model.latent_channels} latent channels; {len(dataset)} images", file=sys.stderr)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))])
-    log = MetricsLog(run / "metrics.jsonl", cfg.steps, quiet=cfg.quiet)
+    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet)
     bad_steps = 0
 
     # Loop.
@@ -96,7 +103,9 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     try:
         for step in range(start, cfg.steps):
             model.train()
-            images = torch.stack([dataset[i]["image"] for i in batch_indices(step, cfg.batch_size, len(dataset), cfg.seed).tolist()])
+            idx = batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)
+            images = from_uint8(images_u8[idx]) if images_u8 is not None else \
+                torch.stack([dataset[i]["image"] for i in idx.tolist()])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             with autocast(cfg.precision, device):
@@ -142,6 +151,23 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
               file=sys.stderr)
     return run / "autoencoder"
+
+
+def preload(dataset, budget_gib: float, quiet: bool = False) -> torch.Tensor | None:
+    """The whole data set as one uint8 tensor (N, 3, H, W) if it fits the budget, else None (read per step)."""
+    first = dataset[0]["image"]
+    if len(dataset) * first.numel() > budget_gib * 2**30:
+        return None
+    from tqdm import tqdm
+
+    out = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
+    for i in tqdm(range(len(dataset)), desc="loading images", disable=quiet, file=sys.stderr):
+        out[i] = dataset[i]["image"].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
 
 
 @torch.no_grad()
