@@ -45,17 +45,18 @@ class DemoConfig:
     sampler: str = "dpmpp_2m"  # sampler
     guidance: float = 4.0  # CFG scale
     seed: int = 0  # generation seed
-    vae_preset: str = "shapes"  # train-vae preset
-    cache_preset: str = "shapes"  # cache preset
-    train_preset: str = "shapes"  # train preset
+    vae_preset: str = "shapes-demo"  # train-vae preset
+    cache_preset: str = "shapes-demo"  # cache preset
+    train_preset: str = "shapes-demo"  # train preset
     vae: dict = field(default_factory=dict)  # extra train-vae keys (see `train-vae --help`)
     cache: dict = field(default_factory=dict)  # extra cache keys
     train: dict = field(default_factory=dict)  # extra train keys
 
 
 DEMO_PRESETS: dict[str, dict] = {
-    "shapes": {},
-    "shapes-minilm": {"train_preset": "shapes-minilm"},
+    "shapes-demo": {},
+    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm"},
+    "shapes-64": {"vae_preset": "shapes", "cache_preset": "shapes", "train_preset": "shapes"},
     "shapes-test": {"eval_prompts": 4, "steps": 2, "vae_preset": "shapes-test", "cache_preset": "shapes-test",
                     "train_preset": "shapes-test"},
 }

@@ -130,3 +130,14 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert e.value.code == 0
         assert "usage: latentdiff " + command in capsys.readouterr().out
+
+
+def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
+    main(["demo", "--preset", "shapes-test", "--out", str(tmp_path / "demo")])
+    summary = json.loads(capsys.readouterr().out)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert summary == report["summary"]
+    assert (tmp_path / "demo" / "heldout_grid.png").exists()
+    for key in ("color", "shape", "position", "all_correct"):
+        assert 0.0 <= report["judge_heldout_prompts"][key] <= 1.0
+    assert report["judge_heldout_prompts"]["n"] == 4

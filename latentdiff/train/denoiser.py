@@ -69,8 +69,8 @@ class TrainConfig:
     quiet: bool = False  # no progress line
 
 
-_DEMO = {"steps": 750, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, "sample_every": 250,
-         "save_every": 250}
+_DEMO = {"steps": 600, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, "sample_every": 200,
+         "save_every": 200, "text_encoder": {"dim": 128, "num_layers": 1}}
 _MINILM = {"text_encoder": {"kind": "pretrained", "path": "minilm", "max_length": 32}}
 
 TRAIN_PRESETS: dict[str, dict] = {
@@ -78,7 +78,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "shapes-minilm": _MINILM,
     # The demo's stage 3: 8x8x4 latents of 32x32 images, about 8 minutes on 2 CPU cores.
     "shapes-demo": _DEMO,
-    "shapes-demo-minilm": {**_DEMO, **_MINILM},
+    "shapes-demo-minilm": {**_DEMO, "text_encoder": _MINILM["text_encoder"]},
     "shapes-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "sample_every": 2,
                     "save_every": 2, "sample_steps": 2, "precision": "fp32", "quiet": True,
                     "text_encoder": {"dim": 32, "num_layers": 1}},
