@@ -3,7 +3,7 @@
 from latentdiff.types import Cond
 
 __version__ = "0.1.0"
-__all__ = ["Cond", "Pipeline", "load", "__version__"]
+__all__ = ["Cond", "Pipeline", "__version__", "load"]
 
 
 def __getattr__(name: str):

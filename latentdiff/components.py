@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from latentdiff.config import from_dict
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
+from latentdiff.config import from_dict
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization

@@ -8,9 +8,10 @@ Any key that the dataclass does not have is an error that names it and lists the
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 T = TypeVar("T")
 

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from latentdiff.config import build_config, parse_override
-from latentdiff.io import atomic_folder, atomic_path, load_state_strict, read_config, read_weights, save_component
+from latentdiff.io import (
+    atomic_folder,
+    atomic_path,
+    load_state_strict,
+    read_config,
+    read_weights,
+    save_component,
+)
 from latentdiff.types import Cond
 
 
@@ -60,10 +67,9 @@ def test_parse_override_reads_toml_literals():
 def test_atomic_path_keeps_old_file_when_writer_fails(tmp_path):
     target = tmp_path / "f.txt"
     target.write_text("good")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
@@ -72,10 +78,9 @@ def test_atomic_folder_swaps_whole_folder(tmp_path):
     folder = tmp_path / "model"
     with atomic_folder(folder) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(KeyError):
-        with atomic_folder(folder) as tmp:
-            (tmp / "a").write_text("2")
-            raise KeyError("crash")
+    with pytest.raises(KeyError), atomic_folder(folder) as tmp:
+        (tmp / "a").write_text("2")
+        raise KeyError("crash")
     assert (folder / "a").read_text() == "1"
     with atomic_folder(folder) as tmp:
         (tmp / "b").write_text("3")

@@ -73,7 +73,7 @@ class MetricsLog:
     """Appends one JSON object a line to ``metrics.jsonl`` and draws a one-line progress report."""
 
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, quiet: bool = False):
-        self.file = open(path, "a")
+        self.file = open(path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
         self.total = total_steps
         self.start = start_step  # the step this process began at (after a resume, not 0)
         self.quiet = quiet

@@ -15,8 +15,14 @@ import torch
 from torch import nn
 
 from latentdiff.components import (
-    DenoiserSpec, NoiseSchedule, build_denoiser, load_autoencoder, save_autoencoder, save_denoiser,
-    save_text_encoder, write_model_index,
+    DenoiserSpec,
+    NoiseSchedule,
+    build_denoiser,
+    load_autoencoder,
+    save_autoencoder,
+    save_denoiser,
+    save_text_encoder,
+    write_model_index,
 )
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import to_dict
@@ -27,8 +33,16 @@ from latentdiff.images import make_grid, save_png
 from latentdiff.io import atomic_folder
 from latentdiff.models.unet import PRESETS as UNET_PRESETS
 from latentdiff.train.common import (
-    EMA, MetricsLog, autocast, batch_indices, check_finite_params, find_checkpoint, interrupt_message,
-    load_training_checkpoint, lr_at, save_training_checkpoint,
+    EMA,
+    MetricsLog,
+    autocast,
+    batch_indices,
+    check_finite_params,
+    find_checkpoint,
+    interrupt_message,
+    load_training_checkpoint,
+    lr_at,
+    save_training_checkpoint,
 )
 
 

@@ -16,8 +16,16 @@ from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, vae_loss
 from latentdiff.train.common import (
-    EMA, MetricsLog, autocast, batch_indices, check_finite_params, find_checkpoint, interrupt_message,
-    load_training_checkpoint, lr_at, save_training_checkpoint,
+    EMA,
+    MetricsLog,
+    autocast,
+    batch_indices,
+    check_finite_params,
+    find_checkpoint,
+    interrupt_message,
+    load_training_checkpoint,
+    lr_at,
+    save_training_checkpoint,
 )
 
 
