@@ -177,8 +177,28 @@ def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torc
     return state["step"]
 
 
-def is_finite(loss: Tensor) -> bool:
-    return bool(torch.isfinite(loss).all())
+class NonFiniteSkipper:
+    """Skips optimizer steps whose loss is NaN or inf, reports each, and stops the run after ``limit``."""
+
+    def __init__(self, limit: int = 10):
+        self.limit = limit
+        self.count = 0
+
+    def step(self, loss: Tensor, step: int, opt: torch.optim.Optimizer, model: nn.Module,
+             grad_clip: float) -> float | None:
+        """Backward, clip and step; return the gradient norm, or None when the step was skipped."""
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.count += 1
+            print(f"\nstep {step + 1}: non-finite loss, step skipped ({self.count} so far)", file=sys.stderr)
+            if self.count >= self.limit:
+                raise RuntimeError(f"loss was non-finite for {self.limit} steps: lower lr or use fp32; "
+                                   "the last checkpoint is untouched")
+            return None
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        return float(grad_norm)
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:

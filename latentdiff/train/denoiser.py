@@ -35,6 +35,7 @@ from latentdiff.models.unet import PRESETS as UNET_PRESETS
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
+    NonFiniteSkipper,
     autocast,
     batch_indices,
     check_finite_params,
@@ -148,7 +149,7 @@ def train_denoiser(cfg: TrainConfig) -> Path:
         print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}: "
               f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents", file=sys.stderr)
     log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet)
-    bad_steps = 0
+    skipper = NonFiniteSkipper()
 
     # Loop.
     step = start
@@ -169,21 +170,13 @@ def train_denoiser(cfg: TrainConfig) -> Path:
                     if cfg.min_snr_gamma > 0 else None
                 loss = denoising_loss(denoiser, x0, sigma, cond, weighting=weighting,
                                       offset_noise=cfg.offset_noise, generator=generator).mean()
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                print(f"\nstep {step + 1}: non-finite loss, step skipped ({bad_steps} so far)", file=sys.stderr)
-                if bad_steps >= 10:
-                    raise RuntimeError("loss was non-finite for 10 steps: lower lr or use fp32; "
-                                       "the last checkpoint is untouched")
+            grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
+            if grad_norm is None:
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
             ema.update(model)
 
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.log(step, loss=loss.item(), grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
+                log.log(step, loss=loss.item(), grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 sample_grid(*_with_ema(ema.module, text_encoder, denoiser), autoencoder, cfg, image_size,
                             run / "samples" / f"step_{step + 1:07d}.png")

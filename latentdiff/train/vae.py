@@ -18,6 +18,7 @@ from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, v
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
+    NonFiniteSkipper,
     autocast,
     batch_indices,
     check_finite_params,
@@ -104,7 +105,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
               f"{model.latent_channels} latent channels; {len(dataset)} images", file=sys.stderr)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))])
     log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet)
-    bad_steps = 0
+    skipper = NonFiniteSkipper()
 
     # Loop.
     step = start
@@ -119,22 +120,14 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             with autocast(cfg.precision, device):
                 recon, posterior = model(images)
             loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                print(f"\nstep {step + 1}: non-finite loss, step skipped ({bad_steps} so far)", file=sys.stderr)
-                if bad_steps >= 10:
-                    raise RuntimeError("loss was non-finite for 10 steps: lower lr or use fp32; "
-                                       "the last checkpoint is untouched")
+            grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
+            if grad_norm is None:
                 continue
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
             ema.update(model)
 
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log.log(step, **{k: float(v) for k, v in parts.items()},
-                        grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"])
+                        grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 save_reconstructions(ema.module, fixed, run / "samples" / f"recon_{step + 1:07d}.png")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
