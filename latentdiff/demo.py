@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from latentdiff.config import build_config
 from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 from latentdiff.images import make_grid, save_png
@@ -32,6 +34,17 @@ def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sample
         images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start)
     scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
     return scores, images
+
+
+@torch.no_grad()
+def autoencoder_ceiling(autoencoder, prompts: list[tuple[str, object]], size: int) -> dict:
+    """The judge on autoencoder round trips of the prompts' rendered scenes: what generation can reach at best."""
+    from latentdiff.data.judge import score
+    from latentdiff.data.shapes import render, to_tensor
+    from latentdiff.images import to_uint8
+
+    images = torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
+    return score(list(to_uint8(autoencoder.decode(autoencoder.encode(images)))), [s for _, s in prompts])
 
 
 def run_demo(cfg) -> dict:
@@ -71,6 +84,8 @@ def run_demo(cfg) -> dict:
     settings = {"steps": cfg.steps, "sampler": cfg.sampler, "guidance": cfg.guidance, "seed": cfg.seed}
     heldout, images = score_prompts(pipe, heldout_prompts(cfg.eval_prompts, seed=cfg.seed), **settings)
     seen, _ = score_prompts(pipe, train_prompts(cfg.eval_prompts, seed=cfg.seed), **settings)
+    ceiling = autoencoder_ceiling(pipe.autoencoder, heldout_prompts(cfg.eval_prompts, seed=cfg.seed),
+                                  vae_cfg.image_size)
     grid_path = save_png(make_grid(images, ncols=8), out / "heldout_grid.png",
                          {"prompts": [c for c, _ in heldout_prompts(cfg.eval_prompts, seed=cfg.seed)],
                           **settings, "model": str(model_dir)})
@@ -79,11 +94,12 @@ def run_demo(cfg) -> dict:
 
     report = {
         "model": str(model_dir), "grid": str(grid_path), "settings": settings, "timings": timings,
-        "judge_heldout_prompts": heldout, "judge_train_prompts": seen,
+        "judge_heldout_prompts": heldout, "judge_train_prompts": seen, "judge_autoencoder_round_trip": ceiling,
         "summary": {
             "model": str(model_dir), "grid": str(grid_path),
             "heldout": {k: round(v, 3) for k, v in heldout.items() if isinstance(v, float)},
             "train_prompts": {k: round(v, 3) for k, v in seen.items() if isinstance(v, float)},
+            "autoencoder_round_trip": {k: round(v, 3) for k, v in ceiling.items() if isinstance(v, float)},
             "minutes": round(timings["total_s"] / 60, 1),
         },
     }

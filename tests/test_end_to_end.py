@@ -141,3 +141,4 @@ def test_demo_runs_every_stage_and_reports(tmp_path, capsys):
     for key in ("color", "shape", "position", "all_correct"):
         assert 0.0 <= report["judge_heldout_prompts"][key] <= 1.0
     assert report["judge_heldout_prompts"]["n"] == 4
+    assert report["judge_autoencoder_round_trip"]["n"] == 4
