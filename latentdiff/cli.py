@@ -7,6 +7,7 @@ overrides (applied in that order, after the defaults), plus a few common flags a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -62,7 +63,10 @@ DEMO_PRESETS: dict[str, dict] = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser, presets: dict) -> None:
+def _add_config_args(p: argparse.ArgumentParser, presets: dict, cls) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "config keys (for --config and --set), with their defaults:\n" + "\n".join(
+        f"  {k} = {v!r}" for k, v in dataclasses.asdict(cls()).items())
     p.add_argument("--preset", default=None, help=f"named preset ({', '.join(sorted(presets))})")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -145,9 +149,9 @@ def cmd_judge(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from latentdiff.data.cache import CACHE_PRESETS
-    from latentdiff.train.denoiser import TRAIN_PRESETS
-    from latentdiff.train.vae import VAE_PRESETS
+    from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
+    from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
+    from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig
 
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent diffusion: train, generate, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -155,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small model on the built-in shapes set, generate and judge (~15 min)",
                        description="Train an autoencoder and a text-conditioned denoiser on the built-in shapes set, "
                                    "generate held-out prompts, and score them with the judge.")
-    _add_config_args(p, DEMO_PRESETS)
+    _add_config_args(p, DEMO_PRESETS, DemoConfig)
     p.add_argument("--out", default=None, help="output folder (default outputs/demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-vae", help="train an autoencoder", description="Train a KL autoencoder; writes "
                        "OUT/autoencoder with its latent scale and shift.")
-    _add_config_args(p, VAE_PRESETS)
+    _add_config_args(p, VAE_PRESETS, VAETrainConfig)
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode a data set into a latent cache",
                        description="Encode a data set once with an autoencoder into safetensors shards.")
-    _add_config_args(p, CACHE_PRESETS)
+    _add_config_args(p, CACHE_PRESETS, CacheConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.add_argument("--out", default=None, help="cache folder to write")
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")
-    _add_config_args(p, TRAIN_PRESETS)
+    _add_config_args(p, TRAIN_PRESETS, TrainConfig)
     p.add_argument("--cache", default=None, help="latent cache folder")
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
