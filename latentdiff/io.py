@@ -7,7 +7,6 @@ Folders are written the same way: built under a temporary name, then swapped in.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,9 +22,6 @@ from torch import Tensor, nn
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-T = TypeVar("T")
-
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -91,23 +87,6 @@ def atomic_folder(folder: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-
-
-def dataclass_from_dict(cls: type[T], data: dict, where: str) -> T:
-    """Build a config dataclass from a dict; unknown keys are an error naming the valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            v = data[f.name]
-            # JSON and TOML have no tuples: turn lists back into tuples where the default is one.
-            if isinstance(v, list) and isinstance(f.default, tuple):
-                v = tuple(v)
-            kwargs[f.name] = v
-    return cls(**kwargs)
 
 
 @dataclass
