@@ -84,14 +84,14 @@ class TrainConfig:
     quiet: bool = False  # no progress line
 
 
-_DEMO = {"steps": 600, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, "sample_every": 200,
-         "save_every": 200, "text_encoder": {"dim": 128, "num_layers": 1}}
+_DEMO = {"model": "shapes-demo", "steps": 700, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995,
+         "sample_every": 350, "save_every": 350, "text_encoder": {"dim": 128, "num_layers": 1}}
 _MINILM = {"text_encoder": {"kind": "pretrained", "path": "minilm", "max_length": 32}}
 
 TRAIN_PRESETS: dict[str, dict] = {
     "shapes": {},
     "shapes-minilm": _MINILM,
-    # The demo's stage 3: 8x8x4 latents of 32x32 images, about 8 minutes on 2 CPU cores.
+    # The demo's stage 3: 8x8x8 latents of 32x32 images, about 9 minutes on 2 CPU cores.
     "shapes-demo": _DEMO,
     "shapes-demo-minilm": {**_DEMO, "text_encoder": _MINILM["text_encoder"]},
     "shapes-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "sample_every": 2,
