@@ -10,12 +10,10 @@ import torch
 from PIL import Image
 
 from latentdiff.cli import main
-from latentdiff.components import save_autoencoder
 from latentdiff.config import build_config
 from latentdiff.data.buckets import make_buckets, nearest_bucket
 from latentdiff.data.cache import CacheConfig, LatentCache, cache_dataset
 from latentdiff.data.folder import image_to_tensor, resize_center_crop
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 
 # Image sizes (w, h): wide, square and tall ones, in two class folders.
@@ -23,17 +21,8 @@ SHAPES = {"wide": [(64, 32), (90, 40), (60, 31)], "square": [(40, 40), (33, 35),
           "tall": [(30, 64), (16, 40)]}
 
 
-def tiny_autoencoder(folder, seed: int = 0):
-    """A factor-2 autoencoder with random weights, saved as a component folder."""
-    torch.manual_seed(seed)
-    ae = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
-                                         norm_groups=4, mid_attention=False, scale_factor=0.5))
-    save_autoencoder(folder, ae)
-    return ae.eval()
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_autoencoder):
     root = tmp_path_factory.mktemp("buckets")
     rng = np.random.default_rng(0)
     for cls, sizes in SHAPES.items():

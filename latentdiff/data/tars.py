@@ -92,6 +92,7 @@ def _decode(members: dict[str, bytes], min_size: int) -> tuple[Image.Image | Non
 def _annotations(members: dict[str, bytes]) -> tuple[str | None, int | None, str | None]:
     """(caption, label, problem) from the ``txt``, ``json`` and ``cls`` members."""
     caption = label = None
+    members = {ext.rsplit(".", 1)[-1]: data for ext, data in members.items()}  # "seg.txt" counts as "txt"
     try:
         if "json" in members:
             meta = json.loads(members["json"].decode("utf-8"))
@@ -130,7 +131,7 @@ class TarShards:
 
     def _samples(self, shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         """(key, {extension: bytes}) per sample of one shard, streamed; a damaged shard ends early, reported."""
-        key, members = None, {}
+        key, members, reading = None, {}, False
         try:
             with tarfile.open(shard, mode="r|*") as tar:
                 for info in tar:
@@ -140,13 +141,14 @@ class TarShards:
                     if k != key and members:
                         yield key, members
                         members = {}
-                    key = k
+                    key, reading = k, True
                     members[ext] = tar.extractfile(info).read()
+                    reading = False
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             reason = f"damaged shard ({type(e).__name__}: {e}); read up to member {key!r}, going on with the next"
             self.skipped.append((str(shard), reason))
             self._say(f"{shard}: {reason}")
-            if members:  # the sample being read when the shard broke may lack members: not used
+            if members or reading:  # the sample being read when the shard broke may lack members: not used
                 self.skipped.append((f"{shard.name}:{key}", "incomplete: the shard broke while reading it"))
                 self._say(f"skipped {shard.name}:{key}: incomplete: the shard broke while reading it")
             members = {}
