@@ -22,3 +22,25 @@ def _tiny_autoencoder(folder, seed: int = 0) -> AutoencoderKL:
 def tiny_autoencoder():
     """``tiny_autoencoder(folder)`` writes a tiny random autoencoder component there and returns it."""
     return _tiny_autoencoder
+
+
+def _tiny_bert(folder) -> str:
+    """A 2-layer BERT with random weights and a word-level vocabulary, saved as a transformers folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["a", "an", "the", "small", "large", "red", "green", "blue", "yellow", "purple", "orange", "circle",
+             "square", "triangle", "on", "at", "in", "of", "left", "right", "top", "bottom", "middle", "and"]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """The path of a tiny random BERT folder (a frozen pretrained text encoder made in the test)."""
+    pytest.importorskip("transformers")
+    return _tiny_bert(tmp_path_factory.mktemp("bert"))
