@@ -56,7 +56,7 @@ class DemoConfig:
 
 DEMO_PRESETS: dict[str, dict] = {
     "shapes-demo": {},
-    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm"},
+    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm", "cache_preset": "shapes-demo-minilm"},
     "shapes-64": {"vae_preset": "shapes", "cache_preset": "shapes", "train_preset": "shapes"},
     "shapes-test": {"eval_prompts": 4, "steps": 2, "vae_preset": "shapes-test", "cache_preset": "shapes-test",
                     "train_preset": "shapes-test"},
