@@ -121,6 +121,8 @@ class _CacheBuilder:
         if self.text_encoder is not None:
             for row, text in zip(rows, text_rows(self.text_encoder, [m["caption"] for m in metas])):
                 row.update(text)
+            if hasattr(self.text_encoder, "_cache"):  # its per-prompt memo would grow with the whole data set
+                self.text_encoder._cache.clear()
         writer.encoded.extend(rows)
         writer.meta.extend(metas)
         while len(writer.encoded) >= self.shard_size:
