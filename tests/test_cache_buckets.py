@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from data_helpers import tiny_autoencoder
 from PIL import Image
 
 from latentdiff.cli import main
@@ -22,7 +23,7 @@ SHAPES = {"wide": [(64, 32), (90, 40), (60, 31)], "square": [(40, 40), (33, 35),
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_autoencoder):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("buckets")
     rng = np.random.default_rng(0)
     for cls, sizes in SHAPES.items():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from data_helpers import tiny_autoencoder, tiny_bert
 from safetensors.torch import load_file
 
 from latentdiff.conditioning.text import PretrainedTextEncoder, TextEncoderConfig
@@ -15,10 +16,11 @@ from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 
 
 @pytest.fixture(scope="module")
-def text_cache(tmp_path_factory, tiny_autoencoder, tiny_bert):
+def text_cache(tmp_path_factory):
+    pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("text_cache")
     tiny_autoencoder(root / "ae")
-    te = {"kind": "pretrained", "path": tiny_bert, "max_length": 16}
+    te = {"kind": "pretrained", "path": tiny_bert(root / "bert"), "max_length": 16}
     cfg = CacheConfig(autoencoder=str(root / "ae"), out=str(root / "cache"), data="shapes", num_images=12,
                       image_size=16, batch_size=5, shard_size=7, text_encoder=TextEncoderConfig(**te))
     cache_dataset(cfg, quiet=True)

@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from data_helpers import tiny_autoencoder
 from PIL import Image
 
 from latentdiff.data.cache import CacheConfig, LatentCache, cache_dataset
@@ -96,7 +97,7 @@ def test_shard_specs_and_key_rules(shards, tmp_path):
         TarShards(str(shards), missing_caption="class")
 
 
-def test_cache_from_tar_shards(shards, tmp_path, tiny_autoencoder):
+def test_cache_from_tar_shards(shards, tmp_path):
     tiny_autoencoder(tmp_path / "ae")
     cfg = CacheConfig(autoencoder=str(tmp_path / "ae"), out=str(tmp_path / "cache"), data=str(shards),
                       image_size=16, batch_size=4, missing_caption="filename")

@@ -1,15 +1,14 @@
-"""Fixtures shared by the data tests."""
+"""Tiny components made in the test, shared by the data tests (a plain module: tests/ is on sys.path)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from latentdiff.components import save_autoencoder
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 
-def _tiny_autoencoder(folder, seed: int = 0) -> AutoencoderKL:
+def tiny_autoencoder(folder, seed: int = 0) -> AutoencoderKL:
     """A factor-2 autoencoder with random weights, saved as a component folder."""
     torch.manual_seed(seed)
     ae = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
@@ -18,13 +17,7 @@ def _tiny_autoencoder(folder, seed: int = 0) -> AutoencoderKL:
     return ae.eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_autoencoder():
-    """``tiny_autoencoder(folder)`` writes a tiny random autoencoder component there and returns it."""
-    return _tiny_autoencoder
-
-
-def _tiny_bert(folder) -> str:
+def tiny_bert(folder) -> str:
     """A 2-layer BERT with random weights and a word-level vocabulary, saved as a transformers folder."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -37,10 +30,3 @@ def _tiny_bert(folder) -> str:
     BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
     return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """The path of a tiny random BERT folder (a frozen pretrained text encoder made in the test)."""
-    pytest.importorskip("transformers")
-    return _tiny_bert(tmp_path_factory.mktemp("bert"))
