@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode a data set once with an autoencoder into safetensors shards.")
     _add_config_args(p, CACHE_PRESETS, CacheConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (a folder of .tar, "
+                   "a glob, or 'shard-{000..009}.tar')")
     p.add_argument("--out", default=None, help="cache folder to write")
     p.set_defaults(func=cmd_cache)
 
