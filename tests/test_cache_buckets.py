@@ -121,3 +121,27 @@ def test_buckets_refuse_the_built_in_shapes_set(setup, tmp_path):
         cache_dataset(cfg, quiet=True)
     with pytest.raises(ValueError, match="multiple of the autoencoder's factor 2"):
         cache_dataset(CacheConfig(**{**cfg.__dict__, "data": str(setup["root"] / "images"), "bucket_step": 3}))
+
+
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_ranks_split_each_global_batch_of_the_cache(setup, tmp_path, bucketed):
+    """Two simulated ranks: together they read the single-process global batch; an epoch covers the cache once."""
+    if bucketed:  # buckets of one image cannot feed two ranks: refused, naming them
+        with pytest.raises(ValueError, match=r"fewer samples than the 2 ranks"):
+            LatentCache(setup["cfg"].out).batch_indices(0, 2, seed=5, rank=0, world_size=2)
+    # bucketed: one square bucket (max aspect 1) holding all 9 images; or no buckets at all.
+    change = {"bucket_max_aspect": 1.0} if bucketed else {"buckets": False}
+    cache = LatentCache(cache_dataset(CacheConfig(**{**setup["cfg"].__dict__, **change, "out": str(tmp_path / "c")}),
+                                      quiet=True))
+    assert cache.bucketed == bucketed and len(cache) == 9
+    seen = []
+    for step in range(5):
+        parts = [cache.batch_indices(step, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+        assert all(len(p) >= 1 for p in parts)
+        assert len({cache.bucket_of(torch.cat(parts))}) == 1  # both ranks in one bucket at every step
+        if not bucketed:  # one process with the global batch reads the same items
+            assert torch.equal(torch.cat(parts), cache.batch_indices(step, 4, seed=5))
+        seen.append(torch.cat(parts))
+    if bucketed:
+        steps = len(cache._samplers[(2, 5, 0, 2)])  # 9 items, 3 buckets, global batch 4: at most 5 steps
+        assert steps <= 5 and sorted(torch.cat(seen[:steps]).tolist()) == list(range(len(cache)))
