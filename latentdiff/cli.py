@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read every image in a folder once and report corrupt, tiny, exact- and "
                                    "near-duplicate files, missing captions, and size / aspect histograms. "
                                    "Exit status 1 when corrupt, tiny or duplicate files were found.")
-    p.add_argument("data", help="folder of images")
+    p.add_argument("data", help="folder of images, or tar shards (a folder of .tar, a glob, or a {000..009} range)")
     p.add_argument("--min-size", type=int, default=64, help="shorter sides below this are 'tiny' (default 64)")
     p.add_argument("--near-bits", type=int, default=4,
                    help="near duplicates: 64-bit difference hashes at most this many bits apart (default 4)")

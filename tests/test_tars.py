@@ -108,3 +108,15 @@ def test_cache_from_tar_shards(shards, tmp_path):
     bucketed = LatentCache(cache_dataset(CacheConfig(**{**cfg.__dict__, "buckets": True, "bucket_step": 4,
                                                         "out": str(tmp_path / "b")}), quiet=True))
     assert len(bucketed) == 7 and [b["num_items"] for b in bucketed.info["buckets"]] == [1, 5, 1]  # tall, square, wide
+
+
+def test_check_data_reads_tar_shards(shards):
+    from latentdiff.data.health import check_data
+
+    r = check_data(str(shards), min_size=8)
+    assert sorted(n for n, _ in r.corrupt) == sorted([
+        "shard-000000.tar:s/0002", "shard-000000.tar:s/0003", str(shards / "shard-000002.tar"), "shard-000002.tar:z"])
+    assert r.tiny == [("shard-000000.tar:s/0005", 4, 4)]
+    assert sorted(r.missing_captions) == ["shard-000000.tar:s/0004", "shard-000000.tar:s/0005",
+                                          "shard-000002.tar:x", "shard-000002.tar:y"]
+    assert r.files == 12 and sum(r.sizes.values()) == 8 and r.exact_duplicates == []

@@ -1,4 +1,4 @@
-"""``latentdiff check-data``: a health report on an image folder before hours are spent training on it.
+"""``latentdiff check-data``: a health report on an image folder (or tar shards) before hours are spent training.
 
 Reports corrupt files (cannot be decoded), tiny ones (shorter side below ``min_size``), exact
 duplicates (same bytes, SHA-256), near duplicates (a 64-bit difference hash, Krawetz's dHash, within
@@ -20,6 +20,7 @@ from PIL import Image
 
 from latentdiff.data.buckets import make_buckets, nearest_bucket
 from latentdiff.data.folder import find_caption, list_images, read_metadata, to_rgb
+from latentdiff.data.tars import TarShards, is_tar_source
 
 ASPECT_BINS = [(0.0, "taller than 1:2"), (0.5, "1:2 to 3:4"), (0.75, "3:4 to 9:10"), (0.9, "about square"),
                (1 / 0.9, "10:9 to 4:3"), (4 / 3, "4:3 to 2:1"), (2.0, "wider than 2:1")]
@@ -119,23 +120,12 @@ def _aspect_bin(ratio: float) -> str:
     return max((edge, name) for edge, name in ASPECT_BINS if edge <= ratio)[1]
 
 
-def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_area: int = 0,
-               bucket_step: int = 64) -> HealthReport:
-    """Read every image under ``root`` once and report what is wrong with the folder (see the module doc)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder)")
-    if not 0 <= near_bits < 64:
-        raise ValueError(f"near_bits must be in 0..63, got {near_bits}")
+def _folder_images(root: Path):
+    """(name, RGB image or None, why not, SHA-256 of the file, has a caption) per image file under ``root``."""
     paths = list_images(root)
     if not paths:
         raise ValueError(f"no image files in {root} (looked recursively for .png, .jpg, .webp, ...)")
-    report = HealthReport(str(root), files=len(paths))
     metadata = read_metadata(root, verbose=False)
-    buckets = make_buckets(bucket_area, bucket_step) if bucket_area else None
-    by_digest: dict[str, list[str]] = defaultdict(list)
-    hashes: dict[str, int] = {}
-    sizes, aspects, bucket_counts = Counter(), Counter(), Counter()
     for path in paths:
         name = path.relative_to(root).as_posix()
         data = path.read_bytes()
@@ -144,14 +134,53 @@ def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_
                 im.load()
                 rgb = to_rgb(im)
         except Exception as e:  # noqa: BLE001 -- PIL raises many kinds of error for damaged files
-            report.corrupt.append((name, f"{type(e).__name__}: {e}"))
+            yield name, None, f"{type(e).__name__}: {e}", "", False
+            continue
+        yield name, rgb, None, hashlib.sha256(data).hexdigest(), find_caption(root, path, metadata) is not None
+
+
+def _tar_images(spec: str):
+    """The same per sample of tar shards; duplicates by decoded pixels, damaged samples and shards as corrupt."""
+    shards = TarShards(spec, min_size=1, verbose=False)
+    try:
+        for item in shards:
+            rgb = item["image"]
+            digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+            yield item["key"], rgb, None, digest, item["captioned"]
+    except ValueError:  # no usable sample at all: every one is reported as corrupt below
+        pass
+    for name, why in shards.skipped:
+        yield name, None, why, "", False
+
+
+def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_area: int = 0,
+               bucket_step: int = 64) -> HealthReport:
+    """Read every image of a folder (or every sample of tar shards) once and report what is wrong with it."""
+    if not 0 <= near_bits < 64:
+        raise ValueError(f"near_bits must be in 0..63, got {near_bits}")
+    if is_tar_source(str(root)):
+        images = _tar_images(str(root))
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder)")
+        images = _folder_images(root)
+    report = HealthReport(str(root))
+    buckets = make_buckets(bucket_area, bucket_step) if bucket_area else None
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    hashes: dict[str, int] = {}
+    sizes, aspects, bucket_counts = Counter(), Counter(), Counter()
+    for name, rgb, problem, digest, captioned in images:
+        report.files += 1
+        if rgb is None:
+            report.corrupt.append((name, problem))
             continue
         w, h = rgb.size
         if min(w, h) < min_size:
             report.tiny.append((name, w, h))
-        by_digest[hashlib.sha256(data).hexdigest()].append(name)
+        by_digest[digest].append(name)
         hashes[name] = dhash(rgb)
-        if find_caption(root, path, metadata) is None:
+        if not captioned:
             report.missing_captions.append(name)
         sizes[_side_bin(min(w, h))] += 1
         aspects[_aspect_bin(w / h)] += 1

@@ -167,11 +167,13 @@ class TarShards:
                     self.skipped.append((name, problem))
                     self._say(f"skipped {name}: {problem}")
                     continue
-                if caption is None:
+                captioned = caption is not None
+                if not captioned:
                     self.missing_captions += 1
                     caption = caption_from_filename(key) if self.missing_caption == "filename" else ""
                 self.count += 1
-                yield {"image": image, "caption": caption, "label": label, "scene": None, "key": name}
+                yield {"image": image, "caption": caption, "label": label, "scene": None, "key": name,
+                       "captioned": captioned}
         if self.missing_captions:
             self._say(f"{self.missing_captions} of {self.count} sample(s) in the tar shards have no caption "
                       f"(no .txt, no caption in .json): missing_caption = {self.missing_caption!r}")
