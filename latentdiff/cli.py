@@ -56,7 +56,7 @@ class DemoConfig:
 
 DEMO_PRESETS: dict[str, dict] = {
     "shapes-demo": {},
-    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm"},
+    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm", "cache_preset": "shapes-demo-minilm"},
     "shapes-64": {"vae_preset": "shapes", "cache_preset": "shapes", "train_preset": "shapes"},
     "shapes-test": {"eval_prompts": 4, "steps": 2, "vae_preset": "shapes-test", "cache_preset": "shapes-test",
                     "train_preset": "shapes-test"},
@@ -148,6 +148,22 @@ def cmd_judge(args) -> None:
     print(json.dumps(validate(n=args.n, size=args.size, seed=args.seed), indent=2))
 
 
+def cmd_check_data(args) -> None:
+    from latentdiff.data.health import check_data
+
+    report = check_data(args.data, min_size=args.min_size, near_bits=args.near_bits, bucket_area=args.bucket_area,
+                        bucket_step=args.bucket_step)
+    print(report.to_text())
+    if args.json:
+        from dataclasses import asdict
+
+        from latentdiff.io import write_json
+
+        write_json(args.json, {**asdict(report), "problems": report.problems})
+    if report.problems:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
@@ -176,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode a data set once with an autoencoder into safetensors shards.")
     _add_config_args(p, CACHE_PRESETS, CacheConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (a folder of .tar, "
+                   "a glob, or 'shard-{000..009}.tar')")
     p.add_argument("--out", default=None, help="cache folder to write")
     p.set_defaults(func=cmd_cache)
 
@@ -188,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check-data", help="report corrupt, tiny, duplicate and uncaptioned images in a folder",
+                       description="Read every image in a folder once and report corrupt, tiny, exact- and "
+                                   "near-duplicate files, missing captions, and size / aspect histograms. "
+                                   "Exit status 1 when corrupt, tiny or duplicate files were found.")
+    p.add_argument("data", help="folder of images, or tar shards (a folder of .tar, a glob, or a {000..009} range)")
+    p.add_argument("--min-size", type=int, default=64, help="shorter sides below this are 'tiny' (default 64)")
+    p.add_argument("--near-bits", type=int, default=4,
+                   help="near duplicates: 64-bit difference hashes at most this many bits apart (default 4)")
+    p.add_argument("--bucket-area", type=int, default=0, help="also count aspect-ratio buckets of this area")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=cmd_check_data, preset=None)
 
     p = sub.add_parser("generate", help="generate images from prompts",
                        description="Generate images; each PNG carries its parameters in a text chunk.")
