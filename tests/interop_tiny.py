@@ -47,8 +47,8 @@ def tiny_unet(kind: str = "sd1", **kw):
     """A tiny diffusers UNet2DConditionModel in the SD 1.x, 2.x or XL layout."""
     import diffusers
 
-    args = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                cross_attention_dim=32, norm_num_groups=8)
+    args = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (16, 32), "layers_per_block": 1,
+                "cross_attention_dim": 32, "norm_num_groups": 8}
     if kind == "sd1":
         args.update(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
@@ -70,9 +70,9 @@ def tiny_unet(kind: str = "sd1", **kw):
 def tiny_vae(**kw):
     import diffusers
 
-    args = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                sample_size=16)
+    args = {"block_out_channels": (8, 16), "down_block_types": ("DownEncoderBlock2D",) * 2,
+                "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
+                "sample_size": 16}
     args.update(kw)
     torch.manual_seed(1)
     return diffusers.AutoencoderKL(**args).eval()
