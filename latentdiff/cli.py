@@ -148,6 +148,14 @@ def cmd_judge(args) -> None:
     print(json.dumps(validate(n=args.n, size=args.size, seed=args.seed), indent=2))
 
 
+def cmd_convert(args) -> None:
+    from latentdiff.interop.convert import convert
+
+    overrides = json.loads(args.overrides_json) if args.overrides_json else None
+    convert(args.src, args.dst, args.format, tokenizer=args.tokenizer, prediction=args.prediction,
+            **({"overrides": overrides} if overrides else {}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
@@ -209,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
     p.set_defaults(func=cmd_generate, preset=None)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
+                       description="Read a latentdiff folder, a diffusers SD/SDXL folder or a single-file SD "
+                                   "1.x/2.x/XL checkpoint (.safetensors, or .ckpt without pickle code) and write it "
+                                   "as a latentdiff or diffusers folder. Prints what it detected and loaded.")
+    p.add_argument("src", help="model folder or checkpoint file")
+    p.add_argument("dst", help="folder to write (replaced atomically)")
+    p.add_argument("--format", default="latentdiff", choices=["latentdiff", "diffusers"])
+    p.add_argument("--tokenizer", default=None, help="single files: CLIP tokenizer folder, or a diffusers SD folder")
+    p.add_argument("--prediction", default=None, choices=["eps", "v"], help="single files: override the detected "
+                   "prediction type (SD 2.x files default to v; the 512px -base models are eps)")
+    p.add_argument("--overrides-json", default=None, metavar="JSON", help='single files: config fields the shapes '
+                   'cannot tell, e.g. \'{"unet": {"num_heads": 8}, "vae": {"norm_groups": 32}}\'')
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("judge", help="validate the shapes judge on rendered ground truth",
                        description="Render shapes images and report how often the judge reads them back right.")

@@ -20,8 +20,10 @@ from latentdiff.components import (
     build_parameterization,
     save_autoencoder,
     save_denoiser,
+    save_text_encoder,
     write_model_index,
 )
+from latentdiff.conditioning.clip import SDTextEncoder
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.io import LoadReport, atomic_folder, load_state_strict
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -100,7 +102,10 @@ def save_latentdiff(model: SDModel, folder: str | Path) -> None:
     with atomic_folder(folder) as tmp:
         save_autoencoder(tmp / "autoencoder", model.autoencoder)
         save_denoiser(tmp / "denoiser", model.denoiser, model.spec)
-        model.text_encoder.save(tmp / "text_encoder")
+        if isinstance(model.text_encoder, SDTextEncoder):
+            model.text_encoder.save(tmp / "text_encoder")
+        else:
+            save_text_encoder(tmp / "text_encoder", model.text_encoder)
         write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
             "sample_size": model.sample_size, "family": model.family,
             "sampler": dataclasses.asdict(model.hint),
