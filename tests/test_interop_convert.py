@@ -9,8 +9,14 @@ import torch
 
 import latentdiff
 from latentdiff.cli import main
-from latentdiff.components import DenoiserSpec, build_denoiser, save_autoencoder, save_denoiser
-from latentdiff.components import save_text_encoder, write_model_index
+from latentdiff.components import (
+    DenoiserSpec,
+    build_denoiser,
+    save_autoencoder,
+    save_denoiser,
+    save_text_encoder,
+    write_model_index,
+)
 from latentdiff.conditioning.text import HashedTextEncoder, TextEncoderConfig
 from latentdiff.interop import open_model
 from latentdiff.interop.single_file import to_original_state
@@ -22,7 +28,7 @@ from latentdiff.types import Cond
 diffusers = pytest.importorskip("diffusers", reason="diffusers reopens the folders we write")
 pytest.importorskip("transformers", reason="the SD text encoders are transformers CLIP models")
 
-from interop_tiny import tiny_sd_pipeline  # noqa: E402
+from interop_tiny import tiny_sd_pipeline
 
 SD1_OVERRIDES = {"unet": {"num_heads": 2, "norm_groups": 8}, "vae": {"norm_groups": 4},
                  "text_encoder_0": {"num_attention_heads": 4}}
