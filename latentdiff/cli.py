@@ -34,6 +34,7 @@ class GenerateConfig:
     grid: bool = False  # write one grid instead of numbered files
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
+    tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
 
 
 @dataclass
@@ -112,7 +113,7 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision,
+        "precision": args.precision, "tokenizer": args.tokenizer,
     })
     prompts = [p for p in args.prompts if p.strip()]
     if not prompts:
@@ -120,7 +121,7 @@ def cmd_generate(args) -> None:
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
-    pipe = load(cfg.model, precision=cfg.precision)
+    pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="write one grid image")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
+    p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
     p.set_defaults(func=cmd_generate, preset=None)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",

@@ -75,6 +75,8 @@ class Pipeline:
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
+        if hasattr(self.text_encoder, "set_image_size"):  # SDXL's size conditioning follows the request
+            self.text_encoder.set_image_size(height, width)
         cond, uncond = self.encode_prompts(prompts, negatives)
         cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
         shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)

@@ -113,6 +113,42 @@ def tiny_sdxl_pipeline(folder: Path) -> Path:
                                              timestep_spacing="leading", steps_offset=1)
     pipe = diffusers.StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
                                                tokenizer_2=tok2, unet=tiny_unet("sdxl"), scheduler=sched,
-                                               force_zeros_for_empty_prompt=False)
+                                               force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder)
     return folder
+
+
+def sd15_pipeline(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A Stable-Diffusion-1.5-shaped pipeline (U-Net 860M, VAE 84M, CLIP-L 123M) with random weights.
+
+    The tokenizer is the tiny character-level one (the real CLIP vocabulary is a download); the text
+    model has CLIP-L's full 49408-token embedding.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder.parent / f"{folder.name}_tok"))
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768).to(dtype)  # SD 1.x defaults
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+                                  sample_size=512).to(dtype)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768)).to(dtype)
+    sched = diffusers.PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    steps_offset=1, skip_prk_steps=True)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def one_thread():
+    """Generator for a module fixture: tiny models run fastest on one thread (no thread hand-off per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

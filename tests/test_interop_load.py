@@ -25,12 +25,17 @@ from latentdiff.io import write_safetensors
 diffusers = pytest.importorskip("diffusers", reason="diffusers builds the reference pipelines")
 pytest.importorskip("transformers", reason="the SD text encoders are transformers CLIP models")
 
-from interop_tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from interop_tiny import one_thread, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 # What the shapes of a tiny file cannot tell (real SD files get these from the family).
 SD1_OVERRIDES = {"unet": {"num_heads": 2, "norm_groups": 8}, "vae": {"norm_groups": 4}, "text_encoder_0": {"num_attention_heads": 4}}
 SDXL_OVERRIDES = {"unet": {"head_dim": None, "num_heads": 4, "norm_groups": 8}, "vae": {"norm_groups": 4},
                   "text_encoder_0": {"num_attention_heads": 4}, "text_encoder_1": {"num_attention_heads": 4}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +90,10 @@ def test_sdxl_folder_generates_diffusers_image(sdxl_folder, capsys):
     ref.set_progress_bar_config(disable=True)
     pipe = latentdiff.load(sdxl_folder)
     assert "detected sdxl" in capsys.readouterr().out
-    expected = ref("a blue square", num_inference_steps=3, guidance_scale=2.0, height=16, width=16,
+    expected = ref("a blue square", num_inference_steps=3, guidance_scale=2.0, height=24, width=16,
                    generator=torch.Generator().manual_seed(3), output_type="np").images
     got = pipe.generate("a blue square", steps=3, sampler="euler", schedule="leading", guidance=2.0, seed=3,
-                        height=16, width=16, output="pt")
+                        height=24, width=16, output="pt")
     diff = np.abs(_images01(got) - expected).max()
     assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
 

@@ -55,6 +55,7 @@ class SDTextConfig:
     max_length: int = 77  # tokens per prompt, padded
     time_embed_dim: int = 0  # SDXL: 256; > 0 appends Fourier(size, crop, target size) to the pooled vector
     image_size: tuple[int, int] = (1024, 1024)  # SDXL micro-conditioning: original = target size (h, w)
+    zero_empty_prompt: bool = False  # SDXL: the empty prompt's context and pooled text are zeros, not encoded
 
 
 def _clip_model(spec: CLIPEncoderSpec) -> nn.Module:
@@ -129,9 +130,17 @@ class SDTextEncoder(nn.Module):
                 pooled.append(out.text_embeds.float())  # (B, P)
         context = torch.cat(contexts, dim=-1)  # (B, L, sum D)
         vector = torch.cat(pooled, dim=-1) if pooled else None
+        if self.config.zero_empty_prompt:  # diffusers' force_zeros_for_empty_prompt, sgm's zero txt uncond
+            empty = torch.tensor([p == "" for p in prompts], device=context.device)
+            context = context.masked_fill(empty[:, None, None], 0.0)
+            vector = vector.masked_fill(empty[:, None], 0.0) if vector is not None else None
         if self.config.time_embed_dim:
             vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device)], dim=-1)
         return Cond(context=context, vector=vector)
+
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size SDXL's micro-conditioning announces (original = target size); the pipeline sets it."""
+        self.config.image_size = (height, width)
 
     def micro_conditioning(self, batch: int, device) -> Tensor:
         """SDXL's (original h, w, crop top, left, target h, w) ids, Fourier-embedded: (B, 6 * time_embed_dim)."""

@@ -100,7 +100,7 @@ def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
             notes.append(f"text encoder {type(text).__name__} has no diffusers counterpart: written without one "
                          "(unet/ and vae/ open in diffusers on their own)")
         if sdxl:
-            index["force_zeros_for_empty_prompt"] = False  # latentdiff encodes the empty negative prompt
+            index["force_zeros_for_empty_prompt"] = text.config.zero_empty_prompt
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         write_json(tmp / "model_index.json", index)

@@ -292,7 +292,8 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
     time_dim = (unet_cfg.get("addition_time_embed_dim") or 0) if cls == "StableDiffusionXLPipeline" else 0
     config = SDTextConfig(encoders=specs, max_length=tokenizers[0].model_max_length if
                           tokenizers[0].model_max_length < 10_000 else 77,
-                          time_embed_dim=time_dim, image_size=(image_size, image_size))
+                          time_embed_dim=time_dim, image_size=(image_size, image_size),
+                          zero_empty_prompt=len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))
     return config, state, tokenizers
 
 

@@ -228,7 +228,8 @@ def _text_side(state: dict, family: str, tokenizers: list, overrides: dict
         vector_dim = state[UNET + "label_emb.0.0.weight"].shape[1]
         time_dim = (vector_dim - specs[1].hf_config["projection_dim"]) // 6
     config = SDTextConfig(encoders=specs, max_length=77, time_embed_dim=time_dim,
-                          image_size=(1024, 1024) if family == "sdxl" else (512, 512))
+                          image_size=(1024, 1024) if family == "sdxl" else (512, 512),
+                          zero_empty_prompt=family == "sdxl")  # sgm samples SDXL with a zero text uncond
     return config, ours, consumed, absent, notes
 
 
