@@ -112,7 +112,8 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     single files, ``prediction="eps"`` for SD 2.x -base files); what was detected and loaded is printed.
     """
     folder = Path(path)
-    if folder.is_file() or (folder / "model_index.json").is_file() and _is_diffusers(folder):
+    weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+    if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
         from latentdiff.interop import open_model, to_pipeline
 
         model = open_model(folder, **interop_kw)

@@ -78,8 +78,10 @@ def tiny_vae(**kw):
     return diffusers.AutoencoderKL(**args).eval()
 
 
-def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "epsilon") -> Path:
-    """A tiny StableDiffusionPipeline with random weights, saved with save_pretrained; returns the folder."""
+def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "epsilon", kind: str = "sd1") -> Path:
+    """A tiny StableDiffusionPipeline with random weights, saved with save_pretrained; returns the folder.
+
+    ``kind="sd2"``: linear projections, fixed head width, an OpenCLIP-style (gelu) text encoder."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -87,12 +89,12 @@ def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "
     tok_dir = write_tokenizer(folder.parent / f"{folder.name}_tok")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(2)
-    text_encoder = CLIPTextModel(clip_config(len(tokenizer))).eval()
+    text_encoder = CLIPTextModel(clip_config(len(tokenizer), act="gelu" if kind == "sd2" else "quick_gelu")).eval()
     cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
     sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                 steps_offset=1, prediction_type=prediction)
     pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                             unet=tiny_unet("sd1"), scheduler=sched, safety_checker=None,
+                                             unet=tiny_unet(kind), scheduler=sched, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder

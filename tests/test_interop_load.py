@@ -117,6 +117,37 @@ def test_single_file_round_trip_identical_parameters(which, sd_folder, sdxl_fold
     assert pipe.steps_offset == 1
 
 
+def test_sd2_single_file_drops_last_openclip_layer_and_takes_prediction(tmp_path, capsys):
+    """SD 2.x files carry all 24 OpenCLIP layers; the model conditions on the penultimate one."""
+    from latentdiff.interop.keymaps import KeyMap, openclip_rules, unet_rules, vae_rules
+
+    folder = tiny_sd_pipeline(tmp_path / "sd2", prediction="v_prediction", kind="sd2")
+    model = open_model(folder)
+    assert model.family == "sd2" and model.spec.parameterization == "v"
+    layers = model.text_encoder.config.encoders[0].hf_config["num_hidden_layers"]
+    state = KeyMap(unet_rules(model.spec.unet), "model.diffusion_model.").to_original(
+        model.denoiser.network.state_dict())[0]
+    state.update(KeyMap(vae_rules(model.autoencoder.config), "first_stage_model.").to_original(
+        model.autoencoder.state_dict())[0])
+    text = model.text_encoder.canonical_state_dict()
+    last = f"encoders.0.text_model.encoder.layers.{layers}."  # an extra, unused last layer
+    text.update({last + k.split(f"layers.{layers - 1}.")[1]: torch.randn_like(v)
+                 for k, v in text.items() if f"layers.{layers - 1}." in k})
+    state.update(KeyMap(openclip_rules(layers + 1, projection=False), "cond_stage_model.model.",
+                        "encoders.0.").to_original(text)[0])
+    path = tmp_path / "sd2.safetensors"
+    write_safetensors(path, state)
+    overrides = {"unet": {"head_dim": 8, "norm_groups": 8}, "vae": {"norm_groups": 4},
+                 "text_encoder_0": {"num_attention_heads": 4}}
+    back = read_single_file(path, tokenizer=folder, overrides=overrides)
+    assert back.family == "sd2" and back.spec.parameterization == "v"
+    assert any(f"dropped OpenCLIP layer {layers}" in n for n in back.notes)
+    assert "assumed v-prediction" in back.summary()
+    _assert_same_params(model, back)
+    eps = read_single_file(path, tokenizer=folder, overrides=overrides, prediction="eps")
+    assert eps.spec.parameterization == "eps"
+
+
 def test_single_file_ckpt_loads_without_pickle_code(sd_folder, tmp_path):
     model = open_model(sd_folder)
     state = to_original_state(model)
@@ -150,6 +181,11 @@ def test_not_a_checkpoint(tmp_path):
         read_state_file(fake)
     with pytest.raises(ValueError, match="unknown weights format"):
         read_state_file(junk.rename(tmp_path / "notes.txt"))
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+        latentdiff.load(tmp_path / "nope.safetensors")
 
 
 def test_truncated_safetensors(sd_folder, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff, to_pipeline
 from latentdiff.interop.diffusers_folder import is_diffusers_folder, read_diffusers
+from latentdiff.interop.files import SAFETENSORS, TORCH_FILES
 from latentdiff.interop.single_file import UnsupportedCheckpoint, detect_family, read_single_file
 
 __all__ = ["SDModel", "SamplerHint", "UnsupportedCheckpoint", "detect_family", "is_diffusers_folder",
@@ -19,7 +20,7 @@ __all__ = ["SDModel", "SamplerHint", "UnsupportedCheckpoint", "detect_family", "
 def open_model(path: str | Path, *, tokenizer: str | Path | None = None, **kw) -> SDModel:
     """A diffusers folder or a single-file checkpoint -> SDModel (our own folders load through components)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or path.suffix.lower() in SAFETENSORS + TORCH_FILES:
         return read_single_file(path, tokenizer=tokenizer, **kw)
     if is_diffusers_folder(path):
         return read_diffusers(path, **kw)
