@@ -91,8 +91,9 @@ def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(clip_config(len(tokenizer), act="gelu" if kind == "sd2" else "quick_gelu")).eval()
     cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
+    extra = {"clip_sample": False, "set_alpha_to_one": True} if scheduler == "ddim" else {}
     sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
-                steps_offset=1, prediction_type=prediction)
+                steps_offset=1, prediction_type=prediction, **extra)
     pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
                                              unet=tiny_unet(kind), scheduler=sched, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)

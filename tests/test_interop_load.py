@@ -85,6 +85,21 @@ def test_diffusers_folder_generates_diffusers_image(sd_folder, capsys):
     assert expected.std() > 0.01  # a real image, not a constant one
 
 
+def test_ddim_v_prediction_folder_generates_diffusers_image(tmp_path):
+    """A VP scheduler (DDIM, eta 0) starts from unit noise in VP space: the loader's vp_init."""
+    folder = tiny_sd_pipeline(tmp_path / "ddim", scheduler="ddim", prediction="v_prediction")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    pipe = latentdiff.load(folder)
+    assert pipe.vp_init and pipe.denoiser.parameterization.name == "v"
+    expected = ref("a green star", num_inference_steps=4, guidance_scale=4.0, height=16, width=16,
+                   generator=torch.Generator().manual_seed(5), output_type="np").images
+    got = pipe.generate("a green star", steps=4, sampler="ddim", schedule="leading", guidance=4.0, seed=5,
+                        height=16, width=16, output="pt")
+    diff = np.abs(_images01(got) - expected).max()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+
+
 def test_sdxl_folder_generates_diffusers_image(sdxl_folder, capsys):
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
     ref.set_progress_bar_config(disable=True)
