@@ -287,3 +287,13 @@ def test_unsupported_diffusers_settings_are_named(sd_folder, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="resnet_time_scale_shift = 'scale_shift' is not supported"):
         latentdiff.load(bad)
+
+
+def test_a_weight_left_on_the_meta_device_is_refused():
+    from latentdiff.interop.common import check_materialized
+
+    with torch.device("meta"):
+        layer = torch.nn.Linear(2, 2)
+    layer.weight = torch.nn.Parameter(torch.zeros(2, 2))  # the bias stays unset
+    with pytest.raises(ValueError, match=r"1 tensors were left unset by the load, e.g. \['bias'\]"):
+        check_materialized(layer, "layer")

@@ -180,7 +180,9 @@ def build_sd_text_encoder(config: SDTextConfig, state: dict[str, Tensor], tokeni
         native[f"{head}.{i}.{_native(models[int(i)], canonical_clip_key(rest))}" if head else k] = v
     report = load_state_strict(encoder, native, name, assign=True)
     for m in encoder.encoders:
-        _fix_buffers(m)
+        _fix_buffers(m)  # raises if any buffer is still on the meta device
+    if any(p.is_meta for p in encoder.parameters()):
+        raise ValueError(f"{name}: a parameter was left unset by the load")
     return encoder.eval(), report
 
 

@@ -70,18 +70,29 @@ def as_dtype(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, T
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def check_materialized(module: nn.Module, name: str) -> None:
+    """Refuse a module that still holds a meta tensor (a weight or buffer the load did not set)."""
+    unset = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if unset:
+        raise ValueError(f"{name}: {len(unset)} tensors were left unset by the load, e.g. {unset[:3]}")
+
+
 def build_unet(cfg: UNetConfig, state: dict[str, Tensor], name: str = "unet") -> tuple[UNet, LoadReport]:
     """Build the U-Net on the meta device and assign the weights: strict, no second copy."""
     with torch.device("meta"):
         unet = UNet(cfg)
-    return unet, load_state_strict(unet, state, name, assign=True)
+    report = load_state_strict(unet, state, name, assign=True)
+    check_materialized(unet, name)
+    return unet, report
 
 
 def build_autoencoder(cfg: AutoencoderConfig, state: dict[str, Tensor], name: str = "vae"):
     """Build the autoencoder on the meta device and assign the weights strictly."""
     with torch.device("meta"):
         vae = AutoencoderKL(cfg)
-    return vae.eval(), load_state_strict(vae, state, name, assign=True)
+    report = load_state_strict(vae, state, name, assign=True)
+    check_materialized(vae, name)
+    return vae.eval(), report
 
 
 def make_denoiser(spec: DenoiserSpec, state: dict[str, Tensor]) -> tuple[Denoiser, LoadReport]:
