@@ -34,6 +34,7 @@ class GenerateConfig:
     grid: bool = False  # write one grid instead of numbered files
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
+    tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
 
 
 @dataclass
@@ -112,7 +113,7 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision,
+        "precision": args.precision, "tokenizer": args.tokenizer,
     })
     prompts = [p for p in args.prompts if p.strip()]
     if not prompts:
@@ -120,7 +121,7 @@ def cmd_generate(args) -> None:
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
-    pipe = load(cfg.model, precision=cfg.precision)
+    pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
@@ -162,6 +163,14 @@ def cmd_check_data(args) -> None:
         write_json(args.json, {**asdict(report), "problems": report.problems})
     if report.problems:
         raise SystemExit(1)
+
+
+def cmd_convert(args) -> None:
+    from latentdiff.interop.convert import convert
+
+    overrides = json.loads(args.overrides_json) if args.overrides_json else None
+    convert(args.src, args.dst, args.format, tokenizer=args.tokenizer, prediction=args.prediction,
+            **({"overrides": overrides} if overrides else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="write one grid image")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
+    p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
     p.set_defaults(func=cmd_generate, preset=None)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
+                       description="Read a latentdiff folder, a diffusers SD/SDXL folder or a single-file SD "
+                                   "1.x/2.x/XL checkpoint (.safetensors, or .ckpt without pickle code) and write it "
+                                   "as a latentdiff or diffusers folder. Prints what it detected and loaded.")
+    p.add_argument("src", help="model folder or checkpoint file")
+    p.add_argument("dst", help="folder to write (replaced atomically)")
+    p.add_argument("--format", default="latentdiff", choices=["latentdiff", "diffusers"])
+    p.add_argument("--tokenizer", default=None, help="single files: CLIP tokenizer folder, or a diffusers SD folder")
+    p.add_argument("--prediction", default=None, choices=["eps", "v"], help="single files: override the detected "
+                   "prediction type (SD 2.x files default to v; the 512px -base models are eps)")
+    p.add_argument("--overrides-json", default=None, metavar="JSON", help='single files: config fields the shapes '
+                   'cannot tell, e.g. \'{"unet": {"num_heads": 8}, "vae": {"norm_groups": 32}}\'')
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("judge", help="validate the shapes judge on rendered ground truth",
                        description="Render shapes images and report how often the judge reads them back right.")
