@@ -1,0 +1,75 @@
+"""Two processes under torchrun (gloo on this CPU) train the same weights as one process with the same
+global batch, for the denoiser (DDP and FSDP2) and the autoencoder (DDP); only rank 0 writes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _tiny import REPO, cli, env, make_tiny_cache, overrides
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_tiny_cache(tmp_path_factory.mktemp("dist"))
+
+
+def torchrun(args: list[str], cwd, audit_dir) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "_audited_cli.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(AUDIT_ROOT=str(cwd), AUDIT_OUT=str(audit_dir)),
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_same_training(one, two, step: int) -> None:
+    """Same weights to float tolerance; the difference is tiny next to what one step changes."""
+    a = load_file(str(one / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+    b = load_file(str(two / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+    prev = load_file(str(one / "checkpoints" / f"step_{step - 1:07d}" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a if a[k].is_floating_point()])
+    moved = torch.cat([(a[k] - prev[k]).flatten() for k in a if a[k].is_floating_point()])
+    assert diff.abs().max() < 2e-4, diff.abs().max()
+    assert diff.norm() < 0.02 * moved.norm(), (diff.norm(), moved.norm())
+    la = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == step  # rank 1 wrote no second line
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def tree(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_denoiser_two_processes_match_one(cache, tmp_path, strategy):
+    sets = overrides({"sample_every": 2, "steps": 3, "batch_size": 4, "save_every": 2, "keep_last": 3,
+                      "posthoc_every": 2, "distributed.strategy": strategy})
+    single = cli(["train", "--preset", "shapes-test", "--cache", str(cache), "--out", "one", *sets], tmp_path)
+    assert single.returncode == 0, single.stderr
+    (tmp_path / "audit").mkdir()
+    double = torchrun(["train", "--preset", "shapes-test", "--cache", str(cache), "--out", "two", *sets],
+                      tmp_path, tmp_path / "audit")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two", step=3)
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")  # samples, snapshots, checkpoints, model: once
+    rank1 = json.loads((tmp_path / "audit" / "rank1.json").read_text())
+    rank0 = json.loads((tmp_path / "audit" / "rank0.json").read_text())
+    assert rank1 == [] and len(rank0) > 10, rank1[:5]
+
+
+@pytest.mark.slow
+def test_autoencoder_two_processes_match_one(tmp_path):
+    sets = overrides({"steps": 3, "batch_size": 4, "image_size": 32, "model": "shapes-demo", "num_images": 16,
+                      "stats_images": 8, "save_every": 2, "keep_last": 3, "sample_every": 2})
+    single = cli(["train-vae", "--preset", "shapes-test", "--out", "one", *sets], tmp_path)
+    assert single.returncode == 0, single.stderr
+    (tmp_path / "audit").mkdir()
+    double = torchrun(["train-vae", "--preset", "shapes-test", "--out", "two", *sets], tmp_path, tmp_path / "audit")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two", step=3)
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")
+    assert json.loads((tmp_path / "audit" / "rank1.json").read_text()) == []
