@@ -28,9 +28,9 @@ def hook(event: str, args: tuple) -> None:
             mode is None and isinstance(flags, int) and flags & WRITE_FLAGS)
         if writing and _under_root(path):
             seen.append(f"open {path}")
-    elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "shutil.move"):
-        if args and _under_root(args[0]):
-            seen.append(f"{event} {args[0]}")
+    elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "shutil.move") and \
+            args and _under_root(args[0]):
+        seen.append(f"{event} {args[0]}")
 
 
 if __name__ == "__main__":

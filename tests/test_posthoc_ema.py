@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import make_tiny_cache
 from safetensors.torch import load_file
 from torch import nn
 
-from _tiny import make_tiny_cache
 from latentdiff import load
 from latentdiff.cli import main
 from latentdiff.config import build_config
@@ -76,7 +76,7 @@ def synthetic_run(folder, steps=1200, every=40):
 
 
 def test_reconstruction_is_exact_for_a_stored_profile_and_close_for_others(tmp_path):
-    tracks, target, trajectory = synthetic_run(tmp_path)
+    tracks, target, _ = synthetic_run(tmp_path)
     snapshots = list_snapshots(tmp_path)
     assert len(snapshots) == 60
     for ema in tracks:  # a target equal to a stored profile gives the stored weights

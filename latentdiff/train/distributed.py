@@ -176,9 +176,9 @@ def _fsdp_units(module: nn.Module) -> list[nn.Module]:
     kinds = (ResnetBlock2D, SpatialSelfAttention, Transformer2D, nn.TransformerEncoderLayer)
     units: dict[str, nn.Module] = {}
     for name, m in module.named_modules():
-        if isinstance(m, kinds) and not any(name.startswith(u + ".") for u in units):
-            if any(p.requires_grad for p in m.parameters()):
-                units[name] = m
+        inside = any(name.startswith(u + ".") for u in units)
+        if isinstance(m, kinds) and not inside and any(p.requires_grad for p in m.parameters()):
+            units[name] = m
     return list(units.values())
 
 
