@@ -116,3 +116,38 @@ def test_resume_with_another_model_configuration_names_the_mismatch(cache, tmp_p
     err = capsys.readouterr().err
     assert re.search(r"refusing a partial load: checkpoint model.*wrong shape", err), err
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"  # nothing lost
+
+
+def test_metrics_go_to_jsonl_and_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    from latentdiff.train.common import MetricsLog
+
+    scalars = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, folder):
+            self.folder = folder
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = MetricsLog(tmp_path / "metrics.jsonl", total_steps=10, quiet=True, batch_size=8,
+                     tensorboard_dir=tmp_path / "tb")
+    log.log(0, loss=0.5)
+    log.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["step"] == 1 and record["loss"] == 0.5
+    assert record["images_per_s"] == pytest.approx(8 * record["steps_per_s"], rel=0.01)
+    assert ("train/loss", 0.5, 1) in scalars and scalars[-1] == "closed"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: skipped silently
+    log = MetricsLog(tmp_path / "m2.jsonl", total_steps=10, quiet=True, tensorboard_dir=tmp_path / "tb2")
+    log.log(0, loss=0.25)
+    log.close()
+    assert log.tb is None and (tmp_path / "m2.jsonl").exists()

@@ -166,7 +166,7 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     ae_path = cfg.autoencoder or cache.autoencoder_path
     if ae_path is None:
         raise ValueError("the cache does not say which autoencoder made it: pass --set autoencoder=DIR")
-    autoencoder = load_autoencoder(ae_path)
+    autoencoder = load_autoencoder(ae_path)  # stays on the CPU: it only normalizes latents and decodes samples
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
     chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)
     main, writes = ctx.is_main, ctx.is_main and not cfg.dry_run
@@ -216,8 +216,13 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
         if cfg.min_snr_gamma > 0 else None
 
     def ema_pipeline_parts():
-        ema_model = gathered(ema.module, plain)  # a collective under FSDP: every rank calls it
-        return _with_ema(ema_model, text_encoder, denoiser) if main else None
+        """The EMA denoiser and text encoder on rank 0's CPU, where the Pipeline samples."""
+        ema_model, te = gathered(ema.module, plain), text_encoder  # a collective under FSDP: every rank calls it
+        if not main:
+            return None
+        if next(ema_model.parameters()).device.type != "cpu":
+            ema_model, te = copy.deepcopy(ema_model).cpu(), copy.deepcopy(text_encoder).cpu()
+        return _with_ema(ema_model, te, denoiser)
 
     # Loop.
     step = start
