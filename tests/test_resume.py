@@ -69,6 +69,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
     assert_bitwise_same(root / "ref", root / "killed")
     kept = sorted(p.name for p in (root / "killed" / "checkpoints").glob("step_*"))
     assert kept == [f"step_{STEPS - 2:07d}", f"step_{STEPS:07d}"], (kill_after, kept)
+    assert not list((root / "killed" / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(setup):

@@ -170,6 +170,8 @@ def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EM
     root = run_dir / "checkpoints"
     folder = root / f"step_{step:07d}"
     if ctx.is_main:
+        for stale in root.glob(".step_*.tmp"):  # left by a run killed while writing a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_folder(folder) as tmp:
             for name, state in states.items():
                 write_safetensors(tmp / f"{name}.safetensors", state)
