@@ -114,3 +114,18 @@ def test_posthoc_ema_command_writes_a_loadable_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["posthoc-ema", str(tmp_path / "nothing"), "--sigma-rel", "0.1", "-o", str(tmp_path / "x")])
     assert e.value.code == 2 and "posthoc_every" in capsys.readouterr().err
+
+
+def test_posthoc_ema_command_on_an_autoencoder_run(tmp_path, capsys):
+    from latentdiff.components import load_autoencoder
+    from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
+
+    cfg = build_config(VAETrainConfig, VAE_PRESETS, "shapes-test", None,
+                       {"out": str(tmp_path / "run"), "image_size": 32, "model": "shapes-demo", "num_images": 16,
+                        "stats_images": 8, "sample_every": 0, "steps": 3, "posthoc_every": 1})
+    template = train_vae(cfg)
+    main(["posthoc-ema", str(tmp_path / "run"), "--sigma-rel", "0.05", "-o", str(tmp_path / "ph")])
+    got = load_autoencoder(tmp_path / "ph")
+    stored = load_file(str(tmp_path / "run" / "posthoc_ema" / "ema_0.0500_0000003.safetensors"))
+    assert all(torch.allclose(got.state_dict()[k], stored[k], atol=1e-5) for k in stored)
+    assert got.config.scale_factor == load_autoencoder(template).config.scale_factor  # kept from the run
