@@ -67,3 +67,22 @@ def test_autoencoder_two_processes_match_one(tmp_path):
     assert_same_runs(tmp_path / "one", tmp_path / "two", step=3)
     assert tree(tmp_path / "one") == tree(tmp_path / "two")
     assert json.loads((tmp_path / "audit" / "rank1.json").read_text()) == []
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reproduces_the_uninterrupted_checkpoint(cache, tmp_path):
+    """FSDP2: resuming from step 2 writes a step-4 checkpoint bitwise equal to the uninterrupted one."""
+    args = ["train", "--preset", "shapes-test", "--cache", str(cache), "--out", "run",
+            *overrides({"sample_every": 0, "steps": 4, "save_every": 2, "keep_last": 5, "posthoc_every": 1,
+                        "distributed.strategy": "fsdp"})]
+    (tmp_path / "audit").mkdir()
+    assert torchrun(args, tmp_path, tmp_path / "audit").returncode == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_0000004").rename(tmp_path / "uninterrupted")
+    (checkpoints / "latest").write_text("step_0000002")
+    resumed = torchrun([*args, "--resume"], tmp_path, tmp_path / "audit")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("model", "ema", "optimizer", "posthoc_0", "posthoc_1"):
+        a = load_file(str(tmp_path / "uninterrupted" / f"{name}.safetensors"))
+        b = load_file(str(checkpoints / "step_0000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name

@@ -221,7 +221,8 @@ def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torc
             raise FileNotFoundError(f"{path} is missing: the checkpoint was written by a run without {name!r}")
         tensors = load_file(str(path))
         if is_sharded(module):
-            load_state_strict(_ShapeOnly(full_state(module)), tensors, f"checkpoint {name}")  # names the mismatch
+            # DTensors report their global shapes, so the names and shapes are checked before any gather.
+            load_state_strict(_ShapeOnly(module.state_dict()), tensors, f"checkpoint {name}")
             load_full_state(module, tensors)
         else:
             load_state_strict(module, tensors, f"checkpoint {name}")
