@@ -86,8 +86,9 @@ def cmd_train_vae(args) -> None:
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
 
     cfg = _config(VAETrainConfig, VAE_PRESETS, args,
-                  {"out": args.out, "data": args.data, "steps": args.steps, "resume": args.resume or None})
-    print(train_vae(cfg))
+                  {"out": args.out, "data": args.data, "steps": args.steps, "resume": args.resume or None,
+                   "dry_run": args.dry_run or None})
+    _print_result(train_vae(cfg))
 
 
 def cmd_cache(args) -> None:
@@ -102,8 +103,23 @@ def cmd_train(args) -> None:
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 
     cfg = _config(TrainConfig, TRAIN_PRESETS, args, {"out": args.out, "cache": args.cache, "steps": args.steps,
-                                                     "resume": args.resume or None})
-    print(train_denoiser(cfg))
+                                                     "resume": args.resume or None, "dry_run": args.dry_run or None})
+    _print_result(train_denoiser(cfg))
+
+
+def _print_result(result) -> None:
+    """A training command prints the folder it wrote (rank 0 only), or the dry-run report."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(json.dumps(result, indent=2) if isinstance(result, dict) else result)
+
+
+def cmd_posthoc_ema(args) -> None:
+    from latentdiff.train.posthoc_ema import export
+
+    print(export(args.run, args.sigma_rel, args.out, step=args.step, template=args.template))
 
 
 def cmd_generate(args) -> None:
@@ -195,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")
     p.set_defaults(func=cmd_train_vae)
 
     p = sub.add_parser("cache", help="encode a data set into a latent cache",
@@ -213,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check-data", help="report corrupt, tiny, duplicate and uncaptioned images in a folder",
@@ -227,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_check_data, preset=None)
+
+    p = sub.add_parser("posthoc-ema", help="reconstruct an EMA of any length from post-hoc EMA snapshots",
+                       description="Combine a run's power-function EMA snapshots (train with posthoc_every > 0) "
+                                   "into the EMA of the given relative length (Karras et al. 2024) and write a "
+                                   "loadable model (or autoencoder) folder.")
+    p.add_argument("run", help="run folder (holds posthoc_ema/)")
+    p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA length, e.g. 0.05 or 0.10")
+    p.add_argument("--step", type=int, default=None, help="reconstruct at this step (default: the last snapshot)")
+    p.add_argument("--template", default=None, help="folder to take the other components and config from "
+                   "(default RUN/model or RUN/autoencoder)")
+    p.add_argument("-o", "--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_posthoc_ema)
 
     p = sub.add_parser("generate", help="generate images from prompts",
                        description="Generate images; each PNG carries its parameters in a text chunk.")

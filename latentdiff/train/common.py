@@ -9,7 +9,6 @@ moment leaves the last good checkpoint whole.
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import math
@@ -24,6 +23,18 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from latentdiff.io import atomic_folder, load_state_strict, write_json, write_safetensors
+from latentdiff.train.distributed import (
+    Context,
+    decode_rng,
+    encode_rng,
+    full_optimizer_state,
+    full_state,
+    is_sharded,
+    load_full_optimizer_state,
+    load_full_state,
+    rng_state,
+    set_rng_state,
+)
 
 
 class EMA:
@@ -70,37 +81,58 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: s
 
 
 class MetricsLog:
-    """Appends one JSON object a line to ``metrics.jsonl`` and draws a one-line progress report."""
+    """Appends one JSON object a line to ``metrics.jsonl``, draws a one-line progress report (loss, speed,
+    ETA) and mirrors the numbers to TensorBoard when it is installed (``tensorboard_dir``)."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int = 0, quiet: bool = False):
+    def __init__(self, path: Path, total_steps: int, start_step: int = 0, quiet: bool = False,
+                 batch_size: int | None = None, tensorboard_dir: Path | None = None):
         self.file = open(path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
         self.total = total_steps
         self.start = start_step  # the step this process began at (after a resume, not 0)
         self.quiet = quiet
+        self.batch_size = batch_size  # global images per step, for images/s
         self.t0 = time.time()
+        self.tb = _tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
 
     def log(self, step: int, **values) -> None:
         elapsed = time.time() - self.t0
         done = step + 1 - self.start
         rate = done / max(elapsed, 1e-9)
         record = {"step": step + 1, **values, "steps_per_s": round(rate, 3), "time_s": round(elapsed, 1)}
+        if self.batch_size:
+            record["images_per_s"] = round(rate * self.batch_size, 2)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step + 1)
         if not self.quiet:
             eta = (self.total - step - 1) / max(rate, 1e-9)
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-            print(f"\rstep {step + 1}/{self.total}  {shown}  {rate:.2f} it/s  eta {eta / 60:.1f} min",
+            speed = f"{rate:.2f} it/s" + (f" ({rate * self.batch_size:.1f} img/s)" if self.batch_size else "")
+            print(f"\rstep {step + 1}/{self.total}  {shown}  {speed}  eta {eta / 60:.1f} min",
                   end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.quiet:
             print(file=sys.stderr)
         self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    """Split an optimizer's state into tensors (for safetensors) and the JSON-able rest."""
-    sd = opt.state_dict()
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter, or None (silently) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split an optimizer's state dict into tensors (for safetensors) and the JSON-able rest."""
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
@@ -119,33 +151,43 @@ def _optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _encode_rng(state: Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
-
-
-def _decode_rng(text: str) -> Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
 def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                             generator: torch.Generator, config: dict, keep_last: int = 3) -> Path:
-    """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the last N."""
+                             generator: torch.Generator | None, config: dict, keep_last: int = 3, *,
+                             ctx: Context | None = None, extra: dict[str, nn.Module] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the last N.
+
+    Under torchrun every rank calls this (the weights of a sharded model and every rank's RNG state are
+    gathered); only rank 0 writes, and all ranks wait until the checkpoint is complete. ``extra`` names
+    further modules to keep (the post-hoc EMA tracks), each as ``NAME.safetensors``.
+    """
+    ctx = ctx or Context()
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    modules = {"model": model, "ema": ema.module, **(extra or {})}
+    states = {name: full_state(m) for name, m in modules.items()}
+    opt_state = full_optimizer_state(model, opt)
+    rngs = ctx.gather(rng_state(ctx.device))
     root = run_dir / "checkpoints"
     folder = root / f"step_{step:07d}"
-    with atomic_folder(folder) as tmp:
-        write_safetensors(tmp / "model.safetensors", model.state_dict())
-        write_safetensors(tmp / "ema.safetensors", ema.module.state_dict())
-        tensors, meta = _optimizer_tensors(opt)
-        write_safetensors(tmp / "optimizer.safetensors", tensors)
-        write_json(tmp / "optimizer.json", meta)
-        write_json(tmp / "state.json", {
-            "step": step, "ema_updates": ema.updates, "config": config,
-            "generator": _encode_rng(generator.get_state()), "torch_rng": _encode_rng(torch.get_rng_state()),
-        })
-    (root / "latest.tmp").write_text(folder.name)
-    (root / "latest.tmp").replace(root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old)
+    if ctx.is_main:
+        for stale in root.glob(".step_*.tmp"):  # left by a run killed while writing a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_folder(folder) as tmp:
+            for name, state in states.items():
+                write_safetensors(tmp / f"{name}.safetensors", state)
+            tensors, meta = _optimizer_tensors(opt_state)
+            write_safetensors(tmp / "optimizer.safetensors", tensors)
+            write_json(tmp / "optimizer.json", meta)
+            write_json(tmp / "state.json", {
+                "step": step, "ema_updates": ema.updates, "config": config, "world_size": ctx.world,
+                "generator": encode_rng(generator.get_state()) if generator is not None else None,
+                "torch_rng": rngs[0]["cpu"], "rng_per_rank": rngs, "extra": sorted(extra or {}),
+            })
+        (root / "latest.tmp").write_text(folder.name)
+        (root / "latest.tmp").replace(root / "latest")
+        for old in sorted(root.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old)
+    ctx.barrier()
     return folder
 
 
@@ -164,41 +206,93 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                             generator: torch.Generator) -> int:
-    """Restore a checkpoint into the live objects; return the step to continue from."""
+                             generator: torch.Generator | None, *, ctx: Context | None = None,
+                             extra: dict[str, nn.Module] | None = None) -> int:
+    """Restore a checkpoint into the live objects (on every rank); return the step to continue from.
+
+    A checkpoint of another model configuration is refused with the names of the mismatched tensors.
+    """
+    ctx = ctx or Context()
     state = json.loads((folder / "state.json").read_text())
-    load_state_strict(model, load_file(str(folder / "model.safetensors")), "model")
-    load_state_strict(ema.module, load_file(str(folder / "ema.safetensors")), "ema")
+    modules = {"model": model, "ema": ema.module, **(extra or {})}
+    for name, module in modules.items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was written by a run without {name!r}")
+        tensors = load_file(str(path))
+        if is_sharded(module):
+            # DTensors report their global shapes, so the names and shapes are checked before any gather.
+            load_state_strict(_ShapeOnly(module.state_dict()), tensors, f"checkpoint {name}")
+            load_full_state(module, tensors)
+        else:
+            load_state_strict(module, tensors, f"checkpoint {name}")
     meta = json.loads((folder / "optimizer.json").read_text())
-    opt.load_state_dict(_optimizer_state(load_file(str(folder / "optimizer.safetensors")), meta))
+    opt_state = _optimizer_state(load_file(str(folder / "optimizer.safetensors")), meta)
+    if is_sharded(model):
+        load_full_optimizer_state(model, opt, opt_state)
+    else:
+        opt.load_state_dict(opt_state)
     ema.updates = state["ema_updates"]
-    generator.set_state(_decode_rng(state["generator"]))
-    torch.set_rng_state(_decode_rng(state["torch_rng"]))
+    if generator is not None and state.get("generator"):
+        generator.set_state(decode_rng(state["generator"]))
+    rngs = state.get("rng_per_rank") or [{"cpu": state["torch_rng"]}]
+    if ctx.rank < len(rngs):
+        set_rng_state(rngs[ctx.rank], ctx.device)
+    else:  # more processes than the run had: a fresh, rank-dependent stream (only dropout draws from it)
+        torch.manual_seed(state["step"] * 1_000_003 + ctx.rank)
     return state["step"]
 
 
-class NonFiniteSkipper:
-    """Skips optimizer steps whose loss is NaN or inf, reports each, and stops the run after ``limit``."""
+class _ShapeOnly(nn.Module):
+    """A stand-in module whose state dict is ``state``, so ``load_state_strict`` can compare names and shapes."""
 
-    def __init__(self, limit: int = 10):
+    def __init__(self, state: dict[str, Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return self._state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return None
+
+
+class NonFiniteSkipper:
+    """Skips optimizer steps whose loss or gradient is NaN or inf, reports each, and stops the run after ``limit``."""
+
+    def __init__(self, limit: int = 10, verbose: bool = True):
         self.limit = limit
         self.count = 0
+        self.verbose = verbose  # False on every rank but 0
 
     def step(self, loss: Tensor, step: int, opt: torch.optim.Optimizer, model: nn.Module,
              grad_clip: float) -> float | None:
         """Backward, clip and step; return the gradient norm, or None when the step was skipped."""
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            self.count += 1
-            print(f"\nstep {step + 1}: non-finite loss, step skipped ({self.count} so far)", file=sys.stderr)
-            if self.count >= self.limit:
-                raise RuntimeError(f"loss was non-finite for {self.limit} steps: lower lr or use fp32; "
-                                   "the last checkpoint is untouched")
-            return None
+            return self._skip(step, opt)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        return self.apply(float(loss.detach()), step, opt, model, grad_clip)
+
+    def apply(self, loss: float, step: int, opt: torch.optim.Optimizer, model: nn.Module,
+              grad_clip: float) -> float | None:
+        """Clip the gradients already accumulated and step, unless loss or gradient norm is non-finite."""
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            return self._skip(step, opt)
         opt.step()
         return float(grad_norm)
+
+    def _skip(self, step: int, opt: torch.optim.Optimizer) -> None:  # returns None: the step was skipped
+        opt.zero_grad(set_to_none=True)
+        self.count += 1
+        if self.verbose:
+            print(f"\nstep {step + 1}: non-finite loss, step skipped ({self.count} so far)", file=sys.stderr)
+        if self.count >= self.limit:
+            raise RuntimeError(f"loss was non-finite for {self.limit} steps: lower lr or use fp32; "
+                               "the last checkpoint is untouched")
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:

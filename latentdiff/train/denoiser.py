@@ -6,6 +6,7 @@ The result is a complete model folder (autoencoder, denoiser, text encoder) that
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +45,31 @@ from latentdiff.train.common import (
     lr_at,
     save_training_checkpoint,
 )
+from latentdiff.train.distributed import (
+    DistributedConfig,
+    bucket_chunks,
+    full_state,
+    gathered,
+    micro_batches,
+    per_sample,
+    rank_positions,
+    sample_generators,
+    setup,
+    shard_like,
+    teardown,
+    wrap,
+)
+from latentdiff.train.engine import (
+    Callback,
+    DryRun,
+    StopSignal,
+    is_out_of_memory,
+    preempted_message,
+    print_dry_run,
+    run_callbacks,
+    train_step,
+)
+from latentdiff.train.posthoc_ema import PowerEMA, save_snapshot
 
 
 @dataclass
@@ -82,6 +108,14 @@ class TrainConfig:
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
     cached_text: bool = True  # read a frozen text encoder's embeddings from the cache when it holds them
+    grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
+    gradient_checkpointing: bool = False  # recompute U-Net block activations in backward (less memory, ~30% slower)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
+    posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
+    posthoc_every: int = 0  # steps between post-hoc EMA snapshots (0 = no tracks); `latentdiff posthoc-ema`
+    tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
+    dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
+    dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
 
 
 _DEMO = {"model": "shapes-demo", "steps": 700, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995,
@@ -109,8 +143,21 @@ class Trainable(nn.Module):
         self.text_encoder = text_encoder
 
 
-def train_denoiser(cfg: TrainConfig) -> Path:
-    """Train a denoiser on a latent cache; write ``cfg.out/model`` (a model folder) and return it."""
+def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> Path | dict:
+    """Train a denoiser on a latent cache; write ``cfg.out/model`` (a model folder) and return it.
+
+    Under torchrun each process trains on its block of every global batch (see ``train.distributed``);
+    rank 0 logs, samples and writes. ``callbacks`` run on rank 0 with a Pipeline of the EMA weights.
+    With ``cfg.dry_run`` it returns the dry-run report instead and writes nothing.
+    """
+    ctx = setup(cfg.distributed)
+    try:
+        return _train_denoiser(cfg, ctx, callbacks or [])
+    finally:
+        teardown(ctx)
+
+
+def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | dict:
     # Setup.
     if cfg.model not in UNET_PRESETS:
         raise ValueError(f"unknown U-Net preset {cfg.model!r}; known: {', '.join(sorted(UNET_PRESETS))}")
@@ -120,12 +167,14 @@ def train_denoiser(cfg: TrainConfig) -> Path:
     ae_path = cfg.autoencoder or cache.autoencoder_path
     if ae_path is None:
         raise ValueError("the cache does not say which autoencoder made it: pass --set autoencoder=DIR")
-    autoencoder = load_autoencoder(ae_path)
+    autoencoder = load_autoencoder(ae_path)  # stays on the CPU: it only normalizes latents and decodes samples
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
-    run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device("cpu")
+    chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)
+    main, writes = ctx.is_main, ctx.is_main and not cfg.dry_run
+    if writes:
+        run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = ctx.device
 
     # Build.
     text_encoder = build_text_encoder(cfg.text_encoder)
@@ -134,70 +183,157 @@ def train_denoiser(cfg: TrainConfig) -> Path:
     unet_cfg = dataclasses.replace(UNET_PRESETS[cfg.model], in_channels=channels, out_channels=channels,
                                    context_dim=text_encoder.dim, vector_dim=text_encoder.dim)
     spec = DenoiserSpec(parameterization=cfg.parameterization, schedule=cfg.schedule, unet=unet_cfg)
-    denoiser = build_denoiser(spec)
+    denoiser = build_denoiser(dataclasses.replace(
+        spec, unet=dataclasses.replace(unet_cfg, gradient_checkpointing=cfg.gradient_checkpointing)))
     cache.check_divisible(2 ** (len(unet_cfg.channel_mult) - 1))  # every bucket's latents fit the U-Net
     cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
     model = Trainable(denoiser.network, text_encoder if joint else None)
+    ema = EMA(model, cfg.ema_decay)
+    posthoc = [PowerEMA(model, s) for s in cfg.posthoc_sigma_rels] if cfg.posthoc_every else []
+    plain = copy.deepcopy(ema.module) if main and ctx.distributed and cfg.distributed.strategy == "fsdp" else None
+    wrapped = wrap(model, ctx)  # DDP / FSDP2 under torchrun
+    text_encoder.to(device)
+    for m in [ema.module, *(p.module for p in posthoc)]:
+        shard_like(m.to(device), ctx)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay)
+    if ctx.rank:
+        torch.manual_seed(cfg.seed + ctx.rank)  # the global stream (dropout) differs between ranks
     sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization)
+    extra = {f"posthoc_{i}": p.module for i, p in enumerate(posthoc)}
     start = 0
     if checkpoint is not None:
-        start = load_training_checkpoint(checkpoint, model, ema, opt, generator)
-        print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
-    if not cfg.quiet:
+        start = load_training_checkpoint(checkpoint, model, ema, opt, None, ctx=ctx, extra=extra)
+        if main:
+            print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
+    if main and not cfg.quiet:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}: "
-              f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents", file=sys.stderr)
-    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet)
-    skipper = NonFiniteSkipper()
+              f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents; {ctx.world} process(es)",
+              file=sys.stderr)
+    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet, batch_size=cfg.batch_size,
+                     tensorboard_dir=run / "tensorboard" if cfg.tensorboard else None) if writes else None
+    skipper = NonFiniteSkipper(verbose=main)
+    dry = DryRun(device) if cfg.dry_run else None
+    weighting = (lambda s: min_snr_weight(s, cfg.min_snr_gamma, denoiser.parameterization)) \
+        if cfg.min_snr_gamma > 0 else None
+
+    def ema_pipeline_parts():
+        """The EMA denoiser and text encoder on rank 0's CPU, where the Pipeline samples."""
+        ema_model, te = gathered(ema.module, plain), text_encoder  # a collective under FSDP: every rank calls it
+        if not main:
+            return None
+        if next(ema_model.parameters()).device.type != "cpu":
+            ema_model, te = copy.deepcopy(ema_model).cpu(), copy.deepcopy(text_encoder).cpu()
+        return _with_ema(ema_model, te, denoiser)
 
     # Loop.
     step = start
     try:
-        for step in range(start, cfg.steps):
-            model.train()
-            idx = cache.batch_indices(step, cfg.batch_size, cfg.seed)  # one bucket per batch
-            raw, captions = cache.sample(idx, generator)
-            x0 = autoencoder.normalize(raw)
-            drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            sigma = sigma_sampler(len(captions), generator=generator)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-            with autocast(cfg.precision, device):
-                cond = cache.text_cond(idx, drop) if cached_text else text_encoder(captions)
-                weighting = (lambda s: min_snr_weight(s, cfg.min_snr_gamma, denoiser.parameterization)) \
-                    if cfg.min_snr_gamma > 0 else None
-                loss = denoising_loss(denoiser, x0, sigma, cond, weighting=weighting,
-                                      offset_noise=cfg.offset_noise, generator=generator).mean()
-            grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
-            if grad_norm is None:
-                continue
-            ema.update(model)
+        with StopSignal() as stop:
+            for step in range(start, cfg.steps):
+                model.train()
+                if dry:
+                    dry.start()
+                idx = cache.batch_indices(step, cfg.batch_size, cfg.seed)  # the global batch, from one bucket
+                if cache.bucketed:  # a bucket's last batches may be short: split what there is
+                    chunks = bucket_chunks(len(idx), ctx, cfg.grad_accum)
 
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.log(step, loss=loss.item(), grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
-            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                sample_grid(*_with_ema(ema.module, text_encoder, denoiser), autoencoder, cfg, image_size,
-                            run / "samples" / f"step_{step + 1:07d}.png")
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                check_finite_params(model)
-                save_training_checkpoint(run, step + 1, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+                def loss_fn(positions: torch.Tensor, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
+                    """Per-sample losses of these global-batch positions, each drawn from its own generator."""
+                    gens = sample_generators(cfg.seed, step, positions)
+                    drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
+                    x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
+                    drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
+                    captions = ["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())]
+                    sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
+                    noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+                    if cfg.offset_noise:
+                        off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
+                        noise = noise + cfg.offset_noise * off[:, :, None, None]
+                    with autocast(cfg.precision, device):
+                        cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
+                            else text_encoder(captions)
+                        return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting,
+                                              noise=noise.to(device))
+
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+                loss, grad_norm, stop_now = train_step(ctx, wrapped, model, opt, skipper, chunks, loss_fn,
+                                                       cfg.batch_size, step, cfg.grad_clip, stop)
+                if grad_norm is not None:
+                    ema.update(model)
+                    for p in posthoc:
+                        p.update(model, step + 1)
+                if dry:
+                    dry.stop()
+                    if step + 1 - start >= cfg.dry_run_steps:
+                        break
+                    continue
+
+                if cfg.posthoc_every and (step + 1) % cfg.posthoc_every == 0:
+                    for p in posthoc:
+                        state = full_state(p.module)
+                        if main:
+                            save_snapshot(run, p, step + 1, state)
+                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                    log.log(step, loss=loss, grad_norm=grad_norm if grad_norm is not None else float("nan"),
+                            lr=opt.param_groups[0]["lr"])
+                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                    parts = ema_pipeline_parts()
+                    if main:
+                        sample_grid(*parts, autoencoder, cfg, image_size, run / "samples" / f"step_{step + 1:07d}.png")
+                if callbacks:
+                    due = any(cb.every > 0 and (step + 1) % cb.every == 0 for cb in callbacks)
+                    parts = ema_pipeline_parts() if due else None
+                    if main:
+                        run_callbacks(callbacks, step + 1, lambda parts=parts: _pipeline(*parts, autoencoder, image_size))
+                if stop_now or ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
+                    if main:
+                        check_finite_params(model)
+                    folder = save_training_checkpoint(run, step + 1, model, ema, opt, None, to_dict(cfg),
+                                                      cfg.keep_last, ctx=ctx, extra=extra)
+                    if stop_now:
+                        if log:
+                            log.close()
+                        raise SystemExit(preempted_message(folder, step + 1))
     except KeyboardInterrupt:
-        log.close()
+        if log:
+            log.close()
         raise SystemExit(interrupt_message(run, step)) from None
-    log.close()
+    except (RuntimeError, MemoryError) as e:
+        if dry is None or not is_out_of_memory(e):
+            raise
+        report = dry.report(cfg.steps, cfg.batch_size, ctx.world, out_of_memory=str(e).split("\n")[0])
+        print_dry_run(report, ctx)
+        return report
+    if dry:
+        report = dry.report(cfg.steps, cfg.batch_size, ctx.world)
+        print_dry_run(report, ctx)
+        return report
+    if log:
+        log.close()
 
     # Save: the training checkpoint, then the model folder with the EMA weights.
-    check_finite_params(ema.module)
-    save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
-    folder = save_model_folder(run / "model", *_with_ema(ema.module, text_encoder, denoiser), spec, autoencoder,
-                               image_size)
-    if not cfg.quiet:
-        print(f"model written to {folder}", file=sys.stderr)
+    if main:
+        check_finite_params(model)
+    save_training_checkpoint(run, cfg.steps, model, ema, opt, None, to_dict(cfg), cfg.keep_last, ctx=ctx,
+                             extra=extra)
+    parts = ema_pipeline_parts()
+    folder = run / "model"
+    if main:
+        check_finite_params(parts[0].network)
+        save_model_folder(folder, *parts, spec, autoencoder, image_size)
+        if not cfg.quiet:
+            print(f"model written to {folder}", file=sys.stderr)
+    ctx.barrier()
     return folder
+
+
+def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int):
+    from latentdiff.pipeline import Pipeline
+
+    return Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size)
 
 
 def _with_ema(ema_model: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tuple[Denoiser, nn.Module]:
@@ -220,9 +356,7 @@ def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module,
 def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: TrainConfig, image_size: int,
                 path: Path) -> None:
     """Generate the fixed sample prompts and save them as one row."""
-    from latentdiff.pipeline import Pipeline
-
-    images = Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size).generate(
+    images = _pipeline(denoiser, text_encoder, autoencoder, image_size).generate(
         list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)

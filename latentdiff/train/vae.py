@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,30 @@ from latentdiff.train.common import (
     lr_at,
     save_training_checkpoint,
 )
+from latentdiff.train.distributed import (
+    DistributedConfig,
+    full_state,
+    gathered,
+    micro_batches,
+    per_sample,
+    rank_positions,
+    sample_generators,
+    setup,
+    shard_like,
+    teardown,
+    wrap,
+)
+from latentdiff.train.engine import (
+    Callback,
+    DryRun,
+    StopSignal,
+    is_out_of_memory,
+    preempted_message,
+    print_dry_run,
+    run_callbacks,
+    train_step,
+)
+from latentdiff.train.posthoc_ema import PowerEMA, save_snapshot
 
 
 @dataclass
@@ -59,6 +84,13 @@ class VAETrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
+    grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
+    posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
+    posthoc_every: int = 0  # steps between post-hoc EMA snapshots (0 = no tracks); `latentdiff posthoc-ema`
+    tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
+    dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
+    dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -75,82 +107,168 @@ VAE_PRESETS: dict[str, dict] = {
 }
 
 
-def train_vae(cfg: VAETrainConfig) -> Path:
-    """Train an autoencoder, compute its latent scale/shift, and write ``cfg.out/autoencoder``."""
+def train_vae(cfg: VAETrainConfig, callbacks: list[Callback] | None = None) -> Path | dict:
+    """Train an autoencoder, compute its latent scale/shift, and write ``cfg.out/autoencoder``.
+
+    Under torchrun each process trains on its block of every global batch; rank 0 logs and writes.
+    ``callbacks`` run on rank 0 with the EMA autoencoder. With ``cfg.dry_run`` it returns the dry-run
+    report instead and writes nothing.
+    """
+    ctx = setup(cfg.distributed)
+    try:
+        return _train_vae(cfg, ctx, callbacks or [])
+    finally:
+        teardown(ctx)
+
+
+def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | dict:
     # Setup.
     if cfg.model not in AUTOENCODER_PRESETS:
         raise ValueError(f"unknown autoencoder preset {cfg.model!r}; known: {', '.join(sorted(AUTOENCODER_PRESETS))}")
     run = Path(cfg.out)
     checkpoint = find_checkpoint(run) if cfg.resume else None
-    run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device("cpu")
+    chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)
+    main, writes = ctx.is_main, ctx.is_main and not cfg.dry_run
+    if writes:
+        run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = ctx.device
     dataset = make_image_dataset(cfg.data, cfg.num_images, cfg.image_size, cfg.seed, split="train")
-    images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet)
+    images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet or not main)
 
     # Build.
     model = AutoencoderKL(AUTOENCODER_PRESETS[cfg.model])
     if cfg.image_size % model.factor:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
+    posthoc = [PowerEMA(model, s) for s in cfg.posthoc_sigma_rels] if cfg.posthoc_every else []
+    plain = copy.deepcopy(ema.module) if main and ctx.distributed and cfg.distributed.strategy == "fsdp" else None
+    wrapped = wrap(model, ctx)  # DDP / FSDP2 under torchrun
+    for m in [ema.module, *(p.module for p in posthoc)]:
+        shard_like(m.to(device), ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    if ctx.rank:
+        torch.manual_seed(cfg.seed + ctx.rank)
+    extra = {f"posthoc_{i}": p.module for i, p in enumerate(posthoc)}
     start = 0
     if checkpoint is not None:
-        start = load_training_checkpoint(checkpoint, model, ema, opt, generator)
-        print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
+        start = load_training_checkpoint(checkpoint, model, ema, opt, None, ctx=ctx, extra=extra)
+        if main:
+            print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
-    if not cfg.quiet:
+    if main and not cfg.quiet:
         print(f"autoencoder {cfg.model}: {n_params / 1e6:.2f}M parameters, factor {model.factor}, "
-              f"{model.latent_channels} latent channels; {len(dataset)} images", file=sys.stderr)
+              f"{model.latent_channels} latent channels; {len(dataset)} images; {ctx.world} process(es)",
+              file=sys.stderr)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))])
-    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet)
-    skipper = NonFiniteSkipper()
+    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet, batch_size=cfg.batch_size,
+                     tensorboard_dir=run / "tensorboard" if cfg.tensorboard else None) if writes else None
+    skipper = NonFiniteSkipper(verbose=main)
+    dry = DryRun(device) if cfg.dry_run else None
+    parts: dict = {}
 
     # Loop.
     step = start
     try:
-        for step in range(start, cfg.steps):
-            model.train()
-            idx = batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)
-            images = from_uint8(images_u8[idx]) if images_u8 is not None else \
-                torch.stack([dataset[i]["image"] for i in idx.tolist()])
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-            with autocast(cfg.precision, device):
-                recon, posterior = model(images)
-            loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
-            grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
-            if grad_norm is None:
-                continue
-            ema.update(model)
+        with StopSignal() as stop:
+            for step in range(start, cfg.steps):
+                model.train()
+                if dry:
+                    dry.start()
+                idx = batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)  # the global batch
 
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.log(step, **{k: float(v) for k, v in parts.items()},
-                        grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
-            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                save_reconstructions(ema.module, fixed, run / "samples" / f"recon_{step + 1:07d}.png")
-            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                check_finite_params(model)
-                save_training_checkpoint(run, step + 1, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+                def loss_fn(positions: torch.Tensor, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
+                    """The micro-batch's mean loss, once per sample (all samples weigh the same)."""
+                    sel = idx[positions]
+                    images = from_uint8(images_u8[sel]) if images_u8 is not None else \
+                        torch.stack([dataset[i]["image"] for i in sel.tolist()])
+                    images = images.to(device)
+                    gens = sample_generators(cfg.seed, step, positions)
+                    with autocast(cfg.precision, device):
+                        posterior = model.encode_posterior(images)
+                        eps = per_sample(gens, lambda g: torch.randn(1, *posterior.mean.shape[1:], generator=g))
+                        recon = model.decode_raw(posterior.mean + posterior.std * eps.to(device, posterior.mean.dtype))
+                    loss, terms = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight,
+                                           recon=cfg.recon_loss)
+                    parts.update(terms)
+                    return loss.expand(len(positions))
+
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+                loss, grad_norm, stop_now = train_step(ctx, wrapped, model, opt, skipper, chunks, loss_fn,
+                                                       cfg.batch_size, step, cfg.grad_clip, stop)
+                if grad_norm is not None:
+                    ema.update(model)
+                    for p in posthoc:
+                        p.update(model, step + 1)
+                if dry:
+                    dry.stop()
+                    if step + 1 - start >= cfg.dry_run_steps:
+                        break
+                    continue
+
+                if cfg.posthoc_every and (step + 1) % cfg.posthoc_every == 0:
+                    for p in posthoc:
+                        state = full_state(p.module)
+                        if main:
+                            save_snapshot(run, p, step + 1, state)
+                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                    log.log(step, loss=loss, recon=float(parts["recon"]), kl=float(parts["kl"]),
+                            grad_norm=grad_norm if grad_norm is not None else float("nan"),
+                            lr=opt.param_groups[0]["lr"])
+                sample_due = cfg.sample_every and (step + 1) % cfg.sample_every == 0
+                hook_due = any(cb.every > 0 and (step + 1) % cb.every == 0 for cb in callbacks)
+                if sample_due or hook_due:
+                    ema_model = gathered(ema.module, plain)  # a collective under FSDP
+                    if main and sample_due:
+                        save_reconstructions(ema_model, fixed.to(device), run / "samples" / f"recon_{step + 1:07d}.png")
+                    if main and hook_due:
+                        run_callbacks(callbacks, step + 1, lambda m=ema_model: m)
+                if stop_now or ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
+                    if main:
+                        check_finite_params(model)
+                    folder = save_training_checkpoint(run, step + 1, model, ema, opt, None, to_dict(cfg),
+                                                      cfg.keep_last, ctx=ctx, extra=extra)
+                    if stop_now:
+                        if log:
+                            log.close()
+                        raise SystemExit(preempted_message(folder, step + 1))
     except KeyboardInterrupt:
-        log.close()
+        if log:
+            log.close()
         raise SystemExit(interrupt_message(run, step)) from None
-    log.close()
+    except (RuntimeError, MemoryError) as e:
+        if dry is None or not is_out_of_memory(e):
+            raise
+        report = dry.report(cfg.steps, cfg.batch_size, ctx.world, out_of_memory=str(e).split("\n")[0])
+        print_dry_run(report, ctx)
+        return report
+    if dry:
+        report = dry.report(cfg.steps, cfg.batch_size, ctx.world)
+        print_dry_run(report, ctx)
+        return report
+    if log:
+        log.close()
 
-    # Latent statistics, then the final component (the EMA weights).
-    final = ema.module
-    check_finite_params(final)
-    stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
-    batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
-    scale, shift = compute_latent_stats(final, batches)
-    final.config = dataclasses.replace(final.config, scale_factor=scale, shift_factor=shift)
-    save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
-    save_autoencoder(run / "autoencoder", final)
-    save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
-    if not cfg.quiet:
-        print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
-              file=sys.stderr)
+    # The training checkpoint, then latent statistics and the final component (the EMA weights), on rank 0.
+    if main:
+        check_finite_params(model)
+    save_training_checkpoint(run, cfg.steps, model, ema, opt, None, to_dict(cfg), cfg.keep_last, ctx=ctx,
+                             extra=extra)
+    final = gathered(ema.module, plain)
+    if main:
+        final = final.cpu()
+        check_finite_params(final)
+        stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
+        batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
+        scale, shift = compute_latent_stats(final, batches)
+        final.config = dataclasses.replace(final.config, scale_factor=scale, shift_factor=shift)
+        save_autoencoder(run / "autoencoder", final)
+        save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
+        if not cfg.quiet:
+            print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
+                  file=sys.stderr)
+    ctx.barrier()
     return run / "autoencoder"
 
 

@@ -1,0 +1,52 @@
+"""Tiny training inputs shared by the training-engine tests: a random autoencoder and a 16-image latent cache."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from latentdiff.components import save_autoencoder
+from latentdiff.data.cache import build_cache
+from latentdiff.data.shapes import ShapesDataset
+from latentdiff.models.autoencoder import PRESETS, AutoencoderKL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_cache(root: Path) -> Path:
+    """A cache of 16 shapes images (32 px) encoded by an untrained ``shapes-demo`` autoencoder."""
+    torch.manual_seed(0)
+    ae = AutoencoderKL(PRESETS["shapes-demo"])
+    save_autoencoder(root / "ae", ae)
+    return build_cache(ae, ShapesDataset(16, size=32, seed=0), root / "cache",
+                       source={"autoencoder": str(root / "ae")}, quiet=True)
+
+
+def env(**extra) -> dict:
+    """The environment of a training subprocess: this checkout first on the path, 2 threads."""
+    out = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    return out
+
+
+def cli(args: list[str], cwd: Path, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "latentdiff.cli", *args], cwd=cwd, env=env(**extra_env),
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def overrides(d: dict) -> list[str]:
+    return [a for k, v in d.items() for a in ("--set", f"{k}={v}")]
+
+
+def assert_same_training(a: dict, b: dict, before: dict) -> None:
+    """Two runs' weights agree to float tolerance: the difference is tiny next to what the last step changed
+    (Adam's normalized steps turn summation-order noise in tiny gradients into visible, but small, changes)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    keys = [k for k in a if a[k].is_floating_point()]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys])
+    moved = torch.cat([(a[k] - before[k]).flatten() for k in keys])
+    assert diff.abs().max() < 2e-4, diff.abs().max()
+    assert diff.norm() < 0.02 * moved.norm(), (diff.norm(), moved.norm())
