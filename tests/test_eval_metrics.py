@@ -32,7 +32,7 @@ def test_fid_matches_scipy_reference_and_torchmetrics(d, n, shift, scale):
     x, y = _features(0, n, d), _features(1, n, d, shift, scale)
     ours = fid(x, y)
     assert ours == pytest.approx(_scipy_fid(x, y), rel=1e-3, abs=1e-3)
-    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    t = lambda a: torch.from_numpy(a)
     theirs = fm._compute_fid(t(x.mean(0)), t(np.cov(x, rowvar=False)), t(y.mean(0)), t(np.cov(y, rowvar=False)))
     assert ours == pytest.approx(float(theirs), rel=1e-3, abs=1e-3)
 

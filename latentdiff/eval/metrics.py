@@ -51,7 +51,7 @@ class GaussianStats:
     n: int  # samples behind the estimate
 
     @classmethod
-    def of(cls, features, min_samples: int | None = None) -> "GaussianStats":
+    def of(cls, features, min_samples: int | None = None) -> GaussianStats:
         """Statistics of (N, D) features; ``min_samples`` defaults to D + 1 (a full-rank covariance)."""
         x = as_features(features)
         need = x.shape[1] + 1 if min_samples is None else max(2, min_samples)
