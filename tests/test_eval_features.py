@@ -114,6 +114,10 @@ def test_shapes_net_train_load_and_cached_reference(tmp_path):
     assert extractor.dim == 16 and extractor.name == f"shapes-net-{digest}"
     x32, x64 = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1
     assert extractor(x32).shape == (4, 16) and extractor(x64).shape == (4, 16)  # any size, resized
+    from latentdiff.eval.run import shapes_images
+
+    rms = extractor(shapes_images(60, 32, seed=5)).pow(2).mean().sqrt()
+    assert rms == pytest.approx(1.0, abs=0.25)  # scaled to unit RMS on rendered images
 
     calls = []
 

@@ -65,9 +65,16 @@ class ShapesNet(nn.Module):
         side = config.input_size // 8
         self.proj = nn.Linear(4 * w * side * side, config.feature_dim)
         self.heads = nn.Linear(config.feature_dim, sum(n for _, _, n in _GROUPS))
+        # Set after training to the features' RMS on rendered images, so features() has RMS ~1: FID and the
+        # KID kernel (x . y / D + 1)^3 then see numbers of the scale they were designed for.
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, feature_dim)."""
+        """(B, 3, H, W) in [-1, 1] -> (B, feature_dim), scaled to unit RMS on rendered images."""
+        return self.hidden(images) / self.feature_scale
+
+    def hidden(self, images: Tensor) -> Tensor:
+        """The penultimate activations the heads read (unscaled)."""
         size = self.config.input_size
         x = images.float()
         if tuple(x.shape[-2:]) != (size, size):
@@ -76,7 +83,7 @@ class ShapesNet(nn.Module):
         return F.silu(self.proj(x.flatten(1)))  # (B, feature_dim)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.heads(self.features(images))  # (B, total logits)
+        return self.heads(self.hidden(images))  # (B, total logits)
 
 
 def scene_labels(scene: Scene) -> list[int]:
@@ -141,6 +148,7 @@ def train_shapes_net(out: str | os.PathLike, config: ShapesNetConfig | None = No
     net.eval()
     with torch.no_grad():
         _, acc = _loss_and_accuracy(net(val_images), val_labels)
+        net.feature_scale.fill_(net.hidden(val_images).pow(2).mean().sqrt())
     accuracy = {"per_group_mean": round(float(acc.mean()), 4), "worst_group": round(float(acc.min()), 4)}
     out = Path(out)
     with atomic_folder(out) as tmp:
