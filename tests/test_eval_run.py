@@ -1,5 +1,6 @@
 """The evaluation runner, report, training hook and CLI, with stand-in generators (no training needed)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -37,9 +38,9 @@ class StandIn:
             return torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
         if self.mode == "copy":
             return shapes_images(seed + len(prompts), 32, seed=0)[seed:]  # the training set, in order
-        return torch.stack([to_tensor(render(parse_caption(p), 32, seed=seed + i) if parse_caption(p).complete
-                                      else render(parse_caption(p).__class__(parse_caption(p).objects, "black"), 32))
-                            for i, p in enumerate(prompts)])
+        scenes = [parse_caption(p) for p in prompts]  # captions may leave the background unstated: draw black
+        scenes = [s if s.background else dataclasses.replace(s, background="black") for s in scenes]
+        return torch.stack([to_tensor(render(s, 32, seed=seed + i)) for i, s in enumerate(scenes)])
 
 
 def _cfg(tmp_path, **kw):
@@ -51,7 +52,10 @@ def _cfg(tmp_path, **kw):
 
 
 def test_run_eval_writes_json_and_html_and_ranks_generators(tmp_path):
-    perfect = run_eval(_cfg(tmp_path), pipe=StandIn("perfect"), extractor=Projection())
+    hook_log = tmp_path / "hook.jsonl"  # what make_eval_hook writes during training
+    hook_log.write_text("".join(json.dumps({"step": s, "fid": f, "kid": {"mean": f / 10}}) + "\n"
+                                for s, f in ((100, 9.0), (200, 4.0))))
+    perfect = run_eval(_cfg(tmp_path, train_log=str(hook_log)), pipe=StandIn("perfect"), extractor=Projection())
     noise = run_eval(_cfg(tmp_path, out=str(tmp_path / "noise"), memorization=False), pipe=StandIn("noise"),
                      extractor=Projection())
     # Settings: 2 samplers x 2 steps at guidance 3, plus guidance 1 (guidance 3 at euler/3 already there).
@@ -66,6 +70,7 @@ def test_run_eval_writes_json_and_html_and_ranks_generators(tmp_path):
     assert on_disk["memorization"]["pixels"]["n"] == 40
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("<svg") >= 10 and "vs sampler steps" in page and "vs guidance" in page
+    assert "FID vs training step" in page and perfect["training"][1]["step"] == 200
     assert page.count("data:image/png;base64,") == 5
 
 
