@@ -114,7 +114,9 @@ def kid(real, fake, subset_size: int = 1000, num_subsets: int = 100, seed: int =
 
     ``subset_size`` is capped at the smaller set (the mean over subsets of the full sets is then the MMD of
     the full sets). Returns mean, std over subsets (what torchmetrics reports as its second value) and the
-    standard error std / sqrt(num_subsets), plus the settings used.
+    standard error std / sqrt(num_subsets), plus the settings used. The standard error covers the choice
+    of subsets only, not the draw of the sets themselves: when a set is used whole in every subset (it is
+    no larger than ``subset_size``), its own sampling noise is not in it.
     """
     real, fake = _check_pair(real, fake, "KID", 2)
     size = min(subset_size, len(real), len(fake))
