@@ -116,7 +116,8 @@ def test_shapes_net_train_load_and_cached_reference(tmp_path):
     assert extractor(x32).shape == (4, 16) and extractor(x64).shape == (4, 16)  # any size, resized
     from latentdiff.eval.run import shapes_images
 
-    rms = extractor(shapes_images(60, 32, seed=5)).pow(2).mean().sqrt()
+    with torch.no_grad():
+        rms = float(extractor(shapes_images(60, 32, seed=5)).pow(2).mean().sqrt())
     assert rms == pytest.approx(1.0, abs=0.25)  # scaled to unit RMS on rendered images
 
     calls = []
