@@ -112,6 +112,7 @@ class InceptionFeatures:
         self.name = f"inception-fid-{file_digest(path)}"
         self.device = device
 
+    @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         return self.model(images.to(self.device))
 
@@ -136,6 +137,7 @@ class DinoV2Features:
         self.dim = self.model.config.hidden_size
         self.image_size, self.device = image_size, device
 
+    @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         x = (images.to(self.device).float() + 1) / 2  # [0, 1]
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
@@ -157,6 +159,7 @@ class ShapesFeatures:
         self.dim = self.net.config.feature_dim
         self.device = device
 
+    @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         return self.net.features(images.to(self.device))
 
