@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_judge)
+
+    from latentdiff.eval.cli import add_commands as add_eval_commands
+
+    add_eval_commands(sub)  # eval, train-features, duplicates
     return parser
 
 
