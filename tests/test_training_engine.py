@@ -107,6 +107,21 @@ def test_evaluation_hook_gets_a_pipeline_of_the_ema_weights(cache, tmp_path):
     assert calls == [(2, (1, 32, 32, 3)), (4, (1, 32, 32, 3))]
 
 
+def test_eval_every_logs_the_evaluation_with_the_step(cache, tmp_path):
+    """``eval_every`` wires latentdiff.eval's hook into training: eval.jsonl gets FID/KID/judge per step."""
+    import json
+
+    from latentdiff.eval.shapes_net import ShapesNetConfig, train_shapes_net
+
+    net = train_shapes_net(tmp_path / "net", ShapesNetConfig(steps=2, num_images=16, batch_size=8, feature_dim=8,
+                                                            width=8), quiet=True)
+    run = tmp_path / "run"
+    train_denoiser(config(cache, run, steps=2, eval_every=2, eval_samples=12, eval_features=str(net)))
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    assert all(k in json.dumps(rows[0]) for k in ("fid", "kid"))
+
+
 def test_resume_with_another_model_configuration_names_the_mismatch(cache, tmp_path, capsys):
     train_denoiser(config(cache, tmp_path / "run", steps=2))
     with pytest.raises(SystemExit) as e:

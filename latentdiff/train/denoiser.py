@@ -116,6 +116,9 @@ class TrainConfig:
     tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
     dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
     dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
+    eval_every: int = 0  # steps between evaluations (FID/KID/judge, latentdiff.eval) logged to eval.jsonl; 0 = never
+    eval_samples: int = 64  # images generated per evaluation
+    eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
 
 
 _DEMO = {"model": "shapes-demo", "steps": 700, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995,
@@ -152,9 +155,20 @@ def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) ->
     """
     ctx = setup(cfg.distributed)
     try:
-        return _train_denoiser(cfg, ctx, callbacks or [])
+        return _train_denoiser(cfg, ctx, [*(callbacks or []), *eval_callbacks(cfg)])
     finally:
         teardown(ctx)
+
+
+def eval_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The evaluation hook of ``cfg.eval_every`` (none when 0): fixed prompts, seeds and reference set."""
+    if cfg.eval_every <= 0 or cfg.dry_run:
+        return []
+    from latentdiff.eval.run import make_eval_hook
+
+    hook = make_eval_hook(cfg.eval_every, cfg.eval_samples, log_path=Path(cfg.out) / "eval.jsonl",
+                          feature_path=cfg.eval_features)
+    return [Callback(cfg.eval_every, hook)]
 
 
 def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | dict:
