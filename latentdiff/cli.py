@@ -89,6 +89,13 @@ def cmd_train_vae(args) -> None:
     print(train_vae(cfg))
 
 
+def cmd_latent_stats(args) -> None:
+    from latentdiff.train.latent_stats import LatentStatsConfig, latent_stats
+
+    cfg = _config(LatentStatsConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data})
+    print(json.dumps(latent_stats(cfg)))
+
+
 def cmd_cache(args) -> None:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 
@@ -179,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.add_argument("--out", default=None, help="cache folder to write")
     p.set_defaults(func=cmd_cache)
+
+    from latentdiff.train.latent_stats import LatentStatsConfig
+
+    p = sub.add_parser("latent-stats", help="compute an autoencoder's latent scale/shift and store them in its config",
+                       description="Measure the latent scale and shift (optionally per channel) of a saved "
+                                   "autoencoder on a data set and rewrite its config.json.")
+    _add_config_args(p, {}, LatentStatsConfig)
+    p.add_argument("--autoencoder", default=None, help="autoencoder folder")
+    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.set_defaults(func=cmd_latent_stats)
 
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")

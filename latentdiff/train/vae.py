@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from latentdiff.config import to_dict
 from latentdiff.data import make_image_dataset
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
-from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, vae_loss
+from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, set_latent_stats, vae_loss
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -59,6 +58,7 @@ class VAETrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
+    per_channel_stats: bool = False  # store one latent scale/shift per channel instead of two scalars
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -143,13 +143,13 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     check_finite_params(final)
     stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
     batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
-    scale, shift = compute_latent_stats(final, batches)
-    final.config = dataclasses.replace(final.config, scale_factor=scale, shift_factor=shift)
+    scale, shift = compute_latent_stats(final, batches, per_channel=cfg.per_channel_stats)
+    set_latent_stats(final, scale, shift)
     save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
     save_autoencoder(run / "autoencoder", final)
     save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
     if not cfg.quiet:
-        print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
+        print(f"latent scale {scale}, shift {shift}; autoencoder written to {run / 'autoencoder'}",
               file=sys.stderr)
     return run / "autoencoder"
 
