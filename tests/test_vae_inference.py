@@ -1,5 +1,7 @@
 """Tiled encode/decode, padding, and low-precision decoding with an fp32 fallback."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ def smooth_images(b=1, size=64, seed=0) -> torch.Tensor:
 def test_tile_starts_cover_everything_with_the_overlap(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and (starts[-1] + tile == length or (length <= tile and starts == [0]))
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         assert a + tile - b >= overlap  # neighbours share at least the overlap
         assert b > a
     with pytest.raises(ValueError, match="larger than the overlap"):
