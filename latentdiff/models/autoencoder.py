@@ -39,6 +39,11 @@ class AutoencoderConfig:
     # as (z_c - channel_shift[c]) * channel_scale[c] and the scalars are ignored.
     channel_scale: tuple[float, ...] = ()
     channel_shift: tuple[float, ...] = ()
+    regularizer: str = "kl"  # "kl" (diagonal Gaussian posterior) or "vq" (codebook; models/vq.py)
+    codebook_size: int = 1024  # vq: number of codes
+    codebook_ema: bool = True  # vq: codebook as an EMA of encoder outputs (else learned by gradient)
+    codebook_decay: float = 0.99  # vq: EMA decay of the codebook
+    commitment_weight: float = 0.25  # vq: beta of the commitment loss ||h - sg(e)||^2
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -49,6 +54,8 @@ class AutoencoderConfig:
             if n not in (0, self.latent_channels):
                 raise ValueError(f"{name} has {n} values but the autoencoder has {self.latent_channels} latent "
                                  "channels: give one value per channel, or none")
+        if self.regularizer not in ("kl", "vq"):
+            raise ValueError(f"regularizer must be 'kl' or 'vq', got {self.regularizer!r}")
         if bool(self.channel_scale) != bool(self.channel_shift):
             raise ValueError("channel_scale and channel_shift go together: set both or neither")
         if not self.channel_mult:
@@ -87,6 +94,11 @@ PRESETS: dict[str, AutoencoderConfig] = {
         for f in (4, 8, 16)
         for c in (4, 8, 16)
     },
+    # VQ-regularized counterparts (LDM's vq-f4 / vq-f8 shape at small width).
+    "small-vq-f4": AutoencoderConfig(base_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=3,
+                                     regularizer="vq", codebook_size=1024),
+    "small-vq-f8": AutoencoderConfig(base_channels=64, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
+                                     latent_channels=4, regularizer="vq", codebook_size=1024),
     # Stable Diffusion 1.x / 2.x VAE (kl-f8).
     "sd": AutoencoderConfig(
         base_channels=128,
@@ -203,7 +215,8 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(chans[-1], g, cfg.mid_attention)
         self.conv_norm_out = group_norm(chans[-1], g)
-        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
+        moments = 2 if cfg.regularizer == "kl" else 1  # mean and log-variance, or the VQ latent alone
+        self.conv_out = nn.Conv2d(chans[-1], moments * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, c0, H, W)
@@ -338,6 +351,24 @@ class AutoencoderKL(nn.Module):
         return self.decode_raw(posterior.sample(generator)), posterior
 
 
+def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
+    """The autoencoder class the config's regularizer asks for."""
+    if config.regularizer == "vq":
+        from .vq import AutoencoderVQ
+
+        return AutoencoderVQ(config)
+    return AutoencoderKL(config)
+
+
+def reconstruction_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
+    """Per-pixel mean absolute ("l1") or squared ("l2") error."""
+    if kind == "l1":
+        return (reconstruction - images).abs().mean()
+    if kind == "l2":
+        return (reconstruction - images).pow(2).mean()
+    raise ValueError(f"recon must be 'l1' or 'l2', got {kind!r}")
+
+
 def vae_loss(
     reconstruction: Tensor,
     images: Tensor,
@@ -350,12 +381,7 @@ def vae_loss(
     The reconstruction term is a per-pixel mean; the KL is summed over latent dims and divided by the
     number of image values per sample, so ``kl_weight`` means what it means in the LDM configs (1e-6).
     """
-    if recon == "l1":
-        rec = (reconstruction - images).abs().mean()
-    elif recon == "l2":
-        rec = (reconstruction - images).pow(2).mean()
-    else:
-        raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+    rec = reconstruction_loss(reconstruction, images, recon)
     kl = posterior.kl().mean()  # nats per sample
     loss = rec + kl_weight * kl / images[0].numel()
     return loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from latentdiff.components import save_autoencoder
-from latentdiff.config import to_dict
+from latentdiff.config import from_dict, to_dict
 from latentdiff.data import make_image_dataset
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
-from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, set_latent_stats, vae_loss
+from latentdiff.models.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    build_autoencoder,
+    compute_latent_stats,
+    set_latent_stats,
+    vae_loss,
+)
+from latentdiff.models.vq import QuantizerOutput, vq_loss
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -59,6 +67,7 @@ class VAETrainConfig:
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
     per_channel_stats: bool = False  # store one latent scale/shift per channel instead of two scalars
+    autoencoder: dict = field(default_factory=dict)  # overrides of the preset's fields, e.g. regularizer = "vq"
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -90,7 +99,8 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet)
 
     # Build.
-    model = AutoencoderKL(AUTOENCODER_PRESETS[cfg.model])
+    model = build_autoencoder(from_dict(AutoencoderConfig, {**asdict(AUTOENCODER_PRESETS[cfg.model]), **cfg.autoencoder},
+                                        "train-vae autoencoder"))
     if cfg.image_size % model.factor:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -119,7 +129,11 @@ def train_vae(cfg: VAETrainConfig) -> Path:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             with autocast(cfg.precision, device):
                 recon, posterior = model(images)
-            loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
+            if isinstance(posterior, QuantizerOutput):
+                loss, parts = vq_loss(recon.float(), images, posterior, recon=cfg.recon_loss)
+            else:
+                loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight,
+                                       recon=cfg.recon_loss)
             grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
             if grad_norm is None:
                 continue
