@@ -128,16 +128,24 @@ def _decode_rng(text: str) -> Tensor:
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                             generator: torch.Generator, config: dict, keep_last: int = 3) -> Path:
-    """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the last N."""
+                             generator: torch.Generator, config: dict, keep_last: int = 3,
+                             extras: dict[str, nn.Module | torch.optim.Optimizer] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the last N.
+
+    ``extras`` are further modules or optimizers saved under their names (e.g. a discriminator and its optimizer).
+    """
     root = run_dir / "checkpoints"
     folder = root / f"step_{step:07d}"
     with atomic_folder(folder) as tmp:
         write_safetensors(tmp / "model.safetensors", model.state_dict())
         write_safetensors(tmp / "ema.safetensors", ema.module.state_dict())
-        tensors, meta = _optimizer_tensors(opt)
-        write_safetensors(tmp / "optimizer.safetensors", tensors)
-        write_json(tmp / "optimizer.json", meta)
+        for name, obj in {"optimizer": opt, **(extras or {})}.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                tensors, meta = _optimizer_tensors(obj)
+                write_safetensors(tmp / f"{name}.safetensors", tensors)
+                write_json(tmp / f"{name}.json", meta)
+            else:
+                write_safetensors(tmp / f"{name}.safetensors", obj.state_dict())
         write_json(tmp / "state.json", {
             "step": step, "ema_updates": ema.updates, "config": config,
             "generator": _encode_rng(generator.get_state()), "torch_rng": _encode_rng(torch.get_rng_state()),
@@ -164,13 +172,21 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                             generator: torch.Generator) -> int:
-    """Restore a checkpoint into the live objects; return the step to continue from."""
+                             generator: torch.Generator,
+                             extras: dict[str, nn.Module | torch.optim.Optimizer] | None = None) -> int:
+    """Restore a checkpoint into the live objects (and ``extras``, as saved); return the step to continue from."""
     state = json.loads((folder / "state.json").read_text())
     load_state_strict(model, load_file(str(folder / "model.safetensors")), "model")
     load_state_strict(ema.module, load_file(str(folder / "ema.safetensors")), "ema")
-    meta = json.loads((folder / "optimizer.json").read_text())
-    opt.load_state_dict(_optimizer_state(load_file(str(folder / "optimizer.safetensors")), meta))
+    for name, obj in {"optimizer": opt, **(extras or {})}.items():
+        if not (folder / f"{name}.safetensors").is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {name}: it was written by a run configured "
+                                    "differently; resume with the same settings")
+        tensors = load_file(str(folder / f"{name}.safetensors"))
+        if isinstance(obj, torch.optim.Optimizer):
+            obj.load_state_dict(_optimizer_state(tensors, json.loads((folder / f"{name}.json").read_text())))
+        else:
+            load_state_strict(obj, tensors, name)
     ema.updates = state["ema_updates"]
     generator.set_state(_decode_rng(state["generator"]))
     torch.set_rng_state(_decode_rng(state["torch_rng"]))

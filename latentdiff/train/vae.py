@@ -18,8 +18,15 @@ from latentdiff.models.autoencoder import (
     AutoencoderKL,
     build_autoencoder,
     compute_latent_stats,
+    reconstruction_loss,
     set_latent_stats,
     vae_loss,
+)
+from latentdiff.models.perceptual import (
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    hinge_d_loss,
+    perceptual_loss_or_none,
 )
 from latentdiff.models.vq import QuantizerOutput, vq_loss
 from latentdiff.train.common import (
@@ -68,6 +75,14 @@ class VAETrainConfig:
     quiet: bool = False  # no progress line
     per_channel_stats: bool = False  # store one latent scale/shift per channel instead of two scalars
     autoencoder: dict = field(default_factory=dict)  # overrides of the preset's fields, e.g. regularizer = "vq"
+    perceptual_weight: float = 1.0  # LPIPS term weight; only used when lpips_path is set
+    lpips_path: str = ""  # LPIPS weights (whole state, or LPIPS's vgg.pth); "": no perceptual term (said at start)
+    lpips_vgg_path: str = ""  # torchvision VGG16 weights, when lpips_path holds only LPIPS's linear layers
+    disc_weight: float = 0.0  # PatchGAN loss weight, times Esser et al.'s adaptive weight (LDM: 0.5); 0 = no GAN
+    disc_start: int = 0  # step at which the discriminator and the GAN loss switch on (LDM: 50001)
+    disc_lr: float = 0.0  # discriminator AdamW learning rate (0: same as lr)
+    disc_layers: int = 3  # PatchGAN depth
+    disc_channels: int = 64  # PatchGAN width
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -105,9 +120,20 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
+    lpips = perceptual_loss_or_none(cfg.lpips_path, cfg.lpips_vgg_path, cfg.perceptual_weight, cfg.quiet)
+    extras = {}
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(model.config.in_channels, cfg.disc_channels, cfg.disc_layers)
+        min_size = 2 ** (cfg.disc_layers + 2)  # the smallest input that leaves a 2x2 logit map
+        if cfg.image_size < min_size:
+            raise ValueError(f"image_size {cfg.image_size} is too small for a PatchGAN with {cfg.disc_layers} "
+                             f"layers (needs >= {min_size}): lower disc_layers or raise image_size")
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
+        extras = {"discriminator": disc, "disc_optimizer": opt_d}
+        d_skipper = NonFiniteSkipper()
     start = 0
     if checkpoint is not None:
-        start = load_training_checkpoint(checkpoint, model, ema, opt, generator)
+        start = load_training_checkpoint(checkpoint, model, ema, opt, generator, extras)
         print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
     if not cfg.quiet:
@@ -129,15 +155,32 @@ def train_vae(cfg: VAETrainConfig) -> Path:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             with autocast(cfg.precision, device):
                 recon, posterior = model(images)
+            recon = recon.float()
             if isinstance(posterior, QuantizerOutput):
-                loss, parts = vq_loss(recon.float(), images, posterior, recon=cfg.recon_loss)
+                loss, parts = vq_loss(recon, images, posterior, recon=cfg.recon_loss)
             else:
-                loss, parts = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight,
-                                       recon=cfg.recon_loss)
+                loss, parts = vae_loss(recon, images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
+            nll = reconstruction_loss(recon, images, cfg.recon_loss)  # what the GAN weight is balanced against
+            if lpips is not None:
+                p_loss = lpips(recon, images).mean()
+                loss, nll = loss + cfg.perceptual_weight * p_loss, nll + cfg.perceptual_weight * p_loss
+                parts["lpips"] = p_loss.detach()
+            gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
+            if gan_on:  # generator side: fool the discriminator, weighted adaptively (Esser et al. 2021)
+                disc.requires_grad_(False)
+                g_loss = -disc(recon).mean()
+                disc.requires_grad_(True)
+                d_weight = cfg.disc_weight * adaptive_gan_weight(nll, g_loss, model.decoder.conv_out.weight)
+                loss = loss + d_weight * g_loss
+                parts.update(g_loss=g_loss.detach(), d_weight=d_weight)
             grad_norm = skipper.step(loss, step, opt, model, cfg.grad_clip)
             if grad_norm is None:
                 continue
             ema.update(model)
+            if gan_on:  # discriminator side: hinge loss on real images and (detached) reconstructions
+                d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                if d_skipper.step(d_loss, step, opt_d, disc, cfg.grad_clip) is not None:
+                    parts["d_loss"] = d_loss.detach()
 
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log.log(step, **{k: float(v) for k, v in parts.items()},
@@ -146,7 +189,10 @@ def train_vae(cfg: VAETrainConfig) -> Path:
                 save_reconstructions(ema.module, fixed, run / "samples" / f"recon_{step + 1:07d}.png")
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 check_finite_params(model)
-                save_training_checkpoint(run, step + 1, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+                if extras:
+                    check_finite_params(extras["discriminator"])
+                save_training_checkpoint(run, step + 1, model, ema, opt, generator, to_dict(cfg), cfg.keep_last,
+                                         extras)
     except KeyboardInterrupt:
         log.close()
         raise SystemExit(interrupt_message(run, step)) from None
@@ -159,7 +205,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
     scale, shift = compute_latent_stats(final, batches, per_channel=cfg.per_channel_stats)
     set_latent_stats(final, scale, shift)
-    save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last)
+    save_training_checkpoint(run, cfg.steps, model, ema, opt, generator, to_dict(cfg), cfg.keep_last, extras)
     save_autoencoder(run / "autoencoder", final)
     save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
     if not cfg.quiet:
