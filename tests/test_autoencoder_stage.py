@@ -94,3 +94,52 @@ def test_latent_stats_command_rewrites_the_config_that_cache_users_read(tmp_path
     lat = ae.normalize(raw)
     assert lat.mean(dim=(0, 2, 3)).abs().max() < 0.2
     assert (lat.std(dim=(0, 2, 3)) - 1).abs().max() < 0.2
+
+
+# ----------------------------------------------------------------------------- data: scikit-image photographs, folders
+
+
+def test_skimage_crops_are_deterministic_and_held_out_images_whole():
+    pytest.importorskip("skimage", reason="scikit-image (dev extra) provides the photographs")
+    from latentdiff.data import make_image_dataset
+    from latentdiff.data.natural import SKIMAGE_HELDOUT, SKIMAGE_TRAIN, skimage_heldout
+
+    assert not set(SKIMAGE_TRAIN) & set(SKIMAGE_HELDOUT)
+    crops = make_image_dataset("skimage", 5, 24, seed=3)
+    a, b = crops[4]["image"], make_image_dataset("skimage", 5, 24, seed=3)[4]["image"]
+    assert a.shape == (3, 24, 24) and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(crops[0]["image"], crops[1]["image"])
+    held = skimage_heldout(multiple=16, max_side=128)
+    assert len(held) == 3 and all(x.shape[-1] % 16 == 0 and x.shape[-2] % 16 == 0 for x in held)
+    assert max(x.shape[-1] for x in held) == 128
+
+
+def test_train_vae_on_a_folder_of_mixed_sizes_formats_and_broken_files(tmp_path, capsys):
+    """`latentdiff train-vae --data DIR` on the zoo of test_folder.py (PNG/JPEG, CMYK, 16-bit, palette,
+    grayscale, RGBA, tiny, truncated, zero-byte, wide and tall): trains, names every skipped file."""
+    from test_folder import BAD, build_folder
+
+    data = tmp_path / "images"
+    data.mkdir()
+    build_folder(data)
+    main(["train-vae", "--preset", "shapes-test", "--data", str(data), "--out", str(tmp_path / "run"),
+          "--set", "image_size=16"])
+    err = capsys.readouterr().err
+    assert f"skipped {len(BAD)} unreadable or tiny image(s)" in err
+    for name in BAD:
+        assert name in err
+    assert (tmp_path / "run" / "autoencoder" / "model.safetensors").is_file()
+
+
+def test_a_huge_image_is_skipped_and_named(tmp_path, monkeypatch, capsys):
+    """A decompression bomb (more pixels than Pillow's limit) is refused at scan time, not mid-epoch."""
+    from PIL import Image
+
+    from latentdiff.data.folder import ImageFolder
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "ok.png")
+    Image.new("RGB", (300, 300), (0, 0, 0)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300x300 > 2x the limit: a "bomb" at this limit
+    folder = ImageFolder(tmp_path, 16)
+    assert [p.name for p in folder.files] == ["ok.png"]
+    assert "huge.png" in capsys.readouterr().err and "DecompressionBomb" in folder.skipped[0][1]

@@ -82,23 +82,24 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "shapes-f4c16": AutoencoderConfig(
         base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16, norm_groups=16
     ),
-    # Small autoencoders for natural images (downsampling factor f, latent channels c): 64 base channels, one
-    # resnet per level, so each trains for minutes on 2 CPU cores on 64px crops; ``small-fXcY``.
+    # Small autoencoders for natural images (downsampling factor f, latent channels c): 32 base channels, one
+    # resnet per level, so a few hundred steps on 32px crops fit in minutes on one CPU core; ``small-fXcY``.
     **{
         f"small-f{f}c{c}": AutoencoderConfig(
-            base_channels=64,
+            base_channels=32,
             channel_mult=(1, 1, 2, 2, 4)[: {4: 3, 8: 4, 16: 5}[f]],
             num_res_blocks=1,
             latent_channels=c,
+            norm_groups=16,
         )
         for f in (4, 8, 16)
         for c in (4, 8, 16)
     },
     # VQ-regularized counterparts (LDM's vq-f4 / vq-f8 shape at small width).
-    "small-vq-f4": AutoencoderConfig(base_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=3,
-                                     regularizer="vq", codebook_size=1024),
-    "small-vq-f8": AutoencoderConfig(base_channels=64, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
-                                     latent_channels=4, regularizer="vq", codebook_size=1024),
+    "small-vq-f4": AutoencoderConfig(base_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=3,
+                                     norm_groups=16, regularizer="vq", codebook_size=1024),
+    "small-vq-f8": AutoencoderConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
+                                     latent_channels=4, norm_groups=16, regularizer="vq", codebook_size=1024),
     # Stable Diffusion 1.x / 2.x VAE (kl-f8).
     "sd": AutoencoderConfig(
         base_channels=128,
