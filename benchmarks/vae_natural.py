@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--crops", type=int, default=2000, help="training crops (fixed set, drawn once)")
+    ap.add_argument("--resume", action="store_true", help="continue existing runs in --out (first stage too)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     heldout = skimage_heldout(multiple=16, max_side=256)
@@ -45,7 +46,7 @@ def main() -> None:
             cfg = VAETrainConfig(out=str(run), data="skimage", num_images=args.crops, image_size=args.crop, model=preset,
                                  steps=steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="constant",
                                  warmup_steps=10, stats_images=256, log_every=10, sample_every=0, save_every=10**9,
-                                 resume=i > 0, quiet=True)
+                                 resume=i > 0 or args.resume, quiet=True)
             t0, c0 = time.time(), time.process_time()
             folder = train_vae(cfg)
             spent, cpu = spent + time.time() - t0, cpu + time.process_time() - c0
