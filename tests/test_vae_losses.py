@@ -108,3 +108,30 @@ def test_train_vae_with_gan_lpips_and_disc_start_resumes(tmp_path, capsys):
     main(["train-vae", "--out", str(tmp_path / "plain"), "--preset", "shapes-test", "--set", "image_size=16",
           "--set", "quiet=false", "--steps", "1"])
     assert "no LPIPS weights given" in capsys.readouterr().err
+
+
+def test_weights_gone_non_finite_never_reach_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A step that leaves NaN weights stops the run with a message; the last good checkpoint stays whole."""
+    from latentdiff.components import load_autoencoder
+    from latentdiff.train.common import find_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train-vae", "--preset", "shapes-test", "--set", "image_size=16", "--out", str(out)]
+    main([*args, "--steps", "2"])
+    good = find_checkpoint(out)
+    real_step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *a, **kw):
+        result = real_step(self, *a, **kw)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--steps", "4", "--resume"])
+    assert e.value.code == 2
+    assert "weights became non-finite" in capsys.readouterr().err
+    assert find_checkpoint(out) == good  # latest still points at step 2
+    ae = load_autoencoder(out / "autoencoder")  # the autoencoder from the good run is untouched
+    assert all(torch.isfinite(p).all() for p in ae.state_dict().values())
