@@ -86,8 +86,8 @@ def _blend_tiles(fn, x: Tensor, tile: int, overlap: int, scale_num: int, scale_d
     """
     B, _, H, W = x.shape
     oh, ow = H * scale_num // scale_den, W * scale_num // scale_den
-    out = torch.zeros(B, out_channels, oh, ow)
-    weight = torch.zeros(1, 1, oh, ow)
+    out = torch.zeros(B, out_channels, oh, ow, device=x.device)
+    weight = torch.zeros(1, 1, oh, ow, device=x.device)
     unit = scale_den  # encoding: tiles start on the factor's grid so the latent tiles line up
     ys, xs = ([unit * s for s in tile_starts(n // unit, tile // unit, overlap // unit)] for n in (H, W))
     for y in ys:
@@ -99,7 +99,7 @@ def _blend_tiles(fn, x: Tensor, tile: int, overlap: int, scale_num: int, scale_d
             ov = overlap * scale_num // scale_den
             wy = _ramp(th, min(ov, th), at_start=y == 0, at_end=y + tile >= H)
             wx = _ramp(tw, min(ov, tw), at_start=x0 == 0, at_end=x0 + tile >= W)
-            w = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th', tw')
+            w = (wy[:, None] * wx[None, :])[None, None].to(x.device)  # (1, 1, th', tw')
             out[..., oy : oy + th, ox : ox + tw] += result * w
             weight[..., oy : oy + th, ox : ox + tw] += w
     return out / weight
