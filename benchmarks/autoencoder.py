@@ -131,6 +131,7 @@ def quality(args) -> dict:
     zc = z[..., : 128 // ae.factor, : 128 // ae.factor]  # bf16 is very slow here: a 128 px corner
     out["bf16_decode_vs_fp32_psnr_128px"] = float(psnr(decode_with_fallback(ae, zc, "bf16").clamp(-1, 1),
                                                        ae.decode(zc).clamp(-1, 1)))
+    print(json.dumps(out), file=sys.stderr, flush=True)
 
     # Preview decoder: distilled on training crops, measured on the held-out photographs.
     crops = make_image_dataset("skimage", args.preview_images, 64, seed=1)

@@ -104,6 +104,14 @@ def distill_preview(autoencoder, batches, steps: int = 500, batch_size: int = 16
     student = PreviewDecoder(config)
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():  # callers may hold no_grad (e.g. inside an evaluation)
+        _fit(student, opt, latents, targets, steps, batch_size, lr, g, quiet)
+    return student.eval()
+
+
+def _fit(student: PreviewDecoder, opt, latents: Tensor, targets: Tensor, steps: int, batch_size: int, lr: float,
+         g: torch.Generator, quiet: bool) -> None:
+    """The distillation loop: L1 between the student's images and the teacher's, cosine learning rate."""
     for step in range(steps):
         idx = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=g)
         lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to 0
@@ -119,7 +127,6 @@ def distill_preview(autoencoder, batches, steps: int = 500, batch_size: int = 16
             print(f"\rpreview step {step + 1}/{steps}  L1 {loss.item():.4f}", end="", file=sys.stderr, flush=True)
     if not quiet:
         print(file=sys.stderr)
-    return student.eval()
 
 
 def save_preview_decoder(folder: str | Path, decoder: PreviewDecoder) -> None:
