@@ -34,6 +34,7 @@ class GenerateConfig:
     grid: bool = False  # write one grid instead of numbered files
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
+    tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
 
 
 @dataclass
@@ -56,7 +57,7 @@ class DemoConfig:
 
 DEMO_PRESETS: dict[str, dict] = {
     "shapes-demo": {},
-    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm"},
+    "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm", "cache_preset": "shapes-demo-minilm"},
     "shapes-64": {"vae_preset": "shapes", "cache_preset": "shapes", "train_preset": "shapes"},
     "shapes-test": {"eval_prompts": 4, "steps": 2, "vae_preset": "shapes-test", "cache_preset": "shapes-test",
                     "train_preset": "shapes-test"},
@@ -127,7 +128,7 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision,
+        "precision": args.precision, "tokenizer": args.tokenizer,
     })
     prompts = [p for p in args.prompts if p.strip()]
     if not prompts:
@@ -135,7 +136,7 @@ def cmd_generate(args) -> None:
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
-    pipe = load(cfg.model, precision=cfg.precision)
+    pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
@@ -161,6 +162,30 @@ def cmd_judge(args) -> None:
     from latentdiff.data.judge import validate
 
     print(json.dumps(validate(n=args.n, size=args.size, seed=args.seed), indent=2))
+
+
+def cmd_check_data(args) -> None:
+    from latentdiff.data.health import check_data
+
+    report = check_data(args.data, min_size=args.min_size, near_bits=args.near_bits, bucket_area=args.bucket_area,
+                        bucket_step=args.bucket_step)
+    print(report.to_text())
+    if args.json:
+        from dataclasses import asdict
+
+        from latentdiff.io import write_json
+
+        write_json(args.json, {**asdict(report), "problems": report.problems})
+    if report.problems:
+        raise SystemExit(1)
+
+
+def cmd_convert(args) -> None:
+    from latentdiff.interop.convert import convert
+
+    overrides = json.loads(args.overrides_json) if args.overrides_json else None
+    convert(args.src, args.dst, args.format, tokenizer=args.tokenizer, prediction=args.prediction,
+            **({"overrides": overrides} if overrides else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode a data set once with an autoencoder into safetensors shards.")
     _add_config_args(p, CACHE_PRESETS, CacheConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (a folder of .tar, "
+                   "a glob, or 'shard-{000..009}.tar')")
     p.add_argument("--out", default=None, help="cache folder to write")
     p.set_defaults(func=cmd_cache)
 
@@ -225,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("check-data", help="report corrupt, tiny, duplicate and uncaptioned images in a folder",
+                       description="Read every image in a folder once and report corrupt, tiny, exact- and "
+                                   "near-duplicate files, missing captions, and size / aspect histograms. "
+                                   "Exit status 1 when corrupt, tiny or duplicate files were found.")
+    p.add_argument("data", help="folder of images, or tar shards (a folder of .tar, a glob, or a {000..009} range)")
+    p.add_argument("--min-size", type=int, default=64, help="shorter sides below this are 'tiny' (default 64)")
+    p.add_argument("--near-bits", type=int, default=4,
+                   help="near duplicates: 64-bit difference hashes at most this many bits apart (default 4)")
+    p.add_argument("--bucket-area", type=int, default=0, help="also count aspect-ratio buckets of this area")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=cmd_check_data, preset=None)
+
     p = sub.add_parser("generate", help="generate images from prompts",
                        description="Generate images; each PNG carries its parameters in a text chunk.")
     p.add_argument("prompts", nargs="*", help="one or more prompts")
@@ -244,7 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="write one grid image")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
+    p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
     p.set_defaults(func=cmd_generate, preset=None)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
+                       description="Read a latentdiff folder, a diffusers SD/SDXL folder or a single-file SD "
+                                   "1.x/2.x/XL checkpoint (.safetensors, or .ckpt without pickle code) and write it "
+                                   "as a latentdiff or diffusers folder. Prints what it detected and loaded.")
+    p.add_argument("src", help="model folder or checkpoint file")
+    p.add_argument("dst", help="folder to write (replaced atomically)")
+    p.add_argument("--format", default="latentdiff", choices=["latentdiff", "diffusers"])
+    p.add_argument("--tokenizer", default=None, help="single files: CLIP tokenizer folder, or a diffusers SD folder")
+    p.add_argument("--prediction", default=None, choices=["eps", "v"], help="single files: override the detected "
+                   "prediction type (SD 2.x files default to v; the 512px -base models are eps)")
+    p.add_argument("--overrides-json", default=None, metavar="JSON", help='single files: config fields the shapes '
+                   'cannot tell, e.g. \'{"unet": {"num_heads": 8}, "vae": {"norm_groups": 32}}\'')
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("judge", help="validate the shapes judge on rendered ground truth",
                        description="Render shapes images and report how often the judge reads them back right.")

@@ -60,15 +60,19 @@ class DenoiserSpec:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config
 
 
+def build_parameterization(spec: DenoiserSpec):
+    """The spec's parameterization, with its noise schedule where it is a discrete one."""
+    needs_schedule = spec.parameterization in ("eps", "v", "x0")
+    return make_parameterization(
+        spec.parameterization, alphas_cumprod=spec.schedule.alphas_cumprod() if needs_schedule else None
+    )
+
+
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:
     """Network + parameterization -> Denoiser."""
     if spec.network != "unet":
         raise ValueError(f"unknown network family {spec.network!r}; this version has 'unet'")
-    needs_schedule = spec.parameterization in ("eps", "v", "x0")
-    param = make_parameterization(
-        spec.parameterization, alphas_cumprod=spec.schedule.alphas_cumprod() if needs_schedule else None
-    )
-    return Denoiser(UNet(spec.unet), param)
+    return Denoiser(UNet(spec.unet), build_parameterization(spec))
 
 
 def save_autoencoder(folder: str | Path, autoencoder: AutoencoderKL) -> None:
@@ -104,6 +108,10 @@ def save_text_encoder(folder: str | Path, text_encoder: nn.Module) -> None:
 
 def load_text_encoder(folder: str | Path, verbose: bool = False) -> nn.Module:
     cfg = read_config(folder)
+    if cfg.get("type") == "SDTextEncoder":  # CLIP encoders of an SD-family model (latentdiff.interop)
+        from latentdiff.conditioning.clip import load_sd_text_encoder
+
+        return load_sd_text_encoder(folder, verbose)
     if cfg.get("type") != "TextEncoder":
         raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a text encoder")
     model = build_text_encoder(from_dict(TextEncoderConfig, cfg["config"], f"{folder}/config.json"))

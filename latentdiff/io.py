@@ -117,21 +117,25 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str) -> LoadReport:
-    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor."""
+def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str, assign: bool = False) -> LoadReport:
+    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor.
+
+    ``assign=True`` makes the module's parameters the given tensors (for a module built on the meta
+    device: no second copy of the weights is ever allocated).
+    """
     own = module.state_dict()
     report = LoadReport(name)
     for k, v in state.items():
         if k not in own:
             report.unused.append(k)
         elif own[k].shape != v.shape:
-            report.mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+            report.mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
         else:
             report.matched += 1
     report.missing = sorted(set(own) - set(state))
     if not report.ok:
         raise ValueError(f"refusing a partial load: {report}")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
     return report
 
 

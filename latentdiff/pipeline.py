@@ -26,13 +26,18 @@ class Pipeline:
     """An autoencoder, a denoiser and a text encoder, ready to generate."""
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
-                 precision: str = "fp32", name: str = "model", default_size: int = 64):
+                 precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
+                 vp_init: bool = False):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
         self.precision = precision  # "fp32" or "bf16" autocast for the denoiser
         self.name = name  # recorded in the PNG parameters
         self.default_size = default_size  # pixels, when generate() is given no height/width
+        self.steps_offset = steps_offset  # added to 'leading' timesteps (a diffusers scheduler's steps_offset)
+        # Start from noise * sqrt(1 + sigma_max^2), the VP prior's marginal, instead of noise * sigma_max:
+        # what diffusers' DDIM / PNDM / DPM-Solver (and its Euler with 'leading' spacing) start from.
+        self.vp_init = vp_init
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -65,9 +70,13 @@ class Pipeline:
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {height // factor * factor}x{width // factor * factor}")
         sample_fn, default_grid = get_sampler(sampler)
-        sigmas = make_sigmas(schedule or default_grid, steps, self.denoiser.parameterization)
+        grid = schedule or default_grid
+        grid_kw = {"steps_offset": self.steps_offset} if self.steps_offset and grid == "leading" else {}
+        sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
+        if hasattr(self.text_encoder, "set_image_size"):  # SDXL's size conditioning follows the request
+            self.text_encoder.set_image_size(height, width)
         cond, uncond = self.encode_prompts(prompts, negatives)
         cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
         shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)
@@ -79,6 +88,8 @@ class Pipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = init_x(latents, sigmas)
+        if self.vp_init and not torch.isinf(sigmas[0]):
+            x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
 
         denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
         with autocast(self.precision, x.device):
@@ -93,9 +104,23 @@ class Pipeline:
         return to_pil(images)
 
 
-def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False) -> Pipeline:
-    """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/)."""
+def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **interop_kw) -> Pipeline:
+    """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/),
+    a diffusers Stable Diffusion (XL) folder, or a single-file SD checkpoint (``.safetensors``, ``.ckpt``).
+
+    For the last two, ``interop_kw`` go to ``latentdiff.interop.open_model`` (e.g. ``tokenizer=FOLDER`` for
+    single files, ``prediction="eps"`` for SD 2.x -base files); what was detected and loaded is printed.
+    """
     folder = Path(path)
+    weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+    if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
+        from latentdiff.interop import open_model, to_pipeline
+
+        model = open_model(folder, **interop_kw)
+        print(model.summary())
+        return to_pipeline(model, precision=precision, name=folder.stem)
+    if interop_kw:
+        raise TypeError(f"unexpected arguments {sorted(interop_kw)} for a latentdiff model folder")
     index = folder / "model_index.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist; train one with `latentdiff demo` "
@@ -113,7 +138,15 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False) ->
     denoiser, _ = load_denoiser(folder / "denoiser", verbose)
     text_encoder = load_text_encoder(folder / "text_encoder", verbose)
     return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
-                    default_size=info.get("sample_size", 64))
+                    default_size=info.get("sample_size", 64),
+                    steps_offset=info.get("sampler", {}).get("steps_offset", 0),
+                    vp_init=info.get("sampler", {}).get("vp_init", False))
+
+
+def _is_diffusers(folder: Path) -> bool:
+    from latentdiff.interop import is_diffusers_folder
+
+    return is_diffusers_folder(folder)
 
 
 def save_images(images: list[Image.Image], path: str | Path, parameters: dict, grid: bool = False) -> list[Path]:

@@ -143,3 +143,14 @@ def test_a_huge_image_is_skipped_and_named(tmp_path, monkeypatch, capsys):
     folder = ImageFolder(tmp_path, 16)
     assert [p.name for p in folder.files] == ["ok.png"]
     assert "huge.png" in capsys.readouterr().err and "DecompressionBomb" in folder.skipped[0][1]
+
+
+def test_diffusers_export_refuses_what_it_cannot_carry():
+    from latentdiff.interop.diffusers_folder import vae_config_to_diffusers
+
+    cfg = AutoencoderConfig(latent_channels=2)
+    assert vae_config_to_diffusers(cfg)["scaling_factor"] == 1.0
+    with pytest.raises(ValueError, match="per-channel latent statistics"):
+        vae_config_to_diffusers(AutoencoderConfig(latent_channels=2, channel_scale=(1.0, 2.0), channel_shift=(0, 0)))
+    with pytest.raises(ValueError, match="no diffusers AutoencoderKL form"):
+        vae_config_to_diffusers(AutoencoderConfig(regularizer="vq"))

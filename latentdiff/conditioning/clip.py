@@ -1,0 +1,212 @@
+"""CLIP text encoders as the Stable Diffusion families use them (through transformers, from local files).
+
+- SD 1.x: CLIP ViT-L/14, last hidden state after the final LayerNorm, 77 tokens padded with the pad token.
+- SD 2.x: OpenCLIP ViT-H/14 with its last layer removed (the original conditions on the penultimate
+  layer and then applies the final LayerNorm; dropping the layer and taking the normed last state is
+  the same thing, and is how diffusers stores it).
+- SDXL: CLIP ViT-L (penultimate hidden state, no final norm) and OpenCLIP bigG (penultimate hidden
+  state; its projected pooled output is the pooled vector), contexts concatenated on the feature axis
+  (768 + 1280 = 2048), and the pooled vector followed by the Fourier-embedded micro-conditioning
+  (original size, crop top-left, target size), as in Podell et al. 2023.
+
+Prompts are padded to ``max_length`` and every token, padding included, is attended to (no mask),
+which is what these models were trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from latentdiff.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    LoadReport,
+    load_state_strict,
+    read_config,
+    read_weights,
+    write_json,
+    write_safetensors,
+)
+from latentdiff.models.layers import timestep_embedding
+from latentdiff.types import Cond
+
+LAYERS = ("last", "penultimate")
+
+
+@dataclass
+class CLIPEncoderSpec:
+    """One CLIP text model of an SD text encoder."""
+
+    hf_config: dict = field(default_factory=dict)  # transformers CLIPTextConfig as a dict
+    layer: str = "last"  # "last" (final-normed last hidden state) or "penultimate" (hidden_states[-2])
+    projection: bool = False  # CLIPTextModelWithProjection: its text_embeds are the pooled vector
+
+
+@dataclass
+class SDTextConfig:
+    """The text side of an SD-family model."""
+
+    encoders: list = field(default_factory=list)  # CLIPEncoderSpec per encoder (dicts in config.json)
+    max_length: int = 77  # tokens per prompt, padded
+    time_embed_dim: int = 0  # SDXL: 256; > 0 appends Fourier(size, crop, target size) to the pooled vector
+    image_size: tuple[int, int] = (1024, 1024)  # SDXL micro-conditioning: original = target size (h, w)
+    zero_empty_prompt: bool = False  # SDXL: the empty prompt's context and pooled text are zeros, not encoded
+
+
+def _clip_model(spec: CLIPEncoderSpec) -> nn.Module:
+    """An (uninitialized on the current device) transformers CLIP text model for a spec."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
+    return cls(CLIPTextConfig(**spec.hf_config))
+
+
+def canonical_clip_key(key: str) -> str:
+    """A CLIP text-model key in the file convention, ``text_model.*`` (transformers 5's CLIPTextModel drops
+    the prefix in its own state dict, while files written by transformers 4 and original checkpoints keep it)."""
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+
+def _native(model: nn.Module, key: str) -> str:
+    """A canonical key as this transformers version's model names it."""
+    return key if hasattr(model, "text_model") else key.removeprefix("text_model.")
+
+
+def _fix_buffers(model: nn.Module) -> None:
+    """Recreate the non-persistent position_ids buffer, which a meta-device build leaves unset."""
+    emb = (model.text_model if hasattr(model, "text_model") else model).embeddings
+    n = emb.position_embedding.weight.shape[0]
+    emb.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+    for name, b in model.named_buffers():
+        if b.is_meta:
+            raise ValueError(f"text encoder buffer {name} was left unset by the load")
+
+
+class SDTextEncoder(nn.Module):
+    """One or two frozen CLIP text models with their tokenizers; ``prompts -> Cond``."""
+
+    def __init__(self, config: SDTextConfig, models: list[nn.Module], tokenizers: list):
+        super().__init__()
+        specs = [s if isinstance(s, CLIPEncoderSpec) else CLIPEncoderSpec(**s) for s in config.encoders]
+        if not specs or len(specs) != len(models) or len(models) != len(tokenizers):
+            raise ValueError(f"need one model and one tokenizer per encoder spec, got {len(specs)} specs, "
+                             f"{len(models)} models, {len(tokenizers)} tokenizers")
+        for s in specs:
+            if s.layer not in LAYERS:
+                raise ValueError(f"CLIP layer must be one of {LAYERS}, got {s.layer!r}")
+        self.config = dataclasses.replace(config, encoders=specs, image_size=tuple(config.image_size))
+        self.encoders = nn.ModuleList(models).eval().requires_grad_(False)
+        self.tokenizers = list(tokenizers)
+
+    @property
+    def dim(self) -> int:
+        return sum(m.config.hidden_size for m in self.encoders)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of cond.vector (0 when no encoder is pooled)."""
+        pooled = sum(m.config.projection_dim for m, s in zip(self.encoders, self.config.encoders) if s.projection)
+        return pooled + (6 * self.config.time_embed_dim if self.config.time_embed_dim else 0)
+
+    def tokenize(self, tokenizer, prompts: list[str]) -> Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=self.config.max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids  # (B, max_length)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Cond:
+        contexts, pooled = [], []
+        for model, tok, spec in zip(self.encoders, self.tokenizers, self.config.encoders):
+            ids = self.tokenize(tok, prompts).to(model.device)
+            out = model(ids, output_hidden_states=spec.layer == "penultimate")
+            h = out.hidden_states[-2] if spec.layer == "penultimate" else out.last_hidden_state  # (B, L, D)
+            contexts.append(h.float())
+            if spec.projection:
+                pooled.append(out.text_embeds.float())  # (B, P)
+        context = torch.cat(contexts, dim=-1)  # (B, L, sum D)
+        vector = torch.cat(pooled, dim=-1) if pooled else None
+        if self.config.zero_empty_prompt:  # diffusers' force_zeros_for_empty_prompt, sgm's zero txt uncond
+            empty = torch.tensor([p == "" for p in prompts], device=context.device)
+            context = context.masked_fill(empty[:, None, None], 0.0)
+            vector = vector.masked_fill(empty[:, None], 0.0) if vector is not None else None
+        if self.config.time_embed_dim:
+            vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device)], dim=-1)
+        return Cond(context=context, vector=vector)
+
+    def set_image_size(self, height: int, width: int) -> None:
+        """The size SDXL's micro-conditioning announces (original = target size); the pipeline sets it."""
+        self.config.image_size = (height, width)
+
+    def micro_conditioning(self, batch: int, device) -> Tensor:
+        """SDXL's (original h, w, crop top, left, target h, w) ids, Fourier-embedded: (B, 6 * time_embed_dim)."""
+        h, w = self.config.image_size
+        ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=device)
+        emb = timestep_embedding(ids, self.config.time_embed_dim)  # (6, dim)
+        return emb.reshape(1, -1).expand(batch, -1)
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """The weights as ``encoders.{i}.text_model.*`` whatever the transformers version."""
+        out = {}
+        for k, v in self.state_dict().items():
+            i, rest = k.removeprefix("encoders.").split(".", 1)
+            out[f"encoders.{i}.{canonical_clip_key(rest)}"] = v
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        """Write config.json, model.safetensors and one tokenizer folder per encoder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / WEIGHTS_NAME, self.canonical_state_dict())
+        for i, tok in enumerate(self.tokenizers):
+            tok.save_pretrained(folder / f"tokenizer_{i}")
+        write_json(folder / CONFIG_NAME, {"type": "SDTextEncoder", "config": dataclasses.asdict(self.config)})
+
+
+def build_sd_text_encoder(config: SDTextConfig, state: dict[str, Tensor], tokenizers: list,
+                          name: str = "text_encoder") -> tuple[SDTextEncoder, LoadReport]:
+    """Build the CLIP models on the meta device and assign ``state`` (keys ``encoders.{i}.*``) strictly."""
+    specs = [s if isinstance(s, CLIPEncoderSpec) else CLIPEncoderSpec(**s) for s in config.encoders]
+    with torch.device("meta"):
+        models = [_clip_model(s) for s in specs]
+    encoder = SDTextEncoder(dataclasses.replace(config, encoders=specs), models, tokenizers)
+    native = {}
+    for k, v in state.items():  # canonical (or native) names -> this transformers version's names
+        head, i, rest = k.split(".", 2) if k.startswith("encoders.") else ("", "", k)
+        native[f"{head}.{i}.{_native(models[int(i)], canonical_clip_key(rest))}" if head else k] = v
+    report = load_state_strict(encoder, native, name, assign=True)
+    for m in encoder.encoders:
+        _fix_buffers(m)  # raises if any buffer is still on the meta device
+    if any(p.is_meta for p in encoder.parameters()):
+        raise ValueError(f"{name}: a parameter was left unset by the load")
+    return encoder.eval(), report
+
+
+def load_tokenizer(folder: str | Path):
+    """A CLIP tokenizer from a local folder (tokenizer.json, or vocab.json + merges.txt), with a clear error."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    has_json = (folder / "tokenizer.json").is_file()
+    if not has_json and not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise FileNotFoundError(f"no CLIP tokenizer in {folder} (expected tokenizer.json, or vocab.json and "
+                                "merges.txt)")
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def load_sd_text_encoder(folder: str | Path, verbose: bool = False) -> SDTextEncoder:
+    """Open a text_encoder/ folder written by :meth:`SDTextEncoder.save`."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    if cfg.get("type") != "SDTextEncoder":
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an SD text encoder")
+    config = SDTextConfig(**cfg["config"])
+    tokenizers = [load_tokenizer(folder / f"tokenizer_{i}") for i in range(len(config.encoders))]
+    encoder, report = build_sd_text_encoder(config, read_weights(folder), tokenizers)
+    if verbose:
+        print(report)
+    return encoder

@@ -1,0 +1,122 @@
+"""``latentdiff convert``: any model we can read -> our folder or a diffusers folder.
+
+Sources: our model folder, a diffusers SD / SDXL folder, a single-file original checkpoint. Targets:
+``latentdiff`` (our folder: components with config.json + model.safetensors) or ``diffusers`` (a
+folder ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline.from_pretrained``
+opens). Every target is written atomically: a failed conversion leaves no half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
+from latentdiff.conditioning.clip import SDTextEncoder
+from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff
+from latentdiff.interop.diffusers_folder import (
+    is_diffusers_folder,
+    read_diffusers,
+    schedule_to_diffusers,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
+from latentdiff.interop.single_file import read_single_file
+from latentdiff.io import atomic_folder, write_json, write_safetensors
+
+FORMATS = ("latentdiff", "diffusers")
+
+
+def read_our_folder(folder: Path) -> SDModel:
+    """Our model folder as an SDModel (so both writers take one type)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    denoiser, spec = load_denoiser(folder / "denoiser")
+    hint = SamplerHint(**index["sampler"]) if "sampler" in index else SamplerHint()
+    return SDModel(family=index.get("family", "latentdiff"), autoencoder=load_autoencoder(folder / "autoencoder"),
+                   denoiser=denoiser, spec=spec, text_encoder=load_text_encoder(folder / "text_encoder"), hint=hint,
+                   sample_size=index.get("sample_size", 64))
+
+
+def open_any(src: str | Path, **kw) -> SDModel:
+    src = Path(src)
+    if src.is_file():
+        return read_single_file(src, **kw)
+    if not (src / "model_index.json").is_file():
+        raise FileNotFoundError(f"{src} is neither a checkpoint file nor a model folder (no model_index.json)")
+    if kw.get("tokenizer") is not None:
+        kw.pop("tokenizer")  # folders carry their own tokenizers
+    if is_diffusers_folder(src):
+        return read_diffusers(src, **{k: v for k, v in kw.items() if k == "dtype"})
+    if kw.get("prediction") is not None:
+        raise ValueError("--prediction applies to single-file checkpoints only")
+    return read_our_folder(src)
+
+
+def _write_text_encoders(tmp: Path, encoder: SDTextEncoder) -> list[tuple[str, str, str]]:
+    """text_encoder[_2]/ and tokenizer[_2]/ in transformers' layout; returns model_index entries."""
+    state = encoder.canonical_state_dict()
+    entries = []
+    for i, (spec, tok) in enumerate(zip(encoder.config.encoders, encoder.tokenizers)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        cls = "CLIPTextModelWithProjection" if spec.projection else "CLIPTextModel"
+        prefix = f"encoders.{i}."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        write_safetensors(tmp / f"text_encoder{suffix}" / "model.safetensors", weights, metadata={"format": "pt"})
+        hf = {**spec.hf_config, "architectures": [cls], "model_type": "clip_text_model"}
+        write_json(tmp / f"text_encoder{suffix}" / "config.json", hf)
+        tok.save_pretrained(tmp / f"tokenizer{suffix}")
+        entries += [(f"text_encoder{suffix}", "transformers", cls), (f"tokenizer{suffix}", "transformers",
+                                                                       "CLIPTokenizer")]
+    return entries
+
+
+def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
+    """Write an SDModel as a diffusers pipeline folder; returns notes on what could not be carried over."""
+    notes = []
+    text = model.text_encoder
+    sdxl = isinstance(text, SDTextEncoder) and len(text.config.encoders) == 2
+    unet_cfg = unet_config_to_diffusers(model.spec.unet, model.sample_size // model.autoencoder.factor)
+    if model.spec.unet.vector_dim is not None:
+        if not (sdxl and text.config.time_embed_dim):
+            raise ValueError("this U-Net adds a pooled vector to its time embedding the way only SDXL's text_time "
+                             "embedding does in diffusers, but its text encoder is not SDXL's; cannot export")
+        unet_cfg["addition_time_embed_dim"] = text.config.time_embed_dim
+    with atomic_folder(folder) as tmp:
+        write_json(tmp / "unet" / "config.json", unet_cfg)
+        write_safetensors(tmp / "unet" / "diffusion_pytorch_model.safetensors", model.denoiser.network.state_dict(),
+                          metadata={"format": "pt"})
+        write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(model.autoencoder.config))
+        write_safetensors(tmp / "vae" / "diffusion_pytorch_model.safetensors", model.autoencoder.state_dict(),
+                          metadata={"format": "pt"})
+        write_json(tmp / "scheduler" / "scheduler_config.json", schedule_to_diffusers(model.spec, model.hint))
+        index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+                 "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+        if isinstance(text, SDTextEncoder):
+            for name, lib, cls in _write_text_encoders(tmp, text):
+                index[name] = [lib, cls]
+        else:
+            index.update(text_encoder=[None, None], tokenizer=[None, None])
+            notes.append(f"text encoder {type(text).__name__} has no diffusers counterpart: written without one "
+                         "(unet/ and vae/ open in diffusers on their own)")
+        if sdxl:
+            index["force_zeros_for_empty_prompt"] = text.config.zero_empty_prompt
+        else:
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        write_json(tmp / "model_index.json", index)
+    return notes
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str = "latentdiff", **kw) -> SDModel:
+    """Read ``src`` (any supported checkpoint) and write it to ``dst`` in ``fmt``; prints what it did."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError("destination and source are the same path; choose another destination")
+    model = open_any(src, **kw)
+    print(model.summary())
+    notes = save_latentdiff(model, dst) if fmt == "latentdiff" else save_diffusers(model, dst)
+    for note in notes or []:
+        print(f"note: {note}")
+    print(f"wrote {fmt} folder {dst}")
+    return model
