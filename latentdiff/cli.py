@@ -91,6 +91,21 @@ def cmd_train_vae(args) -> None:
     _print_result(train_vae(cfg))
 
 
+def cmd_latent_stats(args) -> None:
+    from latentdiff.train.latent_stats import LatentStatsConfig, latent_stats
+
+    cfg = _config(LatentStatsConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data})
+    print(json.dumps(latent_stats(cfg)))
+
+
+def cmd_distill_preview(args) -> None:
+    from latentdiff.models.preview import PreviewTrainConfig, distill_preview_command
+
+    cfg = _config(PreviewTrainConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data, "out": args.out,
+                                                 "steps": args.steps})
+    print(distill_preview_command(cfg))
+
+
 def cmd_cache(args) -> None:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 
@@ -222,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "a glob, or 'shard-{000..009}.tar')")
     p.add_argument("--out", default=None, help="cache folder to write")
     p.set_defaults(func=cmd_cache)
+
+    from latentdiff.train.latent_stats import LatentStatsConfig
+
+    p = sub.add_parser("latent-stats", help="compute an autoencoder's latent scale/shift and store them in its config",
+                       description="Measure the latent scale and shift (optionally per channel) of a saved "
+                                   "autoencoder on a data set and rewrite its config.json.")
+    _add_config_args(p, {}, LatentStatsConfig)
+    p.add_argument("--autoencoder", default=None, help="autoencoder folder")
+    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.set_defaults(func=cmd_latent_stats)
+
+    from latentdiff.models.preview import PreviewTrainConfig
+
+    p = sub.add_parser("distill-preview", help="distill a tiny preview decoder from an autoencoder",
+                       description="Train a small, fast decoder (TAESD-style) to imitate an autoencoder's decoder.")
+    _add_config_args(p, {}, PreviewTrainConfig)
+    p.add_argument("--autoencoder", default=None, help="autoencoder folder (the teacher)")
+    p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of images")
+    p.add_argument("--out", default=None, help="folder for the preview decoder")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.set_defaults(func=cmd_distill_preview)
 
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")

@@ -25,7 +25,7 @@ from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization
 from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, build_autoencoder
 from latentdiff.models.unet import UNet, UNetConfig
 
 BETA_SCHEDULES = {
@@ -83,7 +83,7 @@ def load_autoencoder(folder: str | Path, verbose: bool = False) -> AutoencoderKL
     cfg = read_config(folder)
     if cfg.get("type") != "AutoencoderKL":
         raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an autoencoder")
-    model = AutoencoderKL(from_dict(AutoencoderConfig, cfg["config"], f"{folder}/config.json"))
+    model = build_autoencoder(from_dict(AutoencoderConfig, cfg["config"], f"{folder}/config.json"))
     _report(load_component_weights(model, folder, "autoencoder"), verbose)
     return model.eval()
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 
 def make_image_dataset(data: str, num_images: int, image_size: int, seed: int, split: str = "train"):
-    """``"shapes"`` -> the built-in set (``num_images`` items); anything else -> an image folder."""
+    """``"shapes"`` -> the built-in set (``num_images`` items); ``"skimage"`` -> ``num_images`` random crops of
+    scikit-image's sample photographs; anything else -> an image folder."""
     if data == "shapes":
         from latentdiff.data.shapes import ShapesDataset
 
         return ShapesDataset(num_images, size=image_size, seed=seed, split=split)
+    if data == "skimage":  # random crops of scikit-image's bundled photographs (held-out ones excluded)
+        from latentdiff.data.natural import skimage_crops
+
+        return skimage_crops(image_size, num_images, seed)
     from latentdiff.data.folder import ImageFolder
 
     return ImageFolder(data, image_size)

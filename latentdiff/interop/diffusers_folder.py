@@ -187,6 +187,11 @@ def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> Autoen
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
+    if cfg.regularizer != "kl":
+        raise ValueError(f"a {cfg.regularizer!r}-regularized autoencoder has no diffusers AutoencoderKL form")
+    if cfg.channel_scale:
+        raise ValueError("per-channel latent statistics (channel_scale / channel_shift) are not exported: "
+                         "store scalar ones first with `latentdiff latent-stats --set per_channel=false`")
     boc = [cfg.base_channels * m for m in cfg.channel_mult]
     return {
         "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,

@@ -35,9 +35,29 @@ class AutoencoderConfig:
         1.0  # latents = (z - shift_factor) * scale_factor; computed from data after training
     )
     shift_factor: float = 0.0  # see scale_factor
+    # Per-channel latent statistics (empty: use the scalars above). When set, latent channel c is normalized
+    # as (z_c - channel_shift[c]) * channel_scale[c] and the scalars are ignored.
+    channel_scale: tuple[float, ...] = ()
+    channel_shift: tuple[float, ...] = ()
+    regularizer: str = "kl"  # "kl" (diagonal Gaussian posterior) or "vq" (codebook; models/vq.py)
+    codebook_size: int = 1024  # vq: number of codes
+    codebook_ema: bool = True  # vq: codebook as an EMA of encoder outputs (else learned by gradient)
+    codebook_decay: float = 0.99  # vq: EMA decay of the codebook
+    commitment_weight: float = 0.25  # vq: beta of the commitment loss ||h - sg(e)||^2
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
+        self.channel_scale = tuple(float(v) for v in self.channel_scale)
+        self.channel_shift = tuple(float(v) for v in self.channel_shift)
+        for name in ("channel_scale", "channel_shift"):
+            n = len(getattr(self, name))
+            if n not in (0, self.latent_channels):
+                raise ValueError(f"{name} has {n} values but the autoencoder has {self.latent_channels} latent "
+                                 "channels: give one value per channel, or none")
+        if self.regularizer not in ("kl", "vq"):
+            raise ValueError(f"regularizer must be 'kl' or 'vq', got {self.regularizer!r}")
+        if bool(self.channel_scale) != bool(self.channel_shift):
+            raise ValueError("channel_scale and channel_shift go together: set both or neither")
         if not self.channel_mult:
             raise ValueError("channel_mult needs at least one level")
 
@@ -64,6 +84,24 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "shapes-f4c16": AutoencoderConfig(
         base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16, norm_groups=16
     ),
+    # Small autoencoders for natural images (downsampling factor f, latent channels c): 32 base channels, one
+    # resnet per level, so a few hundred steps on 32px crops fit in minutes on one CPU core; ``small-fXcY``.
+    **{
+        f"small-f{f}c{c}": AutoencoderConfig(
+            base_channels=32,
+            channel_mult=(1, 1, 2, 2, 4)[: {4: 3, 8: 4, 16: 5}[f]],
+            num_res_blocks=1,
+            latent_channels=c,
+            norm_groups=16,
+        )
+        for f in (4, 8, 16)
+        for c in (4, 8, 16)
+    },
+    # VQ-regularized counterparts (LDM's vq-f4 / vq-f8 shape at small width).
+    "small-vq-f4": AutoencoderConfig(base_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=3,
+                                     norm_groups=16, regularizer="vq", codebook_size=1024),
+    "small-vq-f8": AutoencoderConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
+                                     latent_channels=4, norm_groups=16, regularizer="vq", codebook_size=1024),
     # Stable Diffusion 1.x / 2.x VAE (kl-f8).
     "sd": AutoencoderConfig(
         base_channels=128,
@@ -180,7 +218,8 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(chans[-1], g, cfg.mid_attention)
         self.conv_norm_out = group_norm(chans[-1], g)
-        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)
+        moments = 2 if cfg.regularizer == "kl" else 1  # mean and log-variance, or the VQ latent alone
+        self.conv_out = nn.Conv2d(chans[-1], moments * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, c0, H, W)
@@ -261,13 +300,24 @@ class AutoencoderKL(nn.Module):
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
 
+    def _scale_shift(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """The latent scale and shift: per-channel (1, C, 1, 1) tensors if configured, else the scalars."""
+        cfg = self.config
+        if not cfg.channel_scale:
+            return cfg.scale_factor, cfg.shift_factor
+        scale = torch.tensor(cfg.channel_scale, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        shift = torch.tensor(cfg.channel_shift, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return scale, shift
+
     def normalize(self, z: Tensor) -> Tensor:
         """Raw latents -> the roughly unit-variance latents a denoiser sees."""
-        return (z - self.config.shift_factor) * self.config.scale_factor
+        scale, shift = self._scale_shift(z)
+        return (z - shift) * scale
 
     def denormalize(self, latents: Tensor) -> Tensor:
         """Inverse of ``normalize``."""
-        return latents / self.config.scale_factor + self.config.shift_factor
+        scale, shift = self._scale_shift(latents)
+        return latents / scale + shift
 
     def encode(
         self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
@@ -276,6 +326,11 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode_posterior(images)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.normalize(z)
+
+    def raw_latents(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Images -> un-normalized latents (a posterior sample or its mode): what the statistics are taken of."""
+        posterior = self.encode_posterior(images)
+        return posterior.sample(generator) if sample else posterior.mode()
 
     def decode_raw(self, z: Tensor) -> Tensor:
         """Raw latents (B, C, h, w) -> images (B, 3, h * f, w * f), roughly in [-1, 1]."""
@@ -299,6 +354,24 @@ class AutoencoderKL(nn.Module):
         return self.decode_raw(posterior.sample(generator)), posterior
 
 
+def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
+    """The autoencoder class the config's regularizer asks for."""
+    if config.regularizer == "vq":
+        from .vq import AutoencoderVQ
+
+        return AutoencoderVQ(config)
+    return AutoencoderKL(config)
+
+
+def reconstruction_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
+    """Per-pixel mean absolute ("l1") or squared ("l2") error."""
+    if kind == "l1":
+        return (reconstruction - images).abs().mean()
+    if kind == "l2":
+        return (reconstruction - images).pow(2).mean()
+    raise ValueError(f"recon must be 'l1' or 'l2', got {kind!r}")
+
+
 def vae_loss(
     reconstruction: Tensor,
     images: Tensor,
@@ -311,12 +384,7 @@ def vae_loss(
     The reconstruction term is a per-pixel mean; the KL is summed over latent dims and divided by the
     number of image values per sample, so ``kl_weight`` means what it means in the LDM configs (1e-6).
     """
-    if recon == "l1":
-        rec = (reconstruction - images).abs().mean()
-    elif recon == "l2":
-        rec = (reconstruction - images).pow(2).mean()
-    else:
-        raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+    rec = reconstruction_loss(reconstruction, images, recon)
     kl = posterior.kl().mean()  # nats per sample
     loss = rec + kl_weight * kl / images[0].numel()
     return loss, {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
@@ -329,28 +397,43 @@ def compute_latent_stats(
     sample: bool = True,
     center: bool = True,
     generator: torch.Generator | None = None,
-) -> tuple[float, float]:
+    per_channel: bool = False,
+) -> tuple[float, float] | tuple[tuple[float, ...], tuple[float, ...]]:
     """(scale, shift) that bring raw latents to zero mean, unit variance, as Rombach et al. 2022 (Sec. 3.1, G).
 
     ``batches`` yields images in [-1, 1]. Latents are posterior samples (``sample=True``, what the LDM paper
-    measured) or modes. ``center=False`` keeps shift = 0 (the SD 1.x convention). Store the result in
-    ``autoencoder.config.scale_factor`` / ``shift_factor``.
+    measured) or modes. ``center=False`` keeps shift = 0 (the SD 1.x convention). ``per_channel`` gives one
+    scale and shift per latent channel (tuples) instead of two scalars. Store the result with
+    :func:`set_latent_stats`.
     """
     was_training = autoencoder.training
     autoencoder.eval()
+    dims = (0, 2, 3) if per_channel else (0, 1, 2, 3)
     n, total, total_sq = 0, 0.0, 0.0
     for images in batches:
-        posterior = autoencoder.encode_posterior(images)
-        z = (posterior.sample(generator) if sample else posterior.mode()).double()
-        n += z.numel()
-        total += z.sum().item()
-        total_sq += z.pow(2).sum().item()
+        z = autoencoder.raw_latents(images, sample=sample, generator=generator).double()
+        n += z.numel() // (z.shape[1] if per_channel else 1)
+        total = total + z.sum(dims)
+        total_sq = total_sq + z.pow(2).sum(dims)
     autoencoder.train(was_training)
     if n == 0:
         raise ValueError("compute_latent_stats got no batches")
     mean = total / n
-    shift = mean if center else 0.0
+    shift = mean if center else torch.zeros_like(mean)
     second_moment = total_sq / n - 2 * shift * mean + shift * shift  # E[(z - shift)^2]
-    if second_moment <= 0:
+    if (second_moment <= 0).any():
         raise ValueError("latents have zero variance: is the autoencoder trained?")
-    return 1.0 / math.sqrt(second_moment), shift
+    scale = second_moment.rsqrt()
+    if per_channel:
+        return tuple(scale.tolist()), tuple(shift.tolist())
+    return float(scale), float(shift)
+
+
+def set_latent_stats(autoencoder: AutoencoderKL, scale, shift) -> None:
+    """Store what :func:`compute_latent_stats` returned in the autoencoder's config (scalars or per channel)."""
+    if isinstance(scale, tuple):
+        autoencoder.config = replace(autoencoder.config, scale_factor=1.0, shift_factor=0.0,
+                                     channel_scale=scale, channel_shift=shift)
+    else:
+        autoencoder.config = replace(autoencoder.config, scale_factor=float(scale), shift_factor=float(shift),
+                                     channel_scale=(), channel_shift=())

@@ -153,19 +153,22 @@ def _optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
 
 def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
                              generator: torch.Generator | None, config: dict, keep_last: int = 3, *,
-                             ctx: Context | None = None, extra: dict[str, nn.Module] | None = None) -> Path:
+                             ctx: Context | None = None,
+                             extra: dict[str, nn.Module | torch.optim.Optimizer] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the last N.
 
     Under torchrun every rank calls this (the weights of a sharded model and every rank's RNG state are
     gathered); only rank 0 writes, and all ranks wait until the checkpoint is complete. ``extra`` names
-    further modules to keep (the post-hoc EMA tracks), each as ``NAME.safetensors``.
+    further modules (post-hoc EMA tracks, a discriminator) and optimizers to keep, as ``NAME.safetensors``.
     """
     ctx = ctx or Context()
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    modules = {"model": model, "ema": ema.module, **(extra or {})}
+    extra = extra or {}
+    modules = {"model": model, "ema": ema.module, **{k: m for k, m in extra.items() if isinstance(m, nn.Module)}}
     states = {name: full_state(m) for name, m in modules.items()}
-    opt_state = full_optimizer_state(model, opt)
+    optimizers = {"optimizer": full_optimizer_state(model, opt),  # extra optimizers: of unsharded modules
+                  **{k: o.state_dict() for k, o in extra.items() if isinstance(o, torch.optim.Optimizer)}}
     rngs = ctx.gather(rng_state(ctx.device))
     root = run_dir / "checkpoints"
     folder = root / f"step_{step:07d}"
@@ -175,13 +178,14 @@ def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EM
         with atomic_folder(folder) as tmp:
             for name, state in states.items():
                 write_safetensors(tmp / f"{name}.safetensors", state)
-            tensors, meta = _optimizer_tensors(opt_state)
-            write_safetensors(tmp / "optimizer.safetensors", tensors)
-            write_json(tmp / "optimizer.json", meta)
+            for name, opt_state in optimizers.items():
+                tensors, meta = _optimizer_tensors(opt_state)
+                write_safetensors(tmp / f"{name}.safetensors", tensors)
+                write_json(tmp / f"{name}.json", meta)
             write_json(tmp / "state.json", {
                 "step": step, "ema_updates": ema.updates, "config": config, "world_size": ctx.world,
                 "generator": encode_rng(generator.get_state()) if generator is not None else None,
-                "torch_rng": rngs[0]["cpu"], "rng_per_rank": rngs, "extra": sorted(extra or {}),
+                "torch_rng": rngs[0]["cpu"], "rng_per_rank": rngs, "extra": sorted(extra),
             })
         (root / "latest.tmp").write_text(folder.name)
         (root / "latest.tmp").replace(root / "latest")
@@ -207,14 +211,15 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
                              generator: torch.Generator | None, *, ctx: Context | None = None,
-                             extra: dict[str, nn.Module] | None = None) -> int:
+                             extra: dict[str, nn.Module | torch.optim.Optimizer] | None = None) -> int:
     """Restore a checkpoint into the live objects (on every rank); return the step to continue from.
 
     A checkpoint of another model configuration is refused with the names of the mismatched tensors.
     """
     ctx = ctx or Context()
     state = json.loads((folder / "state.json").read_text())
-    modules = {"model": model, "ema": ema.module, **(extra or {})}
+    extra = extra or {}
+    modules = {"model": model, "ema": ema.module, **{k: m for k, m in extra.items() if isinstance(m, nn.Module)}}
     for name, module in modules.items():
         path = folder / f"{name}.safetensors"
         if not path.is_file():
@@ -232,6 +237,13 @@ def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torc
         load_full_optimizer_state(model, opt, opt_state)
     else:
         opt.load_state_dict(opt_state)
+    for name, other in extra.items():
+        if isinstance(other, torch.optim.Optimizer):
+            if not (folder / f"{name}.safetensors").is_file():
+                raise FileNotFoundError(f"checkpoint {folder} has no {name}: it was written by a run configured "
+                                        "differently; resume with the same settings")
+            meta = json.loads((folder / f"{name}.json").read_text())
+            other.load_state_dict(_optimizer_state(load_file(str(folder / f"{name}.safetensors")), meta))
     ema.updates = state["ema_updates"]
     if generator is not None and state.get("generator"):
         generator.set_state(decode_rng(state["generator"]))

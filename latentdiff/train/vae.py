@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from latentdiff.components import save_autoencoder
-from latentdiff.config import to_dict
+from latentdiff.config import from_dict, to_dict
 from latentdiff.data import make_image_dataset
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
-from latentdiff.models.autoencoder import AutoencoderKL, compute_latent_stats, vae_loss
+from latentdiff.models.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    build_autoencoder,
+    compute_latent_stats,
+    reconstruction_loss,
+    set_latent_stats,
+    vae_loss,
+)
+from latentdiff.models.perceptual import (
+    PatchDiscriminator,
+    adaptive_gan_weight,
+    hinge_d_loss,
+    perceptual_loss_or_none,
+)
+from latentdiff.models.vq import AutoencoderVQ, QuantizerOutput, vq_loss
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -91,6 +105,16 @@ class VAETrainConfig:
     tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
     dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
     dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
+    per_channel_stats: bool = False  # store one latent scale/shift per channel instead of two scalars
+    autoencoder: dict = field(default_factory=dict)  # overrides of the preset's fields, e.g. regularizer = "vq"
+    perceptual_weight: float = 1.0  # LPIPS term weight; only used when lpips_path is set
+    lpips_path: str = ""  # LPIPS weights (whole state, or LPIPS's vgg.pth); "": no perceptual term (said at start)
+    lpips_vgg_path: str = ""  # torchvision VGG16 weights, when lpips_path holds only LPIPS's linear layers
+    disc_weight: float = 0.0  # PatchGAN loss weight, times Esser et al.'s adaptive weight (LDM: 0.5); 0 = no GAN
+    disc_start: int = 0  # step at which the discriminator and the GAN loss switch on (LDM: 50001)
+    disc_lr: float = 0.0  # discriminator AdamW learning rate (0: same as lr)
+    disc_layers: int = 3  # PatchGAN depth
+    disc_channels: int = 64  # PatchGAN width
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -137,10 +161,21 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
     images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet or not main)
 
     # Build.
-    model = AutoencoderKL(AUTOENCODER_PRESETS[cfg.model])
+    model = build_autoencoder(from_dict(AutoencoderConfig, {**asdict(AUTOENCODER_PRESETS[cfg.model]), **cfg.autoencoder},
+                                        "train-vae autoencoder"))
     if cfg.image_size % model.factor:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
     ema = EMA(model, cfg.ema_decay)
+    lpips = perceptual_loss_or_none(cfg.lpips_path, cfg.lpips_vgg_path, cfg.perceptual_weight, cfg.quiet or not main)
+    gan = cfg.disc_weight > 0
+    if gan:
+        disc = PatchDiscriminator(model.config.in_channels, cfg.disc_channels, cfg.disc_layers).to(device)
+        min_size = 2 ** (cfg.disc_layers + 2)  # the smallest input that leaves a 2x2 logit map
+        if cfg.image_size < min_size:
+            raise ValueError(f"image_size {cfg.image_size} is too small for a PatchGAN with {cfg.disc_layers} "
+                             f"layers (needs >= {min_size}): lower disc_layers or raise image_size")
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9))
+        d_skipper = NonFiniteSkipper(verbose=main)
     posthoc = [PowerEMA(model, s) for s in cfg.posthoc_sigma_rels] if cfg.posthoc_every else []
     plain = copy.deepcopy(ema.module) if main and ctx.distributed and cfg.distributed.strategy == "fsdp" else None
     wrapped = wrap(model, ctx)  # DDP / FSDP2 under torchrun
@@ -150,6 +185,8 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
     if ctx.rank:
         torch.manual_seed(cfg.seed + ctx.rank)
     extra = {f"posthoc_{i}": p.module for i, p in enumerate(posthoc)}
+    if gan:  # the discriminator and its optimizer live in the checkpoint too (not sharded: rank 0's copy)
+        extra.update(discriminator=disc, disc_optimizer=opt_d)
     start = 0
     if checkpoint is not None:
         start = load_training_checkpoint(checkpoint, model, ema, opt, None, ctx=ctx, extra=extra)
@@ -166,6 +203,24 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
     skipper = NonFiniteSkipper(verbose=main)
     dry = DryRun(device) if cfg.dry_run else None
     parts: dict = {}
+    pairs: list = []  # (images, detached reconstructions) of this step, for the discriminator
+
+    def gan_and_perceptual_terms(recon, images, step: int, terms: dict):
+        """LPIPS and the PatchGAN generator loss (Esser et al. 2021's adaptive weight), added to the loss."""
+        extra_loss = recon.new_zeros(())
+        nll = reconstruction_loss(recon, images, cfg.recon_loss)  # what the GAN weight is balanced against
+        if lpips is not None:
+            p_loss = lpips(recon, images).mean()
+            extra_loss, nll = extra_loss + cfg.perceptual_weight * p_loss, nll + cfg.perceptual_weight * p_loss
+            terms["lpips"] = p_loss.detach()
+        if gan and step >= cfg.disc_start:  # generator side: fool the discriminator
+            disc.requires_grad_(False)
+            g_loss = -disc(recon).mean()
+            disc.requires_grad_(True)
+            d_weight = cfg.disc_weight * adaptive_gan_weight(nll, g_loss, model.decoder.conv_out.weight)
+            extra_loss = extra_loss + d_weight * g_loss
+            terms.update(g_loss=g_loss.detach(), d_weight=d_weight)
+        return extra_loss
 
     # Loop.
     step = start
@@ -185,22 +240,37 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                     images = images.to(device)
                     gens = sample_generators(cfg.seed, step, positions)
                     with autocast(cfg.precision, device):
-                        posterior = model.encode_posterior(images)
-                        eps = per_sample(gens, lambda g: torch.randn(1, *posterior.mean.shape[1:], generator=g))
-                        recon = model.decode_raw(posterior.mean + posterior.std * eps.to(device, posterior.mean.dtype))
-                    loss, terms = vae_loss(recon.float(), images, posterior, kl_weight=cfg.kl_weight,
-                                           recon=cfg.recon_loss)
+                        if isinstance(model, AutoencoderVQ):  # the quantizer's straight-through output, no noise
+                            recon, posterior = model(images)
+                        else:
+                            posterior = model.encode_posterior(images)
+                            eps = per_sample(gens, lambda g: torch.randn(1, *posterior.mean.shape[1:], generator=g))
+                            recon = model.decode_raw(posterior.mean + posterior.std * eps.to(device, posterior.mean.dtype))
+                    recon = recon.float()
+                    if isinstance(posterior, QuantizerOutput):
+                        loss, terms = vq_loss(recon, images, posterior, recon=cfg.recon_loss)
+                    else:
+                        loss, terms = vae_loss(recon, images, posterior, kl_weight=cfg.kl_weight, recon=cfg.recon_loss)
+                    loss = loss + gan_and_perceptual_terms(recon, images, step, terms)
                     parts.update(terms)
+                    if gan and step >= cfg.disc_start:
+                        pairs.append((images, recon.detach()))
                     return loss.expand(len(positions))
 
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+                pairs.clear()
                 loss, grad_norm, stop_now = train_step(ctx, wrapped, model, opt, skipper, chunks, loss_fn,
                                                        cfg.batch_size, step, cfg.grad_clip, stop)
                 if grad_norm is not None:
                     ema.update(model)
                     for p in posthoc:
                         p.update(model, step + 1)
+                    if pairs:  # discriminator side: hinge loss on real images and (detached) reconstructions
+                        real, fake = (torch.cat(t) for t in zip(*pairs))
+                        d_loss = hinge_d_loss(disc(real), disc(fake))
+                        if d_skipper.step(d_loss, step, opt_d, disc, cfg.grad_clip) is not None:
+                            parts["d_loss"] = d_loss.detach()
                 if dry:
                     dry.stop()
                     if step + 1 - start >= cfg.dry_run_steps:
@@ -213,7 +283,7 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                         if main:
                             save_snapshot(run, p, step + 1, state)
                 if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                    log.log(step, loss=loss, recon=float(parts["recon"]), kl=float(parts["kl"]),
+                    log.log(step, loss=loss, **{k: float(v) for k, v in parts.items() if k != "loss"},
                             grad_norm=grad_norm if grad_norm is not None else float("nan"),
                             lr=opt.param_groups[0]["lr"])
                 sample_due = cfg.sample_every and (step + 1) % cfg.sample_every == 0
@@ -227,6 +297,8 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                 if stop_now or ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
                     if main:
                         check_finite_params(model)
+                        if gan:
+                            check_finite_params(disc)
                     folder = save_training_checkpoint(run, step + 1, model, ema, opt, None, to_dict(cfg),
                                                       cfg.keep_last, ctx=ctx, extra=extra)
                     if stop_now:
@@ -261,12 +333,12 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
         check_finite_params(final)
         stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
         batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
-        scale, shift = compute_latent_stats(final, batches)
-        final.config = dataclasses.replace(final.config, scale_factor=scale, shift_factor=shift)
+        scale, shift = compute_latent_stats(final, batches, per_channel=cfg.per_channel_stats)
+        set_latent_stats(final, scale, shift)
         save_autoencoder(run / "autoencoder", final)
         save_reconstructions(final, fixed, run / "samples" / "recon_final.png")
         if not cfg.quiet:
-            print(f"latent scale {scale:.4f}, shift {shift:.4f}; autoencoder written to {run / 'autoencoder'}",
+            print(f"latent scale {scale}, shift {shift}; autoencoder written to {run / 'autoencoder'}",
                   file=sys.stderr)
     ctx.barrier()
     return run / "autoencoder"
