@@ -310,7 +310,7 @@ def test_evaluation_counts_and_impossible_step_counts():
     for name in ("heun", "dpmpp_2s_ancestral", "unipc"):
         calls = []
         fn, _ = sampling.get_sampler(name)
-        fn(lambda x, s, c: calls.append(1) or 0.5 * x, torch.ones(1, 2), sigmas * 1.0,
+        fn(lambda x, s, c, calls=calls: calls.append(1) or 0.5 * x, torch.ones(1, 2), sigmas * 1.0,
            generator=torch.Generator().manual_seed(0))
         assert len(calls) == sampling.count_evaluations(name, sigmas), name
 
