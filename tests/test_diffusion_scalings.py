@@ -199,8 +199,9 @@ def test_make_sigmas():
     assert len(schedules.make_sigmas("karras", 7, EDM())) == 8
     assert math.isinf(schedules.make_sigmas("default", 7, Flow())[0])
     torch.testing.assert_close(schedules.make_sigmas("default", 7, Eps(AC)), schedules.vp_sigmas(AC, 7))
+    assert math.isinf(schedules.make_sigmas("karras", 7, Flow())[0])  # over flow time, from t = 1
     with pytest.raises(ValueError, match="finite sigma_max"):
-        schedules.make_sigmas("karras", 7, Flow())
+        schedules.make_sigmas("karras", 7, V(AC_ZSNR))
     with pytest.raises(ValueError, match="needs a discrete model"):
         schedules.make_sigmas("trailing", 7, EDM())
     with pytest.raises(ValueError, match="unknown sigma grid"):
@@ -291,3 +292,34 @@ def test_samplers_keep_x_dtype(name):
     sigmas = [14.6, 3.0, 0.5, 0.0]  # a plain list is accepted too
     out = fn(lambda x, s, c: 0.5 * x, x * 14.6, sigmas, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+def test_evaluation_counts_and_impossible_step_counts():
+    sigmas = schedules.karras_sigmas(6, 0.1, 10.0)
+    assert sampling.count_evaluations("heun", sigmas) == 11
+    assert sampling.count_evaluations("DPM++ 2S a", sigmas) == 11
+    assert sampling.count_evaluations("dpmpp_2m", sigmas) == 6
+    assert sampling.count_evaluations(sampling.sample_heun, schedules.flow_sigmas(6)) == 10  # exact first step
+    assert sampling.steps_for_evaluations("heun", 9) == 5
+    assert sampling.steps_for_evaluations("unipc", 10) == 10
+    with pytest.raises(ValueError, match=r"heun makes 2 evaluations per step.*use 9 \(5 steps\) or 11 \(6 steps\)"):
+        sampling.steps_for_evaluations("heun", 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        sampling.steps_for_evaluations("euler", 0)
+    # the counts are what the samplers do
+    for name in ("heun", "dpmpp_2s_ancestral", "unipc"):
+        calls = []
+        fn, _ = sampling.get_sampler(name)
+        fn(lambda x, s, c, calls=calls: calls.append(1) or 0.5 * x, torch.ones(1, 2), sigmas * 1.0,
+           generator=torch.Generator().manual_seed(0))
+        assert len(calls) == sampling.count_evaluations(name, sigmas), name
+
+
+@pytest.mark.parametrize("name", sorted(sampling._CANONICAL))
+def test_one_step_is_possible_for_every_sampler(name):
+    """Higher-order samplers lower their order when history or steps are short: one step is one Euler step."""
+    fn, _ = sampling.get_sampler(name)
+    sigmas = torch.tensor([2.0, 0.0], dtype=F64)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * 2.0
+    out = fn(lambda x, s, c: 0.5 * x, x, sigmas, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, 0.5 * x)  # x0_hat at the only step

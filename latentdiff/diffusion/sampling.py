@@ -482,3 +482,47 @@ def get_sampler(name: str):
             f"aliases: {', '.join(sorted(_ALIASES))}"
         )
     return SAMPLERS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# network evaluations (NFE) per sampler
+
+_TWO_EVALUATIONS = (sample_heun, sample_dpmpp_2s_ancestral)  # a second evaluation inside each step
+
+
+def _sampler_fn(sampler):
+    return get_sampler(sampler)[0] if isinstance(sampler, str) else sampler
+
+
+def evaluations_per_step(sampler) -> int:
+    """Network evaluations per step of a sampler (name or function): 2 for Heun and DPM++ 2S a, else 1.
+
+    The two-evaluation samplers skip their second evaluation on the last step to sigma = 0.
+    """
+    return 2 if _sampler_fn(sampler) in _TWO_EVALUATIONS else 1
+
+
+def count_evaluations(sampler, sigmas) -> int:
+    """Network evaluations a sampler makes on a grid, counting the exact first step from sigma = inf."""
+    sig = check_sigmas(sigmas).tolist()
+    steps = len(sig) - 1
+    if evaluations_per_step(sampler) == 1:
+        return steps
+    start = 1 if math.isinf(sig[0]) else 0  # _start_from_noise: one evaluation
+    return start + max(0, 2 * (steps - start) - 1)
+
+
+def steps_for_evaluations(sampler, nfe: int) -> int:
+    """Steps of a grid with a finite sigmas[0] that use exactly nfe evaluations; a ValueError if none does."""
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"number of network evaluations must be an integer >= 1, got {nfe!r}")
+    if evaluations_per_step(sampler) == 1:
+        return nfe
+    if nfe % 2 == 0:
+        name = sampler if isinstance(sampler, str) else sampler.__name__
+        raise ValueError(
+            f"{name} makes 2 evaluations per step and 1 on the last step, so it makes an odd number "
+            f"(2 * steps - 1); {nfe} is not possible: use {nfe - 1} ({nfe // 2} steps) or "
+            f"{nfe + 1} ({nfe // 2 + 1} steps)"
+        )
+    return (nfe + 1) // 2

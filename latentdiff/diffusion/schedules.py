@@ -265,11 +265,24 @@ def _grid_default(n, param, **kw):
     return karras_sigmas(n, param.sigma_min, param.sigma_max, **kw)
 
 
+def _flow_t_grid(grid_in_t: Tensor) -> Tensor:
+    """Flow time t (decreasing from 1, ending in 0) -> sigma = t / (1 - t); t = 1 gives inf exactly."""
+    return grid_in_t / (1 - grid_in_t)
+
+
 def _grid_karras(n, param, sigma_min=None, sigma_max=None, rho=7.0):
+    if param.name == "flow" and sigma_max is None:
+        # Flow models: the Karras ramp over flow time t from 1 to t_min (the flow "sigma" of diffusers'
+        # FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True) and ComfyUI), so it starts at t = 1 exactly.
+        s_min = sigma_min or param.sigma_min
+        return _flow_t_grid(karras_sigmas(n, s_min / (1 + s_min), 1.0, rho))
     return karras_sigmas(n, sigma_min or param.sigma_min, sigma_max or param.sigma_max, rho)
 
 
 def _grid_exponential(n, param, sigma_min=None, sigma_max=None):
+    if param.name == "flow" and sigma_max is None:  # uniform in log t from t = 1 exactly, as for karras
+        s_min = sigma_min or param.sigma_min
+        return _flow_t_grid(exponential_sigmas(n, s_min / (1 + s_min), 1.0))
     return exponential_sigmas(n, sigma_min or param.sigma_min, sigma_max or param.sigma_max)
 
 
