@@ -7,7 +7,9 @@ import torch
 
 from latentdiff.models import dit as dit_mod
 from latentdiff.models.dit import DiT, DiTConfig
+from latentdiff.models import mmdit as mmdit_mod
 from latentdiff.models.layers import patchify, sincos_pos_embed_2d, unpatchify
+from latentdiff.models.mmdit import MMDiT, MMDiTConfig
 from latentdiff.types import Cond
 
 
@@ -146,18 +148,6 @@ def test_dit_starts_as_zero_and_text_conditioning_matters():
         torch.testing.assert_close(net(x, t, Cond(context=ctx[:, :3], vector=vec)), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_dit_gradient_checkpointing_same_grads():
-    x, t = dit_inputs()
-    labels = torch.tensor([1, 2])
-    a = tiny_dit(num_classes=4).train()
-    b = tiny_dit(num_classes=4, gradient_checkpointing=True).train()
-    b.load_state_dict(a.state_dict())
-    for net in (a, b):
-        net(x, t, Cond(vector=labels)).square().mean().backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
-
-
 def test_dit_errors():
     x, t = dit_inputs()
     with pytest.raises(ValueError, match="divisible by num_heads 3"):
@@ -173,3 +163,91 @@ def test_dit_errors():
         tiny_dit(context_dim=12)(x, t)
     with pytest.raises(ValueError, match="no cross-attention"):
         tiny_dit()(x, t, Cond(context=torch.randn(2, 3, 12)))
+
+
+# ----------------------------------------------------------------------------- MMDiT
+
+
+def mmdit_inputs(b=2, size=8, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, size, size, generator=g)
+    t = torch.rand(b, generator=g) * 1000
+    return x, t, Cond(context=torch.randn(b, length, 12, generator=g), vector=torch.randn(b, 6, generator=g))
+
+
+def tiny_mmdit(**kw) -> MMDiT:
+    cfg = MMDiTConfig(in_channels=4, sample_size=8, patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                      context_dim=12, vector_dim=6, pos_embed_max_size=8)
+    return randomize(MMDiT(replace(cfg, **kw))).eval()
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_mmdit_parity_with_diffusers(qk_norm):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference implementation")
+    torch.manual_seed(0)
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+        pos_embed_max_size=8, qk_norm=qk_norm,
+    ).eval()
+    randomize(ref)  # diffusers' own init leaves the RMS-norm weights at 1; random ones test them too
+    ours = MMDiT(mmdit_mod.config_from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)  # identical names: no key map needed
+    for size in (8, 6):  # the full position table and a center crop of it
+        x, t, cond = mmdit_inputs(size=size)
+        with torch.no_grad():
+            expected = ref(x, cond.context, cond.vector, t).sample
+            assert_rel_close(ours(x, t, cond), expected)
+
+
+def test_mmdit_presets():
+    assert {"sd3-medium", "sd35-large", "mmdit-shapes"} <= set(mmdit_mod.PRESETS)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MMDiT(mmdit_mod.PRESETS["sd3-medium"]).parameters())
+    assert 2.0e9 < n < 2.1e9, n  # SD3 medium: "2B"
+
+
+def test_mmdit_starts_as_zero_mask_and_conditioning():
+    x, t, cond = mmdit_inputs()
+    fresh = MMDiT(replace(tiny_mmdit().config))
+    assert torch.equal(fresh(x, t, cond), torch.zeros_like(x))
+    net = tiny_mmdit(qk_norm=True)
+    with torch.no_grad():
+        out = net(x, t, cond)
+        assert not torch.allclose(out, net(x, t, replace(cond, context=cond.context + 1)), atol=1e-4)
+        assert not torch.allclose(out, net(x, t, replace(cond, vector=-cond.vector)), atol=1e-4)
+        # Masked padding tokens change nothing: same as dropping them.
+        mask = torch.tensor([[True] * 3 + [False] * 2] * 2)
+        masked = net(x, t, replace(cond, context_mask=mask))
+        short = net(x, t, replace(cond, context=cond.context[:, :3]))
+        torch.testing.assert_close(masked, short, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(masked, out, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["dit", "mmdit"])
+def test_transformer_gradient_checkpointing_same_grads(family):
+    x, t, cond = mmdit_inputs()
+    if family == "dit":
+        make, cond = tiny_dit, Cond(vector=torch.tensor([1, 2]))
+        kw = {"num_classes": 4}
+    else:
+        make, kw = tiny_mmdit, {}
+    a, b = make(**kw).train(), make(gradient_checkpointing=True, **kw).train()
+    b.load_state_dict(a.state_dict())
+    for net in (a, b):
+        net(x, t, cond).square().mean().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_mmdit_errors():
+    x, t, cond = mmdit_inputs()
+    net = tiny_mmdit()
+    with pytest.raises(ValueError, match="pooled text vector"):
+        net(x, t, replace(cond, vector=None))
+    with pytest.raises(ValueError, match=r"text tokens cond.context of shape \(2, L, 12\)"):
+        net(x, t, replace(cond, context=torch.randn(2, 5, 7)))
+    with pytest.raises(ValueError, match="larger than the position table"):
+        net(torch.randn(2, 4, 18, 18), t, cond)
+    with pytest.raises(ValueError, match="dual_attention_layers"):
+        mmdit_mod.config_from_diffusers({"dual_attention_layers": [0]})
