@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from latentdiff.models import dit as dit_mod
-from latentdiff.models.dit import DiT, DiTConfig
 from latentdiff.models import mmdit as mmdit_mod
+from latentdiff.models.dit import DiT, DiTConfig
 from latentdiff.models.layers import patchify, sincos_pos_embed_2d, unpatchify
 from latentdiff.models.mmdit import MMDiT, MMDiTConfig
 from latentdiff.types import Cond
