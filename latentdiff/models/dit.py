@@ -86,6 +86,9 @@ PRESETS: dict[str, DiTConfig] = {
 # Text-conditioned, for 8x8 or 16x16 latents of the shapes data; trains on a CPU in minutes.
 PRESETS["dit-shapes"] = DiTConfig(sample_size=8, patch_size=2, hidden_size=192, depth=6, num_heads=6,
                                   context_dim=256, vector_dim=256)
+# For tests of the training loop: the smallest network that still has every part.
+PRESETS["dit-tiny"] = DiTConfig(sample_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                                context_dim=256, vector_dim=256)
 
 
 class LabelEmbedding(nn.Module):

@@ -66,6 +66,9 @@ PRESETS: dict[str, MMDiTConfig] = {
     # For 8x8 or 16x16 latents of the shapes data, with the built-in text encoder; trains on a CPU.
     "mmdit-shapes": MMDiTConfig(in_channels=4, sample_size=32, patch_size=2, hidden_size=192, depth=6, num_heads=6,
                                 context_dim=256, vector_dim=256, pos_embed_max_size=16, qk_norm=True),
+    # For tests of the training loop: the smallest network that still has every part.
+    "mmdit-tiny": MMDiTConfig(in_channels=4, sample_size=32, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                              context_dim=256, vector_dim=256, pos_embed_max_size=16, qk_norm=True),
 }
 
 

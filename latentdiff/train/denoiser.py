@@ -6,7 +6,6 @@ The result is a complete model folder (autoencoder, denoiser, text encoder) that
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import atomic_folder
-from latentdiff.models.unet import PRESETS as UNET_PRESETS
+from latentdiff.models.families import find_preset, for_text_data
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -55,7 +54,7 @@ class TrainConfig:
     cache: str = "runs/cache"  # latent cache folder (from `latentdiff cache`)
     autoencoder: str | None = None  # autoencoder folder; default: the one the cache was built with
     seed: int = 0  # seeds weights, data order, noise and caption dropout
-    model: str = "shapes-tiny"  # U-Net preset (models/unet.py)
+    model: str = "shapes-tiny"  # network preset: U-Net (models/unet.py), DiT (models/dit.py) or MMDiT (models/mmdit.py)
     parameterization: str = "eps"  # what the network predicts: "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # discrete noise schedule (eps, v, x0)
     sigma_sampler: str = "discrete"  # training noise levels: "discrete", "lognormal" (EDM), "logitnormal" (SD3)
@@ -82,6 +81,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
+    sample_schedule: str = "karras"  # sigma grid for the sample grids ("flow" for flow models: karras needs a finite sigma_max)
 
 
 _DEMO = {"steps": 600, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, "sample_every": 200,
@@ -100,6 +100,15 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 
+# The other network families on the same data (models/families.py); MMDiT with rectified flow, as SD3.
+_MMDIT = {"model": "mmdit-shapes", "parameterization": "flow", "sigma_sampler": "logitnormal",
+          "sample_schedule": "flow"}
+TRAIN_PRESETS["shapes-dit-test"] = {**TRAIN_PRESETS["shapes-test"], "model": "dit-tiny"}
+TRAIN_PRESETS["shapes-mmdit-test"] = {**TRAIN_PRESETS["shapes-test"], **_MMDIT, "model": "mmdit-tiny"}
+TRAIN_PRESETS["shapes-demo-dit"] = {**_DEMO, "model": "dit-shapes"}
+TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
+
+
 class Trainable(nn.Module):
     """The modules the optimizer updates: the network, and the text encoder when it is trained jointly."""
 
@@ -112,8 +121,7 @@ class Trainable(nn.Module):
 def train_denoiser(cfg: TrainConfig) -> Path:
     """Train a denoiser on a latent cache; write ``cfg.out/model`` (a model folder) and return it."""
     # Setup.
-    if cfg.model not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {cfg.model!r}; known: {', '.join(sorted(UNET_PRESETS))}")
+    family, network_cfg = find_preset(cfg.model)
     run = Path(cfg.out)
     checkpoint = find_checkpoint(run) if cfg.resume else None
     cache = LatentCache(cfg.cache)
@@ -131,9 +139,9 @@ def train_denoiser(cfg: TrainConfig) -> Path:
     text_encoder = build_text_encoder(cfg.text_encoder)
     joint = cfg.text_encoder.kind == "hashed"
     channels = cache.info["latent_shape"][0]
-    unet_cfg = dataclasses.replace(UNET_PRESETS[cfg.model], in_channels=channels, out_channels=channels,
-                                   context_dim=text_encoder.dim, vector_dim=text_encoder.dim)
-    spec = DenoiserSpec(parameterization=cfg.parameterization, schedule=cfg.schedule, unet=unet_cfg)
+    network_cfg = for_text_data(family, network_cfg, channels, text_encoder.dim, cache.info["latent_shape"][1])
+    spec = DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
+                        **{family: network_cfg})
     denoiser = build_denoiser(spec)
     model = Trainable(denoiser.network, text_encoder if joint else None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -221,6 +229,7 @@ def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: T
     from latentdiff.pipeline import Pipeline
 
     images = Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size).generate(
-        list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+        list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
+        schedule=cfg.sample_schedule)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)
