@@ -10,6 +10,9 @@ flow grid for the flow MMDiT; CFG) and the rule-based judge scores them.
     latentdiff cache --preset shapes-demo --set autoencoder=outputs/bb/vae/autoencoder --set num_images=4000 \
         --out outputs/bb/cache
     python benchmarks/backbones_judge.py --cache outputs/bb/cache --out outputs/bb/judge --cpu-seconds 100
+
+On a shared machine the presets can run as three processes side by side (``--presets shapes-demo --threads 1``,
+and so on): each is timed in its own CPU seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ def train_for(preset: str, overrides: dict, steps: int, out: Path) -> tuple[Path
     return folder, time.process_time() - t0, cfg
 
 
+def judge(folder: Path, cfg: TrainConfig, steps: int, cpu: float, wall: float, args) -> dict:
+    """Generate the held-out and training-distribution prompts with the model and score them."""
+    pipe = load(folder)
+    n_params = sum(p.numel() for p in pipe.denoiser.network.parameters())
+    settings = {"steps": args.steps, "sampler": "dpmpp_2m", "schedule": args.schedule, "guidance": args.guidance,
+                "seed": 0}
+    with torch.no_grad():
+        held, _ = score_prompts(pipe, heldout_prompts(args.eval_prompts, seed=0), **settings)
+        seen, _ = score_prompts(pipe, train_prompts(args.eval_prompts, seed=0), **settings)
+    return {"model": cfg.model, "parameterization": cfg.parameterization, "params_M": n_params / 1e6,
+            "steps": steps, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "schedule": args.schedule,
+            "heldout": {k: held[k] for k in ATTRS}, "train_prompts": {k: seen[k] for k in ATTRS}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", required=True, help="latent cache (from `latentdiff cache`)")
@@ -51,6 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--schedule", default="default",
+                    help="sigma grid for DPM++ 2M; 'default': each model's own (trailing for eps, flow for flow)")
+    ap.add_argument("--eval-only", action="store_true", help="judge the models already trained under --out")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,6 +79,13 @@ def main() -> None:
     rows = {}
     for preset in args.presets:
         overrides = {"cache": args.cache}
+        if args.eval_only:
+            folder, cpu, wall = out / preset / "model", float("nan"), float("nan")
+            steps = int((out / preset / "checkpoints" / "latest").read_text().split("_")[1])
+            cfg = build_config(TrainConfig, TRAIN_PRESETS, preset, None, overrides)
+            rows[preset] = judge(folder, cfg, steps, cpu, wall, args)
+            print(json.dumps({preset: rows[preset]}), flush=True)
+            continue
         # CPU seconds per step: the difference of a 1-step and a (1 + calib-steps)-step run (start-up cancels).
         _, one, _ = train_for(preset, overrides, 1, out / f"{preset}-calib1")
         _, more, _ = train_for(preset, overrides, 1 + args.calib_steps, out / f"{preset}-calib")
@@ -67,15 +94,7 @@ def main() -> None:
         t0 = time.time()
         folder, cpu, cfg = train_for(preset, overrides, steps, out / preset)
         wall = time.time() - t0
-        pipe = load(folder)
-        n_params = sum(p.numel() for p in pipe.denoiser.network.parameters())
-        settings = {"steps": args.steps, "sampler": "DPM++ 2M", "guidance": args.guidance, "seed": 0}
-        with torch.no_grad():
-            held, _ = score_prompts(pipe, heldout_prompts(args.eval_prompts, seed=0), **settings)
-            seen, _ = score_prompts(pipe, train_prompts(args.eval_prompts, seed=0), **settings)
-        rows[preset] = {"model": cfg.model, "parameterization": cfg.parameterization, "params_M": n_params / 1e6,
-                        "steps": steps, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-                        "heldout": {k: held[k] for k in ATTRS}, "train_prompts": {k: seen[k] for k in ATTRS}}
+        rows[preset] = judge(folder, cfg, steps, cpu, wall, args)
         print(json.dumps({preset: rows[preset]}), flush=True)
     (out / f"report-{'-'.join(args.presets)}.json").write_text(json.dumps(rows, indent=1))
 
