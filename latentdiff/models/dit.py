@@ -35,7 +35,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..types import Cond
-from .layers import MLP, AdaNorm, Attention, PatchEmbed, modulate, timestep_embedding, unpatchify
+from .layers import (
+    MLP,
+    AdaNorm,
+    Attention,
+    PatchEmbed,
+    check_token_width,
+    modulate,
+    timestep_embedding,
+    unpatchify,
+)
 from .unet import TimestepEmbedding
 
 
@@ -60,10 +69,7 @@ class DiTConfig:
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        check_token_width(self.hidden_size, self.num_heads)
         if self.num_classes is not None and self.vector_dim is not None:
             raise ValueError("num_classes and vector_dim both read cond.vector: set only one of them")
         if self.patch_size < 1 or self.sample_size % self.patch_size:

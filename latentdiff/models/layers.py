@@ -183,6 +183,14 @@ class Upsample2D(nn.Module):
 # ----------------------------------------------------------------------------- transformer backbones (DiT, MMDiT)
 
 
+def check_token_width(hidden_size: int, num_heads: int) -> None:
+    """Fail early on a transformer width that the heads or the 2-D sin-cos position embedding cannot split."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden size {hidden_size} must be divisible by num_heads {num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden size {hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+
+
 def sincos_pos_embed_2d(dim: int, height: int, width: int, base_size: float, scale: float = 1.0) -> Tensor:
     """Fixed 2-D sine-cosine position embedding of a (height, width) token grid, (height * width, dim) float32.
 

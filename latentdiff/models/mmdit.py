@@ -28,7 +28,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..types import Cond
-from .layers import MLP, AdaNorm, PatchEmbed, key_padding_mask, modulate, timestep_embedding, unpatchify
+from .layers import (
+    MLP,
+    AdaNorm,
+    PatchEmbed,
+    check_token_width,
+    key_padding_mask,
+    modulate,
+    timestep_embedding,
+    unpatchify,
+)
 from .unet import TimestepEmbedding
 
 
@@ -48,10 +57,7 @@ class MMDiTConfig:
     gradient_checkpointing: bool = False  # recompute blocks in backward to save memory
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        check_token_width(self.hidden_size, self.num_heads)
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {self.depth}")
         if self.sample_size % self.patch_size:
