@@ -26,7 +26,10 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization
 from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, build_autoencoder
-from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.models.dit import DiTConfig
+from latentdiff.models.families import FAMILIES
+from latentdiff.models.mmdit import MMDiTConfig
+from latentdiff.models.unet import UNetConfig
 
 BETA_SCHEDULES = {
     "linear": schedules.linear_betas,
@@ -54,10 +57,12 @@ class NoiseSchedule:
 class DenoiserSpec:
     """Everything needed to rebuild a Denoiser apart from its weights."""
 
-    network: str = "unet"  # network family
+    network: str = "unet"  # network family: "unet", "dit" or "mmdit" (models/families.py)
     parameterization: str = "eps"  # "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # used by eps, v and x0
-    unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config (network = "unet")
+    dit: DiTConfig = field(default_factory=DiTConfig)  # the network's config (network = "dit")
+    mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)  # the network's config (network = "mmdit")
 
 
 def build_parameterization(spec: DenoiserSpec):
@@ -70,9 +75,10 @@ def build_parameterization(spec: DenoiserSpec):
 
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:
     """Network + parameterization -> Denoiser."""
-    if spec.network != "unet":
-        raise ValueError(f"unknown network family {spec.network!r}; this version has 'unet'")
-    return Denoiser(UNet(spec.unet), build_parameterization(spec))
+    if spec.network not in FAMILIES:
+        raise ValueError(f"unknown network family {spec.network!r}; known: {', '.join(FAMILIES)}")
+    network_class, _ = FAMILIES[spec.network]
+    return Denoiser(network_class(getattr(spec, spec.network)), build_parameterization(spec))
 
 
 def save_autoencoder(folder: str | Path, autoencoder: AutoencoderKL) -> None:
@@ -89,7 +95,8 @@ def load_autoencoder(folder: str | Path, verbose: bool = False) -> AutoencoderKL
 
 
 def save_denoiser(folder: str | Path, denoiser: Denoiser, spec: DenoiserSpec) -> None:
-    save_component(folder, denoiser.network, {"type": "Denoiser", "config": dataclasses.asdict(spec)})
+    config = {k: v for k, v in dataclasses.asdict(spec).items() if k not in FAMILIES or k == spec.network}
+    save_component(folder, denoiser.network, {"type": "Denoiser", "config": config})  # only the used family's
 
 
 def load_denoiser(folder: str | Path, verbose: bool = False) -> tuple[Denoiser, DenoiserSpec]:

@@ -22,7 +22,7 @@ from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
 
 
 def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
-                  seed: int, batch: int = 16) -> tuple[dict, list]:
+                  seed: int, batch: int = 16, schedule: str | None = "karras") -> tuple[dict, list]:
     """Generate one image per (caption, scene) prompt and score it with the judge against the scene."""
     import numpy as np
 
@@ -31,7 +31,8 @@ def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sample
     images = []
     for start in range(0, len(prompts), batch):
         chunk = [c for c, _ in prompts[start:start + batch]]
-        images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start)
+        images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
+                                schedule=schedule)
     scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
     return scores, images
 

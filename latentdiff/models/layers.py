@@ -178,3 +178,138 @@ class Upsample2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
         return self.conv(x)
+
+
+# ----------------------------------------------------------------------------- transformer backbones (DiT, MMDiT)
+
+
+def check_token_width(hidden_size: int, num_heads: int) -> None:
+    """Fail early on a transformer width that the heads or the 2-D sin-cos position embedding cannot split."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden size {hidden_size} must be divisible by num_heads {num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden size {hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+
+
+def sincos_pos_embed_2d(dim: int, height: int, width: int, base_size: float, scale: float = 1.0) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding of a (height, width) token grid, (height * width, dim) float32.
+
+    As in MAE / DiT / SD3 (and diffusers' ``get_2d_sincos_pos_embed``): the first half of the channels
+    encodes the column, the second half the row, each as [sin, cos] with frequencies 10000^(-k / (dim / 4));
+    positions are ``index / (size / base_size) / scale``, so a grid of ``base_size`` tokens has unit spacing.
+    """
+    if dim % 4:
+        raise ValueError(f"position embedding width {dim} must be divisible by 4 (sin and cos of rows and columns)")
+    rows = torch.arange(height, dtype=torch.float64) / (height / base_size) / scale  # (H,)
+    cols = torch.arange(width, dtype=torch.float64) / (width / base_size) / scale  # (W,)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+
+    def embed(pos: Tensor) -> Tensor:  # (N,) -> (N, dim/2)
+        out = pos[:, None] * omega[None, :]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    col_grid = cols[None, :].expand(height, width).reshape(-1)  # (H*W,) row-major tokens
+    row_grid = rows[:, None].expand(height, width).reshape(-1)
+    return torch.cat([embed(col_grid), embed(row_grid)], dim=1).float()  # (H*W, dim)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), tokens row-major, channels last inside a patch."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens: Tensor, p: int, height: int, width: int) -> Tensor:
+    """(B, h * w, p * p * C) -> (B, C, h * p, w * p); the inverse of ``patchify`` (h, w in tokens)."""
+    B, _, D = tokens.shape
+    C = D // (p * p)
+    x = tokens.reshape(B, height, width, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, height * p, width * p)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (a strided conv ``proj``) plus a fixed sine-cosine position embedding.
+
+    With ``max_grid`` the table is computed once for a max_grid x max_grid grid, stored (key ``pos_embed``, as
+    SD3 checkpoints hold it) and center-cropped to the input; without it, it is computed for the input's grid
+    with ``base_size`` tokens at unit spacing (DiT), and not stored.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, base_size: int, max_grid: int | None = None,
+                 scale: float = 1.0):
+        super().__init__()
+        self.patch_size, self.base_size, self.max_grid, self.scale = patch_size, base_size, max_grid, scale
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        if max_grid is not None:
+            table = sincos_pos_embed_2d(dim, max_grid, max_grid, base_size, scale)[None]  # (1, G*G, D)
+            self.register_buffer("pos_embed", table, persistent=True)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) of an input of this size; refuses sizes the patches or the table do not cover."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {p}: pad or crop it")
+        h, w = height // p, width // p
+        if self.max_grid is not None and max(h, w) > self.max_grid:
+            raise ValueError(f"a {height}x{width} latent makes a {h}x{w} token grid, larger than the position "
+                             f"table's {self.max_grid}x{self.max_grid}: use a smaller size")
+        return h, w
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, h * w, dim)."""
+        h, w = self.grid(*x.shape[-2:])
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        if self.max_grid is None:
+            pos = sincos_pos_embed_2d(tokens.shape[-1], h, w, self.base_size, self.scale).to(x.device)
+        else:
+            G = self.max_grid
+            top, left = (G - h) // 2, (G - w) // 2
+            pos = self.pos_embed.view(G, G, -1)[top:top + h, left:left + w].reshape(h * w, -1)  # center crop
+        return tokens + pos[None].to(tokens.dtype)
+
+
+class GELUProj(nn.Module):
+    """Linear then tanh-approximated GELU (diffusers' ``GELU`` with ``proj``)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class MLP(nn.Module):
+    """Transformer MLP, Linear -> GELU(tanh) -> Linear; keys ``net.0.proj`` / ``net.2`` as in diffusers."""
+
+    def __init__(self, dim: int, mult: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(dim * mult)
+        self.net = nn.Sequential(GELUProj(dim, hidden), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation, Peebles & Xie 2023: x (B, L, D) * (1 + scale (B, D)) + shift (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaNorm(nn.Module):
+    """Parameter-free LayerNorm whose shift/scale/gate vectors come from the conditioning vector (adaLN).
+
+    ``linear`` maps SiLU(c) to ``chunks`` vectors of width dim; their order is the caller's
+    (diffusers: shift, scale, gate, shift, scale, gate for adaLN-Zero; scale, shift for the final norm).
+    """
+
+    def __init__(self, dim: int, cond_dim: int, chunks: int, eps: float = 1e-6):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(cond_dim, chunks * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+    def params(self, c: Tensor) -> tuple[Tensor, ...]:
+        """c (B, cond_dim) -> ``chunks`` tensors (B, dim)."""
+        return self.linear(F.silu(c)).chunk(self.chunks, dim=1)

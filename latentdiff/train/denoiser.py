@@ -32,7 +32,7 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import atomic_folder
-from latentdiff.models.unet import PRESETS as UNET_PRESETS
+from latentdiff.models.families import find_preset, for_text_data, spatial_factor
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -80,7 +80,7 @@ class TrainConfig:
     cache: str = "runs/cache"  # latent cache folder (from `latentdiff cache`)
     autoencoder: str | None = None  # autoencoder folder; default: the one the cache was built with
     seed: int = 0  # seeds weights, data order, noise and caption dropout
-    model: str = "shapes-tiny"  # U-Net preset (models/unet.py)
+    model: str = "shapes-tiny"  # network preset: U-Net (models/unet.py), DiT (models/dit.py) or MMDiT (models/mmdit.py)
     parameterization: str = "eps"  # what the network predicts: "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # discrete noise schedule (eps, v, x0)
     sigma_sampler: str = "discrete"  # training noise levels: "discrete", "lognormal" (EDM), "logitnormal" (SD3)
@@ -119,6 +119,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (FID/KID/judge, latentdiff.eval) logged to eval.jsonl; 0 = never
     eval_samples: int = 64  # images generated per evaluation
     eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
+    sample_schedule: str = "karras"  # sigma grid for the sample grids ("flow" for flow models: karras needs a finite sigma_max)
 
 
 _DEMO = {"model": "shapes-demo", "steps": 700, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995,
@@ -135,6 +136,15 @@ TRAIN_PRESETS: dict[str, dict] = {
                     "save_every": 2, "sample_steps": 2, "precision": "fp32", "quiet": True,
                     "text_encoder": {"dim": 32, "num_layers": 1}},
 }
+
+
+# The other network families on the same data (models/families.py); MMDiT with rectified flow, as SD3.
+_MMDIT = {"model": "mmdit-shapes", "parameterization": "flow", "sigma_sampler": "logitnormal",
+          "sample_schedule": "flow"}
+TRAIN_PRESETS["shapes-dit-test"] = {**TRAIN_PRESETS["shapes-test"], "model": "dit-tiny"}
+TRAIN_PRESETS["shapes-mmdit-test"] = {**TRAIN_PRESETS["shapes-test"], **_MMDIT, "model": "mmdit-tiny"}
+TRAIN_PRESETS["shapes-demo-dit"] = {**_DEMO, "model": "dit-shapes"}
+TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
 
 
 class Trainable(nn.Module):
@@ -173,8 +183,7 @@ def eval_callbacks(cfg: TrainConfig) -> list[Callback]:
 
 def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | dict:
     # Setup.
-    if cfg.model not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {cfg.model!r}; known: {', '.join(sorted(UNET_PRESETS))}")
+    family, network_cfg = find_preset(cfg.model)
     run = Path(cfg.out)
     checkpoint = find_checkpoint(run) if cfg.resume else None
     cache = LatentCache(cfg.cache)
@@ -194,12 +203,12 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     text_encoder = build_text_encoder(cfg.text_encoder)
     joint = cfg.text_encoder.kind == "hashed"
     channels = cache.info["latent_shape"][0]
-    unet_cfg = dataclasses.replace(UNET_PRESETS[cfg.model], in_channels=channels, out_channels=channels,
-                                   context_dim=text_encoder.dim, vector_dim=text_encoder.dim)
-    spec = DenoiserSpec(parameterization=cfg.parameterization, schedule=cfg.schedule, unet=unet_cfg)
-    denoiser = build_denoiser(dataclasses.replace(
-        spec, unet=dataclasses.replace(unet_cfg, gradient_checkpointing=cfg.gradient_checkpointing)))
-    cache.check_divisible(2 ** (len(unet_cfg.channel_mult) - 1))  # every bucket's latents fit the U-Net
+    network_cfg = for_text_data(family, network_cfg, channels, text_encoder.dim, cache.info["latent_shape"][1])
+    spec = DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
+                        **{family: network_cfg})
+    denoiser = build_denoiser(dataclasses.replace(  # checkpointing is how it trains, not part of the saved spec
+        spec, **{family: dataclasses.replace(network_cfg, gradient_checkpointing=cfg.gradient_checkpointing)}))
+    cache.check_divisible(spatial_factor(family, network_cfg))  # every bucket's latents fit the network
     cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
     model = Trainable(denoiser.network, text_encoder if joint else None)
     ema = EMA(model, cfg.ema_decay)
@@ -371,6 +380,7 @@ def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: T
                 path: Path) -> None:
     """Generate the fixed sample prompts and save them as one row."""
     images = _pipeline(denoiser, text_encoder, autoencoder, image_size).generate(
-        list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+        list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
+        schedule=cfg.sample_schedule)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)

@@ -1,0 +1,63 @@
+"""The denoiser network families (U-Net, DiT, MMDiT): their classes, presets, and how a preset meets the data.
+
+Every family is a ``Network``: ``network(x, c_noise, cond) -> raw output`` of x's shape, configured by one
+dataclass, with its presets in a dict next to it (``models/unet.py``, ``models/dit.py``, ``models/mmdit.py``).
+Preset names are unique across families, so ``latentdiff train --set model=NAME`` finds the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from .dit import PRESETS as DIT_PRESETS
+from .dit import DiT
+from .mmdit import PRESETS as MMDIT_PRESETS
+from .mmdit import MMDiT
+from .unet import PRESETS as UNET_PRESETS
+from .unet import UNet
+
+# family name (also the DenoiserSpec field holding its config) -> (network class, presets)
+FAMILIES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "unet": (UNet, UNET_PRESETS),
+    "dit": (DiT, DIT_PRESETS),
+    "mmdit": (MMDiT, MMDIT_PRESETS),
+}
+
+_clash = set(UNET_PRESETS) & set(DIT_PRESETS) | set(UNET_PRESETS) & set(MMDIT_PRESETS) | set(DIT_PRESETS) & set(MMDIT_PRESETS)
+assert not _clash, f"preset names must be unique across families: {_clash}"
+
+
+def find_preset(name: str) -> tuple[str, Any]:
+    """A preset name -> (family, a copy of its config)."""
+    for family, (_, presets) in FAMILIES.items():
+        if name in presets:
+            return family, dataclasses.replace(presets[name])
+    known = "; ".join(f"{family}: {', '.join(sorted(presets))}" for family, (_, presets) in FAMILIES.items())
+    raise ValueError(f"unknown network preset {name!r}; known presets are {known}")
+
+
+def for_text_data(family: str, config: Any, channels: int, text_dim: int, latent_size: int) -> Any:
+    """A preset's config adapted to the training data: latent channels and size, text token and pooled widths.
+
+    Text conditioning replaces class labels (DiT's ImageNet presets): tokens feed cross- or joint attention,
+    the pooled vector joins the timestep embedding. DiT's learned sigma is switched off (nothing trains it).
+    """
+    if family == "unet":
+        return dataclasses.replace(config, in_channels=channels, out_channels=channels, context_dim=text_dim,
+                                   vector_dim=text_dim, num_classes=None)
+    if family == "dit":
+        return dataclasses.replace(config, in_channels=channels, sample_size=latent_size, context_dim=text_dim,
+                                   vector_dim=text_dim, num_classes=None, learn_sigma=False)
+    if family == "mmdit":
+        grid = latent_size // config.patch_size
+        return dataclasses.replace(config, in_channels=channels, context_dim=text_dim, vector_dim=text_dim,
+                                   pos_embed_max_size=max(config.pos_embed_max_size, grid))
+    raise ValueError(f"unknown network family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def spatial_factor(family: str, config: Any) -> int:
+    """What the latent's height and width must be multiples of: the U-Net's downsampling, a DiT's patch."""
+    return 2 ** (len(config.channel_mult) - 1) if family == "unet" else config.patch_size
