@@ -16,7 +16,7 @@ from latentdiff.components import save_autoencoder
 from latentdiff.config import build_config
 from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 from latentdiff.diffusion import losses, schedules
-from latentdiff.diffusion.parameterization import EDM, Flow, V
+from latentdiff.diffusion.parameterization import EDM, Eps, Flow, V
 from latentdiff.models.autoencoder import PRESETS as AE_PRESETS
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
@@ -26,8 +26,9 @@ OBJECTIVES = {
     "flow-logitnormal": {"parameterization": "flow", "sigma_sampler": "logitnormal"},
     "v-minsnr": {"parameterization": "v", "sigma_sampler": "discrete", "min_snr_gamma": 5.0, "offset_noise": 1.0},
     "edm-lognormal": {"parameterization": "edm", "sigma_sampler": "lognormal"},
+    "eps-edm-weighting": {"parameterization": "eps", "sigma_sampler": "discrete", "edm_weighting": 0.5},
 }
-PARAM_TYPES = {"flow-logitnormal": Flow, "v-minsnr": V, "edm-lognormal": EDM}
+PARAM_TYPES = {"flow-logitnormal": Flow, "v-minsnr": V, "edm-lognormal": EDM, "eps-edm-weighting": Eps}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,10 @@ def test_training_config_reaches_the_loss(models):
     # EDM + log-normal: unit weight on the raw output is EDM's lambda(sigma); sigmas are not a table's.
     sigma, weighting, _ = models["edm-lognormal"][2][0]
     assert weighting is None and sigma.dtype == torch.float64 and len(set(sigma.tolist())) == len(sigma)
+    # eps + EDM weighting: EDM's lambda(sigma) with sigma_data 0.5 on the x0 loss of an eps model.
+    sigma, weighting, _ = models["eps-edm-weighting"][2][0]
+    torch.testing.assert_close(weighting(sigma), losses.edm_weight(sigma, 0.5))
+    assert not torch.allclose(weighting(sigma), losses.edm_weight(sigma, 1.0))
 
 
 @pytest.fixture(scope="module")

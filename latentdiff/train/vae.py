@@ -121,7 +121,7 @@ VAE_PRESETS: dict[str, dict] = {
     "shapes": {},
     # The demo's stage 1: 32x32 images and a narrow autoencoder, about 5 minutes on 2 CPU cores. L2 learns the
     # small objects faster than L1 (object-pixel error 0.23 vs 0.39 after 600 steps; benchmarks/vae_loss.py).
-    "shapes-demo": {"image_size": 32, "num_images": 4000, "model": "shapes-demo", "steps": 900, "batch_size": 32,
+    "shapes-demo": {"image_size": 32, "num_images": 4000, "model": "shapes-demo", "steps": 700, "batch_size": 32,
                     "lr": 2e-3, "warmup_steps": 20, "recon_loss": "l2", "grad_clip": 100.0, "sample_every": 300,
                     "save_every": 300},
     "shapes-f8c4": {"model": "shapes-f8c4"},
