@@ -20,6 +20,7 @@ from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
+from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 
@@ -181,7 +182,8 @@ def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> Autoen
         in_channels=d.get("in_channels", 3), base_channels=boc[0], channel_mult=tuple(c // boc[0] for c in boc),
         num_res_blocks=d.get("layers_per_block", 2), latent_channels=d.get("latent_channels", 4),
         mid_attention=d.get("mid_block_add_attention", True), norm_groups=d.get("norm_num_groups", 32),
-        use_quant_conv=d.get("use_quant_conv", True), scale_factor=d.get("scaling_factor", 0.18215),
+        use_quant_conv=d.get("use_quant_conv", True),
+        scale_factor=d.get("scaling_factor", AUTOENCODER_PRESETS["sd"].scale_factor),  # diffusers' default: SD's
         shift_factor=d.get("shift_factor") or 0.0,
     )
 
