@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from latentdiff.components import save_autoencoder
@@ -50,3 +51,12 @@ def assert_same_training(a: dict, b: dict, before: dict) -> None:
     moved = torch.cat([(a[k] - before[k]).flatten() for k in keys])
     assert diff.abs().max() < 2e-4, diff.abs().max()
     assert diff.norm() < 0.02 * moved.norm(), (diff.norm(), moved.norm())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound; one thread avoids oversubscribing a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _tiny import one_thread  # noqa: F401  (an autouse fixture: one torch thread in this module)
 
 from latentdiff.components import NoiseSchedule
 from latentdiff.diffusion.denoiser import Denoiser
@@ -16,15 +17,6 @@ from latentdiff.models.mmdit import MMDiT, MMDiTConfig
 from latentdiff.models.unet import PRESETS as UNET_PRESETS
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.types import Cond
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound; one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_rel_close(a, b, tol=1e-4):

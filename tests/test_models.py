@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _tiny import one_thread  # noqa: F401  (an autouse fixture: one torch thread in this module)
 
 from latentdiff.models.autoencoder import (
     PRESETS as VAE_PRESETS,
@@ -19,15 +20,6 @@ from latentdiff.models.layers import Attention, timestep_embedding
 from latentdiff.models.unet import PRESETS as UNET_PRESETS
 from latentdiff.models.unet import UNet, UNetConfig
 from latentdiff.types import Cond
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound; one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_vae(**kw) -> AutoencoderKL:
