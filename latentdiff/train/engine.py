@@ -139,7 +139,7 @@ class DryRun:
         if timed:
             step_time = sum(timed) / len(timed)
             report["images_per_s"] = round(global_batch / step_time, 2)
-            report["eta_hours"] = round(step_time * total_steps / 3600, 3)
+            report["eta_hours"] = float(f"{step_time * total_steps / 3600:.3g}")  # 3 significant digits
         if out_of_memory is not None:
             report["error"] = out_of_memory
         if not fits:
