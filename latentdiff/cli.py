@@ -35,6 +35,7 @@ class GenerateConfig:
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
     tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
+    labels: tuple = ()  # class-conditional models: class names or indices (one, or one per prompt)
 
 
 @dataclass
@@ -144,9 +145,9 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision, "tokenizer": args.tokenizer,
+        "precision": args.precision, "tokenizer": args.tokenizer, "labels": tuple(args.label) if args.label else None,
     })
-    prompts = [p for p in args.prompts if p.strip()]
+    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
     out = Path(cfg.out)
@@ -156,12 +157,13 @@ def cmd_generate(args) -> None:
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
-                           guidance_rescale=cfg.guidance_rescale)
+                           guidance_rescale=cfg.guidance_rescale, label=list(cfg.labels) or None)
     w, h = images[0].size
     params = {"prompt": prompts if len(prompts) > 1 else prompts[0], "negative_prompt": cfg.negative_prompt,
               "steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
               "guidance_rescale": cfg.guidance_rescale, "seed": cfg.seed, "width": w, "height": h,
-              "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images}
+              "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
+              **({"label": list(cfg.labels)} if cfg.labels else {})}
     for path in save_images(images, out, params, grid=cfg.grid):
         print(path)
 
@@ -314,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
     p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
+    p.add_argument("--label", action="append", default=None, metavar="CLASS", help="class-conditional models: a "
+                   "class name or index (repeat for several; one prompt, or none, is used for every label)")
     p.set_defaults(func=cmd_generate, preset=None)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
