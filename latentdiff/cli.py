@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT/autoencoder with its latent scale and shift.")
     _add_config_args(p, VAE_PRESETS, VAETrainConfig)
     p.add_argument("--out", default=None, help="run folder")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (crop=random and "
+                   "buckets=true also for folders)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")

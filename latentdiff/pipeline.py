@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
+from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.sampling import get_sampler, init_x
@@ -28,7 +29,7 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False, class_names: list[str] | None = None):
+                 vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -40,6 +41,7 @@ class Pipeline:
         # what diffusers' DDIM / PNDM / DPM-Solver (and its Euler with 'leading' spacing) start from.
         self.vp_init = vp_init
         self.class_names = list(class_names) if class_names else None  # a class-conditional denoiser's classes
+        self.size_embed_dim = size_embed_dim  # > 0: the denoiser takes SDXL-style size ids (conditioning.sizes)
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -52,11 +54,14 @@ class Pipeline:
                  sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance: float = 5.0, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images: int = 1,
                  latents: Tensor | None = None, output: str = "pil", guidance_rescale: float = 0.0,
-                 callback=None, label: int | str | list | None = None):
+                 callback=None, label: int | str | list | None = None,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         A class-conditional model (``class_names``) needs ``label``: a class name or index, or one per prompt
         (one prompt, e.g. "", is repeated for a list of labels); guidance runs against the null class.
+        A size-conditioned model (``size_embed_dim``) is told ``original_size`` (default: the requested size)
+        and ``crop_top_left`` (default (0, 0): uncropped).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(label, (list, tuple)) and len(prompts) == 1:
@@ -87,6 +92,11 @@ class Pipeline:
             self.text_encoder.set_image_size(height, width)
         cond, uncond = self.encode_prompts(prompts, negatives)
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
+        if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
+            raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
+        if self.size_embed_dim:
+            ids = size_ids(len(prompts), height, width, original_size, crop_top_left)
+            cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
         cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
         shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)
 
@@ -164,7 +174,8 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
-                    vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"))
+                    vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"),
+                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0))
 
 
 def _is_diffusers(folder: Path) -> bool:

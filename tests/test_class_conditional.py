@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_helpers import tiny_autoencoder
+from data_helpers import record_train_conds, tiny_autoencoder
 from PIL import Image
 
-import latentdiff.train.denoiser as train_mod
 from latentdiff.cli import main
 from latentdiff.conditioning.labels import drop_labels, resolve_labels
 from latentdiff.data.cache import LatentCache, build_cache
@@ -50,21 +49,8 @@ def _cfg(root, out, **kw):
     return from_dict(TrainConfig, {**to_dict(cfg), **base, **kw}, "test")
 
 
-def _record_conds(monkeypatch):
-    """Every Cond the training loss receives."""
-    seen = []
-    real = train_mod.denoising_loss
-
-    def spy(denoiser, x0, sigma, cond, **kw):
-        seen.append(cond)
-        return real(denoiser, x0, sigma, cond, **kw)
-
-    monkeypatch.setattr(train_mod, "denoising_loss", spy)
-    return seen
-
-
 def test_the_batch_labels_reach_the_network(class_cache, monkeypatch):
-    seen = _record_conds(monkeypatch)
+    seen = record_train_conds(monkeypatch)
     train_denoiser(_cfg(class_cache, "run0", steps=2, label_dropout=0.0))
     cache = LatentCache(class_cache / "cache")
     assert cache.class_names == ["blue", "green", "red"]
