@@ -129,3 +129,33 @@ def test_dit_trains_on_class_labels_and_generates_by_name(class_cache):
     pipe = load(folder)
     assert pipe.denoiser.network.config.num_classes == 3 and pipe.denoiser.network.config.class_dropout
     assert pipe.generate("", label="green", steps=2, sampler="euler", output="pt").shape == (1, 3, 16, 16)
+
+
+def test_eval_against_class_folders_draws_each_reference_class(class_cache, tmp_path):
+    from test_eval_folders import CountingProjection
+
+    from latentdiff.eval.run import EvalConfig, run_eval
+
+    pipe = load(train_denoiser(_cfg(class_cache, "for_eval", steps=1)))
+    asked = []
+    real_generate = pipe.generate
+
+    def spy(prompts, **kw):
+        asked.extend(kw["label"])
+        return real_generate(prompts, **kw)
+
+    pipe.generate = spy
+    cfg = EvalConfig(out=str(tmp_path / "report"), cache_dir=str(tmp_path / "cache"), reference=str(class_cache / "data"),
+                     n_samples=9, samplers=("euler",), steps=(2,), guidance=(2.0,), base_sampler="euler", base_steps=2,
+                     base_guidance=2.0, kid_subset=5, kid_subsets=2, batch_size=4, grid_images=2)
+    report = run_eval(cfg, pipe=pipe, extractor=CountingProjection())
+    assert asked == ["blue"] * 4 + ["green"] * 4 + ["red"]  # the reference images' classes, in file order
+    assert np.isfinite(report["settings"][0]["fid"])
+    flat = tmp_path / "flat"  # the same images without class folders: the model cannot be asked for a class
+    flat.mkdir()
+    for i, path in enumerate(sorted((class_cache / "data").rglob("*.png"))):
+        (flat / f"{i}.png").write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="evaluate it against a folder of class folders"):
+        run_eval(EvalConfig(**{**cfg.__dict__, "reference": str(flat)}), pipe=pipe, extractor=CountingProjection())
+    with pytest.raises(ValueError, match="eval_every scores shapes prompts"):
+        train_denoiser(_cfg(class_cache, "bad", steps=1, eval_every=1))

@@ -59,8 +59,12 @@ def required_counts(metrics: tuple, dim: int, pr_k: int) -> dict[str, int]:
     return {m: need[m] for m in metrics}
 
 
-def check_counts(counts: dict[str, int], metrics: tuple, extractor: FeatureExtractor, pr_k: int) -> None:
-    """Refuse sets too small for a metric, before any feature is computed; say how many are needed."""
+def check_counts(counts: dict[str, int], metrics: tuple, extractor: FeatureExtractor, pr_k: int,
+                 selectable: bool = True) -> None:
+    """Refuse sets too small for a metric, before any feature is computed; say how many are needed.
+
+    ``selectable``: the caller honours ``metrics``, so the error may suggest the metrics these counts allow.
+    """
     need = required_counts(metrics, extractor.dim, pr_k)
     names = {"fid": f"FID with {extractor.dim}-d {extractor.name} features", "kid": "KID",
              "pr": f"precision/recall (k={pr_k})"}
@@ -68,8 +72,8 @@ def check_counts(counts: dict[str, int], metrics: tuple, extractor: FeatureExtra
              for m, n in need.items() for label in counts if counts[label] < n]
     if short:
         possible = [m for m, n in need.items() if all(c >= n for c in counts.values())]
-        hint = (f"; with these counts only {possible} can be computed (--set metrics={possible!r})" if possible
-                else "")
+        hint = (f"; with these counts only {possible} can be computed (--set metrics={possible!r})"
+                if possible and selectable else "; add images (or use a smaller feature extractor)")
         raise ValueError("too few images: " + "; ".join(short) + hint)
 
 
@@ -138,10 +142,14 @@ def reference_features(extractor: FeatureExtractor, folder: str | Path, size: in
     return feats, hit
 
 
-def folder_captions(folder: str | Path, n: int) -> list[str]:
-    """``n`` prompts from a folder's captions (metadata.jsonl or .txt; "" where none), cycled in file order."""
+def folder_prompts(folder: str | Path, n: int) -> tuple[list[str], list[str] | None]:
+    """``n`` prompts from a folder's captions (metadata.jsonl or .txt; "" where none), cycled in file order,
+    and the same items' class names (their subfolder, as with class folders; None if any image sits at the top)."""
     folder = Path(folder)
     files = image_files(folder, "reference")
     metadata = read_metadata(folder, verbose=False)
     captions = [find_caption(folder, p, metadata) or "" for p in files]
-    return [captions[i % len(captions)] for i in range(n)]
+    parts = [p.relative_to(folder).parts for p in files]
+    classes = None if any(len(q) == 1 for q in parts) else [q[0] for q in parts]
+    pick = [i % len(files) for i in range(n)]
+    return [captions[i] for i in pick], None if classes is None else [classes[i] for i in pick]

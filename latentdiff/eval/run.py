@@ -36,7 +36,7 @@ from latentdiff.eval.folders import (
     METRICS,
     RESIZE_POLICY,
     check_counts,
-    folder_captions,
+    folder_prompts,
     image_batches,
     image_files,
     reference_features,
@@ -104,12 +104,13 @@ def shapes_captions(n: int, size: int, seed: int) -> tuple[list[str], list]:
 
 
 def generate(pipe, prompts: list[str], *, steps: int, sampler: str, guidance: float, seed: int,
-             batch_size: int) -> Tensor:
-    """Images (N, 3, H, W) in [-1, 1], one per prompt, in batches with seeds seed + start."""
+             batch_size: int, labels: list[str] | None = None) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1], one per prompt (and class label), in batches with seeds seed + start."""
     out = []
     for start in range(0, len(prompts), batch_size):
+        extra = {} if labels is None else {"label": labels[start:start + batch_size]}
         out.append(pipe.generate(prompts[start:start + batch_size], steps=steps, sampler=sampler,
-                                 guidance=guidance, seed=seed + start, output="pt").clamp(-1, 1))
+                                 guidance=guidance, seed=seed + start, output="pt", **extra).clamp(-1, 1))
     return torch.cat(out)
 
 
@@ -146,11 +147,13 @@ class Evaluator:
         self.extractor = extractor or make_extractor(cfg.extractor, cfg.feature_path or None)
         if cfg.reference:  # any folder: prompts are its captions; the shapes judge has nothing to read
             n_ref = len(image_files(cfg.reference, "reference"))
-            check_counts({"generated": cfg.n_samples, "reference": n_ref}, METRICS, self.extractor, cfg.pr_k)
+            check_counts({"generated": cfg.n_samples, "reference": n_ref}, METRICS, self.extractor, cfg.pr_k,
+                         selectable=False)  # the sweep reports all three
             self.reference, self.cache_hit = reference_features(self.extractor, cfg.reference, size,
                                                                 _cache_dir(cfg.cache_dir), cfg.batch_size, self.log)
             self.reference_shape = (size, size)
-            self.prompts, self.scenes, self.heldout = folder_captions(cfg.reference, cfg.n_samples), None, []
+            self.prompts, self.classes = folder_prompts(cfg.reference, cfg.n_samples)  # classes: its subfolders
+            self.scenes, self.heldout = None, []
             self.clip = ClipScorer(cfg.clip) if cfg.clip else None
             return
         need = self.extractor.dim + 1
@@ -172,6 +175,7 @@ class Evaluator:
         self.reference_shape = tuple(probe.shape[-2:])
         self.prompts, self.scenes = shapes_captions(cfg.n_samples, size, PROMPT_SEED + cfg.seed)
         self.heldout = heldout_prompts(cfg.n_judge, seed=cfg.seed) if cfg.n_judge else []
+        self.classes = None
         self.clip = ClipScorer(cfg.clip) if cfg.clip else None
 
     def setting(self, pipe, sampler: str, steps: int, guidance: float, keep: int = 0) -> tuple[dict, Tensor]:
@@ -179,7 +183,7 @@ class Evaluator:
         cfg = self.cfg
         t0 = time.time()
         images = generate(pipe, self.prompts, steps=steps, sampler=sampler, guidance=guidance, seed=cfg.seed,
-                          batch_size=cfg.batch_size)
+                          batch_size=cfg.batch_size, labels=self.labels_for(pipe))
         check_same_size(images, torch.empty(1, 3, *self.reference_shape))
         t_gen = time.time()
         fake = extract(self.extractor, images, cfg.batch_size)
@@ -199,6 +203,15 @@ class Evaluator:
         row["seconds"] = {"generate": round(t_gen - t0, 2), "features": round(t_feat - t_gen, 2),
                           "metrics": round(t_metrics - t_feat, 2), "total": round(time.time() - t0, 2)}
         return row, images[:keep]
+
+    def labels_for(self, pipe) -> list[str] | None:
+        """A class-conditional model draws each reference image's class (its subfolder), or says it cannot."""
+        if not getattr(pipe, "class_names", None):
+            return None
+        if self.classes is None:
+            raise ValueError("this model is class-conditional: evaluate it against a folder of class folders "
+                             "(--reference DIR with DIR/<class name>/*.png), so every sample gets a class")
+        return self.classes
 
     def memorization(self, images: Tensor) -> dict:
         """Nearest training images of generated ones, in pixel space and in the feature space."""

@@ -226,6 +226,9 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     labels = cache.labels if cfg.class_labels else None  # (N,) with class folders / .cls members
     class_names = None if labels is None else class_names_of(labels, cache.class_names)
     if class_names is not None:  # labels in cond.vector, label len(class_names) = null class
+        if cfg.eval_every > 0:
+            raise ValueError("eval_every scores shapes prompts, which a class-conditional model cannot take: set "
+                             "eval_every = 0 and evaluate with `latentdiff eval --reference CLASS_FOLDERS`")
         network_cfg = for_class_data(family, network_cfg, len(class_names))
     if cfg.size_conditioning:
         check_size_conditioning(cache, class_names)
