@@ -105,3 +105,20 @@ def test_train_vae_reads_tar_shards(shards, tmp_path, capsys, extra):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
     assert str(out / "autoencoder") in capsys.readouterr().out
+
+
+def test_random_crops_resume_exactly(shards, tmp_path):
+    """Killed after step 2 and resumed: the same weights as the uninterrupted run (crops are per-sample draws)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["--preset", "shapes-test", "--data", str(shards), "--set", "image_size=16", "--set", "tensorboard=false",
+            "--set", "crop=random", "--set", "lr_schedule=constant", "--set", "stats_images=4", "--steps", "3"]
+    main(["train-vae", *args, "--out", str(tmp_path / "a")])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "autoencoder")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_0000002")
+    main(["train-vae", *args, "--out", str(tmp_path / "b"), "--resume"])
+    a, b = (load_file(str(tmp_path / r / "autoencoder" / "model.safetensors")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
