@@ -156,3 +156,15 @@ def test_cli_evaluates_a_samples_folder_and_names_missing_weights(tmp_path, caps
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"looked in: {missing}" in err and "--feature-path PATH" in err and "pt_inception-2015-12-05" in err
+
+
+def test_samples_against_the_shapes_reference(tmp_path):
+    from latentdiff.eval.run import shapes_images
+    from latentdiff.images import to_pil
+
+    (tmp_path / "gen").mkdir()
+    for i, im in enumerate(to_pil(shapes_images(10, 32, seed=5))):
+        im.save(tmp_path / "gen" / f"{i}.png")
+    report = evaluate_samples(_cfg(tmp_path, reference="", n_reference=12), extractor=CountingProjection(),
+                              log=lambda m: None)
+    assert report["reference"]["n"] == 12 and "shapes" in report["reference"] and np.isfinite(report["fid"])

@@ -87,3 +87,9 @@ def test_size_conditioning_refusals(sized):
     pipe = load(train_denoiser(_cfg(sized, "plain", steps=1, size_conditioning=False)))
     with pytest.raises(ValueError, match="no size conditioning"):
         pipe.generate("x", steps=1, original_size=(64, 64), output="pt")
+
+
+def test_dit_takes_size_conditioning_too(sized):
+    pipe = load(train_denoiser(_cfg(sized, "dit", steps=1, model="dit-tiny")))
+    assert pipe.denoiser.network.config.vector_dim == 32 + 48
+    assert pipe.generate("x", steps=1, sampler="euler", height=16, width=64, output="pt").shape == (1, 3, 16, 64)
