@@ -8,6 +8,7 @@ import torch
 from data_helpers import record_train_conds, tiny_autoencoder
 from PIL import Image
 
+from latentdiff.cli import main
 from latentdiff.conditioning.sizes import size_embedding, size_ids
 from latentdiff.config import from_dict, to_dict
 from latentdiff.data.buckets import make_buckets
@@ -77,6 +78,14 @@ def test_size_ids_reach_the_network_and_generation_uses_them(sized, monkeypatch)
     assert torch.equal(plain, pipe.generate("a picture", original_size=(32, 32), **kw))  # the default
     assert not torch.allclose(plain, pipe.generate("a picture", original_size=(256, 256), crop_top_left=(40, 0), **kw))
     assert size_ids(2, 32, 64).tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+    main(["generate", "a picture", "--model", str(folder), "--steps", "2", "--original-size", "256", "256",
+          "--crop-top-left", "40", "0", "-o", str(sized / "cli.png"), "--sampler", "euler", "--guidance", "2"])
+    from latentdiff.images import read_parameters
+
+    assert read_parameters(sized / "cli.png")["original_size"] == [256, 256]
+    want = pipe.generate("a picture", steps=2, sampler="euler", schedule=None, guidance=2.0, original_size=(256, 256),
+                         crop_top_left=(40, 0), output="np")[0]
+    assert np.array_equal(np.asarray(Image.open(sized / "cli.png").convert("RGB")), want)
 
 
 def test_size_conditioning_refusals(sized):

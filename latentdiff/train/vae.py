@@ -122,7 +122,7 @@ class VAETrainConfig:
     bucket_area: int = 0  # pixels per bucket (H * W); 0 = image_size ** 2
     bucket_step: int = 0  # bucket sides are multiples of this; 0 = the autoencoder's factor x 8
     bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
-    min_size: int = 8  # folders / tar shards: images with a shorter side are skipped (and named)
+    min_size: int = 8  # tar shards, random crops, buckets: images with a shorter side are skipped (and named)
 
 
 VAE_PRESETS: dict[str, dict] = {
