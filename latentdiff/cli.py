@@ -35,6 +35,9 @@ class GenerateConfig:
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
     tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
+    labels: tuple = ()  # class-conditional models: class names or indices (one, or one per prompt)
+    original_size: tuple = ()  # size-conditioned models: (height, width) announced as the original; () = the output size
+    crop_top_left: tuple = (0, 0)  # size-conditioned models: (top, left) crop announced
 
 
 @dataclass
@@ -144,9 +147,11 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision, "tokenizer": args.tokenizer,
+        "precision": args.precision, "tokenizer": args.tokenizer, "labels": tuple(args.label) if args.label else None,
+        "original_size": tuple(args.original_size) if args.original_size else None,
+        "crop_top_left": tuple(args.crop_top_left) if args.crop_top_left else None,
     })
-    prompts = [p for p in args.prompts if p.strip()]
+    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
     out = Path(cfg.out)
@@ -156,12 +161,15 @@ def cmd_generate(args) -> None:
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
-                           guidance_rescale=cfg.guidance_rescale)
+                           guidance_rescale=cfg.guidance_rescale, label=list(cfg.labels) or None,
+                           original_size=tuple(cfg.original_size) or None, crop_top_left=tuple(cfg.crop_top_left))
     w, h = images[0].size
     params = {"prompt": prompts if len(prompts) > 1 else prompts[0], "negative_prompt": cfg.negative_prompt,
               "steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
               "guidance_rescale": cfg.guidance_rescale, "seed": cfg.seed, "width": w, "height": h,
-              "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images}
+              "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
+              **({"label": list(cfg.labels)} if cfg.labels else {}),
+              **({"original_size": list(cfg.original_size)} if cfg.original_size else {})}
     for path in save_images(images, out, params, grid=cfg.grid):
         print(path)
 
@@ -223,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT/autoencoder with its latent scale and shift.")
     _add_config_args(p, VAE_PRESETS, VAETrainConfig)
     p.add_argument("--out", default=None, help="run folder")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
+    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (crop=random and "
+                   "buckets=true also for folders)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")
@@ -314,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
     p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="size-conditioned models: the original size to announce (default: the output size)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                   help="size-conditioned models: the crop offset to announce (default 0 0)")
+    p.add_argument("--label", action="append", default=None, metavar="CLASS", help="class-conditional models: a "
+                   "class name or index (repeat for several; one prompt, or none, is used for every label)")
     p.set_defaults(func=cmd_generate, preset=None)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",

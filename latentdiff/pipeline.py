@@ -10,6 +10,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
+from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
+from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.sampling import get_sampler, init_x
@@ -27,7 +29,7 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False):
+                 vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -38,6 +40,8 @@ class Pipeline:
         # Start from noise * sqrt(1 + sigma_max^2), the VP prior's marginal, instead of noise * sigma_max:
         # what diffusers' DDIM / PNDM / DPM-Solver (and its Euler with 'leading' spacing) start from.
         self.vp_init = vp_init
+        self.class_names = list(class_names) if class_names else None  # a class-conditional denoiser's classes
+        self.size_embed_dim = size_embed_dim  # > 0: the denoiser takes SDXL-style size ids (conditioning.sizes)
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -50,9 +54,18 @@ class Pipeline:
                  sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance: float = 5.0, seed: int = 0,
                  height: int | None = None, width: int | None = None, num_images: int = 1,
                  latents: Tensor | None = None, output: str = "pil", guidance_rescale: float = 0.0,
-                 callback=None):
-        """Generate ``num_images`` images per prompt; the same arguments give the same images."""
+                 callback=None, label: int | str | list | None = None,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)):
+        """Generate ``num_images`` images per prompt; the same arguments give the same images.
+
+        A class-conditional model (``class_names``) needs ``label``: a class name or index, or one per prompt
+        (one prompt, e.g. "", is repeated for a list of labels); guidance runs against the null class.
+        A size-conditioned model (``size_embed_dim``) is told ``original_size`` (default: the requested size)
+        and ``crop_top_left`` (default (0, 0): uncropped).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(label, (list, tuple)) and len(prompts) == 1:
+            prompts = prompts * len(label)
         if not prompts:
             raise ValueError("no prompt given: pass a prompt string or a non-empty list of prompts")
         negative = negative_prompt if negative_prompt is not None else ""
@@ -78,6 +91,12 @@ class Pipeline:
         if hasattr(self.text_encoder, "set_image_size"):  # SDXL's size conditioning follows the request
             self.text_encoder.set_image_size(height, width)
         cond, uncond = self.encode_prompts(prompts, negatives)
+        cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
+        if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
+            raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
+        if self.size_embed_dim:
+            ids = size_ids(len(prompts), height, width, original_size, crop_top_left)
+            cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
         cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
         shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)
 
@@ -102,6 +121,21 @@ class Pipeline:
         if output == "np":
             return to_uint8(images)
         return to_pil(images)
+
+
+    def _with_labels(self, cond: Cond, uncond: Cond, label, n: int) -> tuple[Cond, Cond]:
+        """The class labels in ``cond`` and the null class in ``uncond`` (class-conditional models only)."""
+        if self.class_names is None:
+            if label is not None:
+                raise ValueError(f"label={label!r} given, but this model is not class-conditional "
+                                 "(it was not trained on class folders or labelled tar shards)")
+            return cond, uncond
+        if label is None:
+            shown = ", ".join(self.class_names[:20]) + (" ..." if len(self.class_names) > 20 else "")
+            raise ValueError(f"this model is class-conditional: pass label= a class name or index ({shown})")
+        labels = resolve_labels(label, self.class_names, n)
+        null = torch.full_like(labels, null_label(self.class_names))
+        return with_labels(cond, labels), with_labels(uncond, null)
 
 
 def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **interop_kw) -> Pipeline:
@@ -140,7 +174,8 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
-                    vp_init=info.get("sampler", {}).get("vp_init", False))
+                    vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"),
+                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0))
 
 
 def _is_diffusers(folder: Path) -> bool:

@@ -30,3 +30,18 @@ def tiny_bert(folder) -> str:
     BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
     return str(folder)
+
+
+def record_train_conds(monkeypatch) -> list:
+    """Every Cond that ``train_denoiser``'s loss receives, in order (the loss itself runs unchanged)."""
+    import latentdiff.train.denoiser as train_mod
+
+    seen = []
+    real = train_mod.denoising_loss
+
+    def spy(denoiser, x0, sigma, cond, **kw):
+        seen.append(cond)
+        return real(denoiser, x0, sigma, cond, **kw)
+
+    monkeypatch.setattr(train_mod, "denoising_loss", spy)
+    return seen

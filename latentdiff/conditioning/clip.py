@@ -32,7 +32,6 @@ from latentdiff.io import (
     write_json,
     write_safetensors,
 )
-from latentdiff.models.layers import timestep_embedding
 from latentdiff.types import Cond
 
 LAYERS = ("last", "penultimate")
@@ -144,10 +143,10 @@ class SDTextEncoder(nn.Module):
 
     def micro_conditioning(self, batch: int, device) -> Tensor:
         """SDXL's (original h, w, crop top, left, target h, w) ids, Fourier-embedded: (B, 6 * time_embed_dim)."""
-        h, w = self.config.image_size
-        ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=device)
-        emb = timestep_embedding(ids, self.config.time_embed_dim)  # (6, dim)
-        return emb.reshape(1, -1).expand(batch, -1)
+        from latentdiff.conditioning.sizes import size_embedding, size_ids
+
+        ids = size_ids(1, *self.config.image_size).to(device)  # (1, 6)
+        return size_embedding(ids, self.config.time_embed_dim).expand(batch, -1)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         """The weights as ``encoders.{i}.text_model.*`` whatever the transformers version."""

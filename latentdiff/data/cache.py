@@ -5,7 +5,9 @@ Layout of a cache folder::
     cache.json                 what was encoded, by which autoencoder; buckets with their shapes and shards
     shard_00000.safetensors    mean, logvar: (N, C, h, w) float32, raw (un-normalized) latent space;
                                label (N,) int64 with class folders; context (N, L, D), context_mask (N, L)
-                               and vector (N, D) when a frozen text encoder's embeddings are cached
+                               and vector (N, D) when a frozen text encoder's embeddings are cached;
+                               size_ids (N, 6) int64 for folders / tar shards: original (h, w), crop
+                               (top, left), target (h, w), SDXL's size conditioning
     shard_00000.json           captions, attributes (scenes), source keys of the same N items
     text_empty.safetensors     the empty prompt's embedding (caption dropout), when text is cached
 
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from latentdiff.conditioning.text import TextEncoderConfig
 from latentdiff.data.buckets import BucketBatches, make_buckets, most_square, nearest_bucket
-from latentdiff.data.folder import image_to_tensor, resize_center_crop
+from latentdiff.data.folder import cover_and_crop, image_to_tensor, resize_center_crop
 from latentdiff.io import atomic_folder, write_json, write_safetensors
 from latentdiff.train.common import batch_indices
 from latentdiff.types import Cond
@@ -118,6 +120,9 @@ class _CacheBuilder:
         if labels[0] is not None:
             for row, label in zip(rows, labels):
                 row["label"] = torch.tensor(label, dtype=torch.long)
+        if "crop_top_left" in metas[0]:  # SDXL's size ids: original (h, w), crop (top, left), target (h, w)
+            for row, meta in zip(rows, metas):
+                row["size_ids"] = torch.tensor([*meta["original_size"], *meta["crop_top_left"], *writer.size])
         if self.text_encoder is not None:
             for row, text in zip(rows, text_rows(self.text_encoder, [m["caption"] for m in metas])):
                 row.update(text)
@@ -186,7 +191,8 @@ def _prepared(item: dict, buckets: list[tuple[int, int]] | None, image_size: int
         raise TypeError(f"an item's image must be a tensor or a PIL image, got {type(image).__name__}")
     w, h = image.size
     size = buckets[nearest_bucket(w, h, buckets)] if buckets is not None else (image_size, image_size)
-    meta.update(key=item.get("key"), original_size=[h, w])
+    top_left = list(cover_and_crop(w, h, size)[1])  # where the centre crop of the resized image began
+    meta.update(key=item.get("key"), original_size=[h, w], crop_top_left=top_left)
     return size, image_to_tensor(resize_center_crop(image, size)), meta
 
 
@@ -332,6 +338,7 @@ class LatentCache:
             raise ValueError(f"latent cache {self.folder} is incomplete: rebuild it with `latentdiff cache`")
         self.captions = [m["caption"] for m in self.meta]
         self.labels = torch.cat(extra["label"]) if "label" in extra else None  # (N,)
+        self.size_ids = torch.cat(extra["size_ids"]) if "size_ids" in extra else None  # (N, 6), data.folder/tars
         self._load_text(extra)
         self._samplers: dict[tuple, BucketBatches] = {}
 

@@ -42,15 +42,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def cover_and_crop(w: int, h: int, size: int | tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For a ``w x h`` image: the (width, height) that just covers ``size``, and the centre crop's (top, left)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    scale = max(width / w, height / h)
+    cover = (max(width, round(w * scale)), max(height, round(h * scale)))
+    return cover, ((cover[1] - height) // 2, (cover[0] - width) // 2)
+
+
 def resize_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     """Resize (Lanczos) so the image just covers ``size`` (a side, or (height, width)) and crop the centre."""
     height, width = (size, size) if isinstance(size, int) else size
-    w, h = image.size
-    scale = max(width / w, height / h)
-    image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.LANCZOS)
-    w, h = image.size
-    left, top = (w - width) // 2, (h - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    cover, (top, left) = cover_and_crop(*image.size, size)
+    return image.resize(cover, Image.LANCZOS).crop((left, top, left + width, top + height))
 
 
 def caption_from_filename(path: str | Path) -> str:

@@ -14,11 +14,18 @@ EVAL_PRESETS: dict[str, dict] = {
 
 def cmd_eval(args) -> None:
     from latentdiff.cli import _config
-    from latentdiff.eval.run import EvalConfig, run_eval
+    from latentdiff.eval.run import EvalConfig, evaluate_samples, run_eval
 
     cfg = _config(EvalConfig, EVAL_PRESETS, args, {"model": args.model, "out": args.out, "extractor": args.extractor,
                                                   "feature_path": args.feature_path, "clip": args.clip,
-                                                  "n_samples": args.n_samples})
+                                                  "n_samples": args.n_samples, "reference": args.reference,
+                                                  "samples": args.samples})
+    if cfg.samples:
+        report = evaluate_samples(cfg)
+        print(json.dumps({"report": f"{cfg.out}/report.html", "n_samples": report["n_samples"],
+                          "n_reference": report["reference"]["n"],
+                          **{k: report[k] for k in ("fid", "kid", "precision", "recall") if k in report}}, indent=2))
+        return
     report = run_eval(cfg)
     best = min(report["settings"], key=lambda r: r["fid"])
     print(json.dumps({"report": f"{cfg.out}/report.html", "settings": len(report["settings"]),
@@ -59,6 +66,10 @@ def add_commands(sub) -> None:
                    "or DINOv2 folder")
     p.add_argument("--clip", default=None, help="local CLIP folder for CLIP score")
     p.add_argument("--n-samples", type=int, default=None, help="generated images per setting")
+    p.add_argument("--reference", default=None, metavar="DIR", help="folder of reference images (any sizes: resized "
+                   "to cover the evaluation size and centre-cropped; features cached); default: the shapes set")
+    p.add_argument("--samples", default=None, metavar="DIR", help="evaluate this folder of generated images (all one "
+                   "square size, never resized) against the reference, instead of generating with --model")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train-features", help="train the shapes feature network for shapes-domain FID/KID",

@@ -77,6 +77,11 @@ def extract(extractor: FeatureExtractor, images: Tensor | Iterable[Tensor], batc
     return np.concatenate(out)
 
 
+def feature_cache_path(extractor: FeatureExtractor, key: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    """Where :func:`cached_features` keeps the features of ``key`` (None: not cached)."""
+    return None if cache_dir is None else Path(cache_dir) / f"{extractor.name}--{key}.safetensors"
+
+
 def cached_features(extractor: FeatureExtractor, key: str, make_images: Callable[[], Tensor],
                     cache_dir: str | os.PathLike | None, batch_size: int = 64) -> np.ndarray:
     """Reference features, read from ``cache_dir`` when present, else computed and written there.
@@ -84,7 +89,7 @@ def cached_features(extractor: FeatureExtractor, key: str, make_images: Callable
     The file is keyed by the extractor's name (network + weights digest) and ``key``, which should name the
     data set and the count (e.g. ``shapes-train-s32-n1000-seed7``). ``cache_dir=None`` never caches.
     """
-    path = None if cache_dir is None else Path(cache_dir) / f"{extractor.name}--{key}.safetensors"
+    path = feature_cache_path(extractor, key, cache_dir)
     if path is not None and path.is_file():
         feats = load_file(str(path))["features"]
         if feats.ndim == 2 and feats.shape[1] == extractor.dim:

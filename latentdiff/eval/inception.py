@@ -201,7 +201,8 @@ def load_fid_inception(path: str | os.PathLike | None = None) -> FIDInceptionV3:
     if found is None:
         raise FileNotFoundError(
             "the FID Inception weights were not found; looked in: " + ", ".join(str(p) for p in candidates)
-            + f". Download {WEIGHTS_URL} on a machine with network access and pass its path (--inception PATH), "
+            + f". Download {WEIGHTS_URL} on a machine with network access and pass its path "
+            "(latentdiff eval --extractor inception --feature-path PATH), "
             f"set {WEIGHTS_ENV}=PATH, or copy it to {candidates[-2] if path is None else candidates[0]}")
     if found.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -164,3 +164,26 @@ def write_html(path: str | os.PathLike, report: dict, grids: dict[str, Tensor]) 
             + "\n".join(body) + "</body></html>")
     with atomic_path(path) as tmp:
         tmp.write_text(page)
+
+
+def write_samples_html(path: str | os.PathLike, report: dict, images: Tensor) -> None:
+    """The report page of a folder of samples against a reference: its figures and a grid of samples."""
+    ref = report["reference"]
+    ref_text = f"folder <code>{html.escape(ref['folder'])}</code>" if "folder" in ref else "the shapes set"
+    rows = [("FID", report.get("fid")), ("KID", report.get("kid", {}).get("mean")),
+            ("KID standard error", report.get("kid", {}).get("stderr")), ("precision", report.get("precision")),
+            ("recall", report.get("recall"))]
+    table = "<table>" + "".join(f"<tr><th>{name}</th><td>{value:.4g}</td></tr>" for name, value in rows
+                                if value is not None) + "</table>"
+    body = (f"<h1>latentdiff evaluation of samples</h1><p>{report['n_samples']} images from "
+            f"<code>{html.escape(report['samples'])}</code> ({report['image_size']} px) against {ref['n']} reference "
+            f"images from {ref_text}; features <code>{html.escape(report['extractor'])}</code>; "
+            f"{report.get('seconds', '?')} s.</p>{table}")
+    if len(images):
+        body += f'<h2>Samples</h2><img src="{png_data_uri(images)}" width="{min(8, len(images)) * 72}">'
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>latentdiff evaluation</title><style>"
+            "body{font-family:sans-serif;margin:24px} table{border-collapse:collapse} "
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} img{image-rendering:pixelated}"
+            "</style></head><body>" + body + "</body></html>")
+    with atomic_path(path) as tmp:
+        tmp.write_text(page)

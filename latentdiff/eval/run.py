@@ -32,6 +32,16 @@ from latentdiff.eval.features import (
     extract,
     make_extractor,
 )
+from latentdiff.eval.folders import (
+    METRICS,
+    RESIZE_POLICY,
+    check_counts,
+    folder_prompts,
+    image_batches,
+    image_files,
+    reference_features,
+    sample_size,
+)
 from latentdiff.eval.memorization import memorization
 from latentdiff.images import to_pil
 from latentdiff.io import write_json
@@ -70,6 +80,10 @@ class EvalConfig:
     cache_dir: str = ""  # reference feature cache; "" = ~/.cache/latentdiff/eval
     grid_images: int = 16  # images per sample grid in the HTML report
     train_log: str = ""  # eval-hook JSONL to plot against training step; "" = none
+    reference: str = ""  # folder of reference images (any sizes; resized + centre-cropped); "" = the shapes set
+    samples: str = ""  # folder of already generated images to evaluate against the reference (no model needed)
+    image_size: int = 0  # samples: the size they must all have; 0 = whatever one square size they have
+    metrics: tuple = ("fid", "kid", "pr")  # samples: which of FID, KID, precision/recall ("pr") to compute
 
 
 def _cache_dir(cfg_dir: str) -> Path:
@@ -90,21 +104,26 @@ def shapes_captions(n: int, size: int, seed: int) -> tuple[list[str], list]:
 
 
 def generate(pipe, prompts: list[str], *, steps: int, sampler: str, guidance: float, seed: int,
-             batch_size: int) -> Tensor:
-    """Images (N, 3, H, W) in [-1, 1], one per prompt, in batches with seeds seed + start."""
+             batch_size: int, labels: list[str] | None = None) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1], one per prompt (and class label), in batches with seeds seed + start."""
     out = []
     for start in range(0, len(prompts), batch_size):
+        extra = {} if labels is None else {"label": labels[start:start + batch_size]}
         out.append(pipe.generate(prompts[start:start + batch_size], steps=steps, sampler=sampler,
-                                 guidance=guidance, seed=seed + start, output="pt").clamp(-1, 1))
+                                 guidance=guidance, seed=seed + start, output="pt", **extra).clamp(-1, 1))
     return torch.cat(out)
 
 
 def distribution_metrics(real: np.ndarray, fake: np.ndarray, *, kid_subset: int, kid_subsets: int,
-                         pr_k: int, seed: int = 0) -> dict:
-    """FID, KID and precision/recall of one generated set against the reference."""
-    out = {"fid": metrics.fid(real, fake)}
-    out["kid"] = metrics.kid(real, fake, subset_size=kid_subset, num_subsets=kid_subsets, seed=seed)
-    out.update(metrics.precision_recall(real, fake, k=pr_k))
+                         pr_k: int, seed: int = 0, which: tuple = METRICS) -> dict:
+    """FID, KID and precision/recall ("pr") of one generated set against the reference (those in ``which``)."""
+    out = {}
+    if "fid" in which:
+        out["fid"] = metrics.fid(real, fake)
+    if "kid" in which:
+        out["kid"] = metrics.kid(real, fake, subset_size=kid_subset, num_subsets=kid_subsets, seed=seed)
+    if "pr" in which:
+        out.update(metrics.precision_recall(real, fake, k=pr_k))
     return out
 
 
@@ -126,13 +145,24 @@ class Evaluator:
         self.cfg, self.size = cfg, size
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.extractor = extractor or make_extractor(cfg.extractor, cfg.feature_path or None)
+        if cfg.reference:  # any folder: prompts are its captions; the shapes judge has nothing to read
+            n_ref = len(image_files(cfg.reference, "reference"))
+            check_counts({"generated": cfg.n_samples, "reference": n_ref}, METRICS, self.extractor, cfg.pr_k,
+                         selectable=False)  # the sweep reports all three
+            self.reference, self.cache_hit = reference_features(self.extractor, cfg.reference, size,
+                                                                _cache_dir(cfg.cache_dir), cfg.batch_size, self.log)
+            self.reference_shape = (size, size)
+            self.prompts, self.classes = folder_prompts(cfg.reference, cfg.n_samples)  # classes: its subfolders
+            self.scenes, self.heldout = None, []
+            self.clip = ClipScorer(cfg.clip) if cfg.clip else None
+            return
         need = self.extractor.dim + 1
         if cfg.n_samples < need or cfg.n_reference < need:
             raise ValueError(f"FID with the {self.extractor.name} features ({self.extractor.dim}-d) needs at least "
                              f"{need} generated and reference images; got n_samples={cfg.n_samples}, "
                              f"n_reference={cfg.n_reference}")
         cache = _cache_dir(cfg.cache_dir)
-        key = f"shapes-train-s{size}-n{cfg.n_reference}-seed{REFERENCE_SEED}"
+        key = shapes_reference_key(size, cfg.n_reference)
         reference_images = None
 
         def make_reference() -> Tensor:
@@ -145,6 +175,7 @@ class Evaluator:
         self.reference_shape = tuple(probe.shape[-2:])
         self.prompts, self.scenes = shapes_captions(cfg.n_samples, size, PROMPT_SEED + cfg.seed)
         self.heldout = heldout_prompts(cfg.n_judge, seed=cfg.seed) if cfg.n_judge else []
+        self.classes = None
         self.clip = ClipScorer(cfg.clip) if cfg.clip else None
 
     def setting(self, pipe, sampler: str, steps: int, guidance: float, keep: int = 0) -> tuple[dict, Tensor]:
@@ -152,7 +183,7 @@ class Evaluator:
         cfg = self.cfg
         t0 = time.time()
         images = generate(pipe, self.prompts, steps=steps, sampler=sampler, guidance=guidance, seed=cfg.seed,
-                          batch_size=cfg.batch_size)
+                          batch_size=cfg.batch_size, labels=self.labels_for(pipe))
         check_same_size(images, torch.empty(1, 3, *self.reference_shape))
         t_gen = time.time()
         fake = extract(self.extractor, images, cfg.batch_size)
@@ -161,7 +192,8 @@ class Evaluator:
         row.update(distribution_metrics(self.reference, fake, kid_subset=cfg.kid_subset, kid_subsets=cfg.kid_subsets,
                                         pr_k=cfg.pr_k, seed=cfg.seed))
         t_metrics = time.time()
-        row["judge_train_captions"] = judge_accuracy(to_pil(images), self.scenes)
+        if self.scenes is not None:
+            row["judge_train_captions"] = judge_accuracy(to_pil(images), self.scenes)
         if self.heldout:
             held = generate(pipe, [c for c, _ in self.heldout], steps=steps, sampler=sampler, guidance=guidance,
                             seed=cfg.seed, batch_size=cfg.batch_size)
@@ -171,6 +203,15 @@ class Evaluator:
         row["seconds"] = {"generate": round(t_gen - t0, 2), "features": round(t_feat - t_gen, 2),
                           "metrics": round(t_metrics - t_feat, 2), "total": round(time.time() - t0, 2)}
         return row, images[:keep]
+
+    def labels_for(self, pipe) -> list[str] | None:
+        """A class-conditional model draws each reference image's class (its subfolder), or says it cannot."""
+        if not getattr(pipe, "class_names", None):
+            return None
+        if self.classes is None:
+            raise ValueError("this model is class-conditional: evaluate it against a folder of class folders "
+                             "(--reference DIR with DIR/<class name>/*.png), so every sample gets a class")
+        return self.classes
 
     def memorization(self, images: Tensor) -> dict:
         """Nearest training images of generated ones, in pixel space and in the feature space."""
@@ -217,7 +258,10 @@ def run_eval(cfg: EvalConfig, pipe=None, extractor: FeatureExtractor | None = No
                       f"{row.get('judge_heldout', {}).get('all_correct', float('nan')):.3f} ({row['seconds']['total']} s)")
     report = {"model": str(cfg.model), "config": _jsonable(asdict(cfg)), "extractor": evaluator.extractor.name,
               "image_size": size, "settings": rows}
-    if cfg.memorization:
+    if cfg.reference:
+        report["reference"] = {"folder": str(cfg.reference), "n": len(evaluator.reference),
+                               "cache_hit": evaluator.cache_hit, "resize": RESIZE_POLICY}
+    if cfg.memorization and not cfg.reference:  # nearest training images: the shapes training set only
         base = (cfg.base_sampler, cfg.base_steps, cfg.base_guidance)
         images = generate(pipe, evaluator.prompts, steps=base[1], sampler=base[0], guidance=base[2], seed=cfg.seed,
                           batch_size=cfg.batch_size)
@@ -230,6 +274,51 @@ def run_eval(cfg: EvalConfig, pipe=None, extractor: FeatureExtractor | None = No
     write_json(out / "report.json", report)
     write_html(out / "report.html", report, grids)
     evaluator.log(f"wrote {out / 'report.json'} and {out / 'report.html'}")
+    return report
+
+
+def shapes_reference_key(size: int, n: int) -> str:
+    """The feature-cache key of the shapes reference set of ``n`` images at ``size``."""
+    return f"shapes-train-s{size}-n{n}-seed{REFERENCE_SEED}"
+
+
+def evaluate_samples(cfg: EvalConfig, extractor: FeatureExtractor | None = None,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Already generated images (``cfg.samples``) against the reference folder (or the shapes set).
+
+    Writes ``report.json`` and ``report.html`` into ``cfg.out``. Sizes follow ``folders.RESIZE_POLICY``;
+    too few images for a requested metric is an error that says how many it needs.
+    """
+    from latentdiff.eval.report import write_samples_html
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.time()
+    which = tuple(cfg.metrics)
+    extractor = extractor or make_extractor(cfg.extractor, cfg.feature_path or None)
+    files = image_files(cfg.samples, "samples")
+    size = sample_size(files, cfg.image_size)
+    n_ref = len(image_files(cfg.reference, "reference")) if cfg.reference else cfg.n_reference
+    check_counts({"generated": len(files), "reference": n_ref}, which, extractor, cfg.pr_k)
+    cache = _cache_dir(cfg.cache_dir)
+    if cfg.reference:
+        real, hit = reference_features(extractor, cfg.reference, size, cache, cfg.batch_size, log)
+        reference = {"folder": str(cfg.reference), "resize": RESIZE_POLICY, "cache_hit": hit}
+    else:
+        real = cached_features(extractor, shapes_reference_key(size, cfg.n_reference),
+                               lambda: shapes_images(cfg.n_reference, size, REFERENCE_SEED), cache, cfg.batch_size)
+        reference = {"shapes": {"n": cfg.n_reference, "seed": REFERENCE_SEED}}
+    fake = extract(extractor, image_batches(files, None, cfg.batch_size, log), cfg.batch_size)
+    figures = distribution_metrics(real, fake, kid_subset=cfg.kid_subset, kid_subsets=cfg.kid_subsets,
+                                   pr_k=cfg.pr_k, seed=cfg.seed, which=which)
+    report = {"samples": str(cfg.samples), "reference": {**reference, "n": len(real)}, "extractor": extractor.name,
+              "image_size": size, "n_samples": len(fake), **figures, "config": _jsonable(asdict(cfg)),
+              "seconds": round(time.time() - t0, 1)}
+    out = Path(cfg.out)
+    write_json(out / "report.json", report)
+    grid = list(image_batches(files[:cfg.grid_images], None, max(1, cfg.grid_images), log))
+    grid = torch.cat(grid) if grid else torch.empty(0, 3, size, size)
+    write_samples_html(out / "report.html", report, grid)
+    log(f"wrote {out / 'report.json'} and {out / 'report.html'}")
     return report
 
 

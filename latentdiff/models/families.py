@@ -61,3 +61,20 @@ def for_text_data(family: str, config: Any, channels: int, text_dim: int, latent
 def spatial_factor(family: str, config: Any) -> int:
     """What the latent's height and width must be multiples of: the U-Net's downsampling, a DiT's patch."""
     return 2 ** (len(config.channel_mult) - 1) if family == "unet" else config.patch_size
+
+
+def for_class_data(family: str, config: Any, num_classes: int) -> Any:
+    """A text-adapted config (``for_text_data``) made class-conditional on ``num_classes`` labels.
+
+    Labels replace the pooled text vector in ``cond.vector`` (tokens still feed attention); label
+    ``num_classes`` is the null class that classifier-free guidance and label dropout use: the U-Net's
+    embedding table gets ``num_classes + 1`` rows, DiT keeps its own null row (``class_dropout``).
+    """
+    if num_classes < 1:
+        raise ValueError(f"class-conditional training needs at least one class, got {num_classes}")
+    if family == "unet":
+        return dataclasses.replace(config, vector_dim=None, num_classes=num_classes + 1)
+    if family == "dit":
+        return dataclasses.replace(config, vector_dim=None, num_classes=num_classes, class_dropout=True)
+    raise ValueError(f"the {family} network has no class embedding (it needs pooled text in cond.vector): train "
+                     "a U-Net or DiT preset on class labels, or set class_labels = false to ignore them")

@@ -25,6 +25,8 @@ from latentdiff.components import (
     save_text_encoder,
     write_model_index,
 )
+from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
+from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import to_dict
 from latentdiff.data.cache import LatentCache
@@ -32,7 +34,7 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import atomic_folder
-from latentdiff.models.families import find_preset, for_text_data, spatial_factor
+from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -123,6 +125,10 @@ class TrainConfig:
     eval_samples: int = 64  # images generated per evaluation
     eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
     sample_schedule: str = "karras"  # sigma grid for the sample grids ("flow" for flow models: karras needs a finite sigma_max)
+    class_labels: bool = True  # a cache with class labels (class folders, tar .cls) trains a class-conditional net
+    label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
+    size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
+    size_embed_dim: int = 64  # sinusoidal features per size id (SDXL: 256)
 
 
 _DEMO = {"model": "shapes-demo", "steps": 500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995,
@@ -208,6 +214,7 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
     chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)
     main, writes = ctx.is_main, ctx.is_main and not cfg.dry_run
+    size_dim = cfg.size_embed_dim if cfg.size_conditioning else 0  # recorded in the model folder
     if writes:
         run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -218,6 +225,16 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     joint = cfg.text_encoder.kind == "hashed"
     channels = cache.info["latent_shape"][0]
     network_cfg = for_text_data(family, network_cfg, channels, text_encoder.dim, cache.info["latent_shape"][1])
+    labels = cache.labels if cfg.class_labels else None  # (N,) with class folders / .cls members
+    class_names = None if labels is None else class_names_of(labels, cache.class_names)
+    if class_names is not None:  # labels in cond.vector, label len(class_names) = null class
+        if cfg.eval_every > 0:
+            raise ValueError("eval_every scores shapes prompts, which a class-conditional model cannot take: set "
+                             "eval_every = 0 and evaluate with `latentdiff eval --reference CLASS_FOLDERS`")
+        network_cfg = for_class_data(family, network_cfg, len(class_names))
+    if cfg.size_conditioning:
+        check_size_conditioning(cache, class_names)
+        network_cfg = for_size_conditioning(network_cfg, cfg.size_embed_dim)
     spec = DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
     denoiser = build_denoiser(dataclasses.replace(  # checkpointing is how it trains, not part of the saved spec
@@ -246,7 +263,8 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
             print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
     if main and not cfg.quiet:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}: "
+        print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}"
+              f"{f', {len(class_names)} classes' if class_names else ''}: "
               f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents; {ctx.world} process(es)",
               file=sys.stderr)
     log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet, batch_size=cfg.batch_size,
@@ -291,6 +309,12 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
                     with autocast(cfg.precision, device):
                         cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                             else text_encoder(captions)
+                        if class_names is not None:  # drawn last: the text-only runs' streams stay as they were
+                            drop_y = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.label_dropout
+                            y = drop_labels(labels[idx[positions]], drop_y, len(class_names))
+                            cond = with_labels(cond, y.to(device))
+                        if cfg.size_conditioning:
+                            cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
                         return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting,
                                               noise=noise.to(device))
 
@@ -319,12 +343,14 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
                 if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                     parts = ema_pipeline_parts()
                     if main:
-                        sample_grid(*parts, autoencoder, cfg, image_size, run / "samples" / f"step_{step + 1:07d}.png")
+                        sample_grid(*parts, autoencoder, cfg, image_size, run / "samples" / f"step_{step + 1:07d}.png",
+                                    class_names=class_names, size_embed_dim=size_dim)
                 if callbacks:
                     due = any(cb.every > 0 and (step + 1) % cb.every == 0 for cb in callbacks)
                     parts = ema_pipeline_parts() if due else None
                     if main:
-                        run_callbacks(callbacks, step + 1, lambda parts=parts: _pipeline(*parts, autoencoder, image_size))
+                        run_callbacks(callbacks, step + 1, lambda parts=parts: _pipeline(
+                            *parts, autoencoder, image_size, class_names=class_names, size_embed_dim=size_dim))
                 if stop_now or ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
                     if main:
                         check_finite_params(model)
@@ -360,17 +386,31 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     folder = run / "model"
     if main:
         check_finite_params(parts[0].network)
-        save_model_folder(folder, *parts, spec, autoencoder, image_size)
+        save_model_folder(folder, *parts, spec, autoencoder, image_size, class_names=class_names,
+                          size_embed_dim=size_dim)
         if not cfg.quiet:
             print(f"model written to {folder}", file=sys.stderr)
     ctx.barrier()
     return folder
 
 
-def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int):
+def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int,
+              class_names: list[str] | None = None, size_embed_dim: int = 0):
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size)
+    return Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size, class_names=class_names,
+                    size_embed_dim=size_embed_dim)
+
+
+def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -> None:
+    """Size conditioning needs the cache's size ids, and the pooled vector that class labels would take."""
+    if class_names is not None:
+        raise ValueError("size_conditioning joins the pooled text vector, which class labels replace: set "
+                         "class_labels = false or size_conditioning = false")
+    if cache.size_ids is None:
+        raise ValueError(f"the latent cache {cache.folder} holds no original sizes and crops (built from the "
+                         "shapes set, or by an older latentdiff): re-cache a folder or tar shards, or set "
+                         "size_conditioning = false")
 
 
 def _with_ema(ema_model: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tuple[Denoiser, nn.Module]:
@@ -380,21 +420,28 @@ def _with_ema(ema_model: Trainable, text_encoder: nn.Module, denoiser: Denoiser)
 
 
 def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
-                      autoencoder, cache_image_size: int) -> Path:
+                      autoencoder, cache_image_size: int, class_names: list[str] | None = None,
+                      size_embed_dim: int = 0) -> Path:
     """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
     with atomic_folder(folder) as tmp:
         save_autoencoder(tmp / "autoencoder", autoencoder)
         save_denoiser(tmp / "denoiser", denoiser, spec)
         save_text_encoder(tmp / "text_encoder", text_encoder)
-        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {"sample_size": cache_image_size})
+        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
+            "sample_size": cache_image_size, **({"class_names": list(class_names)} if class_names else {}),
+            **({"size_conditioning": {"embed_dim": size_embed_dim}} if size_embed_dim else {})})
     return folder
 
 
 def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: TrainConfig, image_size: int,
-                path: Path) -> None:
-    """Generate the fixed sample prompts and save them as one row."""
-    images = _pipeline(denoiser, text_encoder, autoencoder, image_size).generate(
-        list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
-        schedule=cfg.sample_schedule)
+                path: Path, class_names: list[str] | None = None, size_embed_dim: int = 0) -> None:
+    """Generate the fixed sample prompts (a class-conditional model: its first 8 classes) as one row."""
+    prompts, labels = list(cfg.sample_prompts), None
+    if class_names:
+        labels = list(range(min(8, len(class_names))))
+        prompts = [""] * len(labels)
+    images = _pipeline(denoiser, text_encoder, autoencoder, image_size, class_names, size_embed_dim).generate(
+        prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0, schedule=cfg.sample_schedule,
+        label=labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)

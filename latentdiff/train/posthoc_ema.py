@@ -175,8 +175,10 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
         text_encoder = load_text_encoder(template / "text_encoder")
         joint = any(k.startswith("text_encoder.") for k in state)
         load_state_strict(Trainable(denoiser.network, text_encoder if joint else None), state, "post-hoc EMA")
-        size = json.loads((template / "model_index.json").read_text()).get("sample_size")
-        save_model_folder(out, denoiser, text_encoder, spec, load_autoencoder(template / "autoencoder"), size)
+        index = json.loads((template / "model_index.json").read_text())
+        save_model_folder(out, denoiser, text_encoder, spec, load_autoencoder(template / "autoencoder"),
+                          index.get("sample_size"), class_names=index.get("class_names"),
+                          size_embed_dim=index.get("size_conditioning", {}).get("embed_dim", 0))
     else:
         autoencoder = load_autoencoder(template)
         load_state_strict(autoencoder, state, "post-hoc EMA")

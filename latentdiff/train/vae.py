@@ -12,6 +12,7 @@ import torch
 from latentdiff.components import save_autoencoder
 from latentdiff.config import from_dict, to_dict
 from latentdiff.data import make_image_dataset
+from latentdiff.data.pixels import open_pixel_set, same_shape_batches, uses_pixel_set
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import (
@@ -47,6 +48,7 @@ from latentdiff.train.common import (
 )
 from latentdiff.train.distributed import (
     DistributedConfig,
+    bucket_chunks,
     full_state,
     gathered,
     micro_batches,
@@ -119,6 +121,12 @@ class VAETrainConfig:
     disc_lr: float = 0.0  # discriminator AdamW learning rate (0: same as lr)
     disc_layers: int = 3  # PatchGAN depth
     disc_channels: int = 64  # PatchGAN width
+    crop: str = "center"  # folders / tar shards: "center" (cover + centre crop) or "random" (short side, random square)
+    buckets: bool = False  # folders / tar shards: aspect-ratio buckets (each image at its nearest aspect ratio)
+    bucket_area: int = 0  # pixels per bucket (H * W); 0 = image_size ** 2
+    bucket_step: int = 0  # bucket sides are multiples of this; 0 = the autoencoder's factor x 8
+    bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
+    min_size: int = 8  # tar shards, random crops, buckets: images with a shorter side are skipped (and named)
 
 
 VAE_PRESETS: dict[str, dict] = {
@@ -161,14 +169,22 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
         run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = ctx.device
-    dataset = make_image_dataset(cfg.data, cfg.num_images, cfg.image_size, cfg.seed, split="train")
-    images_u8 = preload(dataset, cfg.preload_gib, quiet=cfg.quiet or not main)
+    pixel_set = uses_pixel_set(cfg.data, cfg.crop, cfg.buckets)  # tar shards, random crops, buckets: data.pixels
+    dataset = None if pixel_set else make_image_dataset(cfg.data, cfg.num_images, cfg.image_size, cfg.seed, "train")
+    images_u8 = None if pixel_set else preload(dataset, cfg.preload_gib, quiet=cfg.quiet or not main)
 
     # Build.
     model = build_autoencoder(from_dict(AutoencoderConfig, {**asdict(AUTOENCODER_PRESETS[cfg.model]), **cfg.autoencoder},
                                         "train-vae autoencoder"))
     if cfg.image_size % model.factor:
         raise ValueError(f"image_size {cfg.image_size} is not divisible by the autoencoder's factor {model.factor}")
+    if pixel_set:
+        bucket_step = cfg.bucket_step or 8 * model.factor
+        if bucket_step % model.factor:
+            raise ValueError(f"bucket_step {bucket_step} must be a multiple of the autoencoder's factor {model.factor}")
+        dataset = open_pixel_set(cfg.data, cfg.image_size, crop=cfg.crop, buckets=cfg.buckets,
+                                 bucket_area=cfg.bucket_area, bucket_step=bucket_step, bucket_max_aspect=cfg.bucket_max_aspect,
+                                 min_size=cfg.min_size, budget_gib=cfg.preload_gib, quiet=cfg.quiet or not main)
     channels_last(model, cfg.channels_last, ctx)
     ema = EMA(model, cfg.ema_decay)
     lpips = perceptual_loss_or_none(cfg.lpips_path, cfg.lpips_vgg_path, cfg.perceptual_weight, cfg.quiet or not main)
@@ -202,7 +218,7 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
         print(f"autoencoder {cfg.model}: {n_params / 1e6:.2f}M parameters, factor {model.factor}, "
               f"{model.latent_channels} latent channels; {len(dataset)} images; {ctx.world} process(es)",
               file=sys.stderr)
-    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))])
+    fixed = same_shape_batches([dataset[i]["image"] for i in range(min(8, len(dataset)))], 8)[0]
     log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet, batch_size=cfg.batch_size,
                      tensorboard_dir=run / "tensorboard" if cfg.tensorboard else None) if writes else None
     skipper = NonFiniteSkipper(verbose=main)
@@ -235,15 +251,23 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                 model.train()
                 if dry:
                     dry.start()
-                idx = batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)  # the global batch
+                if pixel_set:  # the global batch (from one bucket when bucketed; its last batches may be short)
+                    idx = dataset.batch_indices(step, cfg.batch_size, cfg.seed)
+                    if dataset.bucketed:
+                        chunks = bucket_chunks(len(idx), ctx, cfg.grad_accum)
+                else:
+                    idx = batch_indices(step, cfg.batch_size, len(dataset), cfg.seed)  # the global batch
 
                 def loss_fn(positions: torch.Tensor, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
                     """The micro-batch's mean loss, once per sample (all samples weigh the same)."""
                     sel = idx[positions]
-                    images = from_uint8(images_u8[sel]) if images_u8 is not None else \
-                        torch.stack([dataset[i]["image"] for i in sel.tolist()])
-                    images = images.to(device)
                     gens = sample_generators(cfg.seed, step, positions)
+                    if pixel_set:  # random crops come first from each sample's generator, then its posterior noise
+                        images = dataset.batch(sel, gens)
+                    else:
+                        images = from_uint8(images_u8[sel]) if images_u8 is not None else \
+                            torch.stack([dataset[i]["image"] for i in sel.tolist()])
+                    images = images.to(device)
                     with autocast(cfg.precision, device):
                         if isinstance(model, AutoencoderVQ):  # the quantizer's straight-through output, no noise
                             recon, posterior = model(images)
@@ -340,7 +364,7 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
         final = final.cpu()
         check_finite_params(final)
         stats_set = [dataset[i]["image"] for i in range(min(cfg.stats_images, len(dataset)))]
-        batches = [torch.stack(stats_set[i:i + 64]) for i in range(0, len(stats_set), 64)]
+        batches = same_shape_batches(stats_set, 64)
         scale, shift = compute_latent_stats(final, batches, per_channel=cfg.per_channel_stats)
         set_latent_stats(final, scale, shift)
         save_autoencoder(run / "autoencoder", final)
