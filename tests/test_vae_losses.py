@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from test_models import one_thread  # noqa: F401 (an autouse fixture)
 
 from latentdiff.cli import main
+from latentdiff.models.autoencoder import edge_loss
 from latentdiff.models.perceptual import (
     LPIPS,
     PatchDiscriminator,
@@ -135,3 +136,35 @@ def test_weights_gone_non_finite_never_reach_a_checkpoint(tmp_path, monkeypatch,
     assert find_checkpoint(out) == good  # latest still points at step 2
     ae = load_autoencoder(out / "autoencoder")  # the autoencoder from the good run is untouched
     assert all(torch.isfinite(p).all() for p in ae.state_dict().values())
+
+
+def test_edge_loss_sees_edges_not_levels():
+    """The loss on neighbour differences: blind to a uniform offset, and it measures a blurred edge."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)
+    assert edge_loss(images + 0.3, images, "l2") == pytest.approx(0.0, abs=1e-12)  # same edges, other level
+    step = torch.zeros(1, 1, 4, 4)
+    step[..., 2:] = 1.0  # a vertical edge: each row has differences (0, 1, 0)
+    ramp = torch.zeros(1, 1, 4, 4)
+    ramp[..., 1], ramp[..., 2:] = 0.5, 1.0  # the same edge blurred over two pixels: (0.5, 0.5, 0)
+    # L1: |0.5 - 0| + |0.5 - 1| + 0 = 1 per row over 12 horizontal differences; vertical differences all 0.
+    assert edge_loss(ramp, step, "l1").item() == pytest.approx((1 / 3 + 0) / 2)
+
+
+def test_train_vae_edge_term_and_channels_last_change_nothing_else(tmp_path):
+    """edge_weight adds a logged term; the channels-last layout trains the same weights as the plain one."""
+    from safetensors.torch import load_file
+
+    base = ["--preset", "shapes-test", "--set", "image_size=16", "--steps", "2", "--set", "save_every=1",
+            "--set", "keep_last=2"]
+    main(["train-vae", "--out", str(tmp_path / "nhwc"), *base])
+    main(["train-vae", "--out", str(tmp_path / "nchw"), *base, "--set", "channels_last=false"])
+    main(["train-vae", "--out", str(tmp_path / "edge"), *base, "--set", "edge_weight=1.0"])
+    a, b, before = (load_file(str(tmp_path / r / "checkpoints" / f"step_{s:07d}" / "model.safetensors"))
+                    for r, s in (("nhwc", 2), ("nchw", 2), ("nchw", 1)))
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    moved = torch.cat([(a[k] - before[k]).flatten() for k in a])
+    assert diff.abs().max() < 1e-3 and diff.norm() < 0.02 * moved.norm(), (diff.abs().max(), diff.norm(), moved.norm())
+    rows = [json.loads(line) for line in (tmp_path / "edge" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["edge"] > 0 for r in rows) and all("edge" not in json.loads(line) for line in
+                                                    (tmp_path / "nhwc" / "metrics.jsonl").read_text().splitlines())
