@@ -35,6 +35,10 @@ class GenerateConfig:
     precision: str = "fp32"  # "fp32" or "bf16"
     out: str = "out.png"  # output file (numbered when several images)
     tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
+    tiled: str = "auto"  # decode in tiles: "auto" (latents over 128x128), "on" or "off"
+    decode_precision: str = "fp32"  # "fp32", "bf16" or "fp16" (falls back to fp32 when not finite)
+    preview_every: int = 0  # write a preview-decoder image every N sampler steps (0: none)
+    preview_dir: str = ""  # folder for the preview images (step_NNN.png)
 
 
 @dataclass
@@ -144,8 +148,13 @@ def cmd_generate(args) -> None:
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision, "tokenizer": args.tokenizer,
+        "precision": args.precision, "tokenizer": args.tokenizer, "tiled": args.tiled,
+        "decode_precision": args.decode_precision,
+        **({"preview_every": _count(args.preview_every[0], "--preview-every N"), "preview_dir": args.preview_every[1]}
+           if args.preview_every else {}),
     })
+    if cfg.tiled not in ("auto", "on", "off"):
+        raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
     prompts = [p for p in args.prompts if p.strip()]
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
@@ -156,7 +165,7 @@ def cmd_generate(args) -> None:
     images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
-                           guidance_rescale=cfg.guidance_rescale)
+                           guidance_rescale=cfg.guidance_rescale, **_decode_options(cfg))
     w, h = images[0].size
     params = {"prompt": prompts if len(prompts) > 1 else prompts[0], "negative_prompt": cfg.negative_prompt,
               "steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
@@ -164,6 +173,28 @@ def cmd_generate(args) -> None:
               "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images}
     for path in save_images(images, out, params, grid=cfg.grid):
         print(path)
+
+
+def _count(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{what} must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _decode_options(cfg: GenerateConfig) -> dict:
+    """``generate``'s tiling, decode precision and preview settings as ``Pipeline.generate`` keywords."""
+    options = {"tiled": {"auto": None, "on": True, "off": False}[cfg.tiled], "decode_precision": cfg.decode_precision}
+    if cfg.preview_every:
+        if not cfg.preview_dir:
+            raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
+        from latentdiff.images import save_png
+
+        folder = Path(cfg.preview_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        options.update(preview_every=cfg.preview_every,
+                       preview=lambda step, image: print(save_png(image, folder / f"step_{step:03d}.png"),
+                                                         file=sys.stderr))
+    return options
 
 
 def cmd_demo(args) -> None:
@@ -314,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
     p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
+    p.add_argument("--tiled", nargs="?", const="on", default=None, choices=["auto", "on", "off"],
+                   help="decode in tiles (bare --tiled: on; default auto: latents over 128x128 positions)")
+    p.add_argument("--decode-precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="decode precision; falls back to fp32 when the output is not finite")
+    p.add_argument("--preview-every", nargs=2, default=None, metavar=("N", "DIR"),
+                   help="every N steps write the preview decoder's image to DIR/step_NNN.png")
     p.set_defaults(func=cmd_generate, preset=None)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",

@@ -285,3 +285,19 @@ def decode_with_fallback(autoencoder: AutoencoderKL, latents: Tensor, precision:
         if not quiet:
             print(f"decode in {precision} gave non-finite values; decoding again in fp32", file=sys.stderr)
     return autoencoder.decode(latents.float()).float()
+
+
+# ----------------------------------------------------------------------------- one entry point for generation
+
+AUTO_TILE_LATENTS = 128 * 128  # latent positions above which ``decode_latents`` tiles by itself (1024 px at f=8)
+
+
+def decode_latents(autoencoder: AutoencoderKL, latents: Tensor, *, tiled: bool | None = None,
+                   precision: str = "fp32", tile: int = 64, overlap: int = 8, passes: int | None = 4) -> Tensor:
+    """Normalized latents -> float32 images, as generation wants them: tiled when ``tiled`` (None: when the
+    latent has more than ``AUTO_TILE_LATENTS`` positions), decoded at ``precision`` with the fp32 fallback."""
+    if tiled is None:
+        tiled = latents.shape[-2] * latents.shape[-1] > AUTO_TILE_LATENTS
+    if tiled:
+        return tiled_decode(autoencoder, latents, tile, overlap, precision, passes)
+    return decode_with_fallback(autoencoder, latents, precision)
