@@ -197,6 +197,15 @@ def _decode_options(cfg: GenerateConfig) -> dict:
     return options
 
 
+def cmd_eval_vae(args) -> None:
+    from latentdiff.eval.vae import VAEEvalConfig, evaluate_vae
+
+    cfg = _config(VAEEvalConfig, {}, args, {"model": args.model, "data": args.data, "out": args.out,
+                                            "extractor": args.extractor, "feature_path": args.feature_path})
+    report = evaluate_vae(cfg)
+    print(json.dumps({k: report[k] for k in ("psnr", "ssim", "images", "rfid", "grid") if k in report}, indent=2))
+
+
 def cmd_demo(args) -> None:
     from latentdiff.demo import run_demo
 
@@ -289,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the preview decoder")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.set_defaults(func=cmd_distill_preview)
+
+    from latentdiff.eval.vae import VAEEvalConfig
+
+    p = sub.add_parser("eval-vae", help="held-out PSNR, SSIM and rFID of an autoencoder, and a reconstruction grid",
+                       description="Reconstruct held-out images (shapes: unseen renders; skimage: the held-out "
+                                   "photographs; or a folder) and write OUT/report.json and OUT/grid.png.")
+    _add_config_args(p, {}, VAEEvalConfig)
+    p.add_argument("--model", default=None, help="autoencoder folder, or a model folder holding autoencoder/")
+    p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of held-out images")
+    p.add_argument("--out", default=None, help="folder for report.json and grid.png")
+    p.add_argument("--extractor", default=None, choices=["auto", "shapes", "inception", "dinov2", "none"],
+                   help="rFID feature space (auto: the shapes net for shapes data, else Inception)")
+    p.add_argument("--feature-path", default=None, help="extractor weights: shapes-net folder, Inception .pth, "
+                   "or DINOv2 folder")
+    p.set_defaults(func=cmd_eval_vae)
 
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")
