@@ -43,7 +43,7 @@ def model(tmp_path_factory):
 def test_tiled_and_auto_tiled_decoding(model, monkeypatch):
     pipe = load(model[0])
     pipe.tile, pipe.tile_overlap = 16, 8  # 24x24 latents (48 px): 2 x 2 tiles
-    kw = dict(steps=2, seed=1, height=48, width=48, output="pt")
+    kw = {"steps": 2, "seed": 1, "height": 48, "width": 48, "output": "pt"}
     z = pipe.generate(PROMPT, **{**kw, "output": "latent"})
     untiled = pipe.generate(PROMPT, tiled=False, **kw)
     torch.testing.assert_close(untiled, pipe.autoencoder.decode(z))
@@ -58,7 +58,7 @@ def test_tiled_and_auto_tiled_decoding(model, monkeypatch):
 
 def test_low_precision_decoding_falls_back_to_fp32(model, capsys):
     pipe = load(model[0])
-    kw = dict(steps=2, seed=1, output="pt")
+    kw = {"steps": 2, "seed": 1, "output": "pt"}
     reference = pipe.generate(PROMPT, **kw)
     bf16 = pipe.generate(PROMPT, decode_precision="bf16", **kw)
     assert (bf16 - reference).abs().max() < 0.1 and "fp32" not in capsys.readouterr().err

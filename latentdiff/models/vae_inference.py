@@ -231,8 +231,9 @@ def tiled_encode_posterior(autoencoder: AutoencoderKL, images: Tensor, tile: int
     latent-resolution head (mid self-attention) on the whole blended feature map.
 
     ``tile`` and ``overlap`` must be multiples of the factor. Works for KL and VQ autoencoders alike. Four
-    passes bring a trained autoencoder within ~1e-3 of the untiled latents; ``passes=None`` (one per GroupNorm
-    layer, plus one) makes the statistics exact, and the result then equals the untiled one wherever the
+    passes bring a trained autoencoder's latents to 0.4-0.9 % mean relative difference from the untiled ones
+    (BENCHMARKS.md; one pass, each tile's own statistics: 14-19 %); ``passes=None`` (one per GroupNorm layer,
+    plus one) makes the statistics exact, and the result then equals the untiled one wherever the
     overlap's outer quarter covers the convolutions' reach (BENCHMARKS.md).
     """
     f = autoencoder.factor
