@@ -92,7 +92,8 @@ def test_skimage_and_folder_sources(parts, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SystemExit) as e:
         cli.main(["eval-vae", "--model", str(ae_dir), "--data", str(folder), "--out", str(tmp_path / "inc")])
-    assert e.value.code == 2 and "FID Inception weights were not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "FID Inception weights were not found" in err and "--extractor none" in err
     assert not (tmp_path / "inc").exists()
     with pytest.raises(SystemExit) as e:
         cli.main(["eval-vae", "--model", str(tmp_path), "--data", "shapes", "--extractor", "none"])

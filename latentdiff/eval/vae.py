@@ -84,7 +84,11 @@ def _extractor(cfg: VAEEvalConfig):
         kind = "shapes" if cfg.data == "shapes" else "inception"
     if kind == "none":
         return None
-    return make_extractor(kind, cfg.feature_path or None)
+    try:
+        return make_extractor(kind, cfg.feature_path or None)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (eval-vae: give the weights with --feature-path, or skip rFID with "
+                                "--extractor none)") from e
 
 
 def evaluate_vae(cfg: VAEEvalConfig) -> dict:
