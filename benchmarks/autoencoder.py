@@ -1,6 +1,7 @@
 """Autoencoder inference: encode/decode time and peak memory at 256, 512, 1024 px, tiled and untiled, fp32 and
 bf16 (bf16 only up to --bf16-max-size: on a CPU without native bf16 it is 20-80x slower than fp32); how far
-tiles drift from the untiled result; the preview decoder's speed-up and PSNR.
+tiles drift from the untiled result for 1 or 4 passes of whole-image GroupNorm statistics (or exact ones);
+the preview decoder's speed-up and PSNR.
 
     PYTHONPATH=$PWD python benchmarks/autoencoder.py --autoencoder /tmp/ae_vn/small-f8c4/autoencoder
 
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-TILE = {"encode": {"tile": 256, "overlap": 32}, "decode": {"tile": 32, "overlap": 4}}  # pixels / latents at f=8
+TILE = {"encode": {"tile": 256, "overlap": 64}, "decode": {"tile": 32, "overlap": 8}}  # pixels / latents at f=8
 
 
 def rss_bytes() -> int:
@@ -68,16 +69,17 @@ def worker(spec: dict, args) -> dict:
     torch.set_num_threads(args.threads)
     ae = load_model(args)
     f, size, op, tiled, precision = ae.factor, spec["size"], spec["op"], spec["tiled"], spec["precision"]
+    passes = spec.get("passes", 4)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def run(n):
         if op == "encode":
             x = torch.rand(1, 3, n, n) * 2 - 1
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                return tiled_encode(ae, x, **TILE["encode"]) if tiled else ae.encode(x)
+                return tiled_encode(ae, x, **TILE["encode"], passes=passes) if tiled else ae.encode(x)
         z = torch.randn(1, ae.latent_channels, n // f, n // f)
         if tiled:
-            return tiled_decode(ae, z, **TILE["decode"], precision=precision)
+            return tiled_decode(ae, z, **TILE["decode"], precision=precision, passes=passes)
         return decode_with_fallback(ae, z, precision)
 
     run(64)  # warm-up
@@ -92,11 +94,11 @@ def timings(args) -> list[dict]:
     rows = []
     for op in ("encode", "decode"):
         for size in args.sizes:
-            for tiled in (False, True):
+            for tiled, passes in [(False, None)] + [(True, p) for p in args.passes]:
                 for precision in ("fp32", "bf16"):
                     if precision == "bf16" and size > args.bf16_max_size:
                         continue  # bf16 convolutions are 20-80x slower than fp32 on an AVX2-only CPU
-                    spec = {"op": op, "size": size, "tiled": tiled, "precision": precision}
+                    spec = {"op": op, "size": size, "tiled": tiled, "precision": precision, "passes": passes}
                     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(args.threads),
                            "--preset", args.preset] + (["--autoencoder", args.autoencoder] if args.autoencoder else [])
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -106,32 +108,61 @@ def timings(args) -> list[dict]:
 
 
 @torch.no_grad()
+def tile_quality(ae, args) -> dict:
+    """Tiled against untiled on the astronaut photograph at each of --quality-sizes, for each number of
+    whole-image GroupNorm passes in --passes (1 = each tile's own statistics, the old behaviour; 0 = exact)."""
+    import torch.nn.functional as F
+
+    from latentdiff.data.natural import load_skimage, to_tensor
+    from latentdiff.eval.reconstruction import psnr
+    from latentdiff.models.vae_inference import tiled_decode, tiled_encode
+
+    out = {}
+    for n in args.quality_sizes:
+        x = F.interpolate(to_tensor(load_skimage("astronaut"))[None], size=(n, n), mode="bicubic").clamp(-1, 1)
+        z = ae.encode(x)
+        full = ae.decode(z)
+        for passes in args.passes + ([0] if n <= args.exact_max_size else []):
+            p = passes or None  # 0: exact statistics
+            t0 = time.perf_counter()
+            tiled = tiled_decode(ae, z, **TILE["decode"], passes=p)
+            seconds = time.perf_counter() - t0
+            zt = tiled_encode(ae, x, **TILE["encode"], passes=p)
+            key = f"{n}px_passes_{passes or 'exact'}"
+            out[f"{key}_decode_psnr_vs_untiled"] = float(psnr(tiled.clamp(-1, 1), full.clamp(-1, 1)))
+            out[f"{key}_decode_max_abs_diff"] = float((tiled - full).abs().max())
+            out[f"{key}_decode_s"] = seconds
+            out[f"{key}_encode_latent_rel_err"] = float((zt - z).abs().mean() / z.abs().mean())
+            out[f"{key}_encode_latent_max_abs_diff"] = float((zt - z).abs().max())
+            print(json.dumps({k: v for k, v in out.items() if k.startswith(key)}), file=sys.stderr, flush=True)
+    return out
+
+
+@torch.no_grad()
 def quality(args) -> dict:
-    """Tiled vs untiled on a real photograph (astronaut at --quality-size px); preview vs full decoder."""
+    """Tiles against untiled (``tile_quality``), bf16 against fp32, and the preview decoder against the full one."""
     import torch.nn.functional as F
 
     from latentdiff.data import make_image_dataset
     from latentdiff.data.natural import load_skimage, skimage_heldout, to_tensor
     from latentdiff.eval.reconstruction import psnr, ssim
     from latentdiff.models.preview import PreviewConfig, distill_preview, flops
-    from latentdiff.models.vae_inference import decode_with_fallback, tiled_decode, tiled_encode
+    from latentdiff.models.vae_inference import decode_with_fallback
     from latentdiff.train.latent_stats import image_batches
 
     torch.set_num_threads(args.threads)
     ae = load_model(args)
     n = args.quality_size
     x = F.interpolate(to_tensor(load_skimage("astronaut"))[None], size=(n, n), mode="bicubic").clamp(-1, 1)
+    out = tile_quality(ae, args)
     z = ae.encode(x)
-    full = ae.decode(z).clamp(-1, 1)
-    tiled = tiled_decode(ae, z, **TILE["decode"]).clamp(-1, 1)
-    out = {"tiled_decode_vs_untiled_psnr": float(psnr(tiled, full)),
-           "tiled_decode_max_abs_diff": float((tiled - full).abs().max()),
-           "tiled_encode_latent_rel_err": float((tiled_encode(ae, x, **TILE["encode"]) - z).abs().mean() / z.abs().mean()),
-           "untiled_recon_psnr": float(psnr(full, x))}
+    out["untiled_recon_psnr"] = float(psnr(ae.decode(z).clamp(-1, 1), x))
     zc = z[..., : 128 // ae.factor, : 128 // ae.factor]  # bf16 is very slow here: a 128 px corner
     out["bf16_decode_vs_fp32_psnr_128px"] = float(psnr(decode_with_fallback(ae, zc, "bf16").clamp(-1, 1),
                                                        ae.decode(zc).clamp(-1, 1)))
     print(json.dumps(out), file=sys.stderr, flush=True)
+    if args.skip_preview:
+        return out
 
     # Preview decoder: distilled on training crops, measured on the held-out photographs.
     crops = make_image_dataset("skimage", args.preview_images, 64, seed=1)
@@ -171,7 +202,14 @@ def main() -> None:
     ap.add_argument("--bf16-max-size", type=int, default=128,
                     help="largest size timed in bf16 (on CPUs without native bf16 it is very slow)")
     ap.add_argument("--preview-steps", type=int, default=300)
-    ap.add_argument("--quality-size", type=int, default=512, help="image size of the tiled-vs-untiled comparison")
+    ap.add_argument("--quality-size", type=int, default=512, help="image size of the bf16 and recon checks")
+    ap.add_argument("--quality-sizes", nargs="+", type=int, default=[256, 512, 1024],
+                    help="image sizes of the tiled-vs-untiled comparison")
+    ap.add_argument("--passes", nargs="+", type=int, default=[1, 4],
+                    help="whole-image GroupNorm passes of the tiled rows (1: per-tile statistics)")
+    ap.add_argument("--exact-max-size", type=int, default=512,
+                    help="largest size where tiles also run with exact statistics (one pass per GroupNorm layer)")
+    ap.add_argument("--skip-preview", action="store_true")
     ap.add_argument("--preview-images", type=int, default=256)
     ap.add_argument("--skip-timings", action="store_true")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -182,11 +220,12 @@ def main() -> None:
     what = args.autoencoder or f"{args.preset} (random weights)"
     if not args.skip_timings:
         rows = timings(args)
-        print(f"\nautoencoder: {what}; {args.threads} thread(s); tiles: encode 256 px / overlap 32, "
-              f"decode 32 latents / overlap 4\n")
-        print("| op | size | tiled | precision | time (s) | peak memory (MiB) |\n|---|---|---|---|---|---|")
+        print(f"\nautoencoder: {what}; {args.threads} thread(s); tiles: encode {TILE['encode']}, "
+              f"decode {TILE['decode']} (latents)\n")
+        print("| op | size | tiled (GroupNorm passes) | precision | time (s) | peak memory (MiB) |\n"
+              "|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['op']} | {r['size']} | {'yes' if r['tiled'] else 'no'} | {r['precision']} | "
+            print(f"| {r['op']} | {r['size']} | {r['passes'] if r['tiled'] else 'no'} | {r['precision']} | "
                   f"{r['seconds']:.2f} | {r['peak_mib']:.0f} |")
     if args.autoencoder:
         q = quality(args)

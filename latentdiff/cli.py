@@ -38,6 +38,10 @@ class GenerateConfig:
     labels: tuple = ()  # class-conditional models: class names or indices (one, or one per prompt)
     original_size: tuple = ()  # size-conditioned models: (height, width) announced as the original; () = the output size
     crop_top_left: tuple = (0, 0)  # size-conditioned models: (top, left) crop announced
+    tiled: str = "auto"  # decode in tiles: "auto" (latents over 128x128), "on" or "off"
+    decode_precision: str = "fp32"  # "fp32", "bf16" or "fp16" (falls back to fp32 when not finite)
+    preview_every: int = 0  # write a preview-decoder image every N sampler steps (0: none)
+    preview_dir: str = ""  # folder for the preview images (step_NNN.png)
 
 
 @dataclass
@@ -149,8 +153,13 @@ def cmd_generate(args) -> None:
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
         "precision": args.precision, "tokenizer": args.tokenizer, "labels": tuple(args.label) if args.label else None,
         "original_size": tuple(args.original_size) if args.original_size else None,
-        "crop_top_left": tuple(args.crop_top_left) if args.crop_top_left else None,
+        "crop_top_left": tuple(args.crop_top_left) if args.crop_top_left else None, "tiled": args.tiled,
+        "decode_precision": args.decode_precision,
+        **({"preview_every": _count(args.preview_every[0], "--preview-every N"), "preview_dir": args.preview_every[1]}
+           if args.preview_every else {}),
     })
+    if cfg.tiled not in ("auto", "on", "off"):
+        raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
     prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
@@ -162,7 +171,8 @@ def cmd_generate(args) -> None:
                            schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
                            height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
                            guidance_rescale=cfg.guidance_rescale, label=list(cfg.labels) or None,
-                           original_size=tuple(cfg.original_size) or None, crop_top_left=tuple(cfg.crop_top_left))
+                           original_size=tuple(cfg.original_size) or None, crop_top_left=tuple(cfg.crop_top_left),
+                           **_decode_options(cfg))
     w, h = images[0].size
     params = {"prompt": prompts if len(prompts) > 1 else prompts[0], "negative_prompt": cfg.negative_prompt,
               "steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
@@ -172,6 +182,37 @@ def cmd_generate(args) -> None:
               **({"original_size": list(cfg.original_size)} if cfg.original_size else {})}
     for path in save_images(images, out, params, grid=cfg.grid):
         print(path)
+
+
+def _count(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{what} must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _decode_options(cfg: GenerateConfig) -> dict:
+    """``generate``'s tiling, decode precision and preview settings as ``Pipeline.generate`` keywords."""
+    options = {"tiled": {"auto": None, "on": True, "off": False}[cfg.tiled], "decode_precision": cfg.decode_precision}
+    if cfg.preview_every:
+        if not cfg.preview_dir:
+            raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
+        from latentdiff.images import save_png
+
+        folder = Path(cfg.preview_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        options.update(preview_every=cfg.preview_every,
+                       preview=lambda step, image: print(save_png(image, folder / f"step_{step:03d}.png"),
+                                                         file=sys.stderr))
+    return options
+
+
+def cmd_eval_vae(args) -> None:
+    from latentdiff.eval.vae import VAEEvalConfig, evaluate_vae
+
+    cfg = _config(VAEEvalConfig, {}, args, {"model": args.model, "data": args.data, "out": args.out,
+                                            "extractor": args.extractor, "feature_path": args.feature_path})
+    report = evaluate_vae(cfg)
+    print(json.dumps({k: report[k] for k in ("psnr", "ssim", "images", "rfid", "grid") if k in report}, indent=2))
 
 
 def cmd_demo(args) -> None:
@@ -268,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.set_defaults(func=cmd_distill_preview)
 
+    from latentdiff.eval.vae import VAEEvalConfig
+
+    p = sub.add_parser("eval-vae", help="held-out PSNR, SSIM and rFID of an autoencoder, and a reconstruction grid",
+                       description="Reconstruct held-out images (shapes: unseen renders; skimage: the held-out "
+                                   "photographs; or a folder) and write OUT/report.json and OUT/grid.png.")
+    _add_config_args(p, {}, VAEEvalConfig)
+    p.add_argument("--model", default=None, help="autoencoder folder, or a model folder holding autoencoder/")
+    p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of held-out images")
+    p.add_argument("--out", default=None, help="folder for report.json and grid.png")
+    p.add_argument("--extractor", default=None, choices=["auto", "shapes", "inception", "dinov2", "none"],
+                   help="rFID feature space (auto: the shapes net for shapes data, else Inception)")
+    p.add_argument("--feature-path", default=None, help="extractor weights: shapes-net folder, Inception .pth, "
+                   "or DINOv2 folder")
+    p.set_defaults(func=cmd_eval_vae)
+
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")
     _add_config_args(p, TRAIN_PRESETS, TrainConfig)
@@ -329,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size-conditioned models: the crop offset to announce (default 0 0)")
     p.add_argument("--label", action="append", default=None, metavar="CLASS", help="class-conditional models: a "
                    "class name or index (repeat for several; one prompt, or none, is used for every label)")
+    p.add_argument("--tiled", nargs="?", const="on", default=None, choices=["auto", "on", "off"],
+                   help="decode in tiles (bare --tiled: on; default auto: latents over 128x128 positions)")
+    p.add_argument("--decode-precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="decode precision; falls back to fp32 when the output is not finite")
+    p.add_argument("--preview-every", nargs=2, default=None, metavar=("N", "DIR"),
+                   help="every N steps write the preview decoder's image to DIR/step_NNN.png")
     p.set_defaults(func=cmd_generate, preset=None)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",

@@ -18,6 +18,7 @@ from latentdiff.diffusion.sampling import get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.vae_inference import decode_latents
 from latentdiff.train.common import autocast
 from latentdiff.types import Cond
 
@@ -29,7 +30,8 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0):
+                 vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0,
+                 preview_decoder: nn.Module | None = None):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -42,6 +44,8 @@ class Pipeline:
         self.vp_init = vp_init
         self.class_names = list(class_names) if class_names else None  # a class-conditional denoiser's classes
         self.size_embed_dim = size_embed_dim  # > 0: the denoiser takes SDXL-style size ids (conditioning.sizes)
+        self.preview_decoder = preview_decoder  # a tiny decoder for live previews (models/preview.py), if any
+        self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -55,13 +59,19 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images: int = 1,
                  latents: Tensor | None = None, output: str = "pil", guidance_rescale: float = 0.0,
                  callback=None, label: int | str | list | None = None,
-                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)):
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                 tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         A class-conditional model (``class_names``) needs ``label``: a class name or index, or one per prompt
         (one prompt, e.g. "", is repeated for a list of labels); guidance runs against the null class.
         A size-conditioned model (``size_embed_dim``) is told ``original_size`` (default: the requested size)
         and ``crop_top_left`` (default (0, 0): uncropped).
+        Decoding: ``tiled`` True/False, or None to tile latents larger than ``AUTO_TILE_LATENTS`` positions
+        (``self.tile`` / ``self.tile_overlap`` latents); ``decode_precision`` "bf16"/"fp16" decodes in low
+        precision and again in fp32 if that gives non-finite values. ``preview(step, image)`` is called every
+        ``preview_every`` steps with the preview decoder's image of the current estimate (needs a model
+        folder with ``preview_decoder/``).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(label, (list, tuple)) and len(prompts) == 1:
@@ -111,16 +121,27 @@ class Pipeline:
             x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
 
         denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
+        if preview is not None:
+            callback = self._preview_callback(preview, preview_every, callback)
         with autocast(self.precision, x.device):
             z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback)
         if output == "latent":
             return z.float()
-        images = self.autoencoder.decode(z.float()).float()
+        images = decode_latents(self.autoencoder, z.float(), tiled=tiled, precision=decode_precision,
+                                tile=self.tile, overlap=self.tile_overlap)
         if output == "pt":
             return images
         if output == "np":
             return to_uint8(images)
         return to_pil(images)
+
+    def _preview_callback(self, preview, every: int, callback):
+        if self.preview_decoder is None:
+            raise ValueError(f"{self.name} has no preview decoder: distill one with `latentdiff distill-preview "
+                             "--autoencoder MODEL/autoencoder --out MODEL/preview_decoder`")
+        from latentdiff.models.preview import preview_callback
+
+        return preview_callback(self.preview_decoder, preview, every, callback)
 
 
     def _with_labels(self, cond: Cond, uncond: Cond, label, n: int) -> tuple[Cond, Cond]:
@@ -171,11 +192,16 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     autoencoder = load_autoencoder(folder / "autoencoder", verbose)
     denoiser, _ = load_denoiser(folder / "denoiser", verbose)
     text_encoder = load_text_encoder(folder / "text_encoder", verbose)
+    preview = None
+    if (folder / "preview_decoder").is_dir():  # optional: written by `distill-preview --out MODEL/preview_decoder`
+        from latentdiff.models.preview import load_preview_decoder
+
+        preview = load_preview_decoder(folder / "preview_decoder")
     return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
                     vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"),
-                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0))
+                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview)
 
 
 def _is_diffusers(folder: Path) -> bool:

@@ -222,9 +222,17 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(chans[-1], moments * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.down(x))  # (B, 2C, h, w)
+
+    def down(self, x: Tensor) -> Tensor:
+        """The full-resolution part, convolutions only (what tiles can run): image -> features at 1 / f."""
         h = self.conv_in(x)  # (B, c0, H, W)
         for block in self.down_blocks:
             h = block(h)  # (B, ci, H / 2^i, W / 2^i)
+        return h  # (B, c_last, h, w)
+
+    def head(self, h: Tensor) -> Tensor:
+        """The latent-resolution part (with the self-attention over all positions): features -> moments."""
         h = self.mid_block(h)  # (B, c_last, h, w)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2C, h, w)
 
@@ -251,8 +259,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(chans[-1], cfg.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.conv_in(z)  # (B, c_last, h, w)
-        h = self.mid_block(h)
+        return self.up(self.stem(z))  # (B, 3, H, W)
+
+    def stem(self, z: Tensor) -> Tensor:
+        """The latent-resolution part (with the self-attention over all positions): latents -> features."""
+        return self.mid_block(self.conv_in(z))  # (B, c_last, h, w)
+
+    def up(self, h: Tensor) -> Tensor:
+        """The part that grows to full resolution, convolutions only (what tiles can run): features -> image."""
         for block in self.up_blocks:
             h = block(h)  # resolution doubles after every block but the last
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, H, W)

@@ -175,3 +175,23 @@ def distill_preview_command(cfg: PreviewTrainConfig) -> Path:
                               config, cfg.seed, quiet=False)
     save_preview_decoder(cfg.out, student)
     return Path(cfg.out)
+
+
+def preview_callback(decoder: PreviewDecoder, on_preview, every: int = 1, callback=None):
+    """A sampler callback: every ``every`` steps (0, every, 2 * every, ...) it decodes the sampler's current
+    estimate of the clean latents with the preview decoder and calls ``on_preview(step, image)``, the image a
+    PIL image (a grid for a batch); it also passes every report on to ``callback``."""
+    from latentdiff.images import make_grid, to_pil
+
+    if every < 1:
+        raise ValueError(f"preview_every must be at least 1, got {every}")
+
+    def report(info: dict) -> None:
+        if callback is not None:
+            callback(info)
+        if info["i"] % every == 0:
+            with torch.no_grad():
+                images = to_pil(decoder(info["denoised"].float()))
+            on_preview(info["i"], images[0] if len(images) == 1 else make_grid(images))
+
+    return report
