@@ -225,7 +225,7 @@ def test_pickle_needing_code_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("keys, detected", [
-    (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"], "SD 3"),
+    (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"], "SD 3 .*no autoencoder"),
     (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
     (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.positional_embedding"],
      "SDXL refiner"),

@@ -4,6 +4,8 @@
 - SD 2.x: OpenCLIP ViT-H/14 with its last layer removed (the original conditions on the penultimate
   layer and then applies the final LayerNorm; dropping the layer and taking the normed last state is
   the same thing, and is how diffusers stores it).
+- SD3: CLIP-L and CLIP-G, both penultimate hidden states and projected pooled outputs, the context
+  zero-padded to the MMDiT's joint width (4096) and followed by the T5 tokens (zeros without T5).
 - SDXL: CLIP ViT-L (penultimate hidden state, no final norm) and OpenCLIP bigG (penultimate hidden
   state; its projected pooled output is the pooled vector), contexts concatenated on the feature axis
   (768 + 1280 = 2048), and the pooled vector followed by the Fourier-embedded micro-conditioning
@@ -56,6 +58,8 @@ class SDTextConfig:
     time_embed_dim: int = 0  # SDXL: 256; > 0 appends Fourier(size, crop, target size) to the pooled vector
     image_size: tuple[int, int] = (1024, 1024)  # SDXL micro-conditioning: original = target size (h, w)
     zero_empty_prompt: bool = False  # SDXL: the empty prompt's context and pooled text are zeros, not encoded
+    context_width: int = 0  # SD3: zero-pad the context's features to this width (the MMDiT's joint width)
+    zero_tokens: int = 0  # SD3 without T5: this many all-zero tokens follow the CLIP tokens (diffusers' stand-in)
 
 
 def _clip_model(spec: CLIPEncoderSpec) -> nn.Module:
@@ -136,6 +140,11 @@ class SDTextEncoder(nn.Module):
             vector = vector.masked_fill(empty[:, None], 0.0) if vector is not None else None
         if self.config.time_embed_dim:
             vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device)], dim=-1)
+        if self.config.context_width > context.shape[-1]:  # SD3: (B, 77, 2048) -> (B, 77, 4096)
+            context = torch.nn.functional.pad(context, (0, self.config.context_width - context.shape[-1]))
+        if self.config.zero_tokens:  # SD3 without T5: (B, 77 + 256, 4096)
+            zeros = context.new_zeros(context.shape[0], self.config.zero_tokens, context.shape[-1])
+            context = torch.cat([context, zeros], dim=1)
         return Cond(context=context, vector=vector)
 
     def set_image_size(self, height: int, width: int) -> None:

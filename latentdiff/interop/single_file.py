@@ -1,4 +1,4 @@
-"""Single-file original checkpoints (SD 1.x, SD 2.x, SDXL): detect the family, infer configs, map keys.
+"""Single-file original checkpoints (SD 1.x, SD 2.x, SDXL, SD 3 / 3.5): detect the family, infer configs, map keys.
 
 A single file holds every component under the original prefixes: the U-Net under
 ``model.diffusion_model.``, the autoencoder under ``first_stage_model.``, the text encoder(s) under
@@ -8,10 +8,16 @@ shapes (channels, levels, blocks, depths, context width), and the tables in ``ke
 tensor to our names. What the shapes cannot tell (attention heads, norm groups, SD 2.x's prediction
 type) comes from the family, or from ``overrides``. Every tensor of the file must be used or
 explicitly dropped with a reason, and every tensor of the model must be set.
+
+SD 3 / 3.5 files (Stability's reference layout) hold the MMDiT under ``model.diffusion_model.``
+(``joint_blocks.N.x_block`` / ``context_block``, fused ``attn.qkv``), the 16-channel autoencoder under
+``first_stage_model.`` and, in the ``incl_clips`` variants, CLIP-L and CLIP-G in transformers' layout
+under ``text_encoders.clip_l.transformer.`` / ``text_encoders.clip_g.transformer.``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,30 +27,47 @@ from torch import Tensor
 
 from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
-from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
+from latentdiff.interop.common import (
+    NoTextEncoder,
+    SamplerHint,
+    SDModel,
+    as_dtype,
+    build_autoencoder,
+    make_denoiser,
+)
 from latentdiff.interop.files import read_state_file
 from latentdiff.interop.keymaps import (
     KeyMap,
     clip_rules,
+    mmdit_rules,
     openclip_ignored,
     openclip_rules,
     unet_rules,
     vae_rules,
 )
 from latentdiff.io import LoadReport
+from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
+from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-SUPPORTED = ("sd1", "sd2", "sdxl")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "sd35")
+SD3_FAMILIES = ("sd3", "sd35")  # MMDiT without / with QK RMS-norm (SD 3 medium / SD 3.5 large)
 # The keys that identify each family's text side.
 TEXT_PREFIXES = {
     "sd1": [("hf", "cond_stage_model.transformer.")],
     "sd2": [("openclip", "cond_stage_model.model.")],
     "sdxl": [("hf", "conditioner.embedders.0.transformer."), ("openclip", "conditioner.embedders.1.model.")],
+    "sd3": [("hf", "text_encoders.clip_l.transformer."), ("hf", "text_encoders.clip_g.transformer.")],
 }
-SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the autoencoders' latent scales
+TEXT_PREFIXES["sd35"] = TEXT_PREFIXES["sd3"]
+T5 = "text_encoders.t5xxl.transformer."
+SD3_VAE = AUTOENCODER_PRESETS["sd3"]
+SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025,  # the autoencoders' latent scales (and shifts)
+         "sd3": SD3_VAE.scale_factor, "sd35": SD3_VAE.scale_factor}
+SHIFT = {"sd3": SD3_VAE.shift_factor, "sd35": SD3_VAE.shift_factor}
 # The tensors an original file may carry that no model here uses, with the reason each is dropped.
 DROPPABLE = {
     r"^model_ema\.": "EMA copy kept by the training script (the main weights are the EMA weights in releases)",
@@ -71,9 +94,12 @@ def _has(state: dict, prefix: str) -> bool:
 
 def detect_family(state: dict[str, Tensor]) -> Detection:
     """Which SD family a flat original state dict is, from its keys; refuse the ones not supported."""
-    if _has(state, UNET + "joint_blocks.") or _has(state, "joint_blocks."):
-        raise UnsupportedCheckpoint("detected an SD 3.x (MMDiT) checkpoint; single-file SD3 loading is not "
-                                    "supported yet: use its diffusers folder once MMDiT lands")
+    if _has(state, UNET + "joint_blocks."):
+        return _detect_sd3(state)
+    if _has(state, "joint_blocks."):
+        raise UnsupportedCheckpoint("detected an SD 3.x MMDiT without the 'model.diffusion_model.' prefix (a "
+                                    "transformer-only file); load the full single file, which also holds the "
+                                    "autoencoder under 'first_stage_model.'")
     if _has(state, "double_blocks.") or _has(state, UNET + "double_blocks."):
         raise UnsupportedCheckpoint("detected a Flux checkpoint; Flux is not supported")
     if not _has(state, UNET):
@@ -98,6 +124,19 @@ def detect_family(state: dict[str, Tensor]) -> Detection:
         raise UnsupportedCheckpoint(f"detected {family} with {conv_in.shape[1]} input channels and "
                                     f"{conv_out.shape[0]} output channels (an inpainting / depth / upscale "
                                     "model); only text-to-image models are supported")
+    return Detection(family)
+
+
+def _detect_sd3(state: dict[str, Tensor]) -> Detection:
+    """SD 3 (no QK norm) or SD 3.5 large (QK RMS-norm); SD 3.5 medium's dual attention is refused."""
+    if any(k.startswith(UNET + "joint_blocks.") and ".attn2." in k for k in state):
+        raise UnsupportedCheckpoint("detected SD 3.5 medium (MMDiT-X: a second self-attention 'attn2' in the "
+                                    "first joint blocks); latentdiff's MMDiT does not implement it")
+    family = "sd35" if any(k.startswith(UNET) and ".attn.ln_q." in k for k in state) else "sd3"
+    if not _has(state, VAE):
+        name = {"sd3": "SD 3", "sd35": "SD 3.5 large"}[family]
+        raise UnsupportedCheckpoint(f"detected {name} ({family}, MMDiT) but no autoencoder under '{VAE}'; "
+                                    "a transformer-only file is not supported")
     return Detection(family)
 
 
@@ -162,8 +201,33 @@ def infer_vae_config(state: dict[str, Tensor], family: str, overrides: dict | No
         "latent_channels": state[p + "decoder.conv_in.weight"].shape[1],
         "mid_attention": p + "encoder.mid.attn_1.q.weight" in state,
         "use_quant_conv": p + "quant_conv.weight" in state, "scale_factor": SCALE[family],
+        "shift_factor": SHIFT.get(family, 0.0),
     }
     return _config(AutoencoderConfig, kw, overrides, "vae")
+
+
+def infer_mmdit_config(state: dict[str, Tensor], family: str, overrides: dict | None = None) -> MMDiTConfig:
+    """The MMDiT's config from its tensors' shapes; heads of width 64 and 128x128 latents as in SD 3 / 3.5."""
+    p = UNET
+    proj = state[p + "x_embedder.proj.weight"]  # (D, C, p, p)
+    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    table = state[p + "pos_embed"].shape[1]  # (1, G * G, D)
+    grid = math.isqrt(table)
+    if grid * grid != table:
+        raise UnsupportedCheckpoint(f"{p}pos_embed holds {table} positions, not a square grid")
+    fc1 = state[p + "joint_blocks.0.x_block.mlp.fc1.weight"]  # (mlp_ratio * D, D)
+    kw = {
+        "in_channels": channels, "sample_size": 128, "patch_size": patch, "hidden_size": width,
+        "depth": len(_indices(state, re.escape(p + "joint_blocks.") + r"(\d+)\.")),
+        "num_heads": max(1, width // 64), "context_dim": state[p + "context_embedder.weight"].shape[1],
+        "vector_dim": state[p + "y_embedder.mlp.0.weight"].shape[1], "pos_embed_max_size": grid,
+        "qk_norm": family == "sd35", "mlp_ratio": fc1.shape[0] / width,
+    }
+    out = state[p + "final_layer.linear.weight"].shape[0]
+    if out != patch * patch * channels:
+        raise UnsupportedCheckpoint(f"the MMDiT maps {channels} channels in to {out // (patch * patch)} out; only "
+                                    "text-to-image models (in = out) are supported")
+    return _config(MMDiTConfig, kw, overrides, "mmdit")
 
 
 def _config(cls, inferred: dict, overrides: dict | None, what: str):
@@ -253,6 +317,28 @@ def _drop_reason(key: str) -> str | None:
     return None
 
 
+def _refuse_partial(state: dict[str, Tensor], family: str, consumed: set[str], absent: list[str],
+                    extra_drops: dict[str, str] | None = None) -> list[str]:
+    """Refuse a file with a tensor the tables want but lack, or one no table places and no rule drops;
+    return notes on what was dropped and why. ``extra_drops``: key prefix -> reason, for this load only."""
+    leftover = sorted(k for k in state if k not in consumed)
+    dropped = {}
+    for k in leftover:
+        why = _drop_reason(k)
+        for prefix, reason in (extra_drops or {}).items():
+            why = why or (reason if k.startswith(prefix) else None)
+        dropped[k] = why
+    unused = [k for k, why in dropped.items() if why is None]
+    if absent or unused:
+        report = LoadReport(f"{family} single file", matched=len(consumed & set(state)), missing=absent,
+                            unused=unused)
+        raise ValueError(f"refusing a partial load: {report}")
+    reasons: dict[str, int] = {}
+    for why in dropped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return [f"dropped {n} tensors: {why}" for why, n in reasons.items()]
+
+
 def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None, *, family: str | None = None,
                         prediction: str | None = None, overrides: dict | None = None,
                         dtype: torch.dtype | None = torch.float32, tokenizer_path=None) -> SDModel:
@@ -262,6 +348,10 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     if family is not None and family != det.family:
         raise ValueError(f"asked for family {family!r} but the keys say {det.family!r}")
     family = det.family
+    if family in SD3_FAMILIES:
+        if prediction not in (None, "flow"):
+            raise ValueError(f"{family} is a rectified-flow model; prediction {prediction!r} does not apply")
+        return _convert_sd3(state, det, tokenizers, overrides, dtype, tokenizer_path)
     notes = list(det.notes)
     unet_cfg = infer_unet_config(state, family, overrides.get("unet"))
     vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
@@ -285,18 +375,7 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     notes += text_notes
     absent = unet_absent + vae_absent + text_absent
     consumed = unet_map.original_keys() | vae_map.original_keys() | text_keys
-    leftover = sorted(k for k in state if k not in consumed)
-    dropped = {k: _drop_reason(k) for k in leftover}
-    unused = [k for k, why in dropped.items() if why is None]
-    if absent or unused:
-        report = LoadReport(f"{family} single file", matched=len(consumed & set(state)), missing=absent,
-                            unused=unused)
-        raise ValueError(f"refusing a partial load: {report}")
-    if dropped:
-        reasons: dict[str, int] = {}
-        for why in dropped.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        notes += [f"dropped {n} tensors: {why}" for why, n in reasons.items()]
+    notes += _refuse_partial(state, family, consumed, absent)
 
     denoiser, unet_report = make_denoiser(spec, as_dtype(unet_state, dtype))
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
@@ -306,6 +385,80 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size={"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family],
                    reports=[unet_report, vae_report, text_report], notes=notes)
+
+
+def _sd3_text_side(state: dict, family: str, tokenizers: list, overrides: dict, joint_dim: int
+                   ) -> tuple[SDTextConfig, dict[str, Tensor], set[str], list[str]]:
+    """SD3's CLIP-L and CLIP-G (transformers layout, both with projections): config, state, keys used, absent.
+
+    Each contributes its penultimate hidden states (768 + 1280 = 2048 features, zero-padded to the
+    MMDiT's joint width) and its projected pooled output (768 + 1280 = 2048 = cond.vector). The T5
+    tokens that follow the CLIP tokens are 256 zero tokens (diffusers' SD3 pipeline without T5).
+    """
+    specs, ours, consumed, absent = [], {}, set(), []
+    for i, (_, prefix) in enumerate(TEXT_PREFIXES[family]):
+        hf, layers = _clip_hf_config(state, "hf", prefix, None, {})
+        proj = state.get(prefix + "text_projection.weight")
+        hf["projection_dim"] = proj.shape[0] if proj is not None else hf["hidden_size"]
+        hf["hidden_act"] = "quick_gelu" if i == 0 else "gelu"  # OpenAI CLIP-L, OpenCLIP bigG
+        hf.update(overrides.get(f"text_encoder_{i}", {}))
+        km = KeyMap(clip_rules(layers, projection=True), prefix, f"encoders.{i}.")
+        converted, miss, _ = km.to_ours(state)
+        ours.update(converted)
+        absent += miss
+        consumed |= km.original_keys()
+        specs.append(CLIPEncoderSpec(hf, layer="penultimate", projection=True))
+    length = specs[0].hf_config["max_position_embeddings"]  # 77 in the releases
+    config = SDTextConfig(encoders=specs, max_length=length, image_size=(1024, 1024), context_width=joint_dim,
+                          zero_tokens=256)
+    return config, ours, consumed, absent
+
+
+def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | None, overrides: dict,
+                 dtype: torch.dtype | None, tokenizer_path) -> SDModel:
+    """An SD 3 / 3.5 original file -> SDModel: MMDiT (flow), 16-channel autoencoder, CLIP-L/G if present."""
+    family, notes = det.family, list(det.notes)
+    mmdit_cfg = infer_mmdit_config(state, family, overrides.get("mmdit"))
+    vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
+    spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_cfg)
+    mmdit_map, vae_map = KeyMap(mmdit_rules(mmdit_cfg), UNET), KeyMap(vae_rules(vae_cfg), VAE)
+    mmdit_state, mmdit_absent, _ = mmdit_map.to_ours(state)
+    vae_state, vae_absent, _ = vae_map.to_ours(state)
+    absent, consumed = mmdit_absent + vae_absent, mmdit_map.original_keys() | vae_map.original_keys()
+    extra_drops = {}
+    if _has(state, T5):
+        extra_drops[T5] = ("T5-XXL text encoder: latentdiff has no T5 yet, so its 256 tokens are zeros, as in "
+                           "diffusers' SD3 pipeline without text_encoder_3 (images differ from T5-conditioned ones)")
+    has_clips = [_has(state, prefix) for _, prefix in TEXT_PREFIXES[family]]
+    if any(has_clips) and not all(has_clips):
+        raise ValueError(f"refusing a partial load: the file holds only one of SD3's two CLIP text encoders "
+                         f"({', '.join(p for (_, p), h in zip(TEXT_PREFIXES[family], has_clips) if h)})")
+    text_cfg = None
+    if all(has_clips):
+        if tokenizers is None:
+            tokenizers = _tokenizers(tokenizer_path, family)
+        text_cfg, text_state, text_keys, text_absent = _sd3_text_side(state, family, tokenizers, overrides,
+                                                                      mmdit_cfg.context_dim)
+        absent += text_absent
+        consumed |= text_keys
+    notes += _refuse_partial(state, family, consumed, absent, extra_drops)
+
+    denoiser, mmdit_report = make_denoiser(spec, as_dtype(mmdit_state, dtype))
+    vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
+    reports = [mmdit_report, vae_report]
+    if text_cfg is not None:
+        text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
+        reports.append(text_report)
+    else:
+        text = NoTextEncoder(f"this {family} file holds no text encoders (text_encoders.clip_l / clip_g); "
+                             "use a file that includes them (the '_incl_clips' releases)")
+        notes.append("no text encoders in the file: the pipeline cannot encode prompts")
+    # SD3's scheduler: FlowMatchEulerDiscreteScheduler with shift 3.0.
+    notes.append("SD3 samples with flow shift 3.0 (diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0)); "
+                 "the pipeline's 'flow' grid uses shift 1.0")
+    hint = SamplerHint(sampler="euler", schedule="flow")
+    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
+                   sample_size=mmdit_cfg.sample_size * vae_cfg.factor, reports=reports, notes=notes)
 
 
 def read_single_file(path: str | Path, tokenizer: str | Path | None = None, **kw) -> SDModel:
