@@ -297,17 +297,38 @@ def _text_side(state: dict, family: str, tokenizers: list, overrides: dict
     return config, ours, consumed, absent, notes
 
 
+TOKENIZER_HELP = ("pass the folder with --tokenizer DIR (latentdiff generate / convert) or tokenizer=DIR "
+                  "(latentdiff.load, latentdiff.interop.open_model)")
+
+
 def _tokenizers(tokenizer: str | Path | None, family: str) -> list:
-    if tokenizer is None:
-        raise ValueError("a single-file checkpoint holds no tokenizer vocabulary: pass tokenizer=FOLDER, a folder "
-                         "with the CLIP tokenizer (vocab.json + merges.txt), or a diffusers SD folder whose "
-                         "tokenizer/ (and tokenizer_2/ for SDXL) are used")
-    folder = Path(tokenizer)
+    """The CLIP tokenizer(s) of a single file's text encoder(s), from a folder the user names.
+
+    One encoder (SD 1.x / 2.x): DIR holds the tokenizer itself (vocab.json + merges.txt, or tokenizer.json)
+    or is a diffusers folder with ``tokenizer/``. Two encoders (SDXL, SD3): DIR is a diffusers folder with
+    ``tokenizer/`` and ``tokenizer_2/``; the second pads with '!' rather than the end token, so one
+    tokenizer for both would silently change the second encoder's output.
+    """
     n = len(TEXT_PREFIXES[family])
-    if (folder / "tokenizer").is_dir():
-        names = ["tokenizer", "tokenizer_2"][:n]
-        return [load_tokenizer(folder / name if (folder / name).is_dir() else folder / "tokenizer") for name in names]
-    return [load_tokenizer(folder) for _ in range(n)]
+    wanted = "tokenizer/ and tokenizer_2/" if n == 2 else "tokenizer/ (or vocab.json + merges.txt itself)"
+    if tokenizer is None:
+        raise ValueError(f"this {family} single file holds text encoder weights but no tokenizer vocabulary: "
+                         f"{TOKENIZER_HELP}, where DIR is the model's diffusers folder (or a copy of its "
+                         f"{wanted})")
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist; {TOKENIZER_HELP}")
+    if n == 1:
+        try:
+            return [load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)]
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; {TOKENIZER_HELP}, where DIR holds {wanted}") from e
+    absent = [name for name in ("tokenizer", "tokenizer_2") if not (folder / name).is_dir()]
+    if absent:
+        raise FileNotFoundError(f"{family} has two text encoders, each with its own tokenizer: {folder} lacks "
+                                f"{' and '.join(a + '/' for a in absent)}; {TOKENIZER_HELP}, where DIR holds "
+                                f"{wanted} (as a diffusers {family} folder does)")
+    return [load_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2")]
 
 
 def _drop_reason(key: str) -> str | None:
@@ -353,6 +374,8 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
             raise ValueError(f"{family} is a rectified-flow model; prediction {prediction!r} does not apply")
         return _convert_sd3(state, det, tokenizers, overrides, dtype, tokenizer_path)
     notes = list(det.notes)
+    if tokenizers is None:  # first: what the user must supply, before anything is built
+        tokenizers = _tokenizers(tokenizer_path, family)
     unet_cfg = infer_unet_config(state, family, overrides.get("unet"))
     vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
     if prediction is None:
@@ -369,8 +392,6 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     vae_map = KeyMap(vae_rules(vae_cfg), VAE)
     unet_state, unet_absent, _ = unet_map.to_ours(state)
     vae_state, vae_absent, _ = vae_map.to_ours(state)
-    if tokenizers is None:
-        tokenizers = _tokenizers(tokenizer_path, family)
     text_cfg, text_state, text_keys, text_absent, text_notes = _text_side(state, family, tokenizers, overrides)
     notes += text_notes
     absent = unet_absent + vae_absent + text_absent
@@ -418,6 +439,9 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
                  dtype: torch.dtype | None, tokenizer_path) -> SDModel:
     """An SD 3 / 3.5 original file -> SDModel: MMDiT (flow), 16-channel autoencoder, CLIP-L/G if present."""
     family, notes = det.family, list(det.notes)
+    has_clips = [_has(state, prefix) for _, prefix in TEXT_PREFIXES[family]]
+    if all(has_clips) and tokenizers is None:
+        tokenizers = _tokenizers(tokenizer_path, family)
     mmdit_cfg = infer_mmdit_config(state, family, overrides.get("mmdit"))
     vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
     spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_cfg)
@@ -429,14 +453,11 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
     if _has(state, T5):
         extra_drops[T5] = ("T5-XXL text encoder: latentdiff has no T5 yet, so its 256 tokens are zeros, as in "
                            "diffusers' SD3 pipeline without text_encoder_3 (images differ from T5-conditioned ones)")
-    has_clips = [_has(state, prefix) for _, prefix in TEXT_PREFIXES[family]]
     if any(has_clips) and not all(has_clips):
         raise ValueError(f"refusing a partial load: the file holds only one of SD3's two CLIP text encoders "
                          f"({', '.join(p for (_, p), h in zip(TEXT_PREFIXES[family], has_clips) if h)})")
     text_cfg = None
     if all(has_clips):
-        if tokenizers is None:
-            tokenizers = _tokenizers(tokenizer_path, family)
         text_cfg, text_state, text_keys, text_absent = _sd3_text_side(state, family, tokenizers, overrides,
                                                                       mmdit_cfg.context_dim)
         absent += text_absent
