@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.sampling import get_sampler, init_x
+from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
@@ -27,7 +27,7 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False):
+                 vp_init: bool = False, final_sigma: float = 0.0):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -38,6 +38,8 @@ class Pipeline:
         # Start from noise * sqrt(1 + sigma_max^2), the VP prior's marginal, instead of noise * sigma_max:
         # what diffusers' DDIM / PNDM / DPM-Solver (and its Euler with 'leading' spacing) start from.
         self.vp_init = vp_init
+        # DDIM / PLMS stop at this sigma instead of 0 (diffusers' set_alpha_to_one=False); 0: they go to 0.
+        self.final_sigma = final_sigma
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -92,8 +94,9 @@ class Pipeline:
             x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
 
         denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
+        final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         with autocast(self.precision, x.device):
-            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback)
+            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
         if output == "latent":
             return z.float()
         images = self.autoencoder.decode(z.float()).float()
@@ -140,7 +143,8 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
-                    vp_init=info.get("sampler", {}).get("vp_init", False))
+                    vp_init=info.get("sampler", {}).get("vp_init", False),
+                    final_sigma=info.get("sampler", {}).get("final_sigma", 0.0))
 
 
 def _is_diffusers(folder: Path) -> bool:

@@ -39,6 +39,8 @@ class SamplerHint:
     schedule: str = "leading"  # a schedules.GRIDS name
     steps_offset: int = 0  # diffusers' steps_offset (added to 'leading' timesteps)
     vp_init: bool = False  # start from noise * sqrt(1 + sigma_max^2) as diffusers' VP schedulers do
+    final_sigma: float = 0.0  # DDIM / PLMS end here, not at 0 (set_alpha_to_one=False: sigma of timestep 0)
+    note: str = ""  # what of the scheduler config is not reproduced, said in the load report
 
 
 @dataclass
@@ -62,6 +64,10 @@ class SDModel:
                  f"{betas}; scheduler -> sampler {self.hint.sampler!r}, "
                  f"schedule {self.hint.schedule!r}" + (f" (steps_offset {self.hint.steps_offset})"
                                                        if self.hint.steps_offset else "")]
+        if self.hint.final_sigma:
+            lines.append(f"ddim / plms end at sigma {self.hint.final_sigma:.4g} (set_alpha_to_one=False: the last "
+                         "step goes to alphas_cumprod[0]), as diffusers' scheduler does")
+        lines += [self.hint.note] if self.hint.note else []
         lines += [str(r) for r in self.reports] + self.notes
         return "\n".join(lines)
 
@@ -126,7 +132,7 @@ def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model"):
 
     return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
                     default_size=model.sample_size, steps_offset=model.hint.steps_offset,
-                    vp_init=model.hint.vp_init)
+                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma)
 
 
 def save_latentdiff(model: SDModel, folder: str | Path) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
+from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
@@ -35,7 +36,7 @@ SCHEDULER_SAMPLERS = {  # diffusers scheduler class -> our sampler
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
     "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm",
-    "PNDMScheduler": "euler",  # PNDM (PLMS) has no counterpart here; Euler on the same grid is the nearest
+    "PNDMScheduler": "plms",  # PLMS; the Runge-Kutta warm-up of skip_prk_steps=False is not reproduced
 }
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin")
@@ -237,8 +238,34 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
     euler_family = cls in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
     hint = SamplerHint(sampler=SCHEDULER_SAMPLERS.get(cls, "euler"), schedule=spacing,
                        steps_offset=int(d.get("steps_offset", 0)),
-                       vp_init=not euler_family or spacing == "leading")
+                       vp_init=not euler_family or spacing == "leading",
+                       final_sigma=_final_sigma(cls, d, schedule), note=_scheduler_note(cls, d))
     return PREDICTIONS[pred], schedule, hint
+
+
+def _final_sigma(cls: str, d: dict, schedule: NoiseSchedule) -> float:
+    """Where DDIM / PNDM end: 0 with set_alpha_to_one (their final alpha 1), else the sigma of timestep 0."""
+    if cls not in ("DDIMScheduler", "PNDMScheduler"):
+        return 0.0
+    if d.get("set_alpha_to_one", cls == "DDIMScheduler"):  # diffusers' defaults: DDIM True, PNDM False
+        return 0.0
+    return float(vp_sigma_table(schedule.alphas_cumprod())[0])
+
+
+def _scheduler_note(cls: str, d: dict) -> str:
+    """Settings of the scheduler config that our samplers do not reproduce, named (empty if none)."""
+    notes = []
+    if cls == "PNDMScheduler" and not d.get("skip_prk_steps", False):
+        notes.append("PNDMScheduler with skip_prk_steps=False: its Runge-Kutta warm-up steps are replaced by "
+                     "PLMS's predictor-corrector first step (sampler 'plms'), so images differ from diffusers'")
+    if cls == "PNDMScheduler" and d.get("prediction_type") == "v_prediction":
+        notes.append("PNDMScheduler with v_prediction: diffusers averages the raw v outputs across steps, our 'plms' "
+                     "averages eps estimates (as Stability's PLMS does), so images differ slightly")
+    if cls in ("DDIMScheduler", "DDPMScheduler") and d.get("clip_sample", True):
+        notes.append(f"{cls} with clip_sample=True: x0 is not clipped to [-1, 1] here")
+    if d.get("thresholding"):
+        notes.append(f"{cls} with thresholding=True: dynamic thresholding is not applied by default")
+    return "; ".join(notes)
 
 
 def schedule_to_diffusers(spec: DenoiserSpec, hint: SamplerHint) -> dict:

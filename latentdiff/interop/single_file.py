@@ -27,6 +27,7 @@ from torch import Tensor
 
 from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
+from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import (
     NoTextEncoder,
     SamplerHint,
@@ -401,8 +402,10 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     denoiser, unet_report = make_denoiser(spec, as_dtype(unet_state, dtype))
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
     text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
-    # The SD releases' scheduler settings (leading spacing, steps_offset 1, VP-prior start).
-    hint = SamplerHint(sampler="euler", schedule="leading", steps_offset=1, vp_init=True)
+    # The SD releases' scheduler settings (leading spacing, steps_offset 1, VP-prior start); their DDIM / PLMS
+    # (CompVis, and diffusers' PNDMScheduler config) end at alphas_cumprod[0], not 1.
+    hint = SamplerHint(sampler="plms", schedule="leading", steps_offset=1, vp_init=True,
+                       final_sigma=float(vp_sigma_table(spec.schedule.alphas_cumprod())[0]))
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size={"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family],
                    reports=[unet_report, vae_report, text_report], notes=notes)
