@@ -27,7 +27,7 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False, final_sigma: float = 0.0):
+                 vp_init: bool = False, final_sigma: float = 0.0, flow_shift: float = 1.0):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -40,6 +40,7 @@ class Pipeline:
         self.vp_init = vp_init
         # DDIM / PLMS stop at this sigma instead of 0 (diffusers' set_alpha_to_one=False); 0: they go to 0.
         self.final_sigma = final_sigma
+        self.flow_shift = flow_shift  # shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -74,6 +75,8 @@ class Pipeline:
         sample_fn, default_grid = get_sampler(sampler)
         grid = schedule or default_grid
         grid_kw = {"steps_offset": self.steps_offset} if self.steps_offset and grid == "leading" else {}
+        if self.flow_shift != 1.0 and grid in ("flow", "flow_match"):
+            grid_kw = {"shift": self.flow_shift}
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
@@ -144,7 +147,8 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
                     vp_init=info.get("sampler", {}).get("vp_init", False),
-                    final_sigma=info.get("sampler", {}).get("final_sigma", 0.0))
+                    final_sigma=info.get("sampler", {}).get("final_sigma", 0.0),
+                    flow_shift=info.get("sampler", {}).get("flow_shift", 1.0))
 
 
 def _is_diffusers(folder: Path) -> bool:

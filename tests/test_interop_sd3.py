@@ -95,7 +95,8 @@ def original_mmdit(ref_state: dict) -> dict:
 
 
 def original_vae():
-    vae = tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                   shift_factor=0.0609)  # the SD3 VAE's
     cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=16,
                             norm_groups=4, use_quant_conv=False)
     state, absent = KeyMap(vae_rules(cfg), VAE).to_original(vae.state_dict())
@@ -193,6 +194,36 @@ def test_sd3_file_with_clips_encodes_prompts_as_diffusers(tmp_path, capsys):
     cond = pipe.text_encoder(prompts)
     assert cond.context.shape == embeds.shape == (2, 16 + 256, 48)  # 16 CLIP tokens (tiny tokenizer) + 256 zeros
     assert _rel(cond.context, embeds) < 1e-5 and _rel(cond.vector, pooled) < 1e-5
+
+
+def test_sd3_file_with_clips_generates_diffusers_image(tmp_path, capsys):
+    """End to end: the same seed, steps and guidance through diffusers' StableDiffusion3Pipeline (no T5)."""
+    from latentdiff.diffusion import schedules
+
+    ref = tiny_sd3()
+    folder, (tok1, tok2), clips = tiny_clips(tmp_path)
+    path = tmp_path / "sd3_incl_clips.safetensors"
+    write_sd3_file(path, ref, clips)
+    pipe = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
+    printed = capsys.readouterr().out
+    assert "schedule 'flow_match'" in printed and "shifted by 3" in printed
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    ours_grid = schedules.make_sigmas("flow_match", 4, pipe.denoiser.parameterization, shift=3.0)
+    t = ours_grid / (1 + ours_grid)  # flow time; 1 at sigma = inf
+    torch.testing.assert_close(torch.where(ours_grid.isinf(), 1.0, t), sched.sigmas.double(), atol=1e-6, rtol=0)
+
+    ref_pipe = diffusers.StableDiffusion3Pipeline(transformer=ref, scheduler=sched, vae=original_vae()[0],
+                                                  text_encoder=clips[0], tokenizer=tok1, text_encoder_2=clips[1],
+                                                  tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 16, "width": 16}
+    expected = ref_pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="pt", **kw).images
+    got = pipe.generate("a red circle", steps=4, sampler="euler", schedule="flow_match", guidance=3.0, seed=3,
+                        height=16, width=16, output="pt")
+    diff = ((got / 2 + 0.5).clamp(0, 1) - expected).abs().max().item()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
 
 
 def test_sd3_file_with_missing_or_foreign_tensors_is_refused(tmp_path):

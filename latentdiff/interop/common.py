@@ -41,6 +41,7 @@ class SamplerHint:
     vp_init: bool = False  # start from noise * sqrt(1 + sigma_max^2) as diffusers' VP schedulers do
     final_sigma: float = 0.0  # DDIM / PLMS end here, not at 0 (set_alpha_to_one=False: sigma of timestep 0)
     note: str = ""  # what of the scheduler config is not reproduced, said in the load report
+    flow_shift: float = 1.0  # flow models: the shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class SDModel:
         if self.hint.final_sigma:
             lines.append(f"ddim / plms end at sigma {self.hint.final_sigma:.4g} (set_alpha_to_one=False: the last "
                          "step goes to alphas_cumprod[0]), as diffusers' scheduler does")
+        if self.hint.flow_shift != 1.0:
+            lines.append(f"flow grids ('flow', 'flow_match') shifted by {self.hint.flow_shift:g}")
         lines += [self.hint.note] if self.hint.note else []
         lines += [str(r) for r in self.reports] + self.notes
         return "\n".join(lines)
@@ -132,7 +135,8 @@ def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model"):
 
     return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
                     default_size=model.sample_size, steps_offset=model.hint.steps_offset,
-                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma)
+                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
+                    flow_shift=model.hint.flow_shift)
 
 
 def save_latentdiff(model: SDModel, folder: str | Path) -> None:

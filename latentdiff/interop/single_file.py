@@ -477,10 +477,8 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
         text = NoTextEncoder(f"this {family} file holds no text encoders (text_encoders.clip_l / clip_g); "
                              "use a file that includes them (the '_incl_clips' releases)")
         notes.append("no text encoders in the file: the pipeline cannot encode prompts")
-    # SD3's scheduler: FlowMatchEulerDiscreteScheduler with shift 3.0.
-    notes.append("SD3 samples with flow shift 3.0 (diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0)); "
-                 "the pipeline's 'flow' grid uses shift 1.0")
-    hint = SamplerHint(sampler="euler", schedule="flow")
+    # SD 3 / 3.5's scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0), its default grid ('flow_match').
+    hint = SamplerHint(sampler="euler", schedule="flow_match", flow_shift=3.0)
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size=mmdit_cfg.sample_size * vae_cfg.factor, reports=reports, notes=notes)
 
