@@ -8,6 +8,8 @@ loader's tables, so a wrong table cannot agree with a wrong writer.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -224,6 +226,29 @@ def test_sd3_file_with_clips_generates_diffusers_image(tmp_path, capsys):
                         height=16, width=16, output="pt")
     diff = ((got / 2 + 0.5).clamp(0, 1) - expected).abs().max().item()
     assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+
+
+def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, capsys):
+    from latentdiff.cli import main
+
+    ref = tiny_sd3("rms_norm")
+    folder, _, clips = tiny_clips(tmp_path)
+    path = tmp_path / "sd35.safetensors"
+    write_sd3_file(path, ref, clips)
+    main(["convert", str(path), str(tmp_path / "ours"), "--tokenizer", str(folder), "--overrides-json",
+          json.dumps(OVERRIDES)])
+    assert "detected sd35" in capsys.readouterr().out
+    direct = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
+    back = latentdiff.load(tmp_path / "ours")
+    assert back.flow_shift == 3.0
+    kw = {"steps": 2, "sampler": "euler", "schedule": "flow_match", "guidance": 2.0, "seed": 1, "height": 16,
+          "width": 16, "output": "pt"}
+    assert torch.equal(back.generate("a blue square", **kw), direct.generate("a blue square", **kw))
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(path), str(tmp_path / "diffusers"), "--format", "diffusers", "--tokenizer",
+              str(folder), "--overrides-json", json.dumps(OVERRIDES)])
+    assert e.value.code == 2 and "not supported yet; write a latentdiff folder" in capsys.readouterr().err
+    assert not (tmp_path / "diffusers").exists()
 
 
 def test_sd3_file_with_missing_or_foreign_tensors_is_refused(tmp_path):

@@ -73,6 +73,9 @@ def _write_text_encoders(tmp: Path, encoder: SDTextEncoder) -> list[tuple[str, s
 def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
     """Write an SDModel as a diffusers pipeline folder; returns notes on what could not be carried over."""
     notes = []
+    if model.spec.network != "unet":
+        raise ValueError(f"writing a {model.family} ({model.spec.network}) model as a diffusers folder is not "
+                         "supported yet; write a latentdiff folder instead (--format latentdiff)")
     text = model.text_encoder
     sdxl = isinstance(text, SDTextEncoder) and len(text.config.encoders) == 2
     unet_cfg = unet_config_to_diffusers(model.spec.unet, model.sample_size // model.autoencoder.factor)
