@@ -251,6 +251,26 @@ def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, 
     assert not (tmp_path / "diffusers").exists()
 
 
+def test_sd3_diffusers_folder_generates_diffusers_image(tmp_path, capsys):
+    ref = tiny_sd3("rms_norm")
+    _, (tok1, tok2), clips = tiny_clips(tmp_path)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    diffusers.StableDiffusion3Pipeline(transformer=ref, scheduler=sched, vae=original_vae()[0], text_encoder=clips[0],
+                                       tokenizer=tok1, text_encoder_2=clips[1], tokenizer_2=tok2, text_encoder_3=None,
+                                       tokenizer_3=None).save_pretrained(tmp_path / "sd3")
+    ref_pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", text_encoder_3=None, tokenizer_3=None)
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = {"num_inference_steps": 3, "guidance_scale": 4.0, "height": 16, "width": 16}
+    expected = ref_pipe("a red circle", generator=torch.Generator().manual_seed(2), output_type="pt", **kw).images
+    pipe = latentdiff.load(tmp_path / "sd3")
+    printed = capsys.readouterr().out
+    assert "detected sd35" in printed and "shifted by 3" in printed and "missing" not in printed
+    got = pipe.generate("a red circle", steps=3, sampler="euler", schedule="flow_match", guidance=4.0, seed=2,
+                        height=16, width=16, output="pt")
+    diff = ((got / 2 + 0.5).clamp(0, 1) - expected).abs().max().item()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+
+
 def test_sd3_file_with_missing_or_foreign_tensors_is_refused(tmp_path):
     ref = tiny_sd3()
     state = original_mmdit(ref.state_dict())

@@ -3,7 +3,9 @@
 A diffusers folder is ``model_index.json`` (``_class_name`` plus ``component: [library, class]``) and one
 folder per component: ``unet/`` and ``vae/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``),
 ``text_encoder[_2]/`` (transformers ``config.json`` + ``model.safetensors``), ``tokenizer[_2]/`` and
-``scheduler/scheduler_config.json``. Our U-Net and autoencoder carry diffusers' parameter names, so
+``scheduler/scheduler_config.json``; SD 3 folders (``StableDiffusion3Pipeline``) have ``transformer/``
+instead of ``unet/``, two CLIP encoders with projections and a T5 (not loaded: zeros stand in, as in
+diffusers without ``text_encoder_3``). Our U-Net, MMDiT and autoencoder carry diffusers' parameter names, so
 only the configs need translating; each translation refuses settings our models do not implement,
 naming the key, rather than building a model that would compute something else.
 """
@@ -25,7 +27,8 @@ from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", SD3_PIPELINE}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETAS = {  # diffusers beta_schedule -> (our name, the (beta_start, beta_end) our schedule function uses)
     "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
@@ -212,8 +215,8 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
     """Scheduler config -> (parameterization, noise schedule, sampler hint)."""
     cls = d.get("_class_name", "")
     if cls == "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"{where}: a flow-matching scheduler (SD3 / Flux) belongs to an MMDiT model, which "
-                         "this loader does not read yet")
+        raise ValueError(f"{where}: a flow-matching scheduler belongs to a flow model (SD3 folders load as "
+                         "StableDiffusion3Pipeline), not to a U-Net pipeline")
     if d.get("trained_betas") is not None:
         raise ValueError(f"{where}: explicit trained_betas are not supported")
     pred = d.get("prediction_type", "epsilon")
@@ -303,9 +306,11 @@ def _component_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -> tuple[SDTextConfig, dict, list]:
-    """The pipeline's CLIP text encoder(s) as one SDTextEncoder config + state + tokenizers."""
+    """The pipeline's CLIP text encoder(s) as one SDTextEncoder config + state + tokenizers.
+
+    ``unet_cfg`` is the denoiser's diffusers config (SD3: the transformer's, for its joint width)."""
     cls = index["_class_name"]
-    names = ["text_encoder"] + (["text_encoder_2"] if cls == "StableDiffusionXLPipeline" else [])
+    names = ["text_encoder"] + (["text_encoder_2"] if cls in ("StableDiffusionXLPipeline", SD3_PIPELINE) else [])
     specs, state, tokenizers = [], {}, []
     for i, name in enumerate(names):
         entry = index.get(name)
@@ -313,7 +318,8 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
             raise ValueError(f"{folder}/model_index.json: {name} is {entry!r}; only CLIP text encoders are supported")
         hf = _read_json(folder / name / "config.json")
         projection = entry[1] == "CLIPTextModelWithProjection"
-        # SD 1.x / 2.x: the final-normed last state; SDXL: penultimate states, pooled from the second.
+        # SD 1.x / 2.x: the final-normed last state; SDXL: penultimate states, pooled from the second; SD3:
+        # penultimate states, pooled from both.
         specs.append(CLIPEncoderSpec(hf_config=hf, layer="penultimate" if len(names) == 2 else "last",
                                      projection=projection and len(names) == 2))
         weights = _component_weights(folder / name)
@@ -324,10 +330,14 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         tokenizers.append(load_tokenizer(folder / tok))
     time_dim = (unet_cfg.get("addition_time_embed_dim") or 0) if cls == "StableDiffusionXLPipeline" else 0
+    sd3 = cls == SD3_PIPELINE  # the CLIP context padded to the joint width, then 256 zero tokens for T5
     config = SDTextConfig(encoders=specs, max_length=tokenizers[0].model_max_length if
                           tokenizers[0].model_max_length < 10_000 else 77,
                           time_embed_dim=time_dim, image_size=(image_size, image_size),
-                          zero_empty_prompt=len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))
+                          zero_empty_prompt=cls == "StableDiffusionXLPipeline" and
+                          index.get("force_zeros_for_empty_prompt", True),
+                          context_width=unet_cfg.get("joint_attention_dim", 4096) if sd3 else 0,
+                          zero_tokens=256 if sd3 else 0)
     return config, state, tokenizers
 
 
@@ -338,6 +348,8 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise ValueError(f"{folder} is a diffusers {cls!r}; supported pipelines: {sorted(PIPELINES)}")
+    if cls == SD3_PIPELINE:
+        return _read_sd3(folder, index, dtype)
     unet_d = _read_json(folder / "unet" / "config.json")
     vae_d = _read_json(folder / "vae" / "config.json")
     sched_d = _read_json(folder / "scheduler" / "scheduler_config.json")
@@ -363,3 +375,47 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size=sample_size,
                    reports=[unet_report, vae_report, text_report])
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 3 / 3.5 folders
+
+
+def flow_hint_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.json") -> SamplerHint:
+    """FlowMatchEulerDiscreteScheduler config -> Euler on the 'flow_match' grid with its shift; what is not
+    reproduced is named in the hint's note."""
+    if d.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"{where}: an SD3 pipeline with a {d.get('_class_name')!r} is not supported "
+                         "(expected FlowMatchEulerDiscreteScheduler)")
+    defaults = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
+                "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "stochastic_sampling": False}
+    changed = [f"{k}={d[k]!r}" for k, v in defaults.items() if d.get(k, v) != v]
+    note = (f"FlowMatchEulerDiscreteScheduler settings not reproduced: {', '.join(changed)} (latentdiff samples "
+            "euler on the shifted 'flow_match' grid)") if changed else ""
+    if d.get("num_train_timesteps", 1000) != 1000:
+        raise ValueError(f"{where}: num_train_timesteps {d['num_train_timesteps']} is not supported (1000)")
+    return SamplerHint(sampler="euler", schedule="flow_match", flow_shift=float(d.get("shift", 1.0)), note=note)
+
+
+def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
+    """A StableDiffusion3Pipeline folder: MMDiT transformer, 16-channel VAE, CLIP-L/G; T5 is not loaded."""
+    from latentdiff.models.mmdit import config_from_diffusers as mmdit_config_from_diffusers
+
+    tr_d = _read_json(folder / "transformer" / "config.json")
+    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
+    hint = flow_hint_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"),
+                                    f"{folder}/scheduler/scheduler_config.json")
+    spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_config_from_diffusers(tr_d))
+    sample_size = spec.mmdit.sample_size * vae_cfg.factor
+    text_cfg, text_state, tokenizers = _text_encoders(folder, index, tr_d, sample_size)
+    notes = []
+    if (index.get("text_encoder_3") or [None, None])[1] is not None:
+        notes.append("text_encoder_3 (T5) is not loaded: latentdiff has no T5 yet, so its 256 tokens are zeros, "
+                     "as in diffusers' SD3 pipeline without text_encoder_3 (images differ from T5-conditioned ones)")
+    denoiser, report = make_denoiser(spec, as_dtype(_component_weights(folder / "transformer"), dtype))
+    vae, vae_report = build_autoencoder(vae_cfg, as_dtype(_component_weights(folder / "vae"), dtype))
+    text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
+    family = "sd35" if spec.mmdit.qk_norm else "sd3"
+    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
+                   sample_size=sample_size, reports=[report, vae_report, text_report], notes=notes)
