@@ -120,13 +120,40 @@ def tiny_clips(tmp_path):
     return folder, (tok1, tok2), (clip_l, clip_g)
 
 
-def write_sd3_file(path, ref, clips=None) -> None:
+def tiny_t5(folder):
+    """A T5 encoder of the MMDiT's joint width (48) and a character-level T5-style tokenizer in ``tokenizer_3/``."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(string.ascii_lowercase)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=256)
+    tok.save_pretrained(folder / "tokenizer_3")
+    torch.manual_seed(5)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=6,
+                                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                 is_encoder_decoder=False, use_cache=False)).eval()
+    with torch.no_grad():  # T5's own init is tiny; larger weights make the tokens matter in the comparison
+        for p in t5.parameters():
+            p.mul_(20.0)
+    return tok, t5
+
+
+def write_sd3_file(path, ref, clips=None, t5=None) -> None:
     state = original_mmdit(ref.state_dict())
     state.update(original_vae()[1])
     for name, model in zip(("clip_l", "clip_g"), clips or ()):
         for k, v in model.state_dict().items():
             if not k.endswith("position_ids"):
                 state[f"text_encoders.{name}.transformer.{k if k.startswith(('text_model.', 'text_projection')) else 'text_model.' + k}"] = v
+    if t5 is not None:  # SD3 files keep the tied input embedding once, as shared.weight
+        state.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.state_dict().items()
+                      if k != "encoder.embed_tokens.weight"})
     write_safetensors(path, state)
 
 
@@ -175,27 +202,31 @@ def test_sd3_single_file_matches_diffusers(qk_norm, tmp_path, capsys):
         pipe.generate("a red circle", steps=1, height=16, width=16)
 
 
-def test_sd3_file_with_clips_encodes_prompts_as_diffusers(tmp_path, capsys):
+@pytest.mark.parametrize("with_t5", [False, True])
+def test_sd3_file_with_text_encoders_encodes_prompts_as_diffusers(with_t5, tmp_path, capsys):
     ref = tiny_sd3()
     folder, (tok1, tok2), clips = tiny_clips(tmp_path)
-    path = tmp_path / "sd3_incl_clips.safetensors"
-    write_sd3_file(path, ref, clips)
+    tok3, t5 = tiny_t5(folder) if with_t5 else (None, None)
+    path = tmp_path / "sd3_incl_text.safetensors"
+    write_sd3_file(path, ref, clips, t5)
     with pytest.raises(ValueError, match="tokenizer"):
         read_single_file(path, overrides=OVERRIDES)
     pipe = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
     printed = capsys.readouterr().out
     assert "text_encoder: " in printed and "missing" not in printed
+    assert ("no T5 in the file" in printed) != with_t5
 
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     ref_pipe = diffusers.StableDiffusion3Pipeline(transformer=ref, scheduler=sched, vae=original_vae()[0],
                                                   text_encoder=clips[0], tokenizer=tok1, text_encoder_2=clips[1],
-                                                  tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+                                                  tokenizer_2=tok2, text_encoder_3=t5, tokenizer_3=tok3)
     prompts = ["a red circle", ""]
     with torch.no_grad():
-        embeds, _, pooled, _ = ref_pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = ref_pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False)
     cond = pipe.text_encoder(prompts)
-    assert cond.context.shape == embeds.shape == (2, 16 + 256, 48)  # 16 CLIP tokens (tiny tokenizer) + 256 zeros
+    assert cond.context.shape == embeds.shape == (2, 16 + 256, 48)  # 16 CLIP tokens (tiny tokenizer) + 256 T5
     assert _rel(cond.context, embeds) < 1e-5 and _rel(cond.vector, pooled) < 1e-5
+    assert (embeds[:, 16:].abs().amax() > 0.1) == with_t5  # T5's tokens are there, or zeros in their place
 
 
 def test_sd3_file_with_clips_generates_diffusers_image(tmp_path, capsys):
@@ -233,14 +264,15 @@ def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, 
 
     ref = tiny_sd3("rms_norm")
     folder, _, clips = tiny_clips(tmp_path)
+    _, t5 = tiny_t5(folder)
     path = tmp_path / "sd35.safetensors"
-    write_sd3_file(path, ref, clips)
+    write_sd3_file(path, ref, clips, t5)
     main(["convert", str(path), str(tmp_path / "ours"), "--tokenizer", str(folder), "--overrides-json",
           json.dumps(OVERRIDES)])
     assert "detected sd35" in capsys.readouterr().out
     direct = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
     back = latentdiff.load(tmp_path / "ours")
-    assert back.flow_shift == 3.0
+    assert back.flow_shift == 3.0 and back.text_encoder.config.encoders[2].kind == "t5"
     kw = {"steps": 2, "sampler": "euler", "schedule": "flow_match", "guidance": 2.0, "seed": 1, "height": 16,
           "width": 16, "output": "pt"}
     assert torch.equal(back.generate("a blue square", **kw), direct.generate("a blue square", **kw))
@@ -251,20 +283,22 @@ def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, 
     assert not (tmp_path / "diffusers").exists()
 
 
-def test_sd3_diffusers_folder_generates_diffusers_image(tmp_path, capsys):
+def test_sd3_diffusers_folder_with_t5_generates_diffusers_image(tmp_path, capsys):
     ref = tiny_sd3("rms_norm")
-    _, (tok1, tok2), clips = tiny_clips(tmp_path)
+    folder, (tok1, tok2), clips = tiny_clips(tmp_path)
+    tok3, t5 = tiny_t5(folder)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     diffusers.StableDiffusion3Pipeline(transformer=ref, scheduler=sched, vae=original_vae()[0], text_encoder=clips[0],
-                                       tokenizer=tok1, text_encoder_2=clips[1], tokenizer_2=tok2, text_encoder_3=None,
-                                       tokenizer_3=None).save_pretrained(tmp_path / "sd3")
-    ref_pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", text_encoder_3=None, tokenizer_3=None)
+                                       tokenizer=tok1, text_encoder_2=clips[1], tokenizer_2=tok2, text_encoder_3=t5,
+                                       tokenizer_3=tok3).save_pretrained(tmp_path / "sd3")
+    ref_pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
     ref_pipe.set_progress_bar_config(disable=True)
     kw = {"num_inference_steps": 3, "guidance_scale": 4.0, "height": 16, "width": 16}
     expected = ref_pipe("a red circle", generator=torch.Generator().manual_seed(2), output_type="pt", **kw).images
     pipe = latentdiff.load(tmp_path / "sd3")
     printed = capsys.readouterr().out
     assert "detected sd35" in printed and "shifted by 3" in printed and "missing" not in printed
+    assert "no text_encoder_3" not in printed and len(pipe.text_encoder.encoders) == 3
     got = pipe.generate("a red circle", steps=3, sampler="euler", schedule="flow_match", guidance=4.0, seed=2,
                         height=16, width=16, output="pt")
     diff = ((got / 2 + 0.5).clamp(0, 1) - expected).abs().max().item()

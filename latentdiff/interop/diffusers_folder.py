@@ -4,8 +4,8 @@ A diffusers folder is ``model_index.json`` (``_class_name`` plus ``component: [l
 folder per component: ``unet/`` and ``vae/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``),
 ``text_encoder[_2]/`` (transformers ``config.json`` + ``model.safetensors``), ``tokenizer[_2]/`` and
 ``scheduler/scheduler_config.json``; SD 3 folders (``StableDiffusion3Pipeline``) have ``transformer/``
-instead of ``unet/``, two CLIP encoders with projections and a T5 (not loaded: zeros stand in, as in
-diffusers without ``text_encoder_3``). Our U-Net, MMDiT and autoencoder carry diffusers' parameter names, so
+instead of ``unet/``, two CLIP encoders with projections and a T5 encoder (``text_encoder_3``; when it is
+absent, zeros stand in, as in diffusers). Our U-Net, MMDiT and autoencoder carry diffusers' parameter names, so
 only the configs need translating; each translation refuses settings our models do not implement,
 naming the key, rather than building a model that would compute something else.
 """
@@ -330,7 +330,16 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         tokenizers.append(load_tokenizer(folder / tok))
     time_dim = (unet_cfg.get("addition_time_embed_dim") or 0) if cls == "StableDiffusionXLPipeline" else 0
-    sd3 = cls == SD3_PIPELINE  # the CLIP context padded to the joint width, then 256 zero tokens for T5
+    sd3 = cls == SD3_PIPELINE  # the CLIP context padded to the joint width, then 256 T5 tokens (or zeros)
+    t5 = index.get("text_encoder_3") or [None, None]
+    if sd3 and t5[1] is not None:
+        if t5[1] != "T5EncoderModel":
+            raise ValueError(f"{folder}/model_index.json: text_encoder_3 is {t5!r}; only T5EncoderModel is supported")
+        weights = _component_weights(folder / "text_encoder_3")
+        state.update({f"encoders.{len(specs)}.{k}": v for k, v in weights.items()})
+        specs.append(CLIPEncoderSpec(hf_config=_read_json(folder / "text_encoder_3" / "config.json"), kind="t5",
+                                     max_length=256))  # diffusers' SD3 max_sequence_length
+        tokenizers.append(load_tokenizer(folder / "tokenizer_3", "t5"))
     config = SDTextConfig(encoders=specs, max_length=tokenizers[0].model_max_length if
                           tokenizers[0].model_max_length < 10_000 else 77,
                           time_embed_dim=time_dim, image_size=(image_size, image_size),
@@ -399,7 +408,7 @@ def flow_hint_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.j
 
 
 def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
-    """A StableDiffusion3Pipeline folder: MMDiT transformer, 16-channel VAE, CLIP-L/G; T5 is not loaded."""
+    """A StableDiffusion3Pipeline folder: MMDiT transformer, 16-channel VAE, CLIP-L/G and T5 (if present)."""
     from latentdiff.models.mmdit import config_from_diffusers as mmdit_config_from_diffusers
 
     tr_d = _read_json(folder / "transformer" / "config.json")
@@ -410,9 +419,8 @@ def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
     sample_size = spec.mmdit.sample_size * vae_cfg.factor
     text_cfg, text_state, tokenizers = _text_encoders(folder, index, tr_d, sample_size)
     notes = []
-    if (index.get("text_encoder_3") or [None, None])[1] is not None:
-        notes.append("text_encoder_3 (T5) is not loaded: latentdiff has no T5 yet, so its 256 tokens are zeros, "
-                     "as in diffusers' SD3 pipeline without text_encoder_3 (images differ from T5-conditioned ones)")
+    if (index.get("text_encoder_3") or [None, None])[1] is None:
+        notes.append("no text_encoder_3 (T5): its 256 tokens are zeros, as in diffusers' SD3 pipeline without it")
     denoiser, report = make_denoiser(spec, as_dtype(_component_weights(folder / "transformer"), dtype))
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(_component_weights(folder / "vae"), dtype))
     text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)

@@ -290,6 +290,19 @@ def clip_rules(num_layers: int, projection: bool = False) -> list[Rule]:
     return [Rule(n, (n,)) for n in names]
 
 
+def t5_rules(num_layers: int, gated: bool) -> list[Rule]:
+    """transformers' T5EncoderModel under another prefix (SD3's ``text_encoders.t5xxl.transformer.``): names
+    identical. ``encoder.embed_tokens.weight`` is tied to ``shared.weight`` and is not in the table."""
+    names = ["shared.weight", "encoder.final_layer_norm.weight",
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    ff = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
+    for i in range(num_layers):
+        b = f"encoder.block.{i}.layer"
+        names += [f"{b}.0.SelfAttention.{m}.weight" for m in "qkvo"] + [f"{b}.0.layer_norm.weight"]
+        names += [f"{b}.1.DenseReluDense.{m}.weight" for m in ff] + [f"{b}.1.layer_norm.weight"]
+    return [Rule(n, (n,)) for n in names]
+
+
 def openclip_rules(num_layers: int, projection: bool) -> list[Rule]:
     """OpenCLIP's text tower (``transformer.resblocks.*``, fused in_proj) <-> transformers' CLIP text model."""
     rules = [

@@ -43,6 +43,7 @@ from latentdiff.interop.keymaps import (
     mmdit_rules,
     openclip_ignored,
     openclip_rules,
+    t5_rules,
     unet_rules,
     vae_rules,
 )
@@ -302,16 +303,18 @@ TOKENIZER_HELP = ("pass the folder with --tokenizer DIR (latentdiff generate / c
                   "(latentdiff.load, latentdiff.interop.open_model)")
 
 
-def _tokenizers(tokenizer: str | Path | None, family: str) -> list:
+def _tokenizers(tokenizer: str | Path | None, family: str, t5: bool = False) -> list:
     """The CLIP tokenizer(s) of a single file's text encoder(s), from a folder the user names.
 
     One encoder (SD 1.x / 2.x): DIR holds the tokenizer itself (vocab.json + merges.txt, or tokenizer.json)
     or is a diffusers folder with ``tokenizer/``. Two encoders (SDXL, SD3): DIR is a diffusers folder with
     ``tokenizer/`` and ``tokenizer_2/``; the second pads with '!' rather than the end token, so one
-    tokenizer for both would silently change the second encoder's output.
+    tokenizer for both would silently change the second encoder's output. SD3 with T5 also needs
+    ``tokenizer_3/`` (T5's).
     """
     n = len(TEXT_PREFIXES[family])
-    wanted = "tokenizer/ and tokenizer_2/" if n == 2 else "tokenizer/ (or vocab.json + merges.txt itself)"
+    names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if t5 else [])
+    wanted = " and ".join(f"{x}/" for x in names) if n == 2 else "tokenizer/ (or vocab.json + merges.txt itself)"
     if tokenizer is None:
         raise ValueError(f"this {family} single file holds text encoder weights but no tokenizer vocabulary: "
                          f"{TOKENIZER_HELP}, where DIR is the model's diffusers folder (or a copy of its "
@@ -324,12 +327,12 @@ def _tokenizers(tokenizer: str | Path | None, family: str) -> list:
             return [load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)]
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; {TOKENIZER_HELP}, where DIR holds {wanted}") from e
-    absent = [name for name in ("tokenizer", "tokenizer_2") if not (folder / name).is_dir()]
+    absent = [name for name in names if not (folder / name).is_dir()]
     if absent:
-        raise FileNotFoundError(f"{family} has two text encoders, each with its own tokenizer: {folder} lacks "
-                                f"{' and '.join(a + '/' for a in absent)}; {TOKENIZER_HELP}, where DIR holds "
+        raise FileNotFoundError(f"{family} has {len(names)} text encoders, each with its own tokenizer: {folder} "
+                                f"lacks {' and '.join(a + '/' for a in absent)}; {TOKENIZER_HELP}, where DIR holds "
                                 f"{wanted} (as a diffusers {family} folder does)")
-    return [load_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2")]
+    return [load_tokenizer(folder / name, "t5" if name == "tokenizer_3" else "clip") for name in names]
 
 
 def _drop_reason(key: str) -> str | None:
@@ -339,17 +342,11 @@ def _drop_reason(key: str) -> str | None:
     return None
 
 
-def _refuse_partial(state: dict[str, Tensor], family: str, consumed: set[str], absent: list[str],
-                    extra_drops: dict[str, str] | None = None) -> list[str]:
+def _refuse_partial(state: dict[str, Tensor], family: str, consumed: set[str], absent: list[str]) -> list[str]:
     """Refuse a file with a tensor the tables want but lack, or one no table places and no rule drops;
-    return notes on what was dropped and why. ``extra_drops``: key prefix -> reason, for this load only."""
+    return notes on what was dropped and why."""
     leftover = sorted(k for k in state if k not in consumed)
-    dropped = {}
-    for k in leftover:
-        why = _drop_reason(k)
-        for prefix, reason in (extra_drops or {}).items():
-            why = why or (reason if k.startswith(prefix) else None)
-        dropped[k] = why
+    dropped = {k: _drop_reason(k) for k in leftover}
     unused = [k for k, why in dropped.items() if why is None]
     if absent or unused:
         report = LoadReport(f"{family} single file", matched=len(consumed & set(state)), missing=absent,
@@ -433,9 +430,34 @@ def _sd3_text_side(state: dict, family: str, tokenizers: list, overrides: dict, 
         consumed |= km.original_keys()
         specs.append(CLIPEncoderSpec(hf, layer="penultimate", projection=True))
     length = specs[0].hf_config["max_position_embeddings"]  # 77 in the releases
+    if _has(state, T5):
+        hf, gated = _t5_config(state, T5, overrides.get("text_encoder_2", {}))
+        km = KeyMap(t5_rules(hf["num_layers"], gated), T5, f"encoders.{len(specs)}.",
+                    ignored={"encoder.embed_tokens.weight": "T5's input embedding, tied to shared.weight"})
+        converted, miss, dropped = km.to_ours(state)
+        ours.update(converted)
+        absent += miss
+        consumed |= km.original_keys() | set(dropped)
+        specs.append(CLIPEncoderSpec(hf, kind="t5", max_length=256))
     config = SDTextConfig(encoders=specs, max_length=length, image_size=(1024, 1024), context_width=joint_dim,
                           zero_tokens=256)
     return config, ours, consumed, absent
+
+
+def _t5_config(state: dict, prefix: str, overrides: dict) -> tuple[dict, bool]:
+    """transformers T5Config fields read off the shapes of a T5 encoder (SD3's T5-XXL v1.1: gated GELU)."""
+    bias = state[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]  # (buckets, h)
+    q = state[prefix + "encoder.block.0.layer.0.SelfAttention.q.weight"]  # (h * d_kv, d_model)
+    gated = prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+    wi = state[prefix + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    cfg = {"vocab_size": state[prefix + "shared.weight"].shape[0], "d_model": q.shape[1],
+           "d_kv": q.shape[0] // bias.shape[1], "d_ff": wi.shape[0], "num_heads": bias.shape[1],
+           "num_layers": len(_indices(state, re.escape(prefix + "encoder.block.") + r"(\d+)\.")),
+           "relative_attention_num_buckets": bias.shape[0], "relative_attention_max_distance": 128,
+           "feed_forward_proj": "gated-gelu" if gated else "relu", "layer_norm_epsilon": 1e-6,
+           "is_encoder_decoder": False, "use_cache": False}
+    cfg.update(overrides)
+    return cfg, gated
 
 
 def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | None, overrides: dict,
@@ -443,8 +465,10 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
     """An SD 3 / 3.5 original file -> SDModel: MMDiT (flow), 16-channel autoencoder, CLIP-L/G if present."""
     family, notes = det.family, list(det.notes)
     has_clips = [_has(state, prefix) for _, prefix in TEXT_PREFIXES[family]]
+    if _has(state, T5) and not all(has_clips):
+        raise ValueError("refusing a partial load: the file holds SD3's T5 encoder but not both CLIP encoders")
     if all(has_clips) and tokenizers is None:
-        tokenizers = _tokenizers(tokenizer_path, family)
+        tokenizers = _tokenizers(tokenizer_path, family, t5=_has(state, T5))
     mmdit_cfg = infer_mmdit_config(state, family, overrides.get("mmdit"))
     vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
     spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_cfg)
@@ -452,10 +476,6 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
     mmdit_state, mmdit_absent, _ = mmdit_map.to_ours(state)
     vae_state, vae_absent, _ = vae_map.to_ours(state)
     absent, consumed = mmdit_absent + vae_absent, mmdit_map.original_keys() | vae_map.original_keys()
-    extra_drops = {}
-    if _has(state, T5):
-        extra_drops[T5] = ("T5-XXL text encoder: latentdiff has no T5 yet, so its 256 tokens are zeros, as in "
-                           "diffusers' SD3 pipeline without text_encoder_3 (images differ from T5-conditioned ones)")
     if any(has_clips) and not all(has_clips):
         raise ValueError(f"refusing a partial load: the file holds only one of SD3's two CLIP text encoders "
                          f"({', '.join(p for (_, p), h in zip(TEXT_PREFIXES[family], has_clips) if h)})")
@@ -465,7 +485,10 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
                                                                       mmdit_cfg.context_dim)
         absent += text_absent
         consumed |= text_keys
-    notes += _refuse_partial(state, family, consumed, absent, extra_drops)
+    notes += _refuse_partial(state, family, consumed, absent)
+    if all(has_clips) and not _has(state, T5):
+        notes.append("no T5 in the file: its 256 tokens are zeros, as in diffusers' SD3 pipeline without "
+                     "text_encoder_3")
 
     denoiser, mmdit_report = make_denoiser(spec, as_dtype(mmdit_state, dtype))
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
