@@ -112,7 +112,8 @@ class Pipeline:
 
 def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **interop_kw) -> Pipeline:
     """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/),
-    a diffusers Stable Diffusion (XL) folder, or a single-file SD checkpoint (``.safetensors``, ``.ckpt``).
+    a diffusers Stable Diffusion (XL, 3) folder, or a single-file SD / SDXL / SD3 checkpoint (``.safetensors``,
+    ``.ckpt``).
 
     For the last two, ``interop_kw`` go to ``latentdiff.interop.open_model`` (e.g. ``tokenizer=FOLDER`` for
     single files, ``prediction="eps"`` for SD 2.x -base files); what was detected and loaded is printed.
