@@ -259,7 +259,7 @@ def test_sd3_file_with_clips_generates_diffusers_image(tmp_path, capsys):
     assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
 
 
-def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, capsys):
+def test_sd3_file_converts_to_our_folder_and_to_a_diffusers_folder(tmp_path, capsys):
     from latentdiff.cli import main
 
     ref = tiny_sd3("rms_norm")
@@ -267,20 +267,34 @@ def test_sd3_file_converts_to_our_folder_and_refuses_diffusers_export(tmp_path, 
     _, t5 = tiny_t5(folder)
     path = tmp_path / "sd35.safetensors"
     write_sd3_file(path, ref, clips, t5)
-    main(["convert", str(path), str(tmp_path / "ours"), "--tokenizer", str(folder), "--overrides-json",
-          json.dumps(OVERRIDES)])
+    common = ["--tokenizer", str(folder), "--overrides-json", json.dumps(OVERRIDES)]
+    main(["convert", str(path), str(tmp_path / "ours"), *common])
     assert "detected sd35" in capsys.readouterr().out
     direct = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
     back = latentdiff.load(tmp_path / "ours")
     assert back.flow_shift == 3.0 and back.text_encoder.config.encoders[2].kind == "t5"
     kw = {"steps": 2, "sampler": "euler", "schedule": "flow_match", "guidance": 2.0, "seed": 1, "height": 16,
           "width": 16, "output": "pt"}
-    assert torch.equal(back.generate("a blue square", **kw), direct.generate("a blue square", **kw))
+    ours = direct.generate("a blue square", **kw)
+    assert torch.equal(back.generate("a blue square", **kw), ours)
+
+    # As a StableDiffusion3Pipeline folder: diffusers opens it and draws our image.
+    main(["convert", str(path), str(tmp_path / "diffusers"), "--format", "diffusers", *common])
+    capsys.readouterr()
+    ref_pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "diffusers")
+    ref_pipe.set_progress_bar_config(disable=True)
+    expected = ref_pipe("a blue square", num_inference_steps=2, guidance_scale=2.0, height=16, width=16,
+                        generator=torch.Generator().manual_seed(1), output_type="pt").images
+    diff = ((ours / 2 + 0.5).clamp(0, 1) - expected).abs().max().item()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+
+    # Without text encoders there is no pipeline to write.
+    bare = tmp_path / "bare.safetensors"
+    write_sd3_file(bare, ref)
     with pytest.raises(SystemExit) as e:
-        main(["convert", str(path), str(tmp_path / "diffusers"), "--format", "diffusers", "--tokenizer",
-              str(folder), "--overrides-json", json.dumps(OVERRIDES)])
-    assert e.value.code == 2 and "not supported yet; write a latentdiff folder" in capsys.readouterr().err
-    assert not (tmp_path / "diffusers").exists()
+        main(["convert", str(bare), str(tmp_path / "bare_diffusers"), "--format", "diffusers", *common])
+    assert e.value.code == 2 and "without its text encoders" in capsys.readouterr().err
+    assert not (tmp_path / "bare_diffusers").exists()
 
 
 def test_sd3_diffusers_folder_with_t5_generates_diffusers_image(tmp_path, capsys):

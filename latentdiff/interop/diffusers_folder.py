@@ -407,6 +407,20 @@ def flow_hint_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.j
     return SamplerHint(sampler="euler", schedule="flow_match", flow_shift=float(d.get("shift", 1.0)), note=note)
 
 
+def mmdit_config_to_diffusers(cfg) -> dict:
+    """MMDiTConfig -> diffusers SD3Transformer2DModel config (the inverse of mmdit.config_from_diffusers)."""
+    if cfg.mlp_ratio != 4.0:
+        raise ValueError(f"an MMDiT with mlp_ratio {cfg.mlp_ratio} has no SD3Transformer2DModel counterpart (4.0)")
+    return {
+        "_class_name": "SD3Transformer2DModel", "sample_size": cfg.sample_size, "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "num_layers": cfg.depth,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim, "caption_projection_dim": cfg.hidden_size,
+        "pooled_projection_dim": cfg.vector_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
+        "qk_norm": "rms_norm" if cfg.qk_norm else None, "dual_attention_layers": [],
+    }
+
+
 def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
     """A StableDiffusion3Pipeline folder: MMDiT transformer, 16-channel VAE, CLIP-L/G and T5 (if present)."""
     from latentdiff.models.mmdit import config_from_diffusers as mmdit_config_from_diffusers
