@@ -80,7 +80,7 @@ def _save_sd3_diffusers(model: SDModel, folder: str | Path) -> list[str]:
     text = model.text_encoder
     if not isinstance(text, SDTextEncoder):
         raise ValueError(f"a {model.family} model without its text encoders has no diffusers pipeline form; "
-                         "write a latentdiff folder instead (--format latentdiff)")
+                         "write a latentdiff folder instead (--format latentdiff)")  # noqa: TRY004 (CLI exit 2)
     hint = model.hint
     if hint.schedule != "flow_match":
         raise ValueError(f"an SD3 model sampled on the {hint.schedule!r} grid has no FlowMatchEulerDiscreteScheduler "
