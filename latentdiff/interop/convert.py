@@ -79,8 +79,8 @@ def _save_sd3_diffusers(model: SDModel, folder: str | Path) -> list[str]:
     """An SD3 SDModel as a StableDiffusion3Pipeline folder (transformer/, vae/, CLIP-L/G [+ T5], scheduler/)."""
     text = model.text_encoder
     if not isinstance(text, SDTextEncoder):
-        raise ValueError(f"a {model.family} model without its text encoders has no diffusers pipeline form; "
-                         "write a latentdiff folder instead (--format latentdiff)")  # noqa: TRY004 (CLI exit 2)
+        raise ValueError(f"a {model.family} model without its text encoders has no diffusers pipeline form; "  # noqa: TRY004
+                         "write a latentdiff folder instead (--format latentdiff)")
     hint = model.hint
     if hint.schedule != "flow_match":
         raise ValueError(f"an SD3 model sampled on the {hint.schedule!r} grid has no FlowMatchEulerDiscreteScheduler "
