@@ -319,6 +319,23 @@ def test_sd3_diffusers_folder_with_t5_generates_diffusers_image(tmp_path, capsys
     assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
 
 
+def test_sd3_file_with_fp8_t5_loads_in_float32(tmp_path):
+    """The '_t5xxlfp8' releases store T5 in float8_e4m3fn: loaded as the same values in float32."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _, clips = tiny_clips(tmp_path)
+    _, t5 = tiny_t5(folder)
+    write_sd3_file(tmp_path / "full.safetensors", tiny_sd3(), clips, t5)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k.startswith("text_encoders.t5xxl.") else v
+           for k, v in load_file(tmp_path / "full.safetensors").items()}
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    pipe = latentdiff.load(tmp_path / "fp8.safetensors", tokenizer=folder, overrides=OVERRIDES)
+    ours = pipe.text_encoder.encoders[2].state_dict()
+    for k in ("shared.weight", "encoder.block.1.layer.1.DenseReluDense.wo.weight"):
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], fp8["text_encoders.t5xxl.transformer." + k].float())
+    assert torch.isfinite(pipe.text_encoder(["a red circle"]).context).all()
+
+
 def test_sd3_file_with_missing_or_foreign_tensors_is_refused(tmp_path):
     ref = tiny_sd3()
     state = original_mmdit(ref.state_dict())
