@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="write one grid image")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("-o", "--out", default=None, help="output .png")
-    p.add_argument("--tokenizer", default=None, help="single-file SD checkpoints: CLIP tokenizer folder")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="single-file checkpoints: the model's "
+                   "diffusers folder (tokenizer/, and tokenizer_2/ for SDXL and SD3) or, for SD 1.x/2.x, a CLIP "
+                   "tokenizer folder (vocab.json + merges.txt)")
     p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="size-conditioned models: the original size to announce (default: the output size)")
     p.add_argument("--crop-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
@@ -400,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="model folder or checkpoint file")
     p.add_argument("dst", help="folder to write (replaced atomically)")
     p.add_argument("--format", default="latentdiff", choices=["latentdiff", "diffusers"])
-    p.add_argument("--tokenizer", default=None, help="single files: CLIP tokenizer folder, or a diffusers SD folder")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="single files: the model's diffusers folder "
+                   "(tokenizer/, and tokenizer_2/ for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder")
     p.add_argument("--prediction", default=None, choices=["eps", "v"], help="single files: override the detected "
                    "prediction type (SD 2.x files default to v; the 512px -base models are eps)")
     p.add_argument("--overrides-json", default=None, metavar="JSON", help='single files: config fields the shapes '

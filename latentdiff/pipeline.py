@@ -14,7 +14,7 @@ from latentdiff.conditioning.labels import null_label, resolve_labels, with_labe
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.sampling import get_sampler, init_x
+from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
@@ -31,7 +31,7 @@ class Pipeline:
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
                  vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0,
-                 preview_decoder: nn.Module | None = None):
+                 preview_decoder: nn.Module | None = None, final_sigma: float = 0.0, flow_shift: float = 1.0):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -46,6 +46,9 @@ class Pipeline:
         self.size_embed_dim = size_embed_dim  # > 0: the denoiser takes SDXL-style size ids (conditioning.sizes)
         self.preview_decoder = preview_decoder  # a tiny decoder for live previews (models/preview.py), if any
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
+        # DDIM / PLMS stop at this sigma instead of 0 (diffusers' set_alpha_to_one=False); 0: they go to 0.
+        self.final_sigma = final_sigma
+        self.flow_shift = flow_shift  # shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
     def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
         """Prompts and negative prompts through the text encoder in one call, so both share a length."""
@@ -95,6 +98,8 @@ class Pipeline:
         sample_fn, default_grid = get_sampler(sampler)
         grid = schedule or default_grid
         grid_kw = {"steps_offset": self.steps_offset} if self.steps_offset and grid == "leading" else {}
+        if self.flow_shift != 1.0 and grid in ("flow", "flow_match"):
+            grid_kw = {"shift": self.flow_shift}
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
@@ -123,8 +128,9 @@ class Pipeline:
         denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
+        final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         with autocast(self.precision, x.device):
-            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback)
+            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
         if output == "latent":
             return z.float()
         images = decode_latents(self.autoencoder, z.float(), tiled=tiled, precision=decode_precision,
@@ -161,7 +167,8 @@ class Pipeline:
 
 def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **interop_kw) -> Pipeline:
     """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/),
-    a diffusers Stable Diffusion (XL) folder, or a single-file SD checkpoint (``.safetensors``, ``.ckpt``).
+    a diffusers Stable Diffusion (XL, 3) folder, or a single-file SD / SDXL / SD3 checkpoint (``.safetensors``,
+    ``.ckpt``).
 
     For the last two, ``interop_kw`` go to ``latentdiff.interop.open_model`` (e.g. ``tokenizer=FOLDER`` for
     single files, ``prediction="eps"`` for SD 2.x -base files); what was detected and loaded is printed.
@@ -201,7 +208,9 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
                     default_size=info.get("sample_size", 64),
                     steps_offset=info.get("sampler", {}).get("steps_offset", 0),
                     vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"),
-                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview)
+                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview,
+                    final_sigma=info.get("sampler", {}).get("final_sigma", 0.0),
+                    flow_shift=info.get("sampler", {}).get("flow_shift", 1.0))
 
 
 def _is_diffusers(folder: Path) -> bool:

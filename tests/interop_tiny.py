@@ -78,7 +78,8 @@ def tiny_vae(**kw):
     return diffusers.AutoencoderKL(**args).eval()
 
 
-def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "epsilon", kind: str = "sd1") -> Path:
+def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "epsilon", kind: str = "sd1",
+                     set_alpha_to_one: bool = True) -> Path:
     """A tiny StableDiffusionPipeline with random weights, saved with save_pretrained; returns the folder.
 
     ``kind="sd2"``: linear projections, fixed head width, an OpenCLIP-style (gelu) text encoder."""
@@ -90,8 +91,10 @@ def tiny_sd_pipeline(folder: Path, scheduler: str = "euler", prediction: str = "
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(clip_config(len(tokenizer), act="gelu" if kind == "sd2" else "quick_gelu")).eval()
-    cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler}[scheduler]
-    extra = {"clip_sample": False, "set_alpha_to_one": True} if scheduler == "ddim" else {}
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler,
+           "pndm": diffusers.PNDMScheduler}[scheduler]
+    extra = {"euler": {}, "ddim": {"clip_sample": False, "set_alpha_to_one": set_alpha_to_one},
+             "pndm": {"skip_prk_steps": True, "set_alpha_to_one": set_alpha_to_one}}[scheduler]
     sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                 steps_offset=1, prediction_type=prediction, **extra)
     pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,

@@ -225,7 +225,7 @@ def test_pickle_needing_code_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("keys, detected", [
-    (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"], "SD 3"),
+    (["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"], "SD 3 .*no autoencoder"),
     (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
     (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.positional_embedding"],
      "SDXL refiner"),
@@ -263,7 +263,7 @@ def test_single_file_missing_and_unknown_tensors_refused(sd_folder, tmp_path):
 def test_single_file_needs_a_tokenizer(sd_folder, tmp_path):
     path = tmp_path / "m.safetensors"
     write_safetensors(path, to_original_state(open_model(sd_folder)))
-    with pytest.raises(ValueError, match="no tokenizer vocabulary: pass tokenizer=FOLDER"):
+    with pytest.raises(ValueError, match="no tokenizer vocabulary: pass the folder with --tokenizer DIR"):
         read_single_file(path)
 
 
@@ -297,3 +297,32 @@ def test_a_weight_left_on_the_meta_device_is_refused():
     layer.weight = torch.nn.Parameter(torch.zeros(2, 2))  # the bias stays unset
     with pytest.raises(ValueError, match=r"1 tensors were left unset by the load, e.g. \['bias'\]"):
         check_materialized(layer, "layer")
+
+
+def test_single_file_without_tokenizer_names_the_flag_and_folder(sd_folder, sdxl_folder, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, to_original_state(open_model(sd_folder)))
+    for argv in (["generate", "a red circle", "--model", str(path)], ["convert", str(path), str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--tokenizer DIR" in err and "tokenizer=DIR" in err and "sd1 single file" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer in .*--tokenizer DIR"):
+        read_single_file(path, tokenizer=tmp_path)  # a folder, but no vocabulary in it
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        latentdiff.load(path, tokenizer=tmp_path / "nowhere")
+
+    # SDXL: two tokenizers (the second pads with '!'); a folder with only tokenizer/ is refused by name.
+    xl = tmp_path / "xl.safetensors"
+    write_safetensors(xl, to_original_state(open_model(sdxl_folder)))
+    half = tmp_path / "half"
+    shutil.copytree(sdxl_folder / "tokenizer", half / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer_2/"):
+        latentdiff.load(xl, tokenizer=half, overrides=SDXL_OVERRIDES)
+    shutil.copytree(sdxl_folder / "tokenizer_2", half / "tokenizer_2")
+    pipe = latentdiff.load(xl, tokenizer=half, overrides=SDXL_OVERRIDES)
+    assert [t.pad_token for t in pipe.text_encoder.tokenizers] == ["<|endoftext|>", "!"]

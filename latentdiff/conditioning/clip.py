@@ -4,6 +4,10 @@
 - SD 2.x: OpenCLIP ViT-H/14 with its last layer removed (the original conditions on the penultimate
   layer and then applies the final LayerNorm; dropping the layer and taking the normed last state is
   the same thing, and is how diffusers stores it).
+- SD3: CLIP-L and CLIP-G, both penultimate hidden states and projected pooled outputs, the context
+  zero-padded to the MMDiT's joint width (4096) and followed by the T5-XXL encoder's last hidden states
+  (256 tokens; zeros without T5, as diffusers does). T5 is an encoder of ``kind="t5"``: transformers'
+  ``T5EncoderModel``, its tokens appended along the sequence rather than the features.
 - SDXL: CLIP ViT-L (penultimate hidden state, no final norm) and OpenCLIP bigG (penultimate hidden
   state; its projected pooled output is the pooled vector), contexts concatenated on the feature axis
   (768 + 1280 = 2048), and the pooled vector followed by the Fourier-embedded micro-conditioning
@@ -44,6 +48,8 @@ class CLIPEncoderSpec:
     hf_config: dict = field(default_factory=dict)  # transformers CLIPTextConfig as a dict
     layer: str = "last"  # "last" (final-normed last hidden state) or "penultimate" (hidden_states[-2])
     projection: bool = False  # CLIPTextModelWithProjection: its text_embeds are the pooled vector
+    kind: str = "clip"  # "clip" (features concatenated) or "t5" (T5EncoderModel: tokens appended to the sequence)
+    max_length: int = 0  # tokens for this encoder (0: SDTextConfig.max_length); SD3's T5: 256
 
 
 @dataclass
@@ -55,10 +61,20 @@ class SDTextConfig:
     time_embed_dim: int = 0  # SDXL: 256; > 0 appends Fourier(size, crop, target size) to the pooled vector
     image_size: tuple[int, int] = (1024, 1024)  # SDXL micro-conditioning: original = target size (h, w)
     zero_empty_prompt: bool = False  # SDXL: the empty prompt's context and pooled text are zeros, not encoded
+    context_width: int = 0  # SD3: zero-pad the context's features to this width (the MMDiT's joint width)
+    zero_tokens: int = 0  # SD3 without T5: this many all-zero tokens follow the CLIP tokens (diffusers' stand-in)
+
+
+KINDS = ("clip", "t5")
+T5_TIED = "encoder.embed_tokens.weight"  # T5EncoderModel's input embedding is shared.weight (files keep one)
 
 
 def _clip_model(spec: CLIPEncoderSpec) -> nn.Module:
-    """An (uninitialized on the current device) transformers CLIP text model for a spec."""
+    """An (uninitialized on the current device) transformers CLIP text model (or T5 encoder) for a spec."""
+    if spec.kind == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        return T5EncoderModel(T5Config(**spec.hf_config))
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
@@ -98,13 +114,17 @@ class SDTextEncoder(nn.Module):
         for s in specs:
             if s.layer not in LAYERS:
                 raise ValueError(f"CLIP layer must be one of {LAYERS}, got {s.layer!r}")
+            if s.kind not in KINDS or (s.kind == "t5" and s.projection):
+                raise ValueError(f"encoder kind must be one of {KINDS} (a T5 has no projection), got {s.kind!r}")
         self.config = dataclasses.replace(config, encoders=specs, image_size=tuple(config.image_size))
         self.encoders = nn.ModuleList(models).eval().requires_grad_(False)
         self.tokenizers = list(tokenizers)
 
     @property
     def dim(self) -> int:
-        return sum(m.config.hidden_size for m in self.encoders)
+        """Width of cond.context."""
+        clip = sum(m.config.hidden_size for m, s in zip(self.encoders, self.config.encoders) if s.kind == "clip")
+        return max(clip, self.config.context_width)
 
     @property
     def pooled_dim(self) -> int:
@@ -112,16 +132,19 @@ class SDTextEncoder(nn.Module):
         pooled = sum(m.config.projection_dim for m, s in zip(self.encoders, self.config.encoders) if s.projection)
         return pooled + (6 * self.config.time_embed_dim if self.config.time_embed_dim else 0)
 
-    def tokenize(self, tokenizer, prompts: list[str]) -> Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=self.config.max_length, truncation=True,
-                        return_tensors="pt").input_ids
+    def tokenize(self, tokenizer, prompts: list[str], max_length: int = 0) -> Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length or self.config.max_length,
+                        truncation=True, return_tensors="pt").input_ids
         return ids  # (B, max_length)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Cond:
-        contexts, pooled = [], []
+        contexts, pooled, tokens = [], [], []
         for model, tok, spec in zip(self.encoders, self.tokenizers, self.config.encoders):
-            ids = self.tokenize(tok, prompts).to(model.device)
+            ids = self.tokenize(tok, prompts, spec.max_length).to(model.device)
+            if spec.kind == "t5":  # SD3: the last hidden state, no mask, appended after the CLIP tokens
+                tokens.append(model(ids).last_hidden_state.float())  # (B, L_t5, D_t5)
+                continue
             out = model(ids, output_hidden_states=spec.layer == "penultimate")
             h = out.hidden_states[-2] if spec.layer == "penultimate" else out.last_hidden_state  # (B, L, D)
             contexts.append(h.float())
@@ -135,6 +158,13 @@ class SDTextEncoder(nn.Module):
             vector = vector.masked_fill(empty[:, None], 0.0) if vector is not None else None
         if self.config.time_embed_dim:
             vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device)], dim=-1)
+        if self.config.context_width > context.shape[-1]:  # SD3: (B, 77, 2048) -> (B, 77, 4096)
+            context = torch.nn.functional.pad(context, (0, self.config.context_width - context.shape[-1]))
+        if tokens:  # SD3: (B, 77 + 256, 4096)
+            context = torch.cat([context, *tokens], dim=1)
+        elif self.config.zero_tokens:  # SD3 without T5: the same shape, zeros in T5's place
+            zeros = context.new_zeros(context.shape[0], self.config.zero_tokens, context.shape[-1])
+            context = torch.cat([context, zeros], dim=1)
         return Cond(context=context, vector=vector)
 
     def set_image_size(self, height: int, width: int) -> None:
@@ -149,11 +179,16 @@ class SDTextEncoder(nn.Module):
         return size_embedding(ids, self.config.time_embed_dim).expand(batch, -1)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
-        """The weights as ``encoders.{i}.text_model.*`` whatever the transformers version."""
+        """The weights as ``encoders.{i}.text_model.*`` whatever the transformers version (a T5's under its
+        own names, without the tied copy of ``shared.weight``)."""
         out = {}
         for k, v in self.state_dict().items():
             i, rest = k.removeprefix("encoders.").split(".", 1)
-            out[f"encoders.{i}.{canonical_clip_key(rest)}"] = v
+            if self.config.encoders[int(i)].kind == "t5":
+                if rest != T5_TIED:
+                    out[f"encoders.{i}.{rest}"] = v
+            else:
+                out[f"encoders.{i}.{canonical_clip_key(rest)}"] = v
         return out
 
     def save(self, folder: str | Path) -> None:
@@ -176,20 +211,31 @@ def build_sd_text_encoder(config: SDTextConfig, state: dict[str, Tensor], tokeni
     native = {}
     for k, v in state.items():  # canonical (or native) names -> this transformers version's names
         head, i, rest = k.split(".", 2) if k.startswith("encoders.") else ("", "", k)
-        native[f"{head}.{i}.{_native(models[int(i)], canonical_clip_key(rest))}" if head else k] = v
+        if head and specs[int(i)].kind == "t5":
+            native[k] = v
+            if rest == "shared.weight":  # the tied input embedding: the same tensor under its second name
+                native.setdefault(f"encoders.{i}.{T5_TIED}", v)
+        else:
+            native[f"{head}.{i}.{_native(models[int(i)], canonical_clip_key(rest))}" if head else k] = v
     report = load_state_strict(encoder, native, name, assign=True)
-    for m in encoder.encoders:
-        _fix_buffers(m)  # raises if any buffer is still on the meta device
+    for m, spec in zip(encoder.encoders, specs):
+        if spec.kind == "clip":
+            _fix_buffers(m)  # raises if any buffer is still on the meta device
     if any(p.is_meta for p in encoder.parameters()):
         raise ValueError(f"{name}: a parameter was left unset by the load")
     return encoder.eval(), report
 
 
-def load_tokenizer(folder: str | Path):
-    """A CLIP tokenizer from a local folder (tokenizer.json, or vocab.json + merges.txt), with a clear error."""
-    from transformers import CLIPTokenizer
+def load_tokenizer(folder: str | Path, kind: str = "clip"):
+    """A CLIP tokenizer from a local folder (tokenizer.json, or vocab.json + merges.txt), with a clear error;
+    ``kind="t5"``: the T5 tokenizer (tokenizer.json or spiece.model) through AutoTokenizer."""
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     folder = Path(folder)
+    if kind == "t5":
+        if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()):
+            raise FileNotFoundError(f"no T5 tokenizer in {folder} (expected tokenizer.json or spiece.model)")
+        return AutoTokenizer.from_pretrained(folder)
     has_json = (folder / "tokenizer.json").is_file()
     if not has_json and not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
         raise FileNotFoundError(f"no CLIP tokenizer in {folder} (expected tokenizer.json, or vocab.json and "
@@ -204,7 +250,8 @@ def load_sd_text_encoder(folder: str | Path, verbose: bool = False) -> SDTextEnc
     if cfg.get("type") != "SDTextEncoder":
         raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an SD text encoder")
     config = SDTextConfig(**cfg["config"])
-    tokenizers = [load_tokenizer(folder / f"tokenizer_{i}") for i in range(len(config.encoders))]
+    specs = [s if isinstance(s, CLIPEncoderSpec) else CLIPEncoderSpec(**s) for s in config.encoders]
+    tokenizers = [load_tokenizer(folder / f"tokenizer_{i}", s.kind) for i, s in enumerate(specs)]
     encoder, report = build_sd_text_encoder(config, read_weights(folder), tokenizers)
     if verbose:
         print(report)

@@ -102,13 +102,33 @@ def sample_euler(denoiser, x, sigmas, cond: Cond | None = None, *, generator=Non
     return x
 
 
+def _land_at(sig: list[float], final_sigma: float) -> list[float]:
+    """The grid with its last step ending at ``final_sigma`` instead of 0 (which must lie below sig[-2])."""
+    if final_sigma == 0:
+        return sig
+    if not 0 < final_sigma < sig[-2]:
+        raise ValueError(f"final_sigma must lie in (0, {sig[-2]}) (the last sigma before 0), got {final_sigma}")
+    return [*sig[:-1], final_sigma]
+
+
+def _vp_state(x: Tensor, final_sigma: float) -> Tensor:
+    """x at sigma in VP scale, x / sqrt(1 + sigma^2): what diffusers returns when its last step stops short of 0."""
+    return x if final_sigma == 0 else x / math.sqrt(1 + final_sigma**2)
+
+
 @torch.no_grad()
 def sample_ddim(
-    denoiser, x, sigmas, cond: Cond | None = None, *, eta: float = 0.0, generator=None, callback=None
+    denoiser, x, sigmas, cond: Cond | None = None, *, eta: float = 0.0, final_sigma: float = 0.0, generator=None,
+    callback=None,
 ) -> Tensor:
-    """DDIM, Song et al. 2021: x' = x0_hat + sigma_down * eps_hat + sigma_up * noise; eta = 0 is deterministic."""
+    """DDIM, Song et al. 2021: x' = x0_hat + sigma_down * eps_hat + sigma_up * noise; eta = 0 is deterministic.
+
+    ``final_sigma`` > 0: the last step lands at that sigma instead of 0 and the VP state
+    x / sqrt(1 + final_sigma^2) is returned, as diffusers' DDIMScheduler(set_alpha_to_one=False) and
+    CompVis' DDIM do: their last step goes to alphas_cumprod[0], i.e. ``vp_sigma_table(alphas_cumprod)[0]``.
+    """
     _check_eta(eta, 1.0)
-    sig = _prepare(x, sigmas)
+    sig = _land_at(_prepare(x, sigmas), final_sigma)
     x, start = _start_from_noise(denoiser, x, sig, cond, callback)
     for i in range(start, len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -120,7 +140,47 @@ def sample_ddim(
         x = denoised + sigma_down * eps
         if sigma_up > 0:
             x = x + sigma_up * _noise(x, generator)
-    return x
+    return _vp_state(x, final_sigma)
+
+
+@torch.no_grad()
+def sample_plms(
+    denoiser, x, sigmas, cond: Cond | None = None, *, final_sigma: float = 0.0, generator=None, callback=None
+) -> Tensor:
+    """Pseudo linear multistep (PLMS), Liu et al. 2022, as diffusers' PNDMScheduler(skip_prk_steps=True).
+
+    Each step is the DDIM (Euler) step x' = x + (sigma' - sigma) * e with e an Adams-Bashforth
+    combination of the last eps_hat = (x - D) / sigma; the first step is a 2nd-order predictor-corrector
+    (eps at x and at the Euler prediction, averaged), so n steps take n + 1 evaluations (n for n = 1).
+    ``final_sigma``: as for ``sample_ddim`` (PNDMScheduler's set_alpha_to_one=False, its default).
+    The multistep combination is of eps estimates, as in Stability's PLMS; diffusers combines the raw
+    network outputs, which is the same for eps-prediction models and differs for v-prediction ones.
+    """
+    sig = _land_at(_prepare(x, sigmas), final_sigma)
+    x, start = _start_from_noise(denoiser, x, sig, cond, callback)
+    history: list[Tensor] = []  # eps_hat at the previous steps' states, oldest first
+    for i in range(start, len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = denoiser(x, _sigma_batch(x, s), cond)
+        _report(callback, i, x, s, denoised)
+        eps = (x - denoised) / s
+        if not history and i < len(sig) - 2:
+            # First step: Euler prediction, eps there, and the average of both (the corrector).
+            x_pred = x + (s_next - s) * eps
+            eps_pred = (x_pred - denoiser(x_pred, _sigma_batch(x, s_next), cond)) / s_next
+            e = (eps + eps_pred) / 2
+        elif len(history) == 1:  # Adams-Bashforth orders 2, 3, 4 as history grows
+            e = (3 * eps - history[-1]) / 2
+        elif len(history) == 2:
+            e = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+        elif len(history) >= 3:
+            e = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        else:  # a single step: plain DDIM
+            e = eps
+        history = [*history[-2:], eps]
+        # DDIM step with the combined eps.
+        x = x + (s_next - s) * e
+    return _vp_state(x, final_sigma)
 
 
 @torch.no_grad()
@@ -409,6 +469,7 @@ _CANONICAL = {
     "euler_ancestral": (sample_euler_ancestral, "default"),
     "heun": (sample_heun, "karras"),
     "ddim": (sample_ddim, "default"),
+    "plms": (sample_plms, "default"),
     "ddpm": (sample_ddpm, "default"),
     "dpmpp_2m": (sample_dpmpp_2m, "karras"),
     "dpmpp_2m_sde": (sample_dpmpp_2m_sde, "karras"),
@@ -459,6 +520,8 @@ _ALIASES = {
     "EulerAncestralDiscreteScheduler": ("euler_ancestral", "default"),
     "HeunDiscreteScheduler": ("heun", "default"),
     "DDIMScheduler": ("ddim", "default"),
+    "PNDMScheduler": ("plms", "default"),
+    "PLMS": ("plms", "default"),
     "DDPMScheduler": ("ddpm", "default"),
     "DPMSolverMultistepScheduler": ("dpmpp_2m", "default"),
     "UniPCMultistepScheduler": ("unipc", "default"),
@@ -488,6 +551,8 @@ def get_sampler(name: str):
 # network evaluations (NFE) per sampler
 
 _TWO_EVALUATIONS = (sample_heun, sample_dpmpp_2s_ancestral)  # a second evaluation inside each step
+_ONE_EXTRA = (sample_plms,)  # one more evaluation in the first step
+FINAL_SIGMA_SAMPLERS = (sample_ddim, sample_plms)  # take final_sigma (diffusers' set_alpha_to_one=False)
 
 
 def _sampler_fn(sampler):
@@ -506,9 +571,11 @@ def count_evaluations(sampler, sigmas) -> int:
     """Network evaluations a sampler makes on a grid, counting the exact first step from sigma = inf."""
     sig = check_sigmas(sigmas).tolist()
     steps = len(sig) - 1
+    start = 1 if math.isinf(sig[0]) else 0  # _start_from_noise: one evaluation
+    if _sampler_fn(sampler) in _ONE_EXTRA:  # PLMS: the corrector of its first step, when a step follows
+        return steps + (1 if steps - start >= 2 else 0)
     if evaluations_per_step(sampler) == 1:
         return steps
-    start = 1 if math.isinf(sig[0]) else 0  # _start_from_noise: one evaluation
     return start + max(0, 2 * (steps - start) - 1)
 
 
@@ -516,6 +583,11 @@ def steps_for_evaluations(sampler, nfe: int) -> int:
     """Steps of a grid with a finite sigmas[0] that use exactly nfe evaluations; a ValueError if none does."""
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"number of network evaluations must be an integer >= 1, got {nfe!r}")
+    if _sampler_fn(sampler) in _ONE_EXTRA:
+        if nfe == 2:
+            raise ValueError("plms makes 1 evaluation for 1 step and steps + 1 for more; 2 is not possible: use "
+                             "1 (1 step) or 3 (2 steps)")
+        return 1 if nfe == 1 else nfe - 1
     if evaluations_per_step(sampler) == 1:
         return nfe
     if nfe % 2 == 0:

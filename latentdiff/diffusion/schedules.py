@@ -211,6 +211,24 @@ def flow_sigmas(n: int, shift: float = 1.0) -> Tensor:
     return sigmas
 
 
+def flow_match_sigmas(n: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
+    """The default grid of diffusers' FlowMatchEulerDiscreteScheduler (SD3's pipelines): n times t evenly from 1
+    to the shifted 1 / T, each shifted (again) by t' = s t / (1 + (s - 1) t), then 0; sigma = t / (1 - t).
+
+    Unlike ``flow_sigmas`` it never reaches t = 0 before the final step, and its shift applies twice to the
+    lower end; reproduced because SD3 checkpoints were tuned and compared on it.
+    """
+    _check_n(n)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+
+    def shifted(t):
+        return shift * t / (1 + (shift - 1) * t)
+
+    t = shifted(torch.linspace(1.0, shifted(1.0 / num_train_timesteps), n, dtype=torch.float64))
+    return _flow_t_grid(_append_zero(t))
+
+
 def flux_mu(
     image_seq_len: int,
     base_seq_len: int = 256,
@@ -297,6 +315,10 @@ def _grid_flow(n, param, shift=1.0):
     return flow_sigmas(n, shift)
 
 
+def _grid_flow_match(n, param, shift=1.0):
+    return flow_match_sigmas(n, shift)
+
+
 def _grid_lcm(n, param, original_steps=50):
     return lcm_sigmas(_needs_table("lcm", param), n, original_steps)
 
@@ -309,6 +331,7 @@ GRIDS = {
     "leading": _grid_spacing("leading"),
     "linspace": _grid_spacing("linspace"),
     "flow": _grid_flow,
+    "flow_match": _grid_flow_match,  # diffusers' FlowMatchEulerDiscreteScheduler default (SD3)
     "lcm": _grid_lcm,
 }
 

@@ -27,6 +27,7 @@ from latentdiff.conditioning.clip import SDTextEncoder
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.io import LoadReport, atomic_folder, load_state_strict
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from latentdiff.models.families import FAMILIES
 from latentdiff.models.unet import UNet, UNetConfig
 
 
@@ -38,6 +39,9 @@ class SamplerHint:
     schedule: str = "leading"  # a schedules.GRIDS name
     steps_offset: int = 0  # diffusers' steps_offset (added to 'leading' timesteps)
     vp_init: bool = False  # start from noise * sqrt(1 + sigma_max^2) as diffusers' VP schedulers do
+    final_sigma: float = 0.0  # DDIM / PLMS end here, not at 0 (set_alpha_to_one=False: sigma of timestep 0)
+    note: str = ""  # what of the scheduler config is not reproduced, said in the load report
+    flow_shift: float = 1.0  # flow models: the shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
 
 @dataclass
@@ -55,10 +59,18 @@ class SDModel:
     notes: list[str] = field(default_factory=list)  # what was detected, dropped or assumed
 
     def summary(self) -> str:
+        betas = f"{self.spec.schedule.betas} betas" if self.spec.parameterization in ("eps", "v", "x0") else \
+            f"{self.spec.network}"
         lines = [f"detected {self.family}: {self.spec.parameterization}-prediction, "
-                 f"{self.spec.schedule.betas} betas; scheduler -> sampler {self.hint.sampler!r}, "
+                 f"{betas}; scheduler -> sampler {self.hint.sampler!r}, "
                  f"schedule {self.hint.schedule!r}" + (f" (steps_offset {self.hint.steps_offset})"
                                                        if self.hint.steps_offset else "")]
+        if self.hint.final_sigma:
+            lines.append(f"ddim / plms end at sigma {self.hint.final_sigma:.4g} (set_alpha_to_one=False: the last "
+                         "step goes to alphas_cumprod[0]), as diffusers' scheduler does")
+        if self.hint.flow_shift != 1.0:
+            lines.append(f"flow grids ('flow', 'flow_match') shifted by {self.hint.flow_shift:g}")
+        lines += [self.hint.note] if self.hint.note else []
         lines += [str(r) for r in self.reports] + self.notes
         return "\n".join(lines)
 
@@ -77,13 +89,18 @@ def check_materialized(module: nn.Module, name: str) -> None:
         raise ValueError(f"{name}: {len(unset)} tensors were left unset by the load, e.g. {unset[:3]}")
 
 
+def build_network(cls: type[nn.Module], cfg, state: dict[str, Tensor], name: str) -> tuple[nn.Module, LoadReport]:
+    """Build a network on the meta device and assign the weights: strict, no second copy."""
+    with torch.device("meta"):
+        net = cls(cfg)
+    report = load_state_strict(net, state, name, assign=True)
+    check_materialized(net, name)
+    return net, report
+
+
 def build_unet(cfg: UNetConfig, state: dict[str, Tensor], name: str = "unet") -> tuple[UNet, LoadReport]:
     """Build the U-Net on the meta device and assign the weights: strict, no second copy."""
-    with torch.device("meta"):
-        unet = UNet(cfg)
-    report = load_state_strict(unet, state, name, assign=True)
-    check_materialized(unet, name)
-    return unet, report
+    return build_network(UNet, cfg, state, name)
 
 
 def build_autoencoder(cfg: AutoencoderConfig, state: dict[str, Tensor], name: str = "vae"):
@@ -96,8 +113,21 @@ def build_autoencoder(cfg: AutoencoderConfig, state: dict[str, Tensor], name: st
 
 
 def make_denoiser(spec: DenoiserSpec, state: dict[str, Tensor]) -> tuple[Denoiser, LoadReport]:
-    unet, report = build_unet(spec.unet, state)
-    return Denoiser(unet, build_parameterization(spec)).eval(), report
+    """The spec's network (U-Net, DiT or MMDiT) built strictly from ``state``, wrapped as a Denoiser."""
+    network_class, _ = FAMILIES[spec.network]
+    net, report = build_network(network_class, getattr(spec, spec.network), state, spec.network)
+    return Denoiser(net, build_parameterization(spec)).eval(), report
+
+
+class NoTextEncoder(nn.Module):
+    """Stands in for the text encoder of a checkpoint that carries none; says what to do when asked for one."""
+
+    def __init__(self, why: str):
+        super().__init__()
+        self.why = why
+
+    def forward(self, prompts: list[str]):
+        raise ValueError(self.why)
 
 
 def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model"):
@@ -105,11 +135,14 @@ def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model"):
 
     return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
                     default_size=model.sample_size, steps_offset=model.hint.steps_offset,
-                    vp_init=model.hint.vp_init)
+                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
+                    flow_shift=model.hint.flow_shift)
 
 
 def save_latentdiff(model: SDModel, folder: str | Path) -> None:
     """Write an SDModel as a latentdiff model folder (atomically: all of it or nothing)."""
+    if isinstance(model.text_encoder, NoTextEncoder):
+        raise ValueError(f"cannot write a model folder without a text encoder: {model.text_encoder.why}")  # noqa: TRY004
     with atomic_folder(folder) as tmp:
         save_autoencoder(tmp / "autoencoder", model.autoencoder)
         save_denoiser(tmp / "denoiser", model.denoiser, model.spec)

@@ -15,7 +15,9 @@ from latentdiff.components import load_autoencoder, load_denoiser, load_text_enc
 from latentdiff.conditioning.clip import SDTextEncoder
 from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff
 from latentdiff.interop.diffusers_folder import (
+    SD3_PIPELINE,
     is_diffusers_folder,
+    mmdit_config_to_diffusers,
     read_diffusers,
     schedule_to_diffusers,
     unet_config_to_diffusers,
@@ -53,26 +55,68 @@ def open_any(src: str | Path, **kw) -> SDModel:
 
 
 def _write_text_encoders(tmp: Path, encoder: SDTextEncoder) -> list[tuple[str, str, str]]:
-    """text_encoder[_2]/ and tokenizer[_2]/ in transformers' layout; returns model_index entries."""
+    """text_encoder[_2, _3]/ and tokenizer[_2, _3]/ in transformers' layout; returns model_index entries."""
     state = encoder.canonical_state_dict()
     entries = []
     for i, (spec, tok) in enumerate(zip(encoder.config.encoders, encoder.tokenizers)):
         suffix = "" if i == 0 else f"_{i + 1}"
-        cls = "CLIPTextModelWithProjection" if spec.projection else "CLIPTextModel"
+        if spec.kind == "t5":
+            cls, model_type, tok_cls = "T5EncoderModel", "t5", type(tok).__name__
+        else:
+            cls = "CLIPTextModelWithProjection" if spec.projection else "CLIPTextModel"
+            model_type, tok_cls = "clip_text_model", "CLIPTokenizer"
         prefix = f"encoders.{i}."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         write_safetensors(tmp / f"text_encoder{suffix}" / "model.safetensors", weights, metadata={"format": "pt"})
-        hf = {**spec.hf_config, "architectures": [cls], "model_type": "clip_text_model"}
+        hf = {**spec.hf_config, "architectures": [cls], "model_type": model_type}
         write_json(tmp / f"text_encoder{suffix}" / "config.json", hf)
         tok.save_pretrained(tmp / f"tokenizer{suffix}")
-        entries += [(f"text_encoder{suffix}", "transformers", cls), (f"tokenizer{suffix}", "transformers",
-                                                                       "CLIPTokenizer")]
+        entries += [(f"text_encoder{suffix}", "transformers", cls), (f"tokenizer{suffix}", "transformers", tok_cls)]
     return entries
+
+
+def _save_sd3_diffusers(model: SDModel, folder: str | Path) -> list[str]:
+    """An SD3 SDModel as a StableDiffusion3Pipeline folder (transformer/, vae/, CLIP-L/G [+ T5], scheduler/)."""
+    text = model.text_encoder
+    if not isinstance(text, SDTextEncoder):
+        raise ValueError(f"a {model.family} model without its text encoders has no diffusers pipeline form; "  # noqa: TRY004
+                         "write a latentdiff folder instead (--format latentdiff)")
+    hint = model.hint
+    if hint.schedule != "flow_match":
+        raise ValueError(f"an SD3 model sampled on the {hint.schedule!r} grid has no FlowMatchEulerDiscreteScheduler "
+                         "counterpart")
+    notes = []
+    with atomic_folder(folder) as tmp:
+        write_json(tmp / "transformer" / "config.json", mmdit_config_to_diffusers(model.spec.mmdit))
+        write_safetensors(tmp / "transformer" / "diffusion_pytorch_model.safetensors",
+                          model.denoiser.network.state_dict(), metadata={"format": "pt"})
+        write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(model.autoencoder.config))
+        write_safetensors(tmp / "vae" / "diffusion_pytorch_model.safetensors", model.autoencoder.state_dict(),
+                          metadata={"format": "pt"})
+        write_json(tmp / "scheduler" / "scheduler_config.json",
+                   {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                    "shift": hint.flow_shift})
+        index = {"_class_name": SD3_PIPELINE, "_diffusers_version": "0.30.0",
+                 "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+                 "image_encoder": [None, None], "feature_extractor": [None, None]}
+        for name, lib, cls in _write_text_encoders(tmp, text):
+            index[name] = [lib, cls]
+        if index["text_encoder_3"][0] is None:
+            notes.append("no T5: written without text_encoder_3 (open it with text_encoder_3=None, tokenizer_3=None)")
+        write_json(tmp / "model_index.json", index)
+    return notes
 
 
 def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
     """Write an SDModel as a diffusers pipeline folder; returns notes on what could not be carried over."""
     notes = []
+    if model.spec.network == "mmdit":
+        return _save_sd3_diffusers(model, folder)
+    if model.spec.network != "unet":
+        raise ValueError(f"writing a {model.family} ({model.spec.network}) model as a diffusers folder is not "
+                         "supported yet; write a latentdiff folder instead (--format latentdiff)")
     text = model.text_encoder
     sdxl = isinstance(text, SDTextEncoder) and len(text.config.encoders) == 2
     unet_cfg = unet_config_to_diffusers(model.spec.unet, model.sample_size // model.autoencoder.factor)

@@ -3,7 +3,9 @@
 A diffusers folder is ``model_index.json`` (``_class_name`` plus ``component: [library, class]``) and one
 folder per component: ``unet/`` and ``vae/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``),
 ``text_encoder[_2]/`` (transformers ``config.json`` + ``model.safetensors``), ``tokenizer[_2]/`` and
-``scheduler/scheduler_config.json``. Our U-Net and autoencoder carry diffusers' parameter names, so
+``scheduler/scheduler_config.json``; SD 3 folders (``StableDiffusion3Pipeline``) have ``transformer/``
+instead of ``unet/``, two CLIP encoders with projections and a T5 encoder (``text_encoder_3``; when it is
+absent, zeros stand in, as in diffusers). Our U-Net, MMDiT and autoencoder carry diffusers' parameter names, so
 only the configs need translating; each translation refuses settings our models do not implement,
 naming the key, rather than building a model that would compute something else.
 """
@@ -18,13 +20,15 @@ from torch import Tensor
 
 from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
+from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline"}
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", SD3_PIPELINE}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETAS = {  # diffusers beta_schedule -> (our name, the (beta_start, beta_end) our schedule function uses)
     "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
@@ -35,7 +39,7 @@ SCHEDULER_SAMPLERS = {  # diffusers scheduler class -> our sampler
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
     "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm",
-    "PNDMScheduler": "euler",  # PNDM (PLMS) has no counterpart here; Euler on the same grid is the nearest
+    "PNDMScheduler": "plms",  # PLMS; the Runge-Kutta warm-up of skip_prk_steps=False is not reproduced
 }
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin")
@@ -211,8 +215,8 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
     """Scheduler config -> (parameterization, noise schedule, sampler hint)."""
     cls = d.get("_class_name", "")
     if cls == "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"{where}: a flow-matching scheduler (SD3 / Flux) belongs to an MMDiT model, which "
-                         "this loader does not read yet")
+        raise ValueError(f"{where}: a flow-matching scheduler belongs to a flow model (SD3 folders load as "
+                         "StableDiffusion3Pipeline), not to a U-Net pipeline")
     if d.get("trained_betas") is not None:
         raise ValueError(f"{where}: explicit trained_betas are not supported")
     pred = d.get("prediction_type", "epsilon")
@@ -237,8 +241,34 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
     euler_family = cls in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
     hint = SamplerHint(sampler=SCHEDULER_SAMPLERS.get(cls, "euler"), schedule=spacing,
                        steps_offset=int(d.get("steps_offset", 0)),
-                       vp_init=not euler_family or spacing == "leading")
+                       vp_init=not euler_family or spacing == "leading",
+                       final_sigma=_final_sigma(cls, d, schedule), note=_scheduler_note(cls, d))
     return PREDICTIONS[pred], schedule, hint
+
+
+def _final_sigma(cls: str, d: dict, schedule: NoiseSchedule) -> float:
+    """Where DDIM / PNDM end: 0 with set_alpha_to_one (their final alpha 1), else the sigma of timestep 0."""
+    if cls not in ("DDIMScheduler", "PNDMScheduler"):
+        return 0.0
+    if d.get("set_alpha_to_one", cls == "DDIMScheduler"):  # diffusers' defaults: DDIM True, PNDM False
+        return 0.0
+    return float(vp_sigma_table(schedule.alphas_cumprod())[0])
+
+
+def _scheduler_note(cls: str, d: dict) -> str:
+    """Settings of the scheduler config that our samplers do not reproduce, named (empty if none)."""
+    notes = []
+    if cls == "PNDMScheduler" and not d.get("skip_prk_steps", False):
+        notes.append("PNDMScheduler with skip_prk_steps=False: its Runge-Kutta warm-up steps are replaced by "
+                     "PLMS's predictor-corrector first step (sampler 'plms'), so images differ from diffusers'")
+    if cls == "PNDMScheduler" and d.get("prediction_type") == "v_prediction":
+        notes.append("PNDMScheduler with v_prediction: diffusers averages the raw v outputs across steps, our 'plms' "
+                     "averages eps estimates (as Stability's PLMS does), so images differ slightly")
+    if cls in ("DDIMScheduler", "DDPMScheduler") and d.get("clip_sample", True):
+        notes.append(f"{cls} with clip_sample=True: x0 is not clipped to [-1, 1] here")
+    if d.get("thresholding"):
+        notes.append(f"{cls} with thresholding=True: dynamic thresholding is not applied by default")
+    return "; ".join(notes)
 
 
 def schedule_to_diffusers(spec: DenoiserSpec, hint: SamplerHint) -> dict:
@@ -276,9 +306,11 @@ def _component_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -> tuple[SDTextConfig, dict, list]:
-    """The pipeline's CLIP text encoder(s) as one SDTextEncoder config + state + tokenizers."""
+    """The pipeline's CLIP text encoder(s) as one SDTextEncoder config + state + tokenizers.
+
+    ``unet_cfg`` is the denoiser's diffusers config (SD3: the transformer's, for its joint width)."""
     cls = index["_class_name"]
-    names = ["text_encoder"] + (["text_encoder_2"] if cls == "StableDiffusionXLPipeline" else [])
+    names = ["text_encoder"] + (["text_encoder_2"] if cls in ("StableDiffusionXLPipeline", SD3_PIPELINE) else [])
     specs, state, tokenizers = [], {}, []
     for i, name in enumerate(names):
         entry = index.get(name)
@@ -286,7 +318,8 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
             raise ValueError(f"{folder}/model_index.json: {name} is {entry!r}; only CLIP text encoders are supported")
         hf = _read_json(folder / name / "config.json")
         projection = entry[1] == "CLIPTextModelWithProjection"
-        # SD 1.x / 2.x: the final-normed last state; SDXL: penultimate states, pooled from the second.
+        # SD 1.x / 2.x: the final-normed last state; SDXL: penultimate states, pooled from the second; SD3:
+        # penultimate states, pooled from both.
         specs.append(CLIPEncoderSpec(hf_config=hf, layer="penultimate" if len(names) == 2 else "last",
                                      projection=projection and len(names) == 2))
         weights = _component_weights(folder / name)
@@ -297,10 +330,23 @@ def _text_encoders(folder: Path, index: dict, unet_cfg: dict, image_size: int) -
         tok = "tokenizer" if i == 0 else "tokenizer_2"
         tokenizers.append(load_tokenizer(folder / tok))
     time_dim = (unet_cfg.get("addition_time_embed_dim") or 0) if cls == "StableDiffusionXLPipeline" else 0
+    sd3 = cls == SD3_PIPELINE  # the CLIP context padded to the joint width, then 256 T5 tokens (or zeros)
+    t5 = index.get("text_encoder_3") or [None, None]
+    if sd3 and t5[1] is not None:
+        if t5[1] != "T5EncoderModel":
+            raise ValueError(f"{folder}/model_index.json: text_encoder_3 is {t5!r}; only T5EncoderModel is supported")
+        weights = _component_weights(folder / "text_encoder_3")
+        state.update({f"encoders.{len(specs)}.{k}": v for k, v in weights.items()})
+        specs.append(CLIPEncoderSpec(hf_config=_read_json(folder / "text_encoder_3" / "config.json"), kind="t5",
+                                     max_length=256))  # diffusers' SD3 max_sequence_length
+        tokenizers.append(load_tokenizer(folder / "tokenizer_3", "t5"))
     config = SDTextConfig(encoders=specs, max_length=tokenizers[0].model_max_length if
                           tokenizers[0].model_max_length < 10_000 else 77,
                           time_embed_dim=time_dim, image_size=(image_size, image_size),
-                          zero_empty_prompt=len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))
+                          zero_empty_prompt=cls == "StableDiffusionXLPipeline" and
+                          index.get("force_zeros_for_empty_prompt", True),
+                          context_width=unet_cfg.get("joint_attention_dim", 4096) if sd3 else 0,
+                          zero_tokens=256 if sd3 else 0)
     return config, state, tokenizers
 
 
@@ -311,6 +357,8 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise ValueError(f"{folder} is a diffusers {cls!r}; supported pipelines: {sorted(PIPELINES)}")
+    if cls == SD3_PIPELINE:
+        return _read_sd3(folder, index, dtype)
     unet_d = _read_json(folder / "unet" / "config.json")
     vae_d = _read_json(folder / "vae" / "config.json")
     sched_d = _read_json(folder / "scheduler" / "scheduler_config.json")
@@ -336,3 +384,60 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size=sample_size,
                    reports=[unet_report, vae_report, text_report])
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 3 / 3.5 folders
+
+
+def flow_hint_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.json") -> SamplerHint:
+    """FlowMatchEulerDiscreteScheduler config -> Euler on the 'flow_match' grid with its shift; what is not
+    reproduced is named in the hint's note."""
+    if d.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"{where}: an SD3 pipeline with a {d.get('_class_name')!r} is not supported "
+                         "(expected FlowMatchEulerDiscreteScheduler)")
+    defaults = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
+                "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "stochastic_sampling": False}
+    changed = [f"{k}={d[k]!r}" for k, v in defaults.items() if d.get(k, v) != v]
+    note = (f"FlowMatchEulerDiscreteScheduler settings not reproduced: {', '.join(changed)} (latentdiff samples "
+            "euler on the shifted 'flow_match' grid)") if changed else ""
+    if d.get("num_train_timesteps", 1000) != 1000:
+        raise ValueError(f"{where}: num_train_timesteps {d['num_train_timesteps']} is not supported (1000)")
+    return SamplerHint(sampler="euler", schedule="flow_match", flow_shift=float(d.get("shift", 1.0)), note=note)
+
+
+def mmdit_config_to_diffusers(cfg) -> dict:
+    """MMDiTConfig -> diffusers SD3Transformer2DModel config (the inverse of mmdit.config_from_diffusers)."""
+    if cfg.mlp_ratio != 4.0:
+        raise ValueError(f"an MMDiT with mlp_ratio {cfg.mlp_ratio} has no SD3Transformer2DModel counterpart (4.0)")
+    return {
+        "_class_name": "SD3Transformer2DModel", "sample_size": cfg.sample_size, "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "num_layers": cfg.depth,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim, "caption_projection_dim": cfg.hidden_size,
+        "pooled_projection_dim": cfg.vector_dim, "pos_embed_max_size": cfg.pos_embed_max_size,
+        "qk_norm": "rms_norm" if cfg.qk_norm else None, "dual_attention_layers": [],
+    }
+
+
+def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
+    """A StableDiffusion3Pipeline folder: MMDiT transformer, 16-channel VAE, CLIP-L/G and T5 (if present)."""
+    from latentdiff.models.mmdit import config_from_diffusers as mmdit_config_from_diffusers
+
+    tr_d = _read_json(folder / "transformer" / "config.json")
+    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
+    hint = flow_hint_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"),
+                                    f"{folder}/scheduler/scheduler_config.json")
+    spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_config_from_diffusers(tr_d))
+    sample_size = spec.mmdit.sample_size * vae_cfg.factor
+    text_cfg, text_state, tokenizers = _text_encoders(folder, index, tr_d, sample_size)
+    notes = []
+    if (index.get("text_encoder_3") or [None, None])[1] is None:
+        notes.append("no text_encoder_3 (T5): its 256 tokens are zeros, as in diffusers' SD3 pipeline without it")
+    denoiser, report = make_denoiser(spec, as_dtype(_component_weights(folder / "transformer"), dtype))
+    vae, vae_report = build_autoencoder(vae_cfg, as_dtype(_component_weights(folder / "vae"), dtype))
+    text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
+    family = "sd35" if spec.mmdit.qk_norm else "sd3"
+    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
+                   sample_size=sample_size, reports=[report, vae_report, text_report], notes=notes)

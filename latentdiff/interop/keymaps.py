@@ -9,7 +9,9 @@ one original tensor to one or more of ours, with a named transform:
   (the VAE's mid-block attention q/k/v/proj_out);
 - ``transpose``: a matrix stored transposed (OpenCLIP's ``text_projection``, applied as ``x @ P``);
 - ``split3``: a fused (3C, ...) tensor in the original, three (C, ...) tensors in ours (OpenCLIP's
-  ``in_proj_weight`` -> q/k/v).
+  ``in_proj_weight`` -> q/k/v, SD3's ``attn.qkv``);
+- ``swap_halves``: the two halves of the first dim exchanged (SD3's final adaLN linear gives
+  (shift, scale), diffusers' AdaLayerNormContinuous and ours read (scale, shift)); its own inverse.
 
 Tables are generated from a model config (the number of blocks depends on it) by one function per
 model family: ``unet_rules``, ``vae_rules``, ``clip_rules``, ``openclip_rules``. A new family (SD3's
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from latentdiff.models.autoencoder import AutoencoderConfig
+from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
 
-TRANSFORMS = ("copy", "conv1x1", "transpose", "split3")
+TRANSFORMS = ("copy", "conv1x1", "transpose", "split3", "swap_halves")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class KeyMap:
                 out[self.ours_prefix + r.ours[0]] = t.reshape(t.shape[0], t.shape[1]) if t.ndim == 4 else t
             elif r.transform == "transpose":
                 out[self.ours_prefix + r.ours[0]] = t.T.contiguous()
+            elif r.transform == "swap_halves":
+                out[self.ours_prefix + r.ours[0]] = _swap_halves(t, key)
             else:  # split3
                 if t.shape[0] % 3:
                     raise ValueError(f"{key} has shape {tuple(t.shape)}: a fused q/k/v needs a first dim divisible by 3")
@@ -102,11 +108,19 @@ class KeyMap:
                 out[key] = t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
             elif r.transform == "transpose":
                 out[key] = t.T.contiguous()
+            elif r.transform == "swap_halves":
+                out[key] = _swap_halves(t, keys[0])
             else:  # split3
-                import torch
-
                 out[key] = torch.cat([state[k] for k in keys], dim=0)
         return out, absent
+
+
+def _swap_halves(t: Tensor, key: str) -> Tensor:
+    """(a, b) halves of the first dim -> (b, a)."""
+    if t.shape[0] % 2:
+        raise ValueError(f"{key} has shape {tuple(t.shape)}: swapping halves needs an even first dim")
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
 
 
 def _params(original: str, ours: str, names=("weight", "bias"), transform: str = "copy") -> list[Rule]:
@@ -276,6 +290,19 @@ def clip_rules(num_layers: int, projection: bool = False) -> list[Rule]:
     return [Rule(n, (n,)) for n in names]
 
 
+def t5_rules(num_layers: int, gated: bool) -> list[Rule]:
+    """transformers' T5EncoderModel under another prefix (SD3's ``text_encoders.t5xxl.transformer.``): names
+    identical. ``encoder.embed_tokens.weight`` is tied to ``shared.weight`` and is not in the table."""
+    names = ["shared.weight", "encoder.final_layer_norm.weight",
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    ff = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
+    for i in range(num_layers):
+        b = f"encoder.block.{i}.layer"
+        names += [f"{b}.0.SelfAttention.{m}.weight" for m in "qkvo"] + [f"{b}.0.layer_norm.weight"]
+        names += [f"{b}.1.DenseReluDense.{m}.weight" for m in ff] + [f"{b}.1.layer_norm.weight"]
+    return [Rule(n, (n,)) for n in names]
+
+
 def openclip_rules(num_layers: int, projection: bool) -> list[Rule]:
     """OpenCLIP's text tower (``transformer.resblocks.*``, fused in_proj) <-> transformers' CLIP text model."""
     rules = [
@@ -309,3 +336,59 @@ def openclip_ignored(num_layers: int, total_layers: int, projection: bool) -> di
         ignored["text_projection"] = "the pooled projection is not used for conditioning in this family"
     ignored["logit_scale"] = "CLIP's contrastive temperature, not used for conditioning"
     return ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# MMDiT: Stability's SD3 reference (sd3_impls / mmdit.py) <-> diffusers SD3Transformer2DModel
+
+
+def _mmdit_stream(original: str, ours: dict[str, str], context_pre_only: bool, qk_norm: bool) -> list[Rule]:
+    """One stream of a joint block: ``x_block`` (image) or ``context_block`` (text).
+
+    ``ours`` names this stream's modules: attn q/k/v (three names), the attention output, its norms,
+    the adaLN linear and the MLP. A context-pre-only block keeps only q/k/v and a two-way adaLN.
+    """
+    rules = [Rule(f"{original}.attn.qkv.{n}", tuple(f"{q}.{n}" for q in ours["qkv"]), "split3")
+             for n in ("weight", "bias")]
+    if qk_norm:
+        rules += [Rule(f"{original}.attn.ln_q.weight", (f"{ours['norm_q']}.weight",)),
+                  Rule(f"{original}.attn.ln_k.weight", (f"{ours['norm_k']}.weight",))]
+    # The pre-only text stream's adaLN is AdaLayerNormContinuous-like: (shift, scale) -> (scale, shift).
+    rules += _params(f"{original}.adaLN_modulation.1", ours["ada"], transform="swap_halves" if context_pre_only
+                     else "copy")
+    if not context_pre_only:
+        rules += _params(f"{original}.attn.proj", ours["out"])
+        rules += _params(f"{original}.mlp.fc1", f"{ours['ff']}.net.0.proj") + _params(f"{original}.mlp.fc2",
+                                                                                    f"{ours['ff']}.net.2")
+    return rules
+
+
+def mmdit_rules(cfg: MMDiTConfig) -> list[Rule]:
+    """The SD3 / SD3.5 MMDiT table (original names without ``model.diffusion_model.``).
+
+    The original fuses each stream's q/k/v into one ``attn.qkv`` (split3), calls the image stream
+    ``x_block`` and the text stream ``context_block``, and orders its final adaLN outputs (shift,
+    scale) where ours are (scale, shift) (swap_halves).
+    """
+    rules = [Rule("pos_embed", ("pos_embed.pos_embed",))]
+    rules += _params("x_embedder.proj", "pos_embed.proj")
+    rules += _params("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    rules += _params("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    rules += _params("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    rules += _params("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    rules += _params("context_embedder", "context_embedder")
+    for i in range(cfg.depth):
+        o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == cfg.depth - 1
+        rules += _mmdit_stream(f"{o}.x_block", {
+            "qkv": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"), "norm_q": f"{d}.attn.norm_q",
+            "norm_k": f"{d}.attn.norm_k", "ada": f"{d}.norm1.linear", "out": f"{d}.attn.to_out.0", "ff": f"{d}.ff",
+        }, False, cfg.qk_norm)
+        rules += _mmdit_stream(f"{o}.context_block", {
+            "qkv": (f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"),
+            "norm_q": f"{d}.attn.norm_added_q", "norm_k": f"{d}.attn.norm_added_k",
+            "ada": f"{d}.norm1_context.linear", "out": f"{d}.attn.to_add_out", "ff": f"{d}.ff_context",
+        }, last, cfg.qk_norm)
+    rules += _params("final_layer.linear", "proj_out")
+    rules += _params("final_layer.adaLN_modulation.1", "norm_out.linear", transform="swap_halves")
+    return rules

@@ -1,4 +1,4 @@
-"""Single-file original checkpoints (SD 1.x, SD 2.x, SDXL): detect the family, infer configs, map keys.
+"""Single-file original checkpoints (SD 1.x, SD 2.x, SDXL, SD 3 / 3.5): detect the family, infer configs, map keys.
 
 A single file holds every component under the original prefixes: the U-Net under
 ``model.diffusion_model.``, the autoencoder under ``first_stage_model.``, the text encoder(s) under
@@ -8,10 +8,16 @@ shapes (channels, levels, blocks, depths, context width), and the tables in ``ke
 tensor to our names. What the shapes cannot tell (attention heads, norm groups, SD 2.x's prediction
 type) comes from the family, or from ``overrides``. Every tensor of the file must be used or
 explicitly dropped with a reason, and every tensor of the model must be set.
+
+SD 3 / 3.5 files (Stability's reference layout) hold the MMDiT under ``model.diffusion_model.``
+(``joint_blocks.N.x_block`` / ``context_block``, fused ``attn.qkv``), the 16-channel autoencoder under
+``first_stage_model.`` and, in the ``incl_clips`` variants, CLIP-L and CLIP-G in transformers' layout
+under ``text_encoders.clip_l.transformer.`` / ``text_encoders.clip_g.transformer.``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,30 +27,49 @@ from torch import Tensor
 
 from latentdiff.components import DenoiserSpec, NoiseSchedule
 from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd_text_encoder, load_tokenizer
-from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
+from latentdiff.diffusion.schedules import vp_sigma_table
+from latentdiff.interop.common import (
+    NoTextEncoder,
+    SamplerHint,
+    SDModel,
+    as_dtype,
+    build_autoencoder,
+    make_denoiser,
+)
 from latentdiff.interop.files import read_state_file
 from latentdiff.interop.keymaps import (
     KeyMap,
     clip_rules,
+    mmdit_rules,
     openclip_ignored,
     openclip_rules,
+    t5_rules,
     unet_rules,
     vae_rules,
 )
 from latentdiff.io import LoadReport
+from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
+from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-SUPPORTED = ("sd1", "sd2", "sdxl")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "sd35")
+SD3_FAMILIES = ("sd3", "sd35")  # MMDiT without / with QK RMS-norm (SD 3 medium / SD 3.5 large)
 # The keys that identify each family's text side.
 TEXT_PREFIXES = {
     "sd1": [("hf", "cond_stage_model.transformer.")],
     "sd2": [("openclip", "cond_stage_model.model.")],
     "sdxl": [("hf", "conditioner.embedders.0.transformer."), ("openclip", "conditioner.embedders.1.model.")],
+    "sd3": [("hf", "text_encoders.clip_l.transformer."), ("hf", "text_encoders.clip_g.transformer.")],
 }
-SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the autoencoders' latent scales
+TEXT_PREFIXES["sd35"] = TEXT_PREFIXES["sd3"]
+T5 = "text_encoders.t5xxl.transformer."
+SD3_VAE = AUTOENCODER_PRESETS["sd3"]
+SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025,  # the autoencoders' latent scales (and shifts)
+         "sd3": SD3_VAE.scale_factor, "sd35": SD3_VAE.scale_factor}
+SHIFT = {"sd3": SD3_VAE.shift_factor, "sd35": SD3_VAE.shift_factor}
 # The tensors an original file may carry that no model here uses, with the reason each is dropped.
 DROPPABLE = {
     r"^model_ema\.": "EMA copy kept by the training script (the main weights are the EMA weights in releases)",
@@ -71,9 +96,12 @@ def _has(state: dict, prefix: str) -> bool:
 
 def detect_family(state: dict[str, Tensor]) -> Detection:
     """Which SD family a flat original state dict is, from its keys; refuse the ones not supported."""
-    if _has(state, UNET + "joint_blocks.") or _has(state, "joint_blocks."):
-        raise UnsupportedCheckpoint("detected an SD 3.x (MMDiT) checkpoint; single-file SD3 loading is not "
-                                    "supported yet: use its diffusers folder once MMDiT lands")
+    if _has(state, UNET + "joint_blocks."):
+        return _detect_sd3(state)
+    if _has(state, "joint_blocks."):
+        raise UnsupportedCheckpoint("detected an SD 3.x MMDiT without the 'model.diffusion_model.' prefix (a "
+                                    "transformer-only file); load the full single file, which also holds the "
+                                    "autoencoder under 'first_stage_model.'")
     if _has(state, "double_blocks.") or _has(state, UNET + "double_blocks."):
         raise UnsupportedCheckpoint("detected a Flux checkpoint; Flux is not supported")
     if not _has(state, UNET):
@@ -98,6 +126,19 @@ def detect_family(state: dict[str, Tensor]) -> Detection:
         raise UnsupportedCheckpoint(f"detected {family} with {conv_in.shape[1]} input channels and "
                                     f"{conv_out.shape[0]} output channels (an inpainting / depth / upscale "
                                     "model); only text-to-image models are supported")
+    return Detection(family)
+
+
+def _detect_sd3(state: dict[str, Tensor]) -> Detection:
+    """SD 3 (no QK norm) or SD 3.5 large (QK RMS-norm); SD 3.5 medium's dual attention is refused."""
+    if any(k.startswith(UNET + "joint_blocks.") and ".attn2." in k for k in state):
+        raise UnsupportedCheckpoint("detected SD 3.5 medium (MMDiT-X: a second self-attention 'attn2' in the "
+                                    "first joint blocks); latentdiff's MMDiT does not implement it")
+    family = "sd35" if any(k.startswith(UNET) and ".attn.ln_q." in k for k in state) else "sd3"
+    if not _has(state, VAE):
+        name = {"sd3": "SD 3", "sd35": "SD 3.5 large"}[family]
+        raise UnsupportedCheckpoint(f"detected {name} ({family}, MMDiT) but no autoencoder under '{VAE}'; "
+                                    "a transformer-only file is not supported")
     return Detection(family)
 
 
@@ -162,8 +203,33 @@ def infer_vae_config(state: dict[str, Tensor], family: str, overrides: dict | No
         "latent_channels": state[p + "decoder.conv_in.weight"].shape[1],
         "mid_attention": p + "encoder.mid.attn_1.q.weight" in state,
         "use_quant_conv": p + "quant_conv.weight" in state, "scale_factor": SCALE[family],
+        "shift_factor": SHIFT.get(family, 0.0),
     }
     return _config(AutoencoderConfig, kw, overrides, "vae")
+
+
+def infer_mmdit_config(state: dict[str, Tensor], family: str, overrides: dict | None = None) -> MMDiTConfig:
+    """The MMDiT's config from its tensors' shapes; heads of width 64 and 128x128 latents as in SD 3 / 3.5."""
+    p = UNET
+    proj = state[p + "x_embedder.proj.weight"]  # (D, C, p, p)
+    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    table = state[p + "pos_embed"].shape[1]  # (1, G * G, D)
+    grid = math.isqrt(table)
+    if grid * grid != table:
+        raise UnsupportedCheckpoint(f"{p}pos_embed holds {table} positions, not a square grid")
+    fc1 = state[p + "joint_blocks.0.x_block.mlp.fc1.weight"]  # (mlp_ratio * D, D)
+    kw = {
+        "in_channels": channels, "sample_size": 128, "patch_size": patch, "hidden_size": width,
+        "depth": len(_indices(state, re.escape(p + "joint_blocks.") + r"(\d+)\.")),
+        "num_heads": max(1, width // 64), "context_dim": state[p + "context_embedder.weight"].shape[1],
+        "vector_dim": state[p + "y_embedder.mlp.0.weight"].shape[1], "pos_embed_max_size": grid,
+        "qk_norm": family == "sd35", "mlp_ratio": fc1.shape[0] / width,
+    }
+    out = state[p + "final_layer.linear.weight"].shape[0]
+    if out != patch * patch * channels:
+        raise UnsupportedCheckpoint(f"the MMDiT maps {channels} channels in to {out // (patch * patch)} out; only "
+                                    "text-to-image models (in = out) are supported")
+    return _config(MMDiTConfig, kw, overrides, "mmdit")
 
 
 def _config(cls, inferred: dict, overrides: dict | None, what: str):
@@ -233,17 +299,40 @@ def _text_side(state: dict, family: str, tokenizers: list, overrides: dict
     return config, ours, consumed, absent, notes
 
 
-def _tokenizers(tokenizer: str | Path | None, family: str) -> list:
-    if tokenizer is None:
-        raise ValueError("a single-file checkpoint holds no tokenizer vocabulary: pass tokenizer=FOLDER, a folder "
-                         "with the CLIP tokenizer (vocab.json + merges.txt), or a diffusers SD folder whose "
-                         "tokenizer/ (and tokenizer_2/ for SDXL) are used")
-    folder = Path(tokenizer)
+TOKENIZER_HELP = ("pass the folder with --tokenizer DIR (latentdiff generate / convert) or tokenizer=DIR "
+                  "(latentdiff.load, latentdiff.interop.open_model)")
+
+
+def _tokenizers(tokenizer: str | Path | None, family: str, t5: bool = False) -> list:
+    """The CLIP tokenizer(s) of a single file's text encoder(s), from a folder the user names.
+
+    One encoder (SD 1.x / 2.x): DIR holds the tokenizer itself (vocab.json + merges.txt, or tokenizer.json)
+    or is a diffusers folder with ``tokenizer/``. Two encoders (SDXL, SD3): DIR is a diffusers folder with
+    ``tokenizer/`` and ``tokenizer_2/``; the second pads with '!' rather than the end token, so one
+    tokenizer for both would silently change the second encoder's output. SD3 with T5 also needs
+    ``tokenizer_3/`` (T5's).
+    """
     n = len(TEXT_PREFIXES[family])
-    if (folder / "tokenizer").is_dir():
-        names = ["tokenizer", "tokenizer_2"][:n]
-        return [load_tokenizer(folder / name if (folder / name).is_dir() else folder / "tokenizer") for name in names]
-    return [load_tokenizer(folder) for _ in range(n)]
+    names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if t5 else [])
+    wanted = " and ".join(f"{x}/" for x in names) if n == 2 else "tokenizer/ (or vocab.json + merges.txt itself)"
+    if tokenizer is None:
+        raise ValueError(f"this {family} single file holds text encoder weights but no tokenizer vocabulary: "
+                         f"{TOKENIZER_HELP}, where DIR is the model's diffusers folder (or a copy of its "
+                         f"{wanted})")
+    folder = Path(tokenizer)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist; {TOKENIZER_HELP}")
+    if n == 1:
+        try:
+            return [load_tokenizer(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)]
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; {TOKENIZER_HELP}, where DIR holds {wanted}") from e
+    absent = [name for name in names if not (folder / name).is_dir()]
+    if absent:
+        raise FileNotFoundError(f"{family} has {len(names)} text encoders, each with its own tokenizer: {folder} "
+                                f"lacks {' and '.join(a + '/' for a in absent)}; {TOKENIZER_HELP}, where DIR holds "
+                                f"{wanted} (as a diffusers {family} folder does)")
+    return [load_tokenizer(folder / name, "t5" if name == "tokenizer_3" else "clip") for name in names]
 
 
 def _drop_reason(key: str) -> str | None:
@@ -251,6 +340,22 @@ def _drop_reason(key: str) -> str | None:
         if re.search(pattern, key):
             return why
     return None
+
+
+def _refuse_partial(state: dict[str, Tensor], family: str, consumed: set[str], absent: list[str]) -> list[str]:
+    """Refuse a file with a tensor the tables want but lack, or one no table places and no rule drops;
+    return notes on what was dropped and why."""
+    leftover = sorted(k for k in state if k not in consumed)
+    dropped = {k: _drop_reason(k) for k in leftover}
+    unused = [k for k, why in dropped.items() if why is None]
+    if absent or unused:
+        report = LoadReport(f"{family} single file", matched=len(consumed & set(state)), missing=absent,
+                            unused=unused)
+        raise ValueError(f"refusing a partial load: {report}")
+    reasons: dict[str, int] = {}
+    for why in dropped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return [f"dropped {n} tensors: {why}" for why, n in reasons.items()]
 
 
 def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None, *, family: str | None = None,
@@ -262,7 +367,13 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     if family is not None and family != det.family:
         raise ValueError(f"asked for family {family!r} but the keys say {det.family!r}")
     family = det.family
+    if family in SD3_FAMILIES:
+        if prediction not in (None, "flow"):
+            raise ValueError(f"{family} is a rectified-flow model; prediction {prediction!r} does not apply")
+        return _convert_sd3(state, det, tokenizers, overrides, dtype, tokenizer_path)
     notes = list(det.notes)
+    if tokenizers is None:  # first: what the user must supply, before anything is built
+        tokenizers = _tokenizers(tokenizer_path, family)
     unet_cfg = infer_unet_config(state, family, overrides.get("unet"))
     vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
     if prediction is None:
@@ -279,33 +390,120 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     vae_map = KeyMap(vae_rules(vae_cfg), VAE)
     unet_state, unet_absent, _ = unet_map.to_ours(state)
     vae_state, vae_absent, _ = vae_map.to_ours(state)
-    if tokenizers is None:
-        tokenizers = _tokenizers(tokenizer_path, family)
     text_cfg, text_state, text_keys, text_absent, text_notes = _text_side(state, family, tokenizers, overrides)
     notes += text_notes
     absent = unet_absent + vae_absent + text_absent
     consumed = unet_map.original_keys() | vae_map.original_keys() | text_keys
-    leftover = sorted(k for k in state if k not in consumed)
-    dropped = {k: _drop_reason(k) for k in leftover}
-    unused = [k for k, why in dropped.items() if why is None]
-    if absent or unused:
-        report = LoadReport(f"{family} single file", matched=len(consumed & set(state)), missing=absent,
-                            unused=unused)
-        raise ValueError(f"refusing a partial load: {report}")
-    if dropped:
-        reasons: dict[str, int] = {}
-        for why in dropped.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        notes += [f"dropped {n} tensors: {why}" for why, n in reasons.items()]
+    notes += _refuse_partial(state, family, consumed, absent)
 
     denoiser, unet_report = make_denoiser(spec, as_dtype(unet_state, dtype))
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
     text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
-    # The SD releases' scheduler settings (leading spacing, steps_offset 1, VP-prior start).
-    hint = SamplerHint(sampler="euler", schedule="leading", steps_offset=1, vp_init=True)
+    # The SD releases' scheduler settings (leading spacing, steps_offset 1, VP-prior start); their DDIM / PLMS
+    # (CompVis, and diffusers' PNDMScheduler config) end at alphas_cumprod[0], not 1.
+    hint = SamplerHint(sampler="plms", schedule="leading", steps_offset=1, vp_init=True,
+                       final_sigma=float(vp_sigma_table(spec.schedule.alphas_cumprod())[0]))
     return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
                    sample_size={"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family],
                    reports=[unet_report, vae_report, text_report], notes=notes)
+
+
+def _sd3_text_side(state: dict, family: str, tokenizers: list, overrides: dict, joint_dim: int
+                   ) -> tuple[SDTextConfig, dict[str, Tensor], set[str], list[str]]:
+    """SD3's CLIP-L and CLIP-G (transformers layout, both with projections): config, state, keys used, absent.
+
+    Each contributes its penultimate hidden states (768 + 1280 = 2048 features, zero-padded to the
+    MMDiT's joint width) and its projected pooled output (768 + 1280 = 2048 = cond.vector). The T5
+    tokens that follow the CLIP tokens are 256 zero tokens (diffusers' SD3 pipeline without T5).
+    """
+    specs, ours, consumed, absent = [], {}, set(), []
+    for i, (_, prefix) in enumerate(TEXT_PREFIXES[family]):
+        hf, layers = _clip_hf_config(state, "hf", prefix, None, {})
+        proj = state.get(prefix + "text_projection.weight")
+        hf["projection_dim"] = proj.shape[0] if proj is not None else hf["hidden_size"]
+        hf["hidden_act"] = "quick_gelu" if i == 0 else "gelu"  # OpenAI CLIP-L, OpenCLIP bigG
+        hf.update(overrides.get(f"text_encoder_{i}", {}))
+        km = KeyMap(clip_rules(layers, projection=True), prefix, f"encoders.{i}.")
+        converted, miss, _ = km.to_ours(state)
+        ours.update(converted)
+        absent += miss
+        consumed |= km.original_keys()
+        specs.append(CLIPEncoderSpec(hf, layer="penultimate", projection=True))
+    length = specs[0].hf_config["max_position_embeddings"]  # 77 in the releases
+    if _has(state, T5):
+        hf, gated = _t5_config(state, T5, overrides.get("text_encoder_2", {}))
+        km = KeyMap(t5_rules(hf["num_layers"], gated), T5, f"encoders.{len(specs)}.",
+                    ignored={"encoder.embed_tokens.weight": "T5's input embedding, tied to shared.weight"})
+        converted, miss, dropped = km.to_ours(state)
+        ours.update(converted)
+        absent += miss
+        consumed |= km.original_keys() | set(dropped)
+        specs.append(CLIPEncoderSpec(hf, kind="t5", max_length=256))
+    config = SDTextConfig(encoders=specs, max_length=length, image_size=(1024, 1024), context_width=joint_dim,
+                          zero_tokens=256)
+    return config, ours, consumed, absent
+
+
+def _t5_config(state: dict, prefix: str, overrides: dict) -> tuple[dict, bool]:
+    """transformers T5Config fields read off the shapes of a T5 encoder (SD3's T5-XXL v1.1: gated GELU)."""
+    bias = state[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]  # (buckets, h)
+    q = state[prefix + "encoder.block.0.layer.0.SelfAttention.q.weight"]  # (h * d_kv, d_model)
+    gated = prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+    wi = state[prefix + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    cfg = {"vocab_size": state[prefix + "shared.weight"].shape[0], "d_model": q.shape[1],
+           "d_kv": q.shape[0] // bias.shape[1], "d_ff": wi.shape[0], "num_heads": bias.shape[1],
+           "num_layers": len(_indices(state, re.escape(prefix + "encoder.block.") + r"(\d+)\.")),
+           "relative_attention_num_buckets": bias.shape[0], "relative_attention_max_distance": 128,
+           "feed_forward_proj": "gated-gelu" if gated else "relu", "layer_norm_epsilon": 1e-6,
+           "is_encoder_decoder": False, "use_cache": False}
+    cfg.update(overrides)
+    return cfg, gated
+
+
+def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | None, overrides: dict,
+                 dtype: torch.dtype | None, tokenizer_path) -> SDModel:
+    """An SD 3 / 3.5 original file -> SDModel: MMDiT (flow), 16-channel autoencoder, CLIP-L/G if present."""
+    family, notes = det.family, list(det.notes)
+    has_clips = [_has(state, prefix) for _, prefix in TEXT_PREFIXES[family]]
+    if _has(state, T5) and not all(has_clips):
+        raise ValueError("refusing a partial load: the file holds SD3's T5 encoder but not both CLIP encoders")
+    if all(has_clips) and tokenizers is None:
+        tokenizers = _tokenizers(tokenizer_path, family, t5=_has(state, T5))
+    mmdit_cfg = infer_mmdit_config(state, family, overrides.get("mmdit"))
+    vae_cfg = infer_vae_config(state, family, overrides.get("vae"))
+    spec = DenoiserSpec(network="mmdit", parameterization="flow", mmdit=mmdit_cfg)
+    mmdit_map, vae_map = KeyMap(mmdit_rules(mmdit_cfg), UNET), KeyMap(vae_rules(vae_cfg), VAE)
+    mmdit_state, mmdit_absent, _ = mmdit_map.to_ours(state)
+    vae_state, vae_absent, _ = vae_map.to_ours(state)
+    absent, consumed = mmdit_absent + vae_absent, mmdit_map.original_keys() | vae_map.original_keys()
+    if any(has_clips) and not all(has_clips):
+        raise ValueError(f"refusing a partial load: the file holds only one of SD3's two CLIP text encoders "
+                         f"({', '.join(p for (_, p), h in zip(TEXT_PREFIXES[family], has_clips) if h)})")
+    text_cfg = None
+    if all(has_clips):
+        text_cfg, text_state, text_keys, text_absent = _sd3_text_side(state, family, tokenizers, overrides,
+                                                                      mmdit_cfg.context_dim)
+        absent += text_absent
+        consumed |= text_keys
+    notes += _refuse_partial(state, family, consumed, absent)
+    if all(has_clips) and not _has(state, T5):
+        notes.append("no T5 in the file: its 256 tokens are zeros, as in diffusers' SD3 pipeline without "
+                     "text_encoder_3")
+
+    denoiser, mmdit_report = make_denoiser(spec, as_dtype(mmdit_state, dtype))
+    vae, vae_report = build_autoencoder(vae_cfg, as_dtype(vae_state, dtype))
+    reports = [mmdit_report, vae_report]
+    if text_cfg is not None:
+        text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
+        reports.append(text_report)
+    else:
+        text = NoTextEncoder(f"this {family} file holds no text encoders (text_encoders.clip_l / clip_g); "
+                             "use a file that includes them (the '_incl_clips' releases)")
+        notes.append("no text encoders in the file: the pipeline cannot encode prompts")
+    # SD 3 / 3.5's scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0), its default grid ('flow_match').
+    hint = SamplerHint(sampler="euler", schedule="flow_match", flow_shift=3.0)
+    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
+                   sample_size=mmdit_cfg.sample_size * vae_cfg.factor, reports=reports, notes=notes)
 
 
 def read_single_file(path: str | Path, tokenizer: str | Path | None = None, **kw) -> SDModel:
