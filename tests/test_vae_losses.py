@@ -157,8 +157,8 @@ def test_train_vae_edge_term_and_channels_last_change_nothing_else(tmp_path):
 
     base = ["--preset", "shapes-test", "--set", "image_size=16", "--steps", "2", "--set", "save_every=1",
             "--set", "keep_last=2"]
-    main(["train-vae", "--out", str(tmp_path / "nhwc"), *base])
-    main(["train-vae", "--out", str(tmp_path / "nchw"), *base, "--set", "channels_last=false"])
+    main(["train-vae", "--out", str(tmp_path / "nhwc"), *base, "--set", "channels_last=true"])
+    main(["train-vae", "--out", str(tmp_path / "nchw"), *base])
     main(["train-vae", "--out", str(tmp_path / "edge"), *base, "--set", "edge_weight=1.0"])
     a, b, before = (load_file(str(tmp_path / r / "checkpoints" / f"step_{s:07d}" / "model.safetensors"))
                     for r, s in (("nhwc", 2), ("nchw", 2), ("nchw", 1)))

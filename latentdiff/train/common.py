@@ -62,9 +62,10 @@ class EMA:
 def channels_last(module: nn.Module, enabled: bool, ctx=None) -> nn.Module:
     """Store 4-d (convolution) weights as NHWC, so oneDNN / cuDNN convolutions run in channels-last layout.
 
-    The activations follow the weights' layout from the first convolution on, so inputs need no change. On
-    this project's 2-core CPU it makes a U-Net or autoencoder training step about 1.5x faster (BENCHMARKS.md,
-    "channels-last"). Skipped under FSDP, whose flat shards expect contiguous parameters.
+    The activations follow the weights' layout from the first convolution on, so inputs need no change, and
+    the results are the same to float rounding. On the project's 2-core CPU it neither helps nor hurts
+    (``benchmarks/channels_last.py``, BENCHMARKS.md); NHWC is the layout GPU tensor cores prefer for
+    convolutions in bf16/fp16. Skipped under FSDP, whose flat shards expect contiguous parameters.
     """
     if enabled and not (ctx is not None and ctx.distributed and ctx.strategy == "fsdp"):
         module.to(memory_format=torch.channels_last)

@@ -111,7 +111,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
-    channels_last: bool = True  # NHWC convolutions: 1.5x faster U-Net training on a CPU (BENCHMARKS.md); same results
+    channels_last: bool = False  # NHWC convolution weights (train/common.channels_last); no gain on the 2-core CPU
     cached_text: bool = True  # read a frozen text encoder's embeddings from the cache when it holds them
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     gradient_checkpointing: bool = False  # recompute U-Net block activations in backward (less memory, ~30% slower)

@@ -103,7 +103,7 @@ class VAETrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
-    channels_last: bool = True  # NHWC convolutions: 1.5x faster training on a CPU (BENCHMARKS.md); same results
+    channels_last: bool = False  # NHWC convolution weights (train/common.channels_last); no gain on the 2-core CPU
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
     posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
