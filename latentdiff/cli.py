@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="autoencoder folder, or a model folder holding autoencoder/")
     p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of held-out images")
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
-    p.add_argument("--extractor", default=None, choices=["auto", "shapes", "inception", "dinov2", "none"],
+    p.add_argument("--extractor", default=None, choices=["auto", "shapes", "inception", "inception-tf1", "dinov2", "none"],
                    help="rFID feature space (auto: the shapes net for shapes data, else Inception)")
     p.add_argument("--feature-path", default=None, help="extractor weights: shapes-net folder, Inception .pth, "
                    "or DINOv2 folder")

@@ -61,7 +61,8 @@ def add_commands(sub) -> None:
     _add_config_args(p, EVAL_PRESETS, EvalConfig)
     p.add_argument("--model", default=None, help="model folder")
     p.add_argument("--out", default=None, help="report folder")
-    p.add_argument("--extractor", default=None, choices=["shapes", "inception", "dinov2"], help="feature space")
+    p.add_argument("--extractor", default=None, choices=["shapes", "inception", "inception-tf1", "dinov2"],
+                   help="feature space (inception-tf1: resized as torch-fidelity/torchmetrics do)")
     p.add_argument("--feature-path", default=None, help="extractor weights: shapes-net folder, Inception .pth, "
                    "or DINOv2 folder")
     p.add_argument("--clip", default=None, help="local CLIP folder for CLIP score")

@@ -105,16 +105,20 @@ def cached_features(extractor: FeatureExtractor, key: str, make_images: Callable
 
 
 class InceptionFeatures:
-    """FID Inception-v3 pool features (2048-d) from the standard weight file."""
+    """FID Inception-v3 pool features (2048-d) from the standard weight file.
+
+    ``resize="tf1"`` resizes non-299 images as torch-fidelity / torchmetrics do (TensorFlow 1.x bilinear)
+    instead of pytorch-fid's ``F.interpolate``; it is part of the name, so cached features never mix.
+    """
 
     dim = 2048
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu"):
+    def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", resize: str = "bilinear"):
         from latentdiff.eval.inception import load_fid_inception, weight_candidates
 
-        self.model = load_fid_inception(weights).to(device)
+        self.model = load_fid_inception(weights, resize).to(device)
         path = next(p for p in weight_candidates(weights) if p.is_file())
-        self.name = f"inception-fid-{file_digest(path)}"
+        self.name = f"inception-fid-{file_digest(path)}" + ("" if resize == "bilinear" else f"-{resize}")
         self.device = device
 
     @torch.no_grad()
@@ -170,15 +174,18 @@ class ShapesFeatures:
 
 
 def make_extractor(kind: str, path: str | None = None, device: str = "cpu") -> FeatureExtractor:
-    """An extractor by name: "shapes" (a folder), "inception" (a .pth file or None) or "dinov2" (a folder)."""
+    """An extractor by name: "shapes" (a folder), "inception" (a .pth file or None; "inception-tf1": resized as
+    torch-fidelity / torchmetrics do) or "dinov2" (a folder)."""
     if kind == "shapes":
         from latentdiff.eval.shapes_net import default_path
 
         return ShapesFeatures(path or default_path(), device)
     if kind == "inception":
         return InceptionFeatures(path, device)
+    if kind == "inception-tf1":
+        return InceptionFeatures(path, device, resize="tf1")
     if kind == "dinov2":
         if path is None:
             raise ValueError("the dinov2 extractor needs a local model folder (--feature-path DIR)")
         return DinoV2Features(path, device=device)
-    raise ValueError(f"unknown feature extractor {kind!r}; choose shapes, inception or dinov2")
+    raise ValueError(f"unknown feature extractor {kind!r}; choose shapes, inception, inception-tf1 or dinov2")

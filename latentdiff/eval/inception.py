@@ -3,7 +3,20 @@
 The layer names are torchvision's ``Inception3`` (num_classes=1008, no aux head), so the standard FID
 weight file ``pt_inception-2015-12-05-6726825d.pth`` (the one pytorch-fid, torchmetrics and clean-fid
 use) loads strictly. The FID blocks differ from torchvision's in their pooling branches: average pools
-that ignore padding (TF semantics) and a max pool in the last block.
+that ignore padding (TF semantics) and a max pool in the last block. torch-fidelity's (and so torchmetrics')
+``FeatureExtractorInceptionV3`` uses the same key names, so its ``weights-inception-2015-12-05-6726825d.pth``
+loads as well.
+
+Images of another size are resized to 299x299 bilinearly, in one of two conventions (``resize``):
+
+- ``"bilinear"`` (default): ``F.interpolate(mode="bilinear", align_corners=False)``, half-pixel centres, as
+  pytorch-fid does;
+- ``"tf1"``: TensorFlow 1.x's ``resize_bilinear`` (source coordinate ``dst * in / out``, no half-pixel offset),
+  as torch-fidelity and torchmetrics' FID do.
+
+At 299x299 both are the identity. The features equal torch-fidelity's given the same weights and the same
+input (``tests/test_eval_inception_parity.py``); note torch-fidelity maps uint8 ``u`` to ``(u - 128) / 128``
+while pytorch-fid maps it to ``u / 127.5 - 1``: feed the former to reproduce torch-fidelity/torchmetrics.
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from latentdiff.io import load_state_strict, safe_torch_load
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 WEIGHTS_ENV = "LATENTDIFF_INCEPTION_WEIGHTS"
+TORCH_FIDELITY_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the same graph, torch-fidelity's file
+RESIZE_MODES = ("bilinear", "tf1")
 
 
 class BasicConv2d(nn.Module):
@@ -140,13 +155,56 @@ class FIDInceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
 
 
+def resize_bilinear_tf1(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize as TensorFlow 1.x ``resize_bilinear(align_corners=False)`` computes it.
+
+    Output pixel ``i`` samples the input at ``i * in / out`` (no half-pixel offset, unlike ``F.interpolate``),
+    interpolating between ``floor`` and ``floor + 1`` clamped to the last pixel; no antialiasing when shrinking.
+    This is the resize of the original TF FID code, torch-fidelity and torchmetrics.
+    """
+    h_out, w_out = size
+    x = _lerp_taps(x, _tf1_taps(x.shape[-1], w_out, x.device), dim=-1)  # along rows first, as TF does
+    return _lerp_taps(x, _tf1_taps(x.shape[-2], h_out, x.device), dim=-2)
+
+
+def _tf1_taps(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Low index, high index and weight of the high tap for each output position (float32 coordinates)."""
+    pos = torch.arange(n_out, dtype=torch.float32, device=device) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    lo = pos.floor().long().clamp_max(n_in - 1)
+    return lo, (lo + 1).clamp_max(n_in - 1), pos - lo.float()
+
+
+def _lerp_taps(x: Tensor, taps: tuple[Tensor, Tensor, Tensor], dim: int) -> Tensor:
+    lo, hi, frac = taps
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    a, b = x.index_select(dim, lo), x.index_select(dim, hi)
+    return a + (b - a) * frac.to(x.dtype).view(shape)
+
+
+def resize_to(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resize ``(B, C, H, W)`` to ``size`` in one of :data:`RESIZE_MODES` (see the module docstring)."""
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if mode == "tf1":
+        return resize_bilinear_tf1(x, size)
+    raise ValueError(f"unknown resize {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+
+
 class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3: images in [-1, 1] -> 2048-d pool features (``forward``) or 1008 logits."""
+    """The FID Inception-v3: images in [-1, 1] -> 2048-d pool features (``forward``) or 1008 logits.
+
+    ``resize`` names how images of another size reach 299x299: ``"bilinear"`` (pytorch-fid) or ``"tf1"``
+    (torch-fidelity / torchmetrics); see the module docstring.
+    """
 
     dim = 2048
 
-    def __init__(self):
+    def __init__(self, resize: str = "bilinear"):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+        self.resize = resize
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -166,8 +224,8 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008 classes; unused by FID, kept for a strict load
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 2048): bilinear resize to 299 as pytorch-fid does, then the net."""
-        x = F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        """(B, 3, H, W) in [-1, 1] -> (B, 2048): resize to 299 (``self.resize``), then the net."""
+        x = resize_to(images.float(), (299, 299), self.resize)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
@@ -188,14 +246,23 @@ def weight_candidates(path: str | os.PathLike | None = None) -> list[Path]:
     out = []
     if os.environ.get(WEIGHTS_ENV):
         out.append(Path(os.environ[WEIGHTS_ENV]))
-    out.append(Path.home() / ".cache" / "latentdiff" / WEIGHTS_FILE)
+    out.append(_default_path())
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     out.append(torch_home / "hub" / "checkpoints" / WEIGHTS_FILE)  # where pytorch-fid downloads it
+    out.append(torch_home / "hub" / "checkpoints" / TORCH_FIDELITY_WEIGHTS_FILE)  # torch-fidelity / torchmetrics
     return out
 
 
-def load_fid_inception(path: str | os.PathLike | None = None) -> FIDInceptionV3:
-    """The FID Inception with its standard weights from a local file (never downloaded here)."""
+def _default_path() -> Path:
+    return Path.home() / ".cache" / "latentdiff" / WEIGHTS_FILE
+
+
+def load_fid_inception(path: str | os.PathLike | None = None, resize: str = "bilinear") -> FIDInceptionV3:
+    """The FID Inception with its standard weights from a local file (never downloaded here).
+
+    pytorch-fid's and torch-fidelity's weight files both load (same key names); ``resize`` as in
+    :class:`FIDInceptionV3`.
+    """
     candidates = weight_candidates(path)
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
@@ -203,14 +270,14 @@ def load_fid_inception(path: str | os.PathLike | None = None) -> FIDInceptionV3:
             "the FID Inception weights were not found; looked in: " + ", ".join(str(p) for p in candidates)
             + f". Download {WEIGHTS_URL} on a machine with network access and pass its path "
             "(latentdiff eval --extractor inception --feature-path PATH), "
-            f"set {WEIGHTS_ENV}=PATH, or copy it to {candidates[-2] if path is None else candidates[0]}")
+            f"set {WEIGHTS_ENV}=PATH, or copy it to {_default_path() if path is None else candidates[0]}")
     if found.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(found))
     else:
         state = safe_torch_load(found)
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(resize)
     # BatchNorm counters are not weights; files converted from TF may lack them.
     own = model.state_dict()
     state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}

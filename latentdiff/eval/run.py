@@ -57,7 +57,7 @@ class EvalConfig:
 
     model: str = "outputs/demo/model/model"  # model folder
     out: str = "outputs/eval"  # report folder (report.json, report.html)
-    extractor: str = "shapes"  # feature space: "shapes", "inception" or "dinov2"
+    extractor: str = "shapes"  # feature space: "shapes", "inception", "inception-tf1" or "dinov2"
     feature_path: str = ""  # extractor weights (file or folder); "" = its default location
     clip: str = ""  # local CLIP folder for CLIP score; "" = skip
     n_samples: int = 256  # generated images per setting (FID needs more than the feature width)

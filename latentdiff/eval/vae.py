@@ -37,7 +37,7 @@ class VAEEvalConfig:
     image_size: int = 64  # pixels (shapes, skimage crops, folder images)
     max_side: int = 256  # skimage: the held-out photographs are shrunk to fit this
     extractor: str = "auto"  # rFID features: "auto" (shapes net for shapes, else inception), "shapes",
-    #                          "inception", "dinov2" or "none" (no rFID)
+    #                          "inception", "inception-tf1", "dinov2" or "none" (no rFID)
     feature_path: str = ""  # extractor weights: shapes-net folder, Inception .pth, DINOv2 folder ("" = default)
     batch_size: int = 32  # images per forward pass
     grid_images: int = 8  # originals (top row) and reconstructions (bottom row) in grid.png
