@@ -25,11 +25,11 @@ import pytest
 import torch
 from torch import nn
 
+from latentdiff.eval.features import make_extractor
 from latentdiff.eval.inception import (
     TORCH_FIDELITY_WEIGHTS_FILE,
     WEIGHTS_ENV,
     FIDInceptionV3,
-    load_fid_inception,
     resize_bilinear_tf1,
 )
 
@@ -182,10 +182,10 @@ def test_torch_fidelity_weight_file_is_found_and_loads(networks, tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    model = load_fid_inception(resize="tf1")
-    assert model.resize == "tf1"
+    extractor = make_extractor("inception-tf1")  # found in torch hub's checkpoint folder, TF-like resize
+    assert extractor.model.resize == "tf1" and extractor.name.endswith("-tf1")  # cached features never mix
     for key, value in theirs.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(extractor.model.state_dict()[key], value), key
 
 
 def test_unknown_resize_is_a_clear_error():
