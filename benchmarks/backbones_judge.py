@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--schedule", default="default",
                     help="sigma grid for DPM++ 2M; 'default': each model's own (trailing for eps, flow for flow)")
     ap.add_argument("--eval-only", action="store_true", help="judge the models already trained under --out")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="training-config override for every preset, e.g. --set lr=0.0005 (repeatable)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +80,7 @@ def main() -> None:
     out = Path(args.out)
     rows = {}
     for preset in args.presets:
-        overrides = {"cache": args.cache}
+        overrides = {"cache": args.cache, **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
         if args.eval_only:
             folder, cpu, wall = out / preset / "model", float("nan"), float("nan")
             steps = int((out / preset / "checkpoints" / "latest").read_text().split("_")[1])
