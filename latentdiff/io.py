@@ -149,15 +149,20 @@ def save_component(folder: str | os.PathLike, module: nn.Module, config: dict) -
     write_json(folder / CONFIG_NAME, config)
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """Read a component's config.json with an error that names the folder."""
-    path = Path(folder) / CONFIG_NAME
+def read_json(path: str | os.PathLike, missing: str) -> dict:
+    """Read a JSON file; a missing file raises with ``missing`` (what it means), a corrupt one says so."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a latentdiff component folder")
+        raise FileNotFoundError(f"{path} is missing: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """Read a component's config.json with an error that names the folder."""
+    return read_json(Path(folder) / CONFIG_NAME, f"{folder} is not a latentdiff component folder")
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd
 from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
+from latentdiff.io import read_json
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
@@ -56,12 +57,7 @@ def is_diffusers_folder(folder: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the diffusers folder is incomplete")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    return read_json(path, "the diffusers folder is incomplete")
 
 
 def _require(cfg: dict, where: str, expected: dict) -> None:
