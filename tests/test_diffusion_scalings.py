@@ -249,7 +249,7 @@ def test_sampler_registry():
     assert sampling.get_sampler("Euler a")[0] is sampling.sample_euler_ancestral
     assert sampling.get_sampler("k_euler_a")[0] is sampling.sample_euler_ancestral
     assert sampling.get_sampler("DPMSolverMultistepScheduler")[0] is sampling.sample_dpmpp_2m
-    assert sampling.get_sampler("FlowMatchEulerDiscreteScheduler") == (sampling.sample_euler, "flow")
+    assert sampling.get_sampler("FlowMatchEulerDiscreteScheduler") == (sampling.sample_euler, "flow_match")
     for name in (
         "euler",
         "euler_ancestral",

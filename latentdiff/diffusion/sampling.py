@@ -526,7 +526,7 @@ _ALIASES = {
     "DPMSolverMultistepScheduler": ("dpmpp_2m", "default"),
     "UniPCMultistepScheduler": ("unipc", "default"),
     "LCMScheduler": ("lcm", "lcm"),
-    "FlowMatchEulerDiscreteScheduler": ("euler", "flow"),
+    "FlowMatchEulerDiscreteScheduler": ("euler", "flow_match"),  # its own default grid, as diffusers samples it
 }
 
 SAMPLERS: dict = dict(_CANONICAL)
