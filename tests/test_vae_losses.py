@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from test_models import one_thread  # noqa: F401 (an autouse fixture)
 
 from latentdiff.cli import main
-from latentdiff.models.autoencoder import edge_loss
+from latentdiff.models.autoencoder import detail_loss, edge_loss
 from latentdiff.models.perceptual import (
     LPIPS,
     PatchDiscriminator,
@@ -151,6 +151,21 @@ def test_edge_loss_sees_edges_not_levels():
     assert edge_loss(ramp, step, "l1").item() == pytest.approx((1 / 3 + 0) / 2)
 
 
+def test_detail_loss_weights_errors_by_local_contrast():
+    """Flat areas weigh nothing, an edge pixel weighs its distance from its 3x3 mean; a perfect copy costs 0."""
+    flat = torch.full((1, 3, 6, 6), 0.4)
+    assert detail_loss(flat + 0.5, flat, "l2").item() < 1e-7  # an error on a flat area is left to the plain loss
+    step = torch.zeros(1, 1, 3, 3)
+    step[..., 2] = 1.0  # a vertical edge; zero padding is not counted in the 3x3 means
+    assert detail_loss(step, step, "l1").item() == 0.0
+    # Centre pixel: 0 against its neighbourhood mean 3/9; an error of 1 there, weighted 1/3, over 9 pixels.
+    err = torch.zeros(1, 1, 3, 3)
+    err[..., 1, 1] = 1.0
+    assert detail_loss(step + err, step, "l1").item() == pytest.approx(1 / 3 / 9)
+    with pytest.raises(ValueError, match="recon"):
+        detail_loss(step, step, "huber")
+
+
 def test_train_vae_edge_term_and_channels_last_change_nothing_else(tmp_path):
     """edge_weight adds a logged term; the channels-last layout trains the same weights as the plain one."""
     from safetensors.torch import load_file
@@ -159,12 +174,13 @@ def test_train_vae_edge_term_and_channels_last_change_nothing_else(tmp_path):
             "--set", "keep_last=2"]
     main(["train-vae", "--out", str(tmp_path / "nhwc"), *base, "--set", "channels_last=true"])
     main(["train-vae", "--out", str(tmp_path / "nchw"), *base])
-    main(["train-vae", "--out", str(tmp_path / "edge"), *base, "--set", "edge_weight=1.0"])
+    main(["train-vae", "--out", str(tmp_path / "edge"), *base, "--set", "edge_weight=1.0", "--set",
+          "detail_weight=1.0"])
     a, b, before = (load_file(str(tmp_path / r / "checkpoints" / f"step_{s:07d}" / "model.safetensors"))
                     for r, s in (("nhwc", 2), ("nchw", 2), ("nchw", 1)))
     diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
     moved = torch.cat([(a[k] - before[k]).flatten() for k in a])
     assert diff.abs().max() < 1e-3 and diff.norm() < 0.02 * moved.norm(), (diff.abs().max(), diff.norm(), moved.norm())
     rows = [json.loads(line) for line in (tmp_path / "edge" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["edge"] > 0 for r in rows) and all("edge" not in json.loads(line) for line in
+    assert all(r["edge"] > 0 and r["detail"] > 0 for r in rows) and all("edge" not in json.loads(line) for line in
                                                     (tmp_path / "nhwc" / "metrics.jsonl").read_text().splitlines())

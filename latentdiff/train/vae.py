@@ -20,6 +20,7 @@ from latentdiff.models.autoencoder import (
     AutoencoderKL,
     build_autoencoder,
     compute_latent_stats,
+    detail_loss,
     edge_loss,
     reconstruction_loss,
     set_latent_stats,
@@ -94,6 +95,7 @@ class VAETrainConfig:
     kl_weight: float = 1e-6  # weight of the KL term
     recon_loss: str = "l1"  # "l1" or "l2"
     edge_weight: float = 0.0  # weight of the same loss on neighbour-pixel differences (models.autoencoder.edge_loss)
+    detail_weight: float = 0.0  # weight of the same loss re-weighted by local contrast (models.autoencoder.detail_loss)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     stats_images: int = 2048  # images used to compute the latent scale and shift
     preload_gib: float = 2.0  # decode the whole data set into memory (uint8) once if it fits in this
@@ -283,6 +285,9 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                     if cfg.edge_weight:
                         terms["edge"] = edge_loss(recon, images, cfg.recon_loss)
                         loss = loss + cfg.edge_weight * terms["edge"]
+                    if cfg.detail_weight:
+                        terms["detail"] = detail_loss(recon, images, cfg.recon_loss)
+                        loss = loss + cfg.detail_weight * terms["detail"]
                     loss = loss + gan_and_perceptual_terms(recon, images, step, terms)
                     parts.update(terms)
                     if gan and step >= cfg.disc_start:
