@@ -11,8 +11,8 @@ Inference (``--inference``): single ops (conv2d, group norm, SDPA, linear) and w
 autoencoder's encoder and decoder, the ``shapes-tiny`` and an SD-1.5-layout U-Net step) run in fp32, then in
 bf16 autocast with contiguous and with channels-last weights and inputs (what ``decode_with_fallback`` and
 ``Pipeline.generate`` do on a CPU); the table gives the seconds of each, the speed-ups, and each bf16 output's
-PSNR against the fp32 one (peak = the fp32 output's range). On a CPU without native bf16 oneDNN runs bf16
-convolutions only in NHWC; NCHW ones fall back to a slow direct convolution.
+PSNR against the fp32 one (peak = the fp32 output's range). On a CPU without native bf16 both layouts run
+aten's fallback convolution (``_slow_conv2d_forward``), whose NCHW variant is ~35x slower than its NHWC one.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Pipeline:
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
-        # bf16 on the CPU: channels-last convolutions for the loop (oneDNN's bf16 path; NCHW is 2-20x slower).
+        # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
         convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
         with autocast(self.precision, x.device), low_precision_layout(self.precision, x.device, *convs):
             z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)

@@ -14,8 +14,8 @@
 * **Low precision.** ``decode_with_fallback`` decodes under bf16/fp16 autocast and, if any output value is
   NaN or inf (the fp16 overflow SD-family VAEs are known for), decodes again in fp32 and says so. Low
   precision goes through ``at_precision`` (also the way to encode in bf16), which on the CPU keeps the
-  convolution weights channels-last for the call: oneDNN's bf16 convolutions need that layout, and NCHW
-  ones fall back to a path 20-40x slower (BENCHMARKS.md). fp32 is untouched.
+  convolution weights channels-last for the call: on a CPU without native bf16, NCHW bf16 convolutions are
+  20-35x slower than NHWC ones (BENCHMARKS.md). fp32 is untouched.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def tiled_decode(autoencoder: AutoencoderKL, latents: Tensor, tile: int = 64, ov
 def at_precision(autoencoder: nn.Module, precision: str, device: torch.device | str = "cpu"):
     """Run the autoencoder's calls in the block at ``precision``: "fp32" as it is; "bf16" / "fp16" under
     autocast, with the convolution weights channels-last for the block on the CPU (``low_precision_layout``:
-    oneDNN's fast bf16 path), restored on exit. ``with at_precision(ae, "bf16"): z = ae.encode(x)`` encodes
+    the fast bf16 path there), restored on exit. ``with at_precision(ae, "bf16"): z = ae.encode(x)`` encodes
     in bf16; tiled calls work inside it too."""
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")

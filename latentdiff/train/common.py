@@ -80,10 +80,11 @@ def low_precision_layout(precision: str, device: torch.device, *modules: nn.Modu
     """Within the block, the modules' 4-d (convolution) weights are channels-last when ``precision`` is bf16 or
     fp16 on the CPU; restored to contiguous on exit. Anything else (fp32, GPUs) leaves the modules untouched.
 
-    On the CPU oneDNN runs bf16 convolutions only in NHWC; NCHW ones take a slow fallback, 20-40x slower on
-    the project's AVX2 CPU (BENCHMARKS.md, "bf16 on a CPU without native bf16: channels-last"). With
-    channels-last weights the activations follow from the first convolution on, so callers change nothing
-    else; results agree with the NCHW ones to bf16 rounding. A module already channels-last stays so.
+    On a CPU without native bf16 (the project's AVX2 machine) bf16 convolutions run aten's fallback
+    (``_slow_conv2d_forward``) in either layout, and its NCHW variant is 20-35x slower than its NHWC one
+    (BENCHMARKS.md, "bf16 on a CPU without native bf16: channels-last"). With channels-last weights the
+    activations follow from the first convolution on, so callers change nothing else; results agree with
+    the NCHW ones to bf16 rounding. A module already channels-last stays so.
     Inference only: it swaps parameter storage, so not during training nor from two threads at once.
     """
     convert = [] if precision not in LOW_PRECISIONS or device.type != "cpu" else \
