@@ -1,9 +1,13 @@
 """Autoencoder inference: encode/decode time and peak memory at 256, 512, 1024 px, tiled and untiled, fp32 and
-bf16 (bf16 only up to --bf16-max-size: on a CPU without native bf16 it is 20-80x slower than fp32); how far
-tiles drift from the untiled result for 1 or 4 passes of whole-image GroupNorm statistics (or exact ones);
-the preview decoder's speed-up and PSNR.
+bf16 (bf16 only up to --bf16-max-size); how far tiles drift from the untiled result for 1 or 4 passes of
+whole-image GroupNorm statistics (or exact ones); the preview decoder's speed-up and PSNR.
 
     PYTHONPATH=$PWD python benchmarks/autoencoder.py --autoencoder /tmp/ae_vn/small-f8c4/autoencoder
+    PYTHONPATH=$PWD python benchmarks/autoencoder.py --sizes 256 512 --passes 4 --bf16-max-size 512 --timeout 300
+
+bf16 runs the way the library does it (``vae_inference.at_precision``: autocast with channels-last convolution
+weights on the CPU; on a CPU without native bf16 that is ~7x slower than fp32, NCHW bf16 150x);
+``--bf16-nchw`` times the old contiguous bf16 path instead (plain autocast), for comparison.
 
 Time and memory do not depend on the weights, so without ``--autoencoder`` a randomly initialized ``--preset``
 is timed and the quality sections are skipped. Every timing runs in a fresh subprocess (one op, after one
@@ -64,20 +68,24 @@ def load_model(args):
 
 def worker(spec: dict, args) -> dict:
     """One timed op in this (fresh) process."""
-    from latentdiff.models.vae_inference import decode_with_fallback, tiled_decode, tiled_encode
+    from latentdiff.models.vae_inference import at_precision, decode_with_fallback, tiled_decode, tiled_encode
 
     torch.set_num_threads(args.threads)
     ae = load_model(args)
     f, size, op, tiled, precision = ae.factor, spec["size"], spec["op"], spec["tiled"], spec["precision"]
     passes = spec.get("passes", 4)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    nchw = precision == "bf16" and args.bf16_nchw  # the old path: autocast alone, contiguous weights
 
     def run(n):
         if op == "encode":
             x = torch.rand(1, 3, n, n) * 2 - 1
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            context = torch.autocast("cpu", dtype=torch.bfloat16) if nchw else at_precision(ae, precision)
+            with torch.no_grad(), context:
                 return tiled_encode(ae, x, **TILE["encode"], passes=passes) if tiled else ae.encode(x)
         z = torch.randn(1, ae.latent_channels, n // f, n // f)
+        if nchw:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return tiled_decode(ae, z, **TILE["decode"], passes=passes) if tiled else ae.decode(z)
         if tiled:
             return tiled_decode(ae, z, **TILE["decode"], precision=precision, passes=passes)
         return decode_with_fallback(ae, z, precision)
@@ -87,22 +95,29 @@ def worker(spec: dict, args) -> dict:
         t0 = time.perf_counter()
         run(size)
         seconds = time.perf_counter() - t0
-    return {**spec, "seconds": seconds, "peak_mib": mem.peak / 2**20}
+    return {**spec, "seconds": seconds, "peak_mib": mem.peak / 2**20,
+            "layout": "NCHW" if nchw or precision == "fp32" else "NHWC"}
 
 
 def timings(args) -> list[dict]:
     rows = []
-    for op in ("encode", "decode"):
+    untiled = [] if args.skip_untiled else [(False, None)]
+    for op in args.ops:
         for size in args.sizes:
-            for tiled, passes in [(False, None)] + [(True, p) for p in args.passes]:
-                for precision in ("fp32", "bf16"):
+            for tiled, passes in untiled + [(True, p) for p in args.passes]:
+                for precision in args.precisions:
                     if precision == "bf16" and size > args.bf16_max_size:
-                        continue  # bf16 convolutions are 20-80x slower than fp32 on an AVX2-only CPU
+                        continue  # bf16 is several times slower than fp32 on a CPU without native bf16
                     spec = {"op": op, "size": size, "tiled": tiled, "precision": precision, "passes": passes}
                     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(args.threads),
-                           "--preset", args.preset] + (["--autoencoder", args.autoencoder] if args.autoencoder else [])
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    rows.append(json.loads(out.strip().splitlines()[-1]))
+                           "--preset", args.preset] + (["--autoencoder", args.autoencoder] if args.autoencoder else []) \
+                        + (["--bf16-nchw"] if args.bf16_nchw else [])
+                    try:
+                        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                             timeout=args.timeout or None).stdout
+                        rows.append(json.loads(out.strip().splitlines()[-1]))
+                    except subprocess.TimeoutExpired:  # reported as "> timeout", the op stopped
+                        rows.append({**spec, "seconds": None, "peak_mib": None, "layout": "-"})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -200,7 +215,13 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[128, 256, 512, 1024])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16-max-size", type=int, default=128,
-                    help="largest size timed in bf16 (on CPUs without native bf16 it is very slow)")
+                    help="largest size timed in bf16 (on CPUs without native bf16 it is several times slower)")
+    ap.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--skip-untiled", action="store_true", help="time only the tiled rows")
+    ap.add_argument("--bf16-nchw", action="store_true",
+                    help="bf16 by plain autocast with contiguous weights (the path before channels-last)")
+    ap.add_argument("--timeout", type=int, default=0, help="seconds after which an op is stopped (0: none)")
     ap.add_argument("--preview-steps", type=int, default=300)
     ap.add_argument("--quality-size", type=int, default=512, help="image size of the bf16 and recon checks")
     ap.add_argument("--quality-sizes", nargs="+", type=int, default=[256, 512, 1024],
@@ -222,11 +243,14 @@ def main() -> None:
         rows = timings(args)
         print(f"\nautoencoder: {what}; {args.threads} thread(s); tiles: encode {TILE['encode']}, "
               f"decode {TILE['decode']} (latents)\n")
-        print("| op | size | tiled (GroupNorm passes) | precision | time (s) | peak memory (MiB) |\n"
+        print("| op | size | tiled (GroupNorm passes) | precision (layout) | time (s) | peak memory (MiB) |\n"
               "|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['op']} | {r['size']} | {r['passes'] if r['tiled'] else 'no'} | {r['precision']} | "
-                  f"{r['seconds']:.2f} | {r['peak_mib']:.0f} |")
+            timed = r["seconds"] is not None
+            seconds = f"{r['seconds']:.2f}" if timed else f"> {args.timeout} (stopped)"
+            peak = f"{r['peak_mib']:.0f}" if timed else "-"
+            print(f"| {r['op']} | {r['size']} | {r['passes'] if r['tiled'] else 'no'} | "
+                  f"{r['precision']} ({r['layout']}) | {seconds} | {peak} |")
     if args.autoencoder:
         q = quality(args)
         print("\n| quality measure | value |\n|---|---|")

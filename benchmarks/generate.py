@@ -2,14 +2,16 @@
 
 Uses the demo's architecture (shapes-f4c4 autoencoder, shapes-tiny U-Net, hashed text encoder) with
 random weights: speed does not depend on what the weights learned. Pass --model DIR to time a trained
-model folder instead.
+model folder instead. bf16 runs as ``Pipeline.generate`` does it (autocast, channels-last convolutions on the
+CPU); ``--bf16-nchw`` times bf16 with contiguous weights instead (the path before channels-last).
 
-    python benchmarks/generate.py [--model DIR] [--steps 20] [--sizes 64 256] [--batch 1]
+    python benchmarks/generate.py [--model DIR] [--steps 20] [--sizes 64 256] [--batch 1] [--bf16-nchw]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import resource
 import sys
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+import latentdiff.pipeline
 from latentdiff.components import DenoiserSpec, build_denoiser
 from latentdiff.conditioning.text import HashedTextEncoder, TextEncoderConfig
 from latentdiff.models.autoencoder import PRESETS as AE_PRESETS
@@ -45,7 +48,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16-nchw", action="store_true", help="bf16 with contiguous (NCHW) convolution weights")
     args = ap.parse_args()
+    if args.bf16_nchw:  # the layout switch is the only change: autocast stays
+        latentdiff.pipeline.low_precision_layout = lambda *a: contextlib.nullcontext()
     pipe = load(args.model) if args.model else random_pipeline()
     prompts = ["a large red circle on the left"] * args.batch
     calls = []
@@ -78,7 +84,8 @@ def main() -> None:
                 decode_s = time.perf_counter() - t
                 best_step = min(best_step, sum(calls) / len(calls))
                 best_total = min(best_total, sample_s + decode_s)
-            print(f"{size:>6} {precision:>9} {best_step * 1e3:>9.1f} {best_total / args.batch:>9.3f} "
+            label = "bf16-nchw" if precision == "bf16" and args.bf16_nchw else precision
+            print(f"{size:>6} {label:>9} {best_step * 1e3:>9.1f} {best_total / args.batch:>9.3f} "
                   f"{decode_s * 1e3:>10.1f} {peak_rss_mib():>13.0f}")
     sys.stdout.flush()
 

@@ -19,7 +19,7 @@ from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.vae_inference import decode_latents
-from latentdiff.train.common import autocast
+from latentdiff.train.common import autocast, low_precision_layout
 from latentdiff.types import Cond
 
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -129,7 +129,9 @@ class Pipeline:
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
-        with autocast(self.precision, x.device):
+        # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
+        convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
+        with autocast(self.precision, x.device), low_precision_layout(self.precision, x.device, *convs):
             z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
         if output == "latent":
             return z.float()
