@@ -148,8 +148,8 @@ TRAIN_PRESETS: dict[str, dict] = {
 
 
 # The other network families on the same data (models/families.py), both with rectified flow and logit-normal
-# timesteps, as SD3: the DiT with the U-Net's eps and uniform timesteps had not learned the scenes in the same
-# CPU time, with flow it did (BENCHMARKS.md, "Backbones: why the DiT did not learn, and the fix").
+# timesteps, as SD3: in the U-Net's CPU time the DiT learns position and count with eps too, colour better with
+# flow (BENCHMARKS.md, "Backbones: why the DiT did not learn, and the fix").
 _FLOW = {"parameterization": "flow", "sigma_sampler": "logitnormal", "sample_schedule": "flow"}
 _MMDIT = {"model": "mmdit-shapes", **_FLOW}
 TRAIN_PRESETS["shapes-dit-test"] = {**TRAIN_PRESETS["shapes-test"], "model": "dit-tiny"}
