@@ -3,8 +3,8 @@
 Each training preset first measures its CPU seconds per step (process time, all threads: fair on a shared
 machine where wall time depends on the neighbours; the difference of a 1-step and a (1 + ``--calib-steps``)-step
 run), then trains from scratch for ``--cpu-seconds / (seconds per step)`` steps. The model then generates the demo's held-out and
-training-distribution prompts (DPM++ 2M on each model's own grid: trailing for the eps U-Net and DiT, the
-flow grid for the flow MMDiT; CFG) and the rule-based judge scores them.
+training-distribution prompts (DPM++ 2M on each model's own grid: trailing for the eps U-Net, the flow grid
+for the flow DiT and MMDiT; CFG) and the rule-based judge scores them.
 
     latentdiff train-vae --preset shapes-demo --out outputs/bb/vae
     latentdiff cache --preset shapes-demo --set autoencoder=outputs/bb/vae/autoencoder --set num_images=4000 \

@@ -145,6 +145,22 @@ def test_dit_starts_as_zero_and_text_conditioning_matters():
         torch.testing.assert_close(net(x, t, Cond(context=ctx[:, :3], vector=vec)), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dit_text_blocks_start_as_the_identity():
+    """adaLN-Zero with text: a fresh block returns its input, cross-attention included (PixArt zero-inits it).
+
+    An ungated cross-attention with a random output layer adds a text-dependent vector to every token in
+    every block, so a fresh text DiT's final tokens are half input, half noise (see ``DiT.reset_parameters``).
+    """
+    cfg = DiTConfig(sample_size=8, hidden_size=16, depth=3, num_heads=2, context_dim=12, vector_dim=6)
+    net = DiT(cfg)
+    tokens, ctx, vec = torch.randn(2, 16, 16), torch.randn(2, 5, 12), torch.randn(2, 6)
+    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
+    c = net.embed(torch.tensor([10.0, 900.0]), Cond(vector=vec), 2)
+    with torch.no_grad():
+        for block in net.transformer_blocks:
+            torch.testing.assert_close(block(tokens, c, ctx, mask), tokens, atol=0, rtol=0)
+
+
 def test_dit_errors():
     x, t = dit_inputs()
     with pytest.raises(ValueError, match="divisible by num_heads 3"):

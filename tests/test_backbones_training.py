@@ -30,12 +30,18 @@ def cache(tmp_path_factory):
                                       {"autoencoder": str(root / "vae"), "out": str(root / "cache")}), quiet=True)
 
 
-@pytest.mark.parametrize("preset,family,network_class,parameterization", [
-    ("shapes-dit-test", "dit", DiT, "eps"),
-    ("shapes-mmdit-test", "mmdit", MMDiT, "flow"),
+# The DiT both ways: eps, and rectified flow with logit-normal timesteps and the flow grid (shapes-demo-dit's).
+_DIT_FLOW = {k: TRAIN_PRESETS["shapes-demo-dit"][k] for k in ("parameterization", "sigma_sampler", "sample_schedule")}
+
+
+@pytest.mark.parametrize("preset,family,network_class,parameterization,overrides", [
+    ("shapes-dit-test", "dit", DiT, "eps", {}),
+    ("shapes-dit-test", "dit", DiT, "flow", _DIT_FLOW),
+    ("shapes-mmdit-test", "mmdit", MMDiT, "flow", {}),
 ])
-def test_train_save_load_generate(cache, tmp_path, preset, family, network_class, parameterization):
-    cfg = build_config(TrainConfig, TRAIN_PRESETS, preset, None, {"cache": str(cache), "out": str(tmp_path / "run")})
+def test_train_save_load_generate(cache, tmp_path, preset, family, network_class, parameterization, overrides):
+    cfg = build_config(TrainConfig, TRAIN_PRESETS, preset, None,
+                       {"cache": str(cache), "out": str(tmp_path / "run"), **overrides})
     folder = train_denoiser(cfg)
     saved = json.loads((folder / "denoiser" / "config.json").read_text())["config"]
     assert saved["network"] == family and saved["parameterization"] == parameterization

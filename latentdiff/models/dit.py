@@ -11,7 +11,8 @@ Conditioning (our choice for text, written down here):
   "null" class for classifier-free guidance (the table has ``num_classes + 1`` rows, as in DiT);
 - text: ``context_dim`` set -> every block gets a cross-attention to ``cond.context`` (with
   ``cond.context_mask``) between self-attention and MLP, ungated, after a parameter-free LayerNorm (as in
-  PixArt-alpha and diffusers' BasicTransformerBlock with adaLN-Zero); ``vector_dim`` set -> the pooled text
+  PixArt-alpha and diffusers' BasicTransformerBlock with adaLN-Zero), its output layer zero-initialized as in
+  PixArt-alpha so that the block still starts as the identity; ``vector_dim`` set -> the pooled text
   vector ``cond.vector`` goes through an MLP and is added to c, so it modulates every block too.
   Tokens carry the detail of a prompt, the pooled vector its gist; the text presets use both.
 
@@ -151,7 +152,7 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DiT's initialization: Xavier linears, N(0, 0.02) embedders, zero adaLN and output layers (adaLN-Zero)."""
+        """DiT's initialization: Xavier linears, N(0, 0.02) embedders, zero adaLN, cross-attention-out and output layers."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -166,6 +167,10 @@ class DiT(nn.Module):
         if hasattr(self, "class_embedder"):
             nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
         zero = [b.norm1.linear for b in self.transformer_blocks] + [self.proj_out_1, self.proj_out_2]
+        # The ungated cross-attention's output layer too (PixArt-alpha does the same), so every block starts as
+        # the identity: with a random one, six blocks of dit-shapes add text-dependent vectors half the size of
+        # the tokens, and a fresh network's last tokens are only half the input (BENCHMARKS.md, issue 5).
+        zero += [b.attn2.to_out[0] for b in self.transformer_blocks if hasattr(b, "attn2")]
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

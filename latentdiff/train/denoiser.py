@@ -147,12 +147,14 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 
-# The other network families on the same data (models/families.py); MMDiT with rectified flow, as SD3.
-_MMDIT = {"model": "mmdit-shapes", "parameterization": "flow", "sigma_sampler": "logitnormal",
-          "sample_schedule": "flow"}
+# The other network families on the same data (models/families.py), both with rectified flow and logit-normal
+# timesteps, as SD3: in the U-Net's CPU time the DiT learns position and count with eps too, colour better with
+# flow (BENCHMARKS.md, "Backbones: why the DiT did not learn, and the fix").
+_FLOW = {"parameterization": "flow", "sigma_sampler": "logitnormal", "sample_schedule": "flow"}
+_MMDIT = {"model": "mmdit-shapes", **_FLOW}
 TRAIN_PRESETS["shapes-dit-test"] = {**TRAIN_PRESETS["shapes-test"], "model": "dit-tiny"}
 TRAIN_PRESETS["shapes-mmdit-test"] = {**TRAIN_PRESETS["shapes-test"], **_MMDIT, "model": "mmdit-tiny"}
-TRAIN_PRESETS["shapes-demo-dit"] = {**_DEMO, "model": "dit-shapes"}
+TRAIN_PRESETS["shapes-demo-dit"] = {**_DEMO, **_FLOW, "model": "dit-shapes"}
 TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
 
 
