@@ -377,13 +377,18 @@ def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
     return AutoencoderKL(config)
 
 
+def pixel_errors(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
+    """Per-value absolute ("l1") or squared ("l2") error, the shape of the images."""
+    if kind == "l1":
+        return (reconstruction - images).abs()
+    if kind == "l2":
+        return (reconstruction - images).pow(2)
+    raise ValueError(f"recon must be 'l1' or 'l2', got {kind!r}")
+
+
 def reconstruction_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
     """Per-pixel mean absolute ("l1") or squared ("l2") error."""
-    if kind == "l1":
-        return (reconstruction - images).abs().mean()
-    if kind == "l2":
-        return (reconstruction - images).pow(2).mean()
-    raise ValueError(f"recon must be 'l1' or 'l2', got {kind!r}")
+    return pixel_errors(reconstruction, images, kind).mean()
 
 
 def edge_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
@@ -392,8 +397,8 @@ def edge_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tenso
     A per-pixel loss barely notices a small object's rounded corners (a few pixels of a 32x32 image); on the
     differences, a blurred edge costs along its whole length (the gradient-difference loss of Mathieu et al. 2016).
     """
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
     return (reconstruction_loss(dx(reconstruction), dx(images), kind)
             + reconstruction_loss(dy(reconstruction), dy(images), kind)) / 2
 
@@ -407,11 +412,7 @@ def detail_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Ten
     """
     local_mean = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
     weight = (images - local_mean).abs().mean(dim=1, keepdim=True)  # (B, 1, H, W), no gradient needed
-    err = reconstruction - images
-    per_pixel = err.abs() if kind == "l1" else err.pow(2) if kind == "l2" else None
-    if per_pixel is None:
-        raise ValueError(f"recon must be 'l1' or 'l2', got {kind!r}")
-    return (weight * per_pixel).mean()
+    return (weight * pixel_errors(reconstruction, images, kind)).mean()
 
 
 def vae_loss(
