@@ -52,6 +52,7 @@ class DemoConfig:
     eval_prompts: int = 64  # prompts generated and judged per set (held-out, training): one standard error ~0.06
     steps: int = 20  # sampler steps for the grid
     sampler: str = "dpmpp_2m"  # sampler
+    schedule: str = "default"  # sigma grid; "default": the model's own (flow for the demo's rectified-flow U-Net)
     guidance: float = 4.0  # CFG scale
     seed: int = 0  # generation seed
     vae_preset: str = "shapes-demo"  # train-vae preset

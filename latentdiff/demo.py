@@ -82,7 +82,8 @@ def run_demo(cfg) -> dict:
     from latentdiff.data.shapes import heldout_prompts, train_prompts
 
     pipe = load(model_dir)
-    settings = {"steps": cfg.steps, "sampler": cfg.sampler, "guidance": cfg.guidance, "seed": cfg.seed}
+    settings = {"steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
+                "seed": cfg.seed}
     heldout, images = score_prompts(pipe, heldout_prompts(cfg.eval_prompts, seed=cfg.seed), **settings)
     seen, _ = score_prompts(pipe, train_prompts(cfg.eval_prompts, seed=cfg.seed), **settings)
     ceiling = autoencoder_ceiling(pipe.autoencoder, heldout_prompts(cfg.eval_prompts, seed=cfg.seed),
