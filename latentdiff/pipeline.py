@@ -23,6 +23,7 @@ from latentdiff.train.common import autocast, low_precision_layout
 from latentdiff.types import Cond
 
 OUTPUTS = ("pil", "np", "pt", "latent")
+FLOW_GRIDS = ("flow", "flow_match")  # the sigma grids made for flow models (the ones a flow shift applies to)
 
 
 class Pipeline:
@@ -97,8 +98,10 @@ class Pipeline:
                              f"{factor}; try {height // factor * factor}x{width // factor * factor}")
         sample_fn, default_grid = get_sampler(sampler)
         grid = schedule or default_grid
+        if schedule is None and self.denoiser.parameterization.name == "flow" and grid not in (*FLOW_GRIDS, "default"):
+            grid = "flow"  # unasked, a flow model samples on its own grid: a Karras ramp in t draws worse scenes
         grid_kw = {"steps_offset": self.steps_offset} if self.steps_offset and grid == "leading" else {}
-        if self.flow_shift != 1.0 and grid in ("flow", "flow_match"):
+        if self.flow_shift != 1.0 and grid in FLOW_GRIDS:
             grid_kw = {"shift": self.flow_shift}
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 

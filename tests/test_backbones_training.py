@@ -62,6 +62,11 @@ def test_train_save_load_generate(cache, tmp_path, preset, family, network_class
     a = load(folder).generate("a small blue square at the top", steps=2, seed=3, schedule="default", output="np")
     b = load(folder).generate("a small blue square at the top", steps=2, seed=3, schedule="default", output="np")
     assert a.shape == (1, 64, 64, 3) and np.array_equal(a, b)
+    if parameterization == "flow":  # unasked, a flow model samples on the flow grid, not dpmpp_2m's Karras ramp
+        pipe, prompt, kw = load(folder), "a small blue square at the top", {"steps": 3, "seed": 3, "output": "latent"}
+        unasked = pipe.generate(prompt, schedule=None, **kw)
+        assert torch.equal(unasked, pipe.generate(prompt, schedule="flow", **kw))
+        assert not torch.equal(unasked, pipe.generate(prompt, schedule="karras", **kw))
 
 
 def test_cli_train_with_a_transformer_preset(cache, tmp_path, capsys):
