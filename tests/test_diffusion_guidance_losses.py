@@ -179,6 +179,25 @@ def test_sigma_samplers():
         losses.make_sigma_sampler("discrete", EDM())
     with pytest.raises(ValueError, match="unknown sigma sampler"):
         losses.make_sigma_sampler("uniform", EDM())
+    with pytest.raises(ValueError, match=r"takes \['mean', 'std'\], not \['p_mean'\]"):
+        losses.make_sigma_sampler("logitnormal", Flow(), p_mean=0.5)
+
+
+def test_training_config_passes_sigma_sampler_args(tmp_path):
+    """`sigma_sampler_args` reaches the sampler: a train run with a wrong key fails before training, naming it."""
+    from _tiny import make_tiny_cache
+
+    from latentdiff.config import build_config
+    from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
+
+    cfg = build_config(TrainConfig, TRAIN_PRESETS, "shapes-demo", None, {"sigma_sampler_args.mean": -0.5})
+    assert cfg.sigma_sampler == "logitnormal" and cfg.sigma_sampler_args == {"mean": -0.5}
+    bad = build_config(TrainConfig, TRAIN_PRESETS, "shapes-test", None,
+                       {"sigma_sampler_args.p_std": 2.0, "cache": str(make_tiny_cache(tmp_path)),
+                        "out": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match=r"sigma sampler 'discrete' takes no arguments, not \['p_std'\]"):
+        train_denoiser(bad)
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_zero_snr_v_training_at_inf():

@@ -67,18 +67,25 @@ class LogitNormalT:
         return _out((self.mean + self.std * _randn(batch_size, generator)).exp(), device)
 
 
+_SIGMA_SAMPLER_ARGS = {"discrete": (), "lognormal": ("p_mean", "p_std"), "logitnormal": ("mean", "std")}
+
+
 def make_sigma_sampler(name: str, parameterization=None, **kw):
-    """'discrete' (needs alphas_cumprod), 'lognormal' (EDM) or 'logitnormal' (SD3 / flow)."""
+    """'discrete' (needs alphas_cumprod), 'lognormal' (EDM: p_mean, p_std) or 'logitnormal' (SD3 / flow: mean, std)."""
+    if name not in _SIGMA_SAMPLER_ARGS:
+        raise ValueError(f"unknown sigma sampler {name!r}; known: 'discrete', 'lognormal', 'logitnormal'")
+    unknown = sorted(set(kw) - set(_SIGMA_SAMPLER_ARGS[name]))
+    if unknown:
+        raise ValueError(f"sigma sampler {name!r} takes {list(_SIGMA_SAMPLER_ARGS[name]) or 'no arguments'}, "
+                         f"not {unknown}")
     if name == "discrete":
         ac = getattr(parameterization, "alphas_cumprod", None)
         if ac is None:
             raise ValueError("the 'discrete' sigma sampler needs a discrete parameterization (eps, v, x0)")
-        return DiscreteTimesteps(ac, **kw)
+        return DiscreteTimesteps(ac)
     if name == "lognormal":
         return LogNormalSigma(**kw)
-    if name == "logitnormal":
-        return LogitNormalT(**kw)
-    raise ValueError(f"unknown sigma sampler {name!r}; known: 'discrete', 'lognormal', 'logitnormal'")
+    return LogitNormalT(**kw)
 
 
 # ---------------------------------------------------------------------------------------------

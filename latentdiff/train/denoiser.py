@@ -87,6 +87,7 @@ class TrainConfig:
     parameterization: str = "eps"  # what the network predicts: "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # discrete noise schedule (eps, v, x0)
     sigma_sampler: str = "discrete"  # training noise levels: "discrete", "lognormal" (EDM), "logitnormal" (SD3)
+    sigma_sampler_args: dict = field(default_factory=dict)  # e.g. logitnormal {mean = -0.5, std = 1.0}; lognormal {p_mean, p_std}
     min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5
     edm_weighting: float = 0.0  # > 0: EDM's weighting lambda(sigma) with this sigma_data (e.g. 0.5), any parameterization
     offset_noise: float = 0.0  # offset-noise strength (0 = off)
@@ -259,7 +260,7 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
                             betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     if ctx.rank:
         torch.manual_seed(cfg.seed + ctx.rank)  # the global stream (dropout) differs between ranks
-    sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization)
+    sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
     extra = {f"posthoc_{i}": p.module for i, p in enumerate(posthoc)}
     start = 0
     if checkpoint is not None:
