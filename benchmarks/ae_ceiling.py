@@ -17,15 +17,15 @@ import torch
 
 from latentdiff.components import load_autoencoder
 from latentdiff.data.judge import judge
-from latentdiff.data.shapes import heldout_prompts, render, to_tensor, train_prompts
-from latentdiff.demo import autoencoder_ceiling
+from latentdiff.data.shapes import heldout_prompts, train_prompts
+from latentdiff.demo import autoencoder_ceiling, render_prompts
 from latentdiff.images import to_uint8
 
 
 @torch.no_grad()
 def shape_confusion(autoencoder, prompts, size: int) -> collections.Counter:
     """(size, true shape, read shape) counts over the single-object scenes the judge finds one object in."""
-    images = torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
+    images = render_prompts(prompts, size)
     rec = to_uint8(autoencoder.decode(autoencoder.encode(images)))
     counts = collections.Counter()
     for image, (_, scene) in zip(rec, prompts):

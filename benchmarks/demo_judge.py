@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from latentdiff.data.judge import _match, judge
-from latentdiff.data.shapes import heldout_prompts, render, to_tensor, train_prompts
-from latentdiff.demo import score_prompts
+from latentdiff.data.shapes import heldout_prompts, train_prompts
+from latentdiff.demo import render_prompts, score_prompts
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.sampling import get_sampler
 from latentdiff.diffusion.schedules import make_sigmas
@@ -56,9 +56,7 @@ def noised_start_probe(pipe, starts=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0), n: int = 48
     """Shapes kept when sampling starts from true latents of large squares / triangles noised to each sigma."""
     prompts = [p for p in train_prompts(10 * n, seed=1)
                if p[1].objects[0].size == "large" and p[1].objects[0].shape != "circle"][:n]
-    size = pipe.default_size
-    z0 = pipe.autoencoder.encode(torch.stack([to_tensor(render(s, size, seed=i))
-                                              for i, (_, s) in enumerate(prompts)]))
+    z0 = pipe.autoencoder.encode(render_prompts(prompts, pipe.default_size))
     cond, uncond = pipe.encode_prompts([c for c, _ in prompts], [""] * len(prompts))
     denoiser = guidance_lib.cfg(pipe.denoiser, 4.0, uncond)
     sample, _ = get_sampler("dpmpp_2m")

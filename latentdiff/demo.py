@@ -37,14 +37,20 @@ def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sample
     return scores, images
 
 
+def render_prompts(prompts: list[tuple[str, object]], size: int) -> torch.Tensor:
+    """The prompts' scenes drawn at ``size`` (scene i with jitter seed i): (N, 3, size, size) in [-1, 1]."""
+    from latentdiff.data.shapes import render, to_tensor
+
+    return torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
+
+
 @torch.no_grad()
 def autoencoder_ceiling(autoencoder, prompts: list[tuple[str, object]], size: int) -> dict:
     """The judge on autoencoder round trips of the prompts' rendered scenes: what generation can reach at best."""
     from latentdiff.data.judge import score
-    from latentdiff.data.shapes import render, to_tensor
     from latentdiff.images import to_uint8
 
-    images = torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
+    images = render_prompts(prompts, size)
     return score(list(to_uint8(autoencoder.decode(autoencoder.encode(images)))), [s for _, s in prompts])
 
 
