@@ -3,7 +3,7 @@
     python benchmarks/ae_ceiling.py AUTOENCODER_DIR [--n 200] [--size 32]
 
 Prints the judge's per-attribute accuracy on round trips of ``--n`` held-out and ``--n`` training-split
-scenes (``latentdiff.demo.autoencoder_ceiling``: the best generation through this autoencoder can score),
+scenes (``latentdiff.eval.judging.autoencoder_ceiling``: the best generation through this autoencoder can score),
 and for single-object scenes which shape the judge reads for each (size, shape): where shapes are lost.
 """
 
@@ -18,7 +18,7 @@ import torch
 from latentdiff.components import load_autoencoder
 from latentdiff.data.judge import judge
 from latentdiff.data.shapes import heldout_prompts, train_prompts
-from latentdiff.demo import autoencoder_ceiling, render_prompts
+from latentdiff.eval.judging import autoencoder_ceiling, render_prompts
 from latentdiff.images import to_uint8
 
 

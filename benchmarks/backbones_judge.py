@@ -26,7 +26,7 @@ import torch
 
 from latentdiff.config import build_config
 from latentdiff.data.shapes import heldout_prompts, train_prompts
-from latentdiff.demo import score_prompts
+from latentdiff.eval.judging import score_prompts
 from latentdiff.pipeline import load
 from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 

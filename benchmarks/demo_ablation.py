@@ -39,7 +39,7 @@ def vae(name: str, args: list[str]) -> dict:
     from latentdiff.components import load_autoencoder
     from latentdiff.config import build_config
     from latentdiff.data.shapes import heldout_prompts
-    from latentdiff.demo import autoencoder_ceiling
+    from latentdiff.eval.judging import autoencoder_ceiling
     from latentdiff.models.autoencoder import PRESETS
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
 
@@ -67,7 +67,7 @@ def cache(autoencoder: str, out: str) -> dict:
 def train(name: str, cache_dir: str, args: list[str]) -> dict:
     from latentdiff.config import build_config
     from latentdiff.data.shapes import heldout_prompts, train_prompts
-    from latentdiff.demo import score_prompts
+    from latentdiff.eval.judging import score_prompts
     from latentdiff.models.unet import PRESETS
     from latentdiff.pipeline import load
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser

@@ -4,7 +4,7 @@
         [--prompts 64] [--threads 1] [--confusion] [--probe]
 
 Each setting is SAMPLER:STEPS:GUIDANCE:SCHEDULE. For each it generates ``--prompts`` held-out and as many
-training-distribution prompts (``latentdiff.demo.score_prompts``, the demo's scorer) and prints colour,
+training-distribution prompts (``latentdiff.eval.judging.score_prompts``, the demo's scorer) and prints colour,
 shape, size, position and count, plus the shape accuracy on the large objects alone: small objects (5 px at
 32x32) come back from the autoencoder as blobs, so their shapes are near chance for any denoiser.
 
@@ -23,10 +23,10 @@ import torch
 
 from latentdiff.data.judge import _match, judge
 from latentdiff.data.shapes import heldout_prompts, train_prompts
-from latentdiff.demo import render_prompts, score_prompts
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.sampling import get_sampler
 from latentdiff.diffusion.schedules import make_sigmas
+from latentdiff.eval.judging import render_prompts, score_prompts
 from latentdiff.images import to_uint8
 from latentdiff.pipeline import load
 

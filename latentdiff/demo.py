@@ -10,48 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from latentdiff.config import build_config
 from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
+from latentdiff.eval.judging import autoencoder_ceiling, score_prompts
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import write_json
 from latentdiff.pipeline import load
 from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
-
-
-def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
-                  seed: int, batch: int = 16, schedule: str | None = "karras") -> tuple[dict, list]:
-    """Generate one image per (caption, scene) prompt and score it with the judge against the scene."""
-    import numpy as np
-
-    from latentdiff.data.judge import score
-
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = [c for c, _ in prompts[start:start + batch]]
-        images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
-                                schedule=schedule)
-    scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
-    return scores, images
-
-
-def render_prompts(prompts: list[tuple[str, object]], size: int) -> torch.Tensor:
-    """The prompts' scenes drawn at ``size`` (scene i with jitter seed i): (N, 3, size, size) in [-1, 1]."""
-    from latentdiff.data.shapes import render, to_tensor
-
-    return torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
-
-
-@torch.no_grad()
-def autoencoder_ceiling(autoencoder, prompts: list[tuple[str, object]], size: int) -> dict:
-    """The judge on autoencoder round trips of the prompts' rendered scenes: what generation can reach at best."""
-    from latentdiff.data.judge import score
-    from latentdiff.images import to_uint8
-
-    images = render_prompts(prompts, size)
-    return score(list(to_uint8(autoencoder.decode(autoencoder.encode(images)))), [s for _, s in prompts])
 
 
 def run_demo(cfg) -> dict:

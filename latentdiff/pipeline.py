@@ -170,14 +170,19 @@ class Pipeline:
         return with_labels(cond, labels), with_labels(uncond, null)
 
 
-def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **interop_kw) -> Pipeline:
+def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bool = False,
+         **interop_kw) -> Pipeline:
     """Open a latentdiff model folder (``model_index.json`` with autoencoder/, denoiser/, text_encoder/),
     a diffusers Stable Diffusion (XL, 3) folder, or a single-file SD / SDXL / SD3 checkpoint (``.safetensors``,
-    ``.ckpt``).
+    ``.ckpt``); no path or ``"default"``: the bundled default model (checked against its manifest first).
 
     For the last two, ``interop_kw`` go to ``latentdiff.interop.open_model`` (e.g. ``tokenizer=FOLDER`` for
     single files, ``prediction="eps"`` for SD 2.x -base files); what was detected and loaded is printed.
     """
+    if path is None or str(path) == "default":
+        from latentdiff.default import verify
+
+        path = verify()
     folder = Path(path)
     weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
     if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):

@@ -175,3 +175,36 @@ def test_prompt_sets():
         assert (scene.objects[0].color, scene.objects[0].shape) not in HELDOUT_PAIRS
         assert parse_caption(text) == scene
     assert {s.objects[0].position for _, s in heldout_prompts(60)} == set(POSITIONS)
+
+
+def test_paraphrased_prompts_parse_back_and_keep_their_scenes():
+    """People's words (tiny, big, violet, grey, centre, other orders) parse to the same scene as the templates."""
+    from latentdiff.data.shapes import PHRASINGS, heldout_prompts, parse_caption
+
+    for objects in (1, 2, 3):
+        template = heldout_prompts(64, phrasing="template", objects=objects)
+        para = heldout_prompts(64, phrasing="paraphrase", objects=objects)
+        assert [s for _, s in template] == [s for _, s in para]  # the words change, not the scenes
+        assert all(len(s.objects) == objects for _, s in para)
+        for text, scene in template + para:
+            assert parse_caption(text) == scene, text
+    words = " ".join(c for c, _ in heldout_prompts(64, phrasing="paraphrase")).split()
+    assert {"tiny", "big", "violet", "grey"} <= set(words)
+    assert not {"tiny", "big", "violet", "grey", "centre"} & set(
+        " ".join(c for c, _ in heldout_prompts(64, phrasing="template")).split())
+    with pytest.raises(ValueError, match="phrasing"):
+        heldout_prompts(4, phrasing="shouting")
+    assert "mixed" in PHRASINGS
+
+
+def test_geometry_fits_the_canvas_and_every_object_is_readable_at_32_pixels():
+    """Every object stays on the canvas with its jitter, and the judge reads rendered scenes perfectly at 32 px."""
+    from latentdiff.data.judge import score
+    from latentdiff.data.shapes import ANCHORS, JITTER, SIZE_RADIUS, heldout_prompts, render, train_prompts
+
+    r = max(SIZE_RADIUS.values())
+    for x, y in ANCHORS.values():
+        assert r + JITTER <= min(x, y) and max(x, y) + r + JITTER <= 1
+    for prompts in (heldout_prompts(100), train_prompts(100), heldout_prompts(50, objects=2)):
+        images = [render(s, 32, seed=i) for i, (_, s) in enumerate(prompts)]
+        assert score(images, [s for _, s in prompts])["all_correct"] == 1.0

@@ -70,6 +70,7 @@ class CacheConfig:
 CACHE_PRESETS: dict[str, dict] = {
     "shapes": {},
     "shapes-demo": {"image_size": 32, "num_images": 10000},
+    "shapes-default": {"image_size": 32, "num_images": 40000},  # the bundled model's: more scenes for a long run
     "shapes-demo-minilm": {"image_size": 32, "num_images": 10000,
                            "text_encoder": {"kind": "pretrained", "path": "minilm", "max_length": 32}},
     "shapes-test": {"num_images": 64, "shard_size": 40},

@@ -228,7 +228,8 @@ def score(images, scenes) -> dict:
     color / shape / size / position: share of target objects (with that attribute stated) read correctly,
     an unmatched target object counting as wrong; count: share of images with the right number of objects;
     background: share of images (with a stated background) read correctly; all_correct: share of images
-    right on everything stated. Attributes a target leaves unstated (None) are not scored.
+    right on everything stated; objects_correct: share of target objects right on every stated attribute
+    (per-object accuracy, for scenes of several objects). Attributes a target leaves unstated (None) are not scored.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         images = list(images)
@@ -239,7 +240,7 @@ def score(images, scenes) -> dict:
         raise ValueError("score needs at least one image")
     hits = {a: 0 for a in _ATTRIBUTES}
     totals = {a: 0 for a in _ATTRIBUTES}
-    count_hits = background_hits = background_total = all_hits = 0
+    count_hits = background_hits = background_total = all_hits = objects_hits = objects_total = 0
     for image, target in zip(images, scenes):
         predicted = judge(image)
         right = len(predicted.objects) == len(target.objects)
@@ -251,6 +252,8 @@ def score(images, scenes) -> dict:
         matched = dict(_match(target.objects, predicted.objects))
         for i, t in enumerate(target.objects):
             p = predicted.objects[matched[i]] if i in matched else None
+            objects_total += 1
+            objects_hits += p is not None and all(getattr(t, a) in (None, getattr(p, a)) for a in _ATTRIBUTES)
             for a in _ATTRIBUTES:
                 if getattr(t, a) is None:
                     continue
@@ -264,6 +267,7 @@ def score(images, scenes) -> dict:
     out["count"] = count_hits / n
     out["background"] = background_hits / background_total if background_total else float("nan")
     out["all_correct"] = all_hits / n
+    out["objects_correct"] = objects_hits / objects_total if objects_total else float("nan")
     out["n"] = n
     return out
 

@@ -49,16 +49,19 @@ SPLITS = ("train", "heldout")
 
 # --- geometry (fractions of the canvas side) ---------------------------------------------------------
 
-SIZE_RADIUS = {"small": 0.08, "large": 0.16}  # half the side of the shape's bounding box
+# Objects are large enough that a factor-4 autoencoder keeps a small one's corners at 32x32 pixels (a small
+# object is 7 pixels across there, about two latent cells; it was 5 pixels, one cell, and came back as a round
+# blob: BENCHMARKS.md, "The shapes geometry"). Anchors sit at 0.24 / 0.76 so a large object stays on the canvas.
+SIZE_RADIUS = {"small": 0.11, "large": 0.2}  # half the side of the shape's bounding box
 ANCHORS = {  # centre of each position region, (x, y) with y pointing down
-    "left": (0.2, 0.5),
-    "right": (0.8, 0.5),
-    "top": (0.5, 0.2),
-    "bottom": (0.5, 0.8),
+    "left": (0.24, 0.5),
+    "right": (0.76, 0.5),
+    "top": (0.5, 0.24),
+    "bottom": (0.5, 0.76),
     "center": (0.5, 0.5),
 }
 JITTER = 0.03  # each object's centre moves up to this much along x and y (uniform), seeded per render
-GAP = 0.03  # objects stay at least this far apart (3 pixels on a 64-pixel canvas)
+GAP = 0.02  # objects stay at least this far apart (about 1 pixel on a 32-pixel canvas)
 _LAYOUT_RES = 160  # resolution of the masks that check layouts, fixed so the jitter is the same at any size
 
 
@@ -167,12 +170,18 @@ def _pairs(split: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 3) -> Scene:
-    """A random scene; train scenes avoid HELDOUT_PAIRS, held-out scenes contain at least one of them."""
+def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 3,
+                 n_objects: int | None = None) -> Scene:
+    """A random scene; train scenes avoid HELDOUT_PAIRS, held-out scenes contain at least one of them.
+
+    The number of objects is uniform in 1..max_objects, or exactly n_objects when given.
+    """
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects must be in 1..3, got {max_objects}")
+    if n_objects is not None and not 1 <= n_objects <= 3:
+        raise ValueError(f"n_objects must be in 1..3, got {n_objects}")
     train_pairs, own_pairs = _pairs("train"), _pairs(split)
-    n = int(rng.integers(1, max_objects + 1))
+    n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
     while True:  # rejection sampling of a layout; a few tries at most
         objects: list[ShapeObject] = []
         for k in range(n):
@@ -246,23 +255,55 @@ _TEMPLATES_WITH_BACKGROUND = (
 )
 _TEMPLATES_WITHOUT_BACKGROUND = ("{objs}", "an image of {objs}", "a picture of {objs}")
 
+# Paraphrases: the words and orders people write that the templates above never use. Every one parses back to
+# the same scene (parse_caption knows these words), so a judge score on them measures the model, not the parser.
+_SYNONYMS = {"small": "tiny", "large": "big", "purple": "violet", "gray": "grey", "center": "centre"}
+_POSITION_PARAPHRASES = {
+    "left": ("on the left side", "to the left"),
+    "right": ("on the right side", "to the right"),
+    "top": ("near the top", "at the top edge"),
+    "bottom": ("near the bottom", "at the bottom edge"),
+    "center": ("in the middle", "in the centre"),
+}
+_PARAPHRASE_TEMPLATES = (
+    "{objs} against a {bg} background",
+    "{bg} background, {objs}",
+    "draw {objs} on {bg}",
+)
+PHRASINGS = ("template", "paraphrase", "mixed")  # captions as the templates write them, as people do, or either
+
 
 def _join(parts: list[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(scene: Scene, rng: np.random.Generator, background: bool | None = None) -> str:
-    """A caption stating every object's shape, colour, size and position; background: True/False/random."""
+def caption(scene: Scene, rng: np.random.Generator, background: bool | None = None,
+            phrasing: str = "template") -> str:
+    """A caption stating every object's shape, colour, size and position; background: True/False/random.
+
+    phrasing "template" uses the fixed templates' words; "paraphrase" always the synonyms, other orders and
+    templates people write ("a big violet triangle in the middle against a grey background"); "mixed" picks
+    one of the two per caption (the training data's setting).
+    """
     if not scene.objects or not all(o.complete for o in scene.objects):
         raise ValueError(f"caption needs at least one object with every attribute stated, got {scene}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r}: expected one of {PHRASINGS}")
     if background is None:
         background = bool(rng.integers(2))
     if background and scene.background is None:
         raise ValueError("cannot state the background of a scene whose background is unstated")
+    para = phrasing == "paraphrase" or (phrasing == "mixed" and bool(rng.integers(2)))
+    word = (lambda w: _SYNONYMS.get(w, w)) if para else (lambda w: w)
+    phrases_for = _POSITION_PARAPHRASES if para else _POSITION_PHRASES
 
     def where(position: str) -> str:
-        return _POSITION_PHRASES[position][int(rng.integers(2))]
+        return phrases_for[position][int(rng.integers(2))]
+
+    def adjectives(size: str, color: str) -> str:
+        first, second = word(size), word(color)
+        return f"{second} {first}" if para and rng.integers(4) == 0 else f"{first} {second}"
 
     # Objects that look alike (same shape, colour and size) are counted: "two small red circles, ...".
     groups: dict[tuple[str, str, str], list[str]] = {}
@@ -271,14 +312,18 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
     phrases = []
     for (size, color, shape), positions in groups.items():
         if len(positions) == 1:
-            phrases.append(f"a {size} {color} {shape} {where(positions[0])}")
+            phrases.append(f"a {adjectives(size, color)} {shape} {where(positions[0])}")
         else:
             each = _join([f"one {where(p)}" for p in positions])
-            phrases.append(f"{_NUMBER_WORDS[len(positions)]} {size} {color} {shape}s, {each}")
+            phrases.append(f"{_NUMBER_WORDS[len(positions)]} {adjectives(size, color)} {shape}s, {each}")
     order = rng.permutation(len(phrases))
     objs = _join([phrases[i] for i in order])
-    templates = _TEMPLATES_WITH_BACKGROUND if background else _TEMPLATES_WITHOUT_BACKGROUND
-    return templates[int(rng.integers(len(templates)))].format(objs=objs, bg=scene.background)
+    if not background:
+        templates = _TEMPLATES_WITHOUT_BACKGROUND
+    else:
+        templates = _TEMPLATES_WITH_BACKGROUND + (_PARAPHRASE_TEMPLATES if para else ())
+    bg = word(scene.background) if background else None
+    return templates[int(rng.integers(len(templates)))].format(objs=objs, bg=bg)
 
 
 # --- parsing ------------------------------------------------------------------------------------------
@@ -351,13 +396,17 @@ def parse_caption(text: str) -> Scene | None:
 class ShapesDataset(torch.utils.data.Dataset):
     """n shape images; item i depends only on (seed, split, i), whatever the access order."""
 
-    def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", max_objects: int = 3):
+    def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", max_objects: int = 3,
+                 phrasing: str = "mixed"):
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"unknown phrasing {phrasing!r}: expected one of {PHRASINGS}")
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
         _pairs(split)  # validates split
         if not 1 <= max_objects <= 3:
             raise ValueError(f"max_objects must be in 1..3, got {max_objects}")
         self.n, self.size, self.seed, self.split, self.max_objects = n, size, seed, split, max_objects
+        self.phrasing = phrasing  # captions: half template words, half paraphrases by default
 
     def __len__(self) -> int:
         return self.n
@@ -369,26 +418,33 @@ class ShapesDataset(torch.utils.data.Dataset):
         index %= self.n
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
         scene = sample_scene(rng, self.split, self.max_objects)
-        text = caption(scene, rng)
+        text = caption(scene, rng, phrasing=self.phrasing)
         image = render(scene, self.size, seed=int(rng.integers(2**31)))
         return {"image": to_tensor(image), "caption": text, "scene": scene}
 
 
-def _prompts(split: str, n: int, seed: int) -> list[tuple[str, Scene]]:
-    """n single-object (caption, scene) pairs, every attribute stated, so parse_caption(caption) == scene."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), 1_000_003])
+def _prompts(split: str, n: int, seed: int, phrasing: str, objects: int) -> list[tuple[str, Scene]]:
+    """n (caption, scene) pairs of ``objects`` objects, every attribute stated, so parse_caption(caption) == scene."""
+    stream = [seed, SPLITS.index(split), 1_000_003 + 7 * (objects - 1)]
+    rng, words = np.random.default_rng(stream), np.random.default_rng(stream + [1])  # scenes apart from words
     out = []
     for _ in range(n):
-        scene = sample_scene(rng, split, max_objects=1)
-        out.append((caption(scene, rng, background=True), scene))
+        scene = sample_scene(rng, split, n_objects=objects)
+        out.append((caption(scene, words, background=True, phrasing=phrasing), scene))
     return out
 
 
-def heldout_prompts(n: int = 16, seed: int = 0) -> list[tuple[str, Scene]]:
-    """Prompts for (color, shape) pairs never seen in training, to score compositional generalization."""
-    return _prompts("heldout", n, seed)
+def heldout_prompts(n: int = 16, seed: int = 0, phrasing: str = "template", objects: int = 1
+                    ) -> list[tuple[str, Scene]]:
+    """Prompts for (color, shape) pairs never seen in training, to score compositional generalization.
+
+    phrasing "paraphrase" words them as people do (synonyms, other orders); objects: 1, 2 or 3 per scene
+    (the first always a held-out pair). The scenes do not depend on the phrasing.
+    """
+    return _prompts("heldout", n, seed, phrasing, objects)
 
 
-def train_prompts(n: int = 16, seed: int = 0) -> list[tuple[str, Scene]]:
+def train_prompts(n: int = 16, seed: int = 0, phrasing: str = "template", objects: int = 1
+                  ) -> list[tuple[str, Scene]]:
     """Prompts drawn like the training captions, as the in-distribution reference."""
-    return _prompts("train", n, seed)
+    return _prompts("train", n, seed, phrasing, objects)

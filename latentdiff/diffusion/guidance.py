@@ -135,3 +135,96 @@ def cfg(
 
     guided.parameterization = getattr(denoiser, "parameterization", None)
     return guided
+
+
+def _project(v: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
+    """(parallel, orthogonal) parts of v relative to ``onto``, per sample, in float64 for the dot products."""
+    dims = tuple(range(1, v.ndim))
+    v64, o64 = v.double(), onto.double()
+    unit = o64 / torch.linalg.vector_norm(o64, dim=dims, keepdim=True).clamp(min=1e-12)
+    parallel = (v64 * unit).sum(dim=dims, keepdim=True) * unit
+    return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
+
+
+def apg(denoiser, scale: float, uncond: Cond | None, *, eta: float = 0.0, norm_threshold: float = 0.0,
+        momentum: float = 0.0):
+    """Adaptive projected guidance, Sadat et al. 2024: CFG's update without its part parallel to the conditional
+    prediction (the part that oversaturates), optionally norm-capped and with (negative) momentum.
+
+    x0 = x0_c + (scale - 1) * (orthogonal + eta * parallel), where the update x0_c - x0_u (plus momentum times the
+    running average of earlier updates) is split against x0_c and its norm capped at norm_threshold (0: no cap).
+    eta = 1 and no cap or momentum is plain CFG. The running average lives in this closure: make one guided
+    denoiser per generation.
+    """
+    if not scale >= 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    if norm_threshold < 0:
+        raise ValueError(f"APG norm_threshold must be >= 0 (0 = no cap), got {norm_threshold}")
+    if not -1 < momentum < 1:
+        raise ValueError(f"APG momentum must lie in (-1, 1) (the paper uses -0.5), got {momentum}")
+    plain = cfg(denoiser, 1.0, uncond)
+    running: list[Tensor] = []
+
+    def guided(x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
+        if scale == 1:
+            return plain(x, sigma, cond)
+        B = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
+        if cond is None or uncond is None:
+            raise ValueError("APG needs a cond and an uncond, as classifier-free guidance does")
+        x0_c, x0_u = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(_broadcast(uncond, B))).chunk(2)
+        update = x0_c - x0_u
+        if momentum:
+            update = update + momentum * running[0] if running else update
+            running[:] = [update]
+        if norm_threshold > 0:
+            norm = torch.linalg.vector_norm(update, dim=tuple(range(1, x.ndim)), keepdim=True)
+            update = update * (norm_threshold / norm.clamp(min=1e-12)).clamp(max=1.0)
+        parallel, orthogonal = _project(update, x0_c)
+        return x0_c + (scale - 1) * (orthogonal + eta * parallel)
+
+    guided.parameterization = getattr(denoiser, "parameterization", None)
+    return guided
+
+
+def autoguidance(denoiser, guide, scale: float):
+    """Autoguidance, Karras et al. 2024 (EDM2): guide a model with a weaker version of itself, same condition.
+
+    x0 = x0_guide + scale * (x0_main - x0_guide), where ``guide`` is a smaller or less-trained denoiser of the
+    same data and conditioning (an early checkpoint of the same run). Both see the conditional prompt.
+    """
+    if not scale >= 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+
+    def guided(x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
+        x0 = denoiser(x, sigma, cond)
+        if scale == 1:
+            return x0
+        return torch.lerp(guide(x, sigma, cond), x0, scale)
+
+    guided.parameterization = getattr(denoiser, "parameterization", None)
+    return guided
+
+
+def pag(denoiser, scale: float, perturb):
+    """Perturbed-attention guidance, Ahn et al. 2024: guide away from the prediction the network makes with its
+    self-attention maps replaced by the identity: x0 = x0_c + scale * (x0_c - x0_perturbed).
+
+    ``perturb`` is a zero-argument context manager factory under which the network's self-attention is
+    perturbed (``latentdiff.models.layers.perturbed_self_attention``); no uncond pass, so it needs no CFG
+    training. Compose with CFG by wrapping a CFG-guided denoiser: ``pag(cfg(d, w, u), s, perturb)``.
+    """
+    if not scale >= 0:
+        raise ValueError(f"PAG scale must be >= 0, got {scale}")
+
+    def guided(x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
+        x0 = denoiser(x, sigma, cond)
+        if scale == 0:
+            return x0
+        with perturb():
+            x0_p = denoiser(x, sigma, cond)
+        return x0 + scale * (x0 - x0_p)
+
+    guided.parameterization = getattr(denoiser, "parameterization", None)
+    return guided

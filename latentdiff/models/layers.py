@@ -6,7 +6,9 @@ so that pretrained checkpoints map onto these modules name for name.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,22 @@ def key_padding_mask(mask: Tensor) -> Tensor:
     return mask[:, None, None, :]  # (B, 1, 1, L)
 
 
+# Perturbed-attention guidance (Ahn et al. 2024) asks for the network's prediction with every self-attention
+# map replaced by the identity (each token attends only to itself). A context variable says so for the current
+# call only: thread-safe (one value per thread / task), and no module is changed. ``perturbed_self_attention``.
+_IDENTITY_SELF_ATTENTION: ContextVar[bool] = ContextVar("identity_self_attention", default=False)
+
+
+@contextlib.contextmanager
+def perturbed_self_attention():
+    """Within this block, every ``Attention`` used as self-attention returns its values unmixed (identity map)."""
+    token = _IDENTITY_SELF_ATTENTION.set(True)
+    try:
+        yield
+    finally:
+        _IDENTITY_SELF_ATTENTION.reset(token)
+
+
 class Attention(nn.Module):
     """Multi-head (self or cross) attention through scaled_dot_product_attention, Vaswani et al. 2017."""
 
@@ -95,6 +113,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x (B, L, D), context (B, S, Dc) or None for self-attention, mask (B, S) bool True = real token."""
+        if context is None and _IDENTITY_SELF_ATTENTION.get():
+            return self.to_out[0](self.to_v(x))  # identity attention map: each token keeps its own value
         context = x if context is None else context
         B, L, _ = x.shape
         S = context.shape[1]

@@ -1,0 +1,86 @@
+"""The shapes judge on a pipeline: prompt suites (held-out, paraphrased, two-object), autoencoder ceilings, and
+the training hook that logs the suite against training time (the curve a long run is read by)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentdiff.data.judge import score
+from latentdiff.data.shapes import heldout_prompts, render, to_tensor, train_prompts
+from latentdiff.images import to_uint8
+
+# name -> (prompt set, phrasing, objects per scene); "heldout" is the issue's headline figure.
+SUITES = {
+    "heldout": (heldout_prompts, "template", 1),
+    "heldout_paraphrase": (heldout_prompts, "paraphrase", 1),
+    "heldout_two": (heldout_prompts, "template", 2),
+    "train": (train_prompts, "template", 1),
+}
+
+
+def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
+                  seed: int, batch: int = 16, schedule: str | None = "karras", **options) -> tuple[dict, list]:
+    """Generate one image per (caption, scene) prompt and score it with the judge against the scene."""
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = [c for c, _ in prompts[start:start + batch]]
+        images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
+                                schedule=schedule, **options)
+    scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
+    return scores, images
+
+
+def render_prompts(prompts: list[tuple[str, object]], size: int) -> torch.Tensor:
+    """The prompts' scenes drawn at ``size`` (scene i with jitter seed i): (N, 3, size, size) in [-1, 1]."""
+    return torch.stack([to_tensor(render(scene, size, seed=i)) for i, (_, scene) in enumerate(prompts)])
+
+
+@torch.no_grad()
+def autoencoder_ceiling(autoencoder, prompts: list[tuple[str, object]], size: int) -> dict:
+    """The judge on autoencoder round trips of the prompts' rendered scenes: what generation can reach at best."""
+    images = render_prompts(prompts, size)
+    return score(list(to_uint8(autoencoder.decode(autoencoder.encode(images)))), [s for _, s in prompts])
+
+
+def stderr(p: float, n: int) -> float:
+    """One standard error of a share p measured on n independent trials."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def judge_suites(pipe, n: int, *, suites=tuple(SUITES), steps: int = 20, sampler: str = "dpmpp_2m",
+                 guidance: float = 4.0, seed: int = 0, schedule: str | None = None, **options) -> dict:
+    """The judge's scores on ``n`` prompts of each named suite (fixed prompts and seeds: only the model moves)."""
+    out = {}
+    for name in suites:
+        prompts_for, phrasing, objects = SUITES[name]
+        prompts = prompts_for(n, seed=seed, phrasing=phrasing, objects=objects)
+        scores, _ = score_prompts(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                  schedule=schedule, batch=64, **options)
+        out[name] = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
+    return out
+
+
+def make_judge_hook(every: int, n: int, log_path: str | os.PathLike, **settings) -> Callable[[int, object], dict]:
+    """A training hook ``hook(step, pipeline)`` that appends the judge suites, wall and CPU time to ``log_path``."""
+    if every < 1 or n < 1:
+        raise ValueError(f"judge_every and judge_prompts must be positive, got {every} and {n}")
+    t0, c0 = time.time(), time.process_time()
+
+    def hook(step: int, pipeline) -> dict:
+        row = {"step": int(step), "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+               **judge_suites(pipeline, n, **settings)}
+        path = Path(log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:  # one line per evaluation, appended like metrics.jsonl
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    return hook
