@@ -18,8 +18,8 @@ from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, ini
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.runtime import autocast
 from latentdiff.models.vae_inference import decode_latents
-from latentdiff.train.common import autocast, low_precision_layout
 from latentdiff.types import Cond
 
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -36,7 +36,7 @@ class Pipeline:
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
-        self.precision = precision  # "fp32" or "bf16" autocast for the denoiser
+        self.precision = precision  # "fp32", "bf16" or "fp16" autocast for the denoiser (``runtime.autocast``)
         self.name = name  # recorded in the PNG parameters
         self.default_size = default_size  # pixels, when generate() is given no height/width
         self.steps_offset = steps_offset  # added to 'leading' timesteps (a diffusers scheduler's steps_offset)
@@ -134,7 +134,7 @@ class Pipeline:
         final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
         convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
-        with autocast(self.precision, x.device), low_precision_layout(self.precision, x.device, *convs):
+        with autocast(self.precision, x.device, *convs):
             z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
         if output == "latent":
             return z.float()

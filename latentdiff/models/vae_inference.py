@@ -13,7 +13,7 @@
   here pad them (reflection) when asked, and ``decode_to_size`` crops the padding off again.
 * **Low precision.** ``decode_with_fallback`` decodes under bf16/fp16 autocast and, if any output value is
   NaN or inf (the fp16 overflow SD-family VAEs are known for), decodes again in fp32 and says so. Low
-  precision goes through ``at_precision`` (also the way to encode in bf16), which on the CPU keeps the
+  precision goes through ``runtime.autocast`` (also the way to encode in bf16), which on the CPU keeps the
   convolution weights channels-last for the call: on a CPU without native bf16, NCHW bf16 convolutions are
   20-35x slower than NHWC ones (BENCHMARKS.md). fp32 is untouched.
 """
@@ -31,10 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.models.autoencoder import AutoencoderKL
-from latentdiff.train.common import low_precision_layout
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from latentdiff.models.runtime import autocast, check_precision
 
 # ----------------------------------------------------------------------------- padding
 
@@ -275,31 +272,14 @@ def tiled_decode(autoencoder: AutoencoderKL, latents: Tensor, tile: int = 64, ov
 # ----------------------------------------------------------------------------- precision
 
 
-@contextlib.contextmanager
-def at_precision(autoencoder: nn.Module, precision: str, device: torch.device | str = "cpu"):
-    """Run the autoencoder's calls in the block at ``precision``: "fp32" as it is; "bf16" / "fp16" under
-    autocast, with the convolution weights channels-last for the block on the CPU (``low_precision_layout``:
-    the fast bf16 path there), restored on exit. ``with at_precision(ae, "bf16"): z = ae.encode(x)`` encodes
-    in bf16; tiled calls work inside it too."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device.type, dtype=DTYPES[precision]), low_precision_layout(precision, device, autoencoder):
-        yield
-
-
 @torch.no_grad()
 def decode_with_fallback(autoencoder: AutoencoderKL, latents: Tensor, precision: str = "bf16",
                          quiet: bool = False) -> Tensor:
-    """Decode under ``precision`` autocast ("fp32", "bf16" or "fp16"; ``at_precision``); if the output holds
-    NaN or inf, decode again in fp32 (and say so on stderr unless ``quiet``). Returns float32 NCHW images."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    """Decode under ``precision`` (``runtime.autocast``: "fp32", "bf16" or "fp16"); if the output holds NaN or inf,
+    decode again in fp32 (and say so on stderr unless ``quiet``). Returns float32 NCHW images."""
+    check_precision(precision)
     if precision != "fp32":
-        with at_precision(autoencoder, precision, latents.device):
+        with autocast(precision, latents.device, autoencoder):
             images = autoencoder.decode(latents)
         if torch.isfinite(images).all():
             return images.to(torch.float32, memory_format=torch.contiguous_format)

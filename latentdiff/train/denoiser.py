@@ -35,12 +35,11 @@ from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_s
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import atomic_folder
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
+from latentdiff.models.runtime import autocast, channels_last
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
     NonFiniteSkipper,
-    autocast,
-    channels_last,
     check_finite_params,
     find_checkpoint,
     interrupt_message,
@@ -112,7 +111,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
-    channels_last: bool = False  # NHWC convolution weights (train/common.channels_last); no gain on the 2-core CPU
+    channels_last: bool = False  # NHWC convolution weights (models/runtime.channels_last); no gain on the 2-core CPU
     cached_text: bool = True  # read a frozen text encoder's embeddings from the cache when it holds them
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     gradient_checkpointing: bool = False  # recompute U-Net block activations in backward (less memory, ~30% slower)
@@ -312,7 +311,7 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
                     if cfg.offset_noise:
                         off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
                         noise = noise + cfg.offset_noise * off[:, :, None, None]
-                    with autocast(cfg.precision, device):
+                    with autocast(cfg.precision, device, training=True):
                         cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                             else text_encoder(captions)
                         if class_names is not None:  # drawn last: the text-only runs' streams stay as they were
