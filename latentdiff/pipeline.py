@@ -51,9 +51,13 @@ class Pipeline:
         self.final_sigma = final_sigma
         self.flow_shift = flow_shift  # shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
-    def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
-        """Prompts and negative prompts through the text encoder in one call, so both share a length."""
-        both = self.text_encoder(prompts + negative)
+    def encode_prompts(self, prompts: list[str], negative: list[str],
+                       image_size: tuple[int, int] | None = None) -> tuple[Cond, Cond]:
+        """Prompts and negative prompts through the text encoder in one call, so both share a length; an encoder
+        whose pooled vector announces the image size (SDXL) is told ``image_size`` (height, width), if given."""
+        sized = image_size is not None and getattr(self.text_encoder, "takes_image_size", False)
+        both = self.text_encoder(prompts + negative, image_size=image_size) if sized else \
+            self.text_encoder(prompts + negative)
         n = len(prompts)
         return both.map(lambda t: t[:n]), both.map(lambda t: t[n:])
 
@@ -106,9 +110,8 @@ class Pipeline:
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
-        if hasattr(self.text_encoder, "set_image_size"):  # SDXL's size conditioning follows the request
-            self.text_encoder.set_image_size(height, width)
-        cond, uncond = self.encode_prompts(prompts, negatives)
+        # SDXL's size conditioning follows the request (passed along: the shared text encoder is not changed).
+        cond, uncond = self.encode_prompts(prompts, negatives, (height, width))
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
         if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
             raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
