@@ -297,19 +297,6 @@ class NonFiniteSkipper:
                                "the last checkpoint is untouched")
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
-    """The data indices of ``step``: each epoch is a fresh seeded permutation, so a resumed run
-    reads exactly what an uninterrupted one would."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // n, positions % n
-    out = torch.empty(batch_size, dtype=torch.long)
-    for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        sel = epochs == epoch
-        out[sel] = perm[offsets[sel]]
-    return out
-
-
 def check_finite_params(model: nn.Module) -> None:
     """Refuse to save weights holding NaN or inf."""
     bad = [name for name, p in model.state_dict().items() if p.dtype.is_floating_point and not torch.isfinite(p).all()]

@@ -12,6 +12,7 @@ import torch
 from latentdiff.components import save_autoencoder
 from latentdiff.config import from_dict, to_dict
 from latentdiff.data import make_image_dataset
+from latentdiff.data.buckets import batch_indices
 from latentdiff.data.pixels import open_pixel_set, same_shape_batches, uses_pixel_set
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
@@ -38,7 +39,6 @@ from latentdiff.train.common import (
     EMA,
     MetricsLog,
     NonFiniteSkipper,
-    batch_indices,
     check_finite_params,
     find_checkpoint,
     interrupt_message,
