@@ -162,9 +162,10 @@ def quality(args) -> dict:
     from latentdiff.data import make_image_dataset
     from latentdiff.data.natural import load_skimage, skimage_heldout, to_tensor
     from latentdiff.eval.reconstruction import psnr, ssim
-    from latentdiff.models.preview import PreviewConfig, distill_preview, flops
+    from latentdiff.models.preview import PreviewConfig, flops
     from latentdiff.models.vae_inference import decode_with_fallback
     from latentdiff.train.latent_stats import image_batches
+    from latentdiff.train.preview import distill_preview
 
     torch.set_num_threads(args.threads)
     ae = load_model(args)

@@ -107,7 +107,7 @@ def cmd_latent_stats(args) -> None:
 
 
 def cmd_distill_preview(args) -> None:
-    from latentdiff.models.preview import PreviewTrainConfig, distill_preview_command
+    from latentdiff.train.preview import PreviewTrainConfig, distill_preview_command
 
     cfg = _config(PreviewTrainConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data, "out": args.out,
                                                  "steps": args.steps})
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.set_defaults(func=cmd_latent_stats)
 
-    from latentdiff.models.preview import PreviewTrainConfig
+    from latentdiff.train.preview import PreviewTrainConfig
 
     p = sub.add_parser("distill-preview", help="distill a tiny preview decoder from an autoencoder",
                        description="Train a small, fast decoder (TAESD-style) to imitate an autoencoder's decoder.")
