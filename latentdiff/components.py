@@ -25,11 +25,12 @@ from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization
 from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, build_autoencoder
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.dit import DiTConfig
 from latentdiff.models.families import FAMILIES
 from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
+from latentdiff.models.vq import build_autoencoder
 
 BETA_SCHEDULES = {
     "linear": schedules.linear_betas,

@@ -388,15 +388,6 @@ class AutoencoderKL(nn.Module):
         return self.decode_raw(posterior.sample(generator)), posterior
 
 
-def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
-    """The autoencoder class the config's regularizer asks for."""
-    if config.regularizer == "vq":
-        from .vq import AutoencoderVQ
-
-        return AutoencoderVQ(config)
-    return AutoencoderKL(config)
-
-
 def pixel_errors(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
     """Per-value absolute ("l1") or squared ("l2") error, the shape of the images."""
     if kind == "l1":

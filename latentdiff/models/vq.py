@@ -170,6 +170,11 @@ class AutoencoderVQ(AutoencoderKL):
         return self._decode_quantized(out.quantized), out
 
 
+def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
+    """The autoencoder class the config's regularizer asks for: ``AutoencoderKL`` or ``AutoencoderVQ``."""
+    return AutoencoderVQ(config) if config.regularizer == "vq" else AutoencoderKL(config)
+
+
 def vq_loss(reconstruction: Tensor, images: Tensor, quantizer: QuantizerOutput,
             recon: str = "l1") -> tuple[Tensor, dict[str, Tensor]]:
     """Reconstruction + the quantizer's commitment (and codebook) loss; reports perplexity and usage."""

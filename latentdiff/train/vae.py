@@ -19,7 +19,6 @@ from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
-    build_autoencoder,
     compute_latent_stats,
     detail_loss,
     edge_loss,
@@ -34,7 +33,7 @@ from latentdiff.models.perceptual import (
     perceptual_loss_or_none,
 )
 from latentdiff.models.runtime import autocast, channels_last
-from latentdiff.models.vq import AutoencoderVQ, QuantizerOutput, vq_loss
+from latentdiff.models.vq import AutoencoderVQ, QuantizerOutput, build_autoencoder, vq_loss
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
