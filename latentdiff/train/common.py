@@ -58,6 +58,15 @@ class EMA:
                 e.copy_(p)
 
 
+class Trainable(nn.Module):
+    """The modules the optimizer updates: the network, and the text encoder when it is trained jointly."""
+
+    def __init__(self, network: nn.Module, text_encoder: nn.Module | None):
+        super().__init__()
+        self.network = network
+        self.text_encoder = text_encoder
+
+
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Learning rate at ``step``: linear warm-up, then constant or cosine decay to 10%."""
     if step < warmup_steps:
