@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -21,6 +22,9 @@ from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.runtime import autocast
 from latentdiff.models.vae_inference import decode_latents
 from latentdiff.types import Cond
+
+if TYPE_CHECKING:
+    from latentdiff.interop.common import SDModel
 
 OUTPUTS = ("pil", "np", "pt", "latent")
 FLOW_GRIDS = ("flow", "flow_match")  # the sigma grids made for flow models (the ones a flow shift applies to)
@@ -184,7 +188,7 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
     folder = Path(path)
     weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
     if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
-        from latentdiff.interop import open_model, to_pipeline
+        from latentdiff.interop import open_model
 
         model = open_model(folder, **interop_kw)
         print(model.summary())
@@ -219,6 +223,14 @@ def load(path: str | Path, *, precision: str = "fp32", verbose: bool = False, **
                     size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview,
                     final_sigma=info.get("sampler", {}).get("final_sigma", 0.0),
                     flow_shift=info.get("sampler", {}).get("flow_shift", 1.0))
+
+
+def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model") -> Pipeline:
+    """A Pipeline over an ``SDModel`` that ``latentdiff.interop`` read (a diffusers folder, a single file)."""
+    return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
+                    default_size=model.sample_size, steps_offset=model.hint.steps_offset,
+                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
+                    flow_shift=model.hint.flow_shift)
 
 
 def _is_diffusers(folder: Path) -> bool:
