@@ -5,7 +5,7 @@ whole-image GroupNorm statistics (or exact ones); the preview decoder's speed-up
     PYTHONPATH=$PWD python benchmarks/autoencoder.py --autoencoder /tmp/ae_vn/small-f8c4/autoencoder
     PYTHONPATH=$PWD python benchmarks/autoencoder.py --sizes 256 512 --passes 4 --bf16-max-size 512 --timeout 300
 
-bf16 runs the way the library does it (``vae_inference.at_precision``: autocast with channels-last convolution
+bf16 runs the way the library does it (``runtime.autocast``: autocast with channels-last convolution
 weights on the CPU; on a CPU without native bf16 that is ~7x slower than fp32, NCHW bf16 150x);
 ``--bf16-nchw`` times the old contiguous bf16 path instead (plain autocast), for comparison.
 
@@ -68,7 +68,8 @@ def load_model(args):
 
 def worker(spec: dict, args) -> dict:
     """One timed op in this (fresh) process."""
-    from latentdiff.models.vae_inference import at_precision, decode_with_fallback, tiled_decode, tiled_encode
+    from latentdiff.models.runtime import autocast
+    from latentdiff.models.vae_inference import decode_with_fallback, tiled_decode, tiled_encode
 
     torch.set_num_threads(args.threads)
     ae = load_model(args)
@@ -79,7 +80,7 @@ def worker(spec: dict, args) -> dict:
     def run(n):
         if op == "encode":
             x = torch.rand(1, 3, n, n) * 2 - 1
-            context = torch.autocast("cpu", dtype=torch.bfloat16) if nchw else at_precision(ae, precision)
+            context = torch.autocast("cpu", dtype=torch.bfloat16) if nchw else autocast(precision, "cpu", ae)
             with torch.no_grad(), context:
                 return tiled_encode(ae, x, **TILE["encode"], passes=passes) if tiled else ae.encode(x)
         z = torch.randn(1, ae.latent_channels, n // f, n // f)
@@ -161,9 +162,10 @@ def quality(args) -> dict:
     from latentdiff.data import make_image_dataset
     from latentdiff.data.natural import load_skimage, skimage_heldout, to_tensor
     from latentdiff.eval.reconstruction import psnr, ssim
-    from latentdiff.models.preview import PreviewConfig, distill_preview, flops
+    from latentdiff.models.preview import PreviewConfig, flops
     from latentdiff.models.vae_inference import decode_with_fallback
     from latentdiff.train.latent_stats import image_batches
+    from latentdiff.train.preview import distill_preview
 
     torch.set_num_threads(args.threads)
     ae = load_model(args)

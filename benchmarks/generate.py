@@ -19,7 +19,7 @@ import time
 
 import torch
 
-import latentdiff.pipeline
+import latentdiff.models.runtime
 from latentdiff.components import DenoiserSpec, build_denoiser
 from latentdiff.conditioning.text import HashedTextEncoder, TextEncoderConfig
 from latentdiff.models.autoencoder import PRESETS as AE_PRESETS
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--bf16-nchw", action="store_true", help="bf16 with contiguous (NCHW) convolution weights")
     args = ap.parse_args()
     if args.bf16_nchw:  # the layout switch is the only change: autocast stays
-        latentdiff.pipeline.low_precision_layout = lambda *a: contextlib.nullcontext()
+        latentdiff.models.runtime.low_precision_layout = lambda *a: contextlib.nullcontext()
     pipe = load(args.model) if args.model else random_pipeline()
     prompts = ["a large red circle on the left"] * args.batch
     calls = []

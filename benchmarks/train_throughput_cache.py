@@ -30,13 +30,13 @@ import torch
 
 from latentdiff.components import DenoiserSpec, build_denoiser
 from latentdiff.conditioning.text import HashedTextEncoder, PretrainedTextEncoder, TextEncoderConfig
+from latentdiff.data.buckets import batch_indices
 from latentdiff.data.cache import LatentCache, build_cache
 from latentdiff.data.shapes import ShapesDataset
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
 from latentdiff.models.autoencoder import PRESETS as AE_PRESETS
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.unet import PRESETS as UNET_PRESETS
-from latentdiff.train.common import batch_indices
 
 AUTOENCODER_FOR_SIZE = {32: "shapes-demo", 64: "shapes-f4c4"}  # the demo's and the 64 px presets
 

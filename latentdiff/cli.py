@@ -7,13 +7,12 @@ overrides (applied in that order, after the defaults), plus a few common flags a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import build_config, parse_override
+from latentdiff.config import add_config_args, config_from_args
 
 
 @dataclass
@@ -72,61 +71,44 @@ DEMO_PRESETS: dict[str, dict] = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser, presets: dict, cls) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = "config keys (for --config and --set), with their defaults:\n" + "\n".join(
-        f"  {k} = {v!r}" for k, v in dataclasses.asdict(cls()).items())
-    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(sorted(presets))})")
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of config keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (dotted for tables, e.g. text_encoder.kind=pretrained); repeatable")
-
-
-def _config(cls, presets, args, shortcuts: dict):
-    overrides = dict(parse_override(o) for o in args.overrides)
-    for key, value in shortcuts.items():
-        if value is not None:
-            overrides[key] = value
-    return build_config(cls, presets, args.preset, args.config, overrides)
-
-
 def cmd_train_vae(args) -> None:
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
 
-    cfg = _config(VAETrainConfig, VAE_PRESETS, args,
-                  {"out": args.out, "data": args.data, "steps": args.steps, "resume": args.resume or None,
-                   "dry_run": args.dry_run or None})
+    cfg = config_from_args(VAETrainConfig, VAE_PRESETS, args,
+                           {"out": args.out, "data": args.data, "steps": args.steps, "resume": args.resume or None,
+                            "dry_run": args.dry_run or None})
     _print_result(train_vae(cfg))
 
 
 def cmd_latent_stats(args) -> None:
     from latentdiff.train.latent_stats import LatentStatsConfig, latent_stats
 
-    cfg = _config(LatentStatsConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data})
+    cfg = config_from_args(LatentStatsConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data})
     print(json.dumps(latent_stats(cfg)))
 
 
 def cmd_distill_preview(args) -> None:
-    from latentdiff.models.preview import PreviewTrainConfig, distill_preview_command
+    from latentdiff.train.preview import PreviewTrainConfig, distill_preview_command
 
-    cfg = _config(PreviewTrainConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data, "out": args.out,
-                                                 "steps": args.steps})
+    cfg = config_from_args(PreviewTrainConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data,
+                                                          "out": args.out, "steps": args.steps})
     print(distill_preview_command(cfg))
 
 
 def cmd_cache(args) -> None:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 
-    cfg = _config(CacheConfig, CACHE_PRESETS, args, {"out": args.out, "autoencoder": args.autoencoder,
-                                                     "data": args.data})
+    cfg = config_from_args(CacheConfig, CACHE_PRESETS, args, {"out": args.out, "autoencoder": args.autoencoder,
+                                                              "data": args.data})
     print(cache_dataset(cfg))
 
 
 def cmd_train(args) -> None:
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 
-    cfg = _config(TrainConfig, TRAIN_PRESETS, args, {"out": args.out, "cache": args.cache, "steps": args.steps,
-                                                     "resume": args.resume or None, "dry_run": args.dry_run or None})
+    cfg = config_from_args(TrainConfig, TRAIN_PRESETS, args, {"out": args.out, "cache": args.cache,
+                                                              "steps": args.steps, "resume": args.resume or None,
+                                                              "dry_run": args.dry_run or None})
     _print_result(train_denoiser(cfg))
 
 
@@ -148,7 +130,7 @@ def cmd_posthoc_ema(args) -> None:
 def cmd_generate(args) -> None:
     from latentdiff.pipeline import load, save_images
 
-    cfg = _config(GenerateConfig, {}, args, {
+    cfg = config_from_args(GenerateConfig, {}, args, {
         "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
         "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
         "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
@@ -210,8 +192,8 @@ def _decode_options(cfg: GenerateConfig) -> dict:
 def cmd_eval_vae(args) -> None:
     from latentdiff.eval.vae import VAEEvalConfig, evaluate_vae
 
-    cfg = _config(VAEEvalConfig, {}, args, {"model": args.model, "data": args.data, "out": args.out,
-                                            "extractor": args.extractor, "feature_path": args.feature_path})
+    cfg = config_from_args(VAEEvalConfig, {}, args, {"model": args.model, "data": args.data, "out": args.out,
+                                                     "extractor": args.extractor, "feature_path": args.feature_path})
     report = evaluate_vae(cfg)
     print(json.dumps({k: report[k] for k in ("psnr", "ssim", "images", "rfid", "grid") if k in report}, indent=2))
 
@@ -219,7 +201,7 @@ def cmd_eval_vae(args) -> None:
 def cmd_demo(args) -> None:
     from latentdiff.demo import run_demo
 
-    cfg = _config(DemoConfig, DEMO_PRESETS, args, {"out": args.out})
+    cfg = config_from_args(DemoConfig, DEMO_PRESETS, args, {"out": args.out})
     report = run_demo(cfg)
     print(json.dumps(report["summary"], indent=2))
 
@@ -265,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small model on the built-in shapes set, generate and judge (~15 min)",
                        description="Train an autoencoder and a text-conditioned denoiser on the built-in shapes set, "
                                    "generate held-out prompts, and score them with the judge.")
-    _add_config_args(p, DEMO_PRESETS, DemoConfig)
+    add_config_args(p, DEMO_PRESETS, DemoConfig)
     p.add_argument("--out", default=None, help="output folder (default outputs/demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-vae", help="train an autoencoder", description="Train a KL autoencoder; writes "
                        "OUT/autoencoder with its latent scale and shift.")
-    _add_config_args(p, VAE_PRESETS, VAETrainConfig)
+    add_config_args(p, VAE_PRESETS, VAETrainConfig)
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (crop=random and "
                    "buckets=true also for folders)")
@@ -282,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode a data set into a latent cache",
                        description="Encode a data set once with an autoencoder into safetensors shards.")
-    _add_config_args(p, CACHE_PRESETS, CacheConfig)
+    add_config_args(p, CACHE_PRESETS, CacheConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
     p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (a folder of .tar, "
                    "a glob, or 'shard-{000..009}.tar')")
@@ -294,16 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latent-stats", help="compute an autoencoder's latent scale/shift and store them in its config",
                        description="Measure the latent scale and shift (optionally per channel) of a saved "
                                    "autoencoder on a data set and rewrite its config.json.")
-    _add_config_args(p, {}, LatentStatsConfig)
+    add_config_args(p, {}, LatentStatsConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder")
     p.add_argument("--data", default=None, help="'shapes' or a folder of images")
     p.set_defaults(func=cmd_latent_stats)
 
-    from latentdiff.models.preview import PreviewTrainConfig
+    from latentdiff.train.preview import PreviewTrainConfig
 
     p = sub.add_parser("distill-preview", help="distill a tiny preview decoder from an autoencoder",
                        description="Train a small, fast decoder (TAESD-style) to imitate an autoencoder's decoder.")
-    _add_config_args(p, {}, PreviewTrainConfig)
+    add_config_args(p, {}, PreviewTrainConfig)
     p.add_argument("--autoencoder", default=None, help="autoencoder folder (the teacher)")
     p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of images")
     p.add_argument("--out", default=None, help="folder for the preview decoder")
@@ -315,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-vae", help="held-out PSNR, SSIM and rFID of an autoencoder, and a reconstruction grid",
                        description="Reconstruct held-out images (shapes: unseen renders; skimage: the held-out "
                                    "photographs; or a folder) and write OUT/report.json and OUT/grid.png.")
-    _add_config_args(p, {}, VAEEvalConfig)
+    add_config_args(p, {}, VAEEvalConfig)
     p.add_argument("--model", default=None, help="autoencoder folder, or a model folder holding autoencoder/")
     p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of held-out images")
     p.add_argument("--out", default=None, help="folder for report.json and grid.png")
@@ -327,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
                        description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")
-    _add_config_args(p, TRAIN_PRESETS, TrainConfig)
+    add_config_args(p, TRAIN_PRESETS, TrainConfig)
     p.add_argument("--cache", default=None, help="latent cache folder")
     p.add_argument("--out", default=None, help="run folder")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")

@@ -24,12 +24,20 @@ from latentdiff.config import from_dict
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization
-from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, build_autoencoder
+from latentdiff.io import (
+    LoadReport,
+    atomic_folder,
+    load_component_weights,
+    read_config,
+    save_component,
+    write_json,
+)
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.dit import DiTConfig
 from latentdiff.models.families import FAMILIES
 from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
+from latentdiff.models.vq import build_autoencoder
 
 BETA_SCHEDULES = {
     "linear": schedules.linear_betas,
@@ -128,6 +136,20 @@ def load_text_encoder(folder: str | Path, verbose: bool = False) -> nn.Module:
 
 def write_model_index(folder: str | Path, components: list[str], extra: dict | None = None) -> None:
     write_json(Path(folder) / "model_index.json", {"format": "latentdiff", "components": components, **(extra or {})})
+
+
+def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
+                      autoencoder, cache_image_size: int, class_names: list[str] | None = None,
+                      size_embed_dim: int = 0) -> Path:
+    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
+    with atomic_folder(folder) as tmp:
+        save_autoencoder(tmp / "autoencoder", autoencoder)
+        save_denoiser(tmp / "denoiser", denoiser, spec)
+        save_text_encoder(tmp / "text_encoder", text_encoder)
+        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
+            "sample_size": cache_image_size, **({"class_names": list(class_names)} if class_names else {}),
+            **({"size_conditioning": {"embed_dim": size_embed_dim}} if size_embed_dim else {})})
+    return folder
 
 
 def _report(report: LoadReport, verbose: bool) -> None:

@@ -7,6 +7,7 @@ Any key that the dataclass does not have is an error that names it and lists the
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,3 +115,24 @@ def build_config(cls: type[T], presets: dict[str, dict], preset: str | None, tom
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def add_config_args(p: argparse.ArgumentParser, presets: dict, cls) -> None:
+    """A command's ``--preset``, ``--config FILE.toml`` and ``--set KEY=VALUE``, its keys and defaults in the help."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "config keys (for --config and --set), with their defaults:\n" + "\n".join(
+        f"  {k} = {v!r}" for k, v in dataclasses.asdict(cls()).items())
+    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(sorted(presets))})")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of config keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted for tables, e.g. text_encoder.kind=pretrained); repeatable")
+
+
+def config_from_args(cls: type[T], presets: dict[str, dict], args: argparse.Namespace, shortcuts: dict) -> T:
+    """The config of a command parsed with ``add_config_args``: ``build_config`` with its ``--set`` overrides and
+    the command's own flags (``shortcuts``: key -> value, None when the flag was not given) on top."""
+    overrides = dict(parse_override(o) for o in args.overrides)
+    for key, value in shortcuts.items():
+        if value is not None:
+            overrides[key] = value
+    return build_config(cls, presets, args.preset, args.config, overrides)

@@ -7,6 +7,7 @@ Folders are written the same way: built under a temporary name, then swapped in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -190,3 +191,12 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             f"{path} needs arbitrary code execution to load (a pickle beyond plain tensors), which latentdiff "
             "refuses; convert it to .safetensors with a tool you trust"
         ) from e
+
+
+def file_digest(path: str | os.PathLike, length: int = 10) -> str:
+    """Short sha256 of a file: ties cached features to the exact weights that made them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]

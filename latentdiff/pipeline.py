@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -18,9 +19,12 @@ from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, ini
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.runtime import autocast
 from latentdiff.models.vae_inference import decode_latents
-from latentdiff.train.common import autocast, low_precision_layout
 from latentdiff.types import Cond
+
+if TYPE_CHECKING:
+    from latentdiff.interop.common import SDModel
 
 OUTPUTS = ("pil", "np", "pt", "latent")
 FLOW_GRIDS = ("flow", "flow_match")  # the sigma grids made for flow models (the ones a flow shift applies to)
@@ -36,7 +40,7 @@ class Pipeline:
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
-        self.precision = precision  # "fp32" or "bf16" autocast for the denoiser
+        self.precision = precision  # "fp32", "bf16" or "fp16" autocast for the denoiser (``runtime.autocast``)
         self.name = name  # recorded in the PNG parameters
         self.default_size = default_size  # pixels, when generate() is given no height/width
         self.steps_offset = steps_offset  # added to 'leading' timesteps (a diffusers scheduler's steps_offset)
@@ -51,9 +55,13 @@ class Pipeline:
         self.final_sigma = final_sigma
         self.flow_shift = flow_shift  # shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
-    def encode_prompts(self, prompts: list[str], negative: list[str]) -> tuple[Cond, Cond]:
-        """Prompts and negative prompts through the text encoder in one call, so both share a length."""
-        both = self.text_encoder(prompts + negative)
+    def encode_prompts(self, prompts: list[str], negative: list[str],
+                       image_size: tuple[int, int] | None = None) -> tuple[Cond, Cond]:
+        """Prompts and negative prompts through the text encoder in one call, so both share a length; an encoder
+        whose pooled vector announces the image size (SDXL) is told ``image_size`` (height, width), if given."""
+        sized = image_size is not None and getattr(self.text_encoder, "takes_image_size", False)
+        both = self.text_encoder(prompts + negative, image_size=image_size) if sized else \
+            self.text_encoder(prompts + negative)
         n = len(prompts)
         return both.map(lambda t: t[:n]), both.map(lambda t: t[n:])
 
@@ -106,9 +114,8 @@ class Pipeline:
         sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
-        if hasattr(self.text_encoder, "set_image_size"):  # SDXL's size conditioning follows the request
-            self.text_encoder.set_image_size(height, width)
-        cond, uncond = self.encode_prompts(prompts, negatives)
+        # SDXL's size conditioning follows the request (passed along: the shared text encoder is not changed).
+        cond, uncond = self.encode_prompts(prompts, negatives, (height, width))
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
         if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
             raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
@@ -134,7 +141,7 @@ class Pipeline:
         final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
         convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
-        with autocast(self.precision, x.device), low_precision_layout(self.precision, x.device, *convs):
+        with autocast(self.precision, x.device, *convs):
             z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
         if output == "latent":
             return z.float()
@@ -186,7 +193,7 @@ def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bo
     folder = Path(path)
     weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
     if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
-        from latentdiff.interop import open_model, to_pipeline
+        from latentdiff.interop import open_model
 
         model = open_model(folder, **interop_kw)
         print(model.summary())
@@ -221,6 +228,14 @@ def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bo
                     size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview,
                     final_sigma=info.get("sampler", {}).get("final_sigma", 0.0),
                     flow_shift=info.get("sampler", {}).get("flow_shift", 1.0))
+
+
+def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model") -> Pipeline:
+    """A Pipeline over an ``SDModel`` that ``latentdiff.interop`` read (a diffusers folder, a single file)."""
+    return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
+                    default_size=model.sample_size, steps_offset=model.hint.steps_offset,
+                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
+                    flow_shift=model.hint.flow_shift)
 
 
 def _is_diffusers(folder: Path) -> bool:

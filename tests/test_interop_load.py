@@ -107,10 +107,12 @@ def test_sdxl_folder_generates_diffusers_image(sdxl_folder, capsys):
     assert "detected sdxl" in capsys.readouterr().out
     expected = ref("a blue square", num_inference_steps=3, guidance_scale=2.0, height=24, width=16,
                    generator=torch.Generator().manual_seed(3), output_type="np").images
+    configured = pipe.text_encoder.config.image_size
     got = pipe.generate("a blue square", steps=3, sampler="euler", schedule="leading", guidance=2.0, seed=3,
                         height=24, width=16, output="pt")
     diff = np.abs(_images01(got) - expected).max()
-    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"  # the size ids follow the request
+    assert pipe.text_encoder.config.image_size == configured  # ... passed along, not stored in the shared encoder
 
 
 # ------------------------------------------------------------------------------- single files

@@ -1,4 +1,4 @@
-"""bf16 / fp16 inference on the CPU with channels-last convolutions (``train.common.low_precision_layout``): the
+"""bf16 / fp16 inference on the CPU with channels-last convolutions (``runtime.low_precision_layout``): the
 layout is switched on only for low precision on the CPU, restored afterwards, and gives the results of the
 contiguous (NCHW) low-precision path to bf16 rounding; fp32 does not change at all."""
 
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from test_generate_decoding import PROMPT, model  # noqa: F401 (model: a module-scoped fixture)
 from test_models import one_thread, tiny_vae  # noqa: F401 (one_thread: an autouse fixture)
 
-from latentdiff import pipeline as pipeline_module
-from latentdiff.models.vae_inference import at_precision, decode_with_fallback, tiled_decode, tiled_encode
+from latentdiff.models import runtime
+from latentdiff.models.runtime import autocast, low_precision_layout
+from latentdiff.models.vae_inference import decode_with_fallback, tiled_decode, tiled_encode
 from latentdiff.pipeline import load
-from latentdiff.train.common import low_precision_layout
 
 
 def conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -55,6 +55,20 @@ def test_layout_only_for_low_precision_on_the_cpu_and_restored():
     assert all(nhwc(p) for p in conv_weights(vae))
 
 
+def test_one_autocast_for_inference_and_training():
+    """``runtime.autocast`` is the only switch: fp32 leaves autocast off, bf16/fp16 turn it on, and training
+    (which does no loss scaling) refuses fp16."""
+    with autocast("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with autocast(precision, torch.device("cpu")):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    with autocast("bf16", "cpu", training=True):
+        assert torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="'fp32' or 'bf16' for training"), autocast("fp16", "cpu", training=True):
+        pass
+
+
 @torch.no_grad()
 def test_decode_and_encode_match_the_contiguous_low_precision_path():
     torch.manual_seed(0)
@@ -74,11 +88,11 @@ def test_decode_and_encode_match_the_contiguous_low_precision_path():
     assert rel(fast, fp32) < 1.5 * rel(nchw, fp32)
     torch.testing.assert_close(decode_with_fallback(vae, z, "fp32"), fp32, rtol=0, atol=0)  # fp32: unchanged
 
-    with at_precision(vae, "bf16"):
+    with autocast("bf16", "cpu", vae):
         assert all(nhwc(p) for p in conv_weights(vae))
         z_fast = vae.encode(x).float()
     assert rel(z_fast, z_nchw) < 0.03 and rel(z_fast, z) < 1.5 * rel(z_nchw, z)  # measured 0.7 %; 0.9 % vs 0.9 %
-    with pytest.raises(ValueError, match="precision must be one of"), at_precision(vae, "int8"):
+    with pytest.raises(ValueError, match="precision must be one of"), autocast("int8", "cpu", vae):
         pass
 
 
@@ -95,7 +109,7 @@ def test_tiled_low_precision_still_matches():
     # Measured: 1.4 % and 1.2 % relative RMS (tiled vs untiled fp32 here: 0.07 %, the tile edges).
     assert rel(tiled16, tiled32) < 0.04 and rel(tiled16, untiled16) < 0.04
     x = smooth(96)
-    with at_precision(vae, "bf16"):
+    with autocast("bf16", "cpu", vae):
         zt = tiled_encode(vae, x, tile=64, overlap=32, passes=None).float()
     z32 = vae.encode(x)
     assert rel(zt, z32) < 0.03  # measured 0.75 %
@@ -116,7 +130,7 @@ def test_generate_in_bf16_uses_channels_last_and_fp32_is_unchanged(model, monkey
     assert seen and all(seen)
     hook.remove()
     assert all(p.is_contiguous() for p in [*pipe.denoiser.parameters(), *pipe.preview_decoder.parameters()])
-    monkeypatch.setattr(pipeline_module, "low_precision_layout", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(runtime, "low_precision_layout", lambda *a: contextlib.nullcontext())
     nchw = pipe.generate(PROMPT, **kw)  # the old bf16 path: contiguous weights
     pipe.precision = "fp32"
     torch.testing.assert_close(pipe.generate(PROMPT, **kw), fp32, rtol=0, atol=0)

@@ -11,10 +11,10 @@ from latentdiff.models.autoencoder import PRESETS, AutoencoderKL
 from latentdiff.models.preview import (
     PreviewConfig,
     PreviewDecoder,
-    distill_preview,
     flops,
     load_preview_decoder,
 )
+from latentdiff.train.preview import distill_preview
 
 
 @pytest.mark.parametrize("factor", [4, 8, 16])

@@ -62,7 +62,7 @@ def test_the_split_of_the_global_batch():
     with pytest.raises(ValueError, match="divisible by grad_accum 3"):
         micro_batches(torch.arange(4), 3)
     ranks = [rank_indices(5, 8, 20, 0, Context(rank=r, world=2)) for r in range(2)]
-    from latentdiff.train.common import batch_indices
+    from latentdiff.data.buckets import batch_indices
 
     assert torch.equal(torch.cat(ranks), batch_indices(5, 8, 20, 0))  # the ranks cover the global batch once
     # A sample's random stream depends only on (seed, step, position).

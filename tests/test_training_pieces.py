@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from latentdiff.train.common import EMA, NonFiniteSkipper, batch_indices
+from latentdiff.data.buckets import batch_indices
+from latentdiff.train.common import EMA, NonFiniteSkipper
 
 
 def test_non_finite_loss_skips_the_step_then_stops_the_run():

@@ -1,6 +1,8 @@
 """Tiled encode/decode, padding, and low-precision decoding with an fp32 fallback."""
 
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -79,17 +81,17 @@ def test_whole_image_group_norm_on_one_tile_is_group_norm():
     """With the whole image as the only tile, the tallied statistics are GroupNorm's own: same output, before
     and after freezing them."""
     torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    layer = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
     x = torch.randn(2, 8, 6, 10) * 3 + 1
-    reference = norm(x)
-    with WholeImageGroupNorm([norm]) as wrapped:
-        run = wrapped.wrap(norm)
-        torch.testing.assert_close(run(x, (0, 6, 0, 10)), reference)
-        wrapped.freeze()
-        torch.testing.assert_close(run(x, (0, 6, 0, 10)), reference, atol=1e-5, rtol=1e-5)
-    assert "forward" not in vars(norm)  # the plain module again
+    reference = layer(x)
+    stats = WholeImageGroupNorm()
+    run = stats.wrap(lambda window, norm: norm(layer, window))  # a tiled part whose only layer is the GroupNorm
+    torch.testing.assert_close(run(x, (0, 6, 0, 10)), reference)
+    stats.freeze()
+    torch.testing.assert_close(run(x, (0, 6, 0, 10)), reference, atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(layer)  # the module itself is never changed
 
 
 def test_tiled_decode_and_encode_match_untiled_away_from_seams():
@@ -123,6 +125,33 @@ def test_tiled_decode_and_encode_match_untiled_away_from_seams():
         tiled_encode(vae, x, tile=47, overlap=16)
     with pytest.raises(ValueError, match="passes must be at least 1"):
         tiled_decode(vae, z, tile=32, overlap=16, passes=0)
+    assert "forward" not in vars(vae.encoder) and "forward" not in vars(vae.decoder)
+
+
+def test_tiled_calls_from_two_threads_give_the_serial_results():
+    """Tiling changes no module (the statistics travel with the call), so one autoencoder serves tiled decodes and
+    encodes from two threads at once, with exactly the results of the same calls one after another."""
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    latents = [torch.randn(1, 4, 48, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    images = [smooth_images(size=96, seed=i) for i in range(2)]
+
+    def work(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (tiled_decode(vae, latents[i], tile=32, overlap=16, passes=2),
+                tiled_encode(vae, images[i], tile=64, overlap=32, passes=2))
+
+    serial = [work(i) for i in range(2)]
+    start = threading.Barrier(2)
+
+    def repeatedly(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        start.wait()  # both threads tile at the same time
+        return [work(i) for _ in range(3)]
+
+    with ThreadPoolExecutor(2) as pool:
+        concurrent = list(pool.map(repeatedly, range(2)))
+    for i in range(2):
+        for decoded, encoded in concurrent[i]:
+            assert torch.equal(decoded, serial[i][0]) and torch.equal(encoded, serial[i][1])
     assert "forward" not in vars(vae.encoder) and "forward" not in vars(vae.decoder)
 
 

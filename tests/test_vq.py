@@ -9,8 +9,8 @@ from test_models import one_thread  # noqa: F401 (an autouse fixture)
 
 from latentdiff.cli import main
 from latentdiff.components import load_autoencoder, save_autoencoder
-from latentdiff.models.autoencoder import AutoencoderConfig, build_autoencoder
-from latentdiff.models.vq import AutoencoderVQ, VectorQuantizer
+from latentdiff.models.autoencoder import AutoencoderConfig
+from latentdiff.models.vq import AutoencoderVQ, VectorQuantizer, build_autoencoder
 
 
 def tiny_vq(**kw) -> AutoencoderVQ:

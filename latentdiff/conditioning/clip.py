@@ -138,7 +138,8 @@ class SDTextEncoder(nn.Module):
         return ids  # (B, max_length)
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> Cond:
+    def forward(self, prompts: list[str], image_size: tuple[int, int] | None = None) -> Cond:
+        """``image_size``: the (height, width) SDXL's micro-conditioning announces (None: ``config.image_size``)."""
         contexts, pooled, tokens = [], [], []
         for model, tok, spec in zip(self.encoders, self.tokenizers, self.config.encoders):
             ids = self.tokenize(tok, prompts, spec.max_length).to(model.device)
@@ -157,7 +158,7 @@ class SDTextEncoder(nn.Module):
             context = context.masked_fill(empty[:, None, None], 0.0)
             vector = vector.masked_fill(empty[:, None], 0.0) if vector is not None else None
         if self.config.time_embed_dim:
-            vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device)], dim=-1)
+            vector = torch.cat([vector, self.micro_conditioning(len(prompts), vector.device, image_size)], dim=-1)
         if self.config.context_width > context.shape[-1]:  # SD3: (B, 77, 2048) -> (B, 77, 4096)
             context = torch.nn.functional.pad(context, (0, self.config.context_width - context.shape[-1]))
         if tokens:  # SD3: (B, 77 + 256, 4096)
@@ -167,15 +168,17 @@ class SDTextEncoder(nn.Module):
             context = torch.cat([context, zeros], dim=1)
         return Cond(context=context, vector=vector)
 
-    def set_image_size(self, height: int, width: int) -> None:
-        """The size SDXL's micro-conditioning announces (original = target size); the pipeline sets it."""
-        self.config.image_size = (height, width)
+    @property
+    def takes_image_size(self) -> bool:
+        """Whether the pooled vector announces an image size (SDXL), so a caller should pass ``image_size``."""
+        return bool(self.config.time_embed_dim)
 
-    def micro_conditioning(self, batch: int, device) -> Tensor:
-        """SDXL's (original h, w, crop top, left, target h, w) ids, Fourier-embedded: (B, 6 * time_embed_dim)."""
+    def micro_conditioning(self, batch: int, device, image_size: tuple[int, int] | None = None) -> Tensor:
+        """SDXL's (original h, w, crop top, left, target h, w) ids, Fourier-embedded: (B, 6 * time_embed_dim);
+        original = target = ``image_size`` (None: ``config.image_size``)."""
         from latentdiff.conditioning.sizes import size_embedding, size_ids
 
-        ids = size_ids(1, *self.config.image_size).to(device)  # (1, 6)
+        ids = size_ids(1, *(image_size or self.config.image_size)).to(device)  # (1, 6)
         return size_embedding(ids, self.config.time_embed_dim).expand(batch, -1)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:

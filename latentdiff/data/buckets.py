@@ -8,7 +8,8 @@ from 1:1) and is resized to cover it and centre-cropped.
 Batches come from :class:`BucketBatches`: per epoch, every bucket is shuffled and cut into global
 batches, the batches of all buckets are shuffled together, and under DDP rank ``r`` takes its slice of
 each global batch. The order is a pure function of (seed, epoch), so a resumed run reads what an
-uninterrupted one would, and every sample is read exactly once per epoch across all ranks.
+uninterrupted one would, and every sample is read exactly once per epoch across all ranks. Without buckets
+the order is ``batch_indices``: a fresh seeded permutation per epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
+    """The data indices of ``step``: each epoch is a fresh seeded permutation, so a resumed run
+    reads exactly what an uninterrupted one would."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
 
 
 def make_buckets(area: int, step: int, max_aspect: float = 4.0) -> list[tuple[int, int]]:

@@ -34,10 +34,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from latentdiff.conditioning.text import TextEncoderConfig
-from latentdiff.data.buckets import BucketBatches, make_buckets, most_square, nearest_bucket
+from latentdiff.data.buckets import BucketBatches, batch_indices, make_buckets, most_square, nearest_bucket
 from latentdiff.data.folder import cover_and_crop, image_to_tensor, resize_center_crop
 from latentdiff.io import atomic_folder, write_json, write_safetensors
-from latentdiff.train.common import batch_indices
 from latentdiff.types import Cond
 
 TEXT_EMPTY_NAME = "text_empty.safetensors"
@@ -387,7 +386,7 @@ class LatentCache:
     def batch_indices(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """The items rank ``rank`` trains on at ``step``: a pure function of (seed, step), one bucket per batch.
 
-        One square bucket: ``train.common.batch_indices`` over the global batch, rank ``r`` taking
+        One square bucket: ``buckets.batch_indices`` over the global batch, rank ``r`` taking
         its slice; bucketed: :class:`~latentdiff.data.buckets.BucketBatches`.
         """
         if not self.bucketed:

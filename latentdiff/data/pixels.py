@@ -22,9 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentdiff.data.buckets import BucketBatches, make_buckets, nearest_bucket
+from latentdiff.data.buckets import BucketBatches, batch_indices, make_buckets, nearest_bucket
 from latentdiff.data.folder import resize_center_crop
-from latentdiff.train.common import batch_indices
 
 CROPS = ("center", "random")
 

@@ -13,13 +13,14 @@ EVAL_PRESETS: dict[str, dict] = {
 
 
 def cmd_eval(args) -> None:
-    from latentdiff.cli import _config
+    from latentdiff.config import config_from_args
     from latentdiff.eval.run import EvalConfig, evaluate_samples, run_eval
 
-    cfg = _config(EvalConfig, EVAL_PRESETS, args, {"model": args.model, "out": args.out, "extractor": args.extractor,
-                                                  "feature_path": args.feature_path, "clip": args.clip,
-                                                  "n_samples": args.n_samples, "reference": args.reference,
-                                                  "samples": args.samples})
+    cfg = config_from_args(EvalConfig, EVAL_PRESETS, args, {"model": args.model, "out": args.out,
+                                                            "extractor": args.extractor,
+                                                            "feature_path": args.feature_path, "clip": args.clip,
+                                                            "n_samples": args.n_samples, "reference": args.reference,
+                                                            "samples": args.samples})
     if cfg.samples:
         report = evaluate_samples(cfg)
         print(json.dumps({"report": f"{cfg.out}/report.html", "n_samples": report["n_samples"],
@@ -53,12 +54,12 @@ def cmd_duplicates(args) -> None:
 
 def add_commands(sub) -> None:
     """Register the evaluation commands on the main parser's subparsers."""
-    from latentdiff.cli import _add_config_args
+    from latentdiff.config import add_config_args
     from latentdiff.eval.run import EvalConfig
 
     p = sub.add_parser("eval", help="evaluate a model: FID/KID/precision-recall, judge, memorization; JSON + HTML",
                        description="Sweep sampler steps and guidance; write OUT/report.json and OUT/report.html.")
-    _add_config_args(p, EVAL_PRESETS, EvalConfig)
+    add_config_args(p, EVAL_PRESETS, EvalConfig)
     p.add_argument("--model", default=None, help="model folder")
     p.add_argument("--out", default=None, help="report folder")
     p.add_argument("--extractor", default=None, choices=["shapes", "inception", "inception-tf1", "dinov2"],

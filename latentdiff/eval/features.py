@@ -12,7 +12,6 @@ with a ``name`` (which weights; part of every cache key) and a ``dim``. Three co
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from latentdiff.io import write_safetensors
+from latentdiff.io import file_digest, write_safetensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,15 +34,6 @@ class FeatureExtractor(Protocol):
     dim: int  # feature width
 
     def __call__(self, images: Tensor) -> Tensor: ...
-
-
-def file_digest(path: str | os.PathLike, length: int = 10) -> str:
-    """Short sha256 of a file: ties cached features to the exact weights that made them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 def check_images(images: Tensor, name: str = "images") -> Tensor:

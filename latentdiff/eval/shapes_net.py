@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from latentdiff.config import from_dict
 from latentdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset
-from latentdiff.io import atomic_folder, load_component_weights, read_config, save_component
+from latentdiff.io import atomic_folder, file_digest, load_component_weights, read_config, save_component
 
 # Per position: shape (none + 3), colour (none + 6), size (none + 2); then the background.
 _GROUPS = [(p, "shape", 1 + len(SHAPES)) for p in POSITIONS] + [(p, "color", 1 + len(COLORS)) for p in POSITIONS] \
@@ -161,8 +161,6 @@ def train_shapes_net(out: str | os.PathLike, config: ShapesNetConfig | None = No
 
 def load_shapes_net(folder: str | os.PathLike) -> tuple[ShapesNet, str]:
     """The trained net (eval mode) and a digest of its weights, or an error that says how to make one."""
-    from latentdiff.eval.features import file_digest
-
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no shapes feature net at {folder}; train one (about a minute) with "

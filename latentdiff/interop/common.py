@@ -2,8 +2,8 @@
 
 A loader (diffusers folder, single file) produces an :class:`SDModel`: the three components, the
 denoiser spec, the sampler settings its scheduler implies, the family it detected and one load
-report per component. ``to_pipeline`` turns it into a :class:`~latentdiff.pipeline.Pipeline`;
-``save_latentdiff`` writes it as our own model folder.
+report per component. ``pipeline.to_pipeline`` turns it into a :class:`~latentdiff.pipeline.Pipeline`
+(the pipeline builds on interop, not the other way round); ``save_latentdiff`` writes it as our own model folder.
 """
 
 from __future__ import annotations
@@ -128,15 +128,6 @@ class NoTextEncoder(nn.Module):
 
     def forward(self, prompts: list[str]):
         raise ValueError(self.why)
-
-
-def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model"):
-    from latentdiff.pipeline import Pipeline
-
-    return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
-                    default_size=model.sample_size, steps_offset=model.hint.steps_offset,
-                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
-                    flow_shift=model.hint.flow_shift)
 
 
 def save_latentdiff(model: SDModel, folder: str | Path) -> None:

@@ -11,14 +11,26 @@ The autoencoder owns its latent normalization: ``encode`` returns ``(z - shift_f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, group_norm
+from .layers import (
+    Downsample2D,
+    NormFn,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    apply_norm,
+    group_norm,
+)
+
+# A stand-in for ``Encoder.down`` / ``Decoder.up`` (the full-resolution, convolution-only parts), such as the same
+# part run tile by tile (``vae_inference``); passed to ``encode_posterior`` / ``decode`` for one call.
+Part = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -177,9 +189,9 @@ class _Block(nn.Module):
         if up is not None:
             self.upsamplers = nn.ModuleList([up])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: NormFn | None = None) -> Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, norm=norm)
         for sampler in getattr(self, "downsamplers", ()):
             x = sampler(x)
         for sampler in getattr(self, "upsamplers", ()):
@@ -222,14 +234,16 @@ class Encoder(nn.Module):
         moments = 2 if cfg.regularizer == "kl" else 1  # mean and log-variance, or the VQ latent alone
         self.conv_out = nn.Conv2d(chans[-1], moments * cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.down(x))  # (B, 2C, h, w)
+    def forward(self, x: Tensor, down: Part | None = None) -> Tensor:
+        """``down``: run in place of ``self.down`` (e.g. tile by tile)."""
+        return self.head(self.down(x) if down is None else down(x))  # (B, 2C, h, w)
 
-    def down(self, x: Tensor) -> Tensor:
-        """The full-resolution part, convolutions only (what tiles can run): image -> features at 1 / f."""
+    def down(self, x: Tensor, norm: NormFn | None = None) -> Tensor:
+        """The full-resolution part, convolutions only (what tiles can run): image -> features at 1 / f.
+        ``norm``: how its GroupNorm layers normalize (None: as they are; tiles pass whole-image statistics)."""
         h = self.conv_in(x)  # (B, c0, H, W)
         for block in self.down_blocks:
-            h = block(h)  # (B, ci, H / 2^i, W / 2^i)
+            h = block(h, norm)  # (B, ci, H / 2^i, W / 2^i)
         return h  # (B, c_last, h, w)
 
     def head(self, h: Tensor) -> Tensor:
@@ -259,18 +273,21 @@ class Decoder(nn.Module):
         self.conv_norm_out = group_norm(chans[-1], g)
         self.conv_out = nn.Conv2d(chans[-1], cfg.in_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.up(self.stem(z))  # (B, 3, H, W)
+    def forward(self, z: Tensor, up: Part | None = None) -> Tensor:
+        """``up``: run in place of ``self.up`` (e.g. tile by tile)."""
+        h = self.stem(z)
+        return self.up(h) if up is None else up(h)  # (B, 3, H, W)
 
     def stem(self, z: Tensor) -> Tensor:
         """The latent-resolution part (with the self-attention over all positions): latents -> features."""
         return self.mid_block(self.conv_in(z))  # (B, c_last, h, w)
 
-    def up(self, h: Tensor) -> Tensor:
-        """The part that grows to full resolution, convolutions only (what tiles can run): features -> image."""
+    def up(self, h: Tensor, norm: NormFn | None = None) -> Tensor:
+        """The part that grows to full resolution, convolutions only (what tiles can run): features -> image.
+        ``norm``: how its GroupNorm layers normalize (None: as they are; tiles pass whole-image statistics)."""
         for block in self.up_blocks:
-            h = block(h)  # resolution doubles after every block but the last
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, H, W)
+            h = block(h, norm)  # resolution doubles after every block but the last
+        return self.conv_out(F.silu(apply_norm(self.conv_norm_out, h, norm)))  # (B, 3, H, W)
 
 
 class AutoencoderKL(nn.Module):
@@ -307,10 +324,11 @@ class AutoencoderKL(nn.Module):
                 f"pad or crop to a multiple of {f} (e.g. {math.ceil(H / f) * f}x{math.ceil(W / f) * f})"
             )
 
-    def encode_posterior(self, images: Tensor) -> DiagonalGaussian:
-        """Images in [-1, 1] (B, 3, H, W) -> q(z|x) in the raw (unnormalized) latent space."""
+    def encode_posterior(self, images: Tensor, down: Part | None = None) -> DiagonalGaussian:
+        """Images in [-1, 1] (B, 3, H, W) -> q(z|x) in the raw (unnormalized) latent space; ``down`` runs in place
+        of ``encoder.down`` (e.g. tile by tile)."""
         self._check_images(images)
-        moments = self.encoder(images)  # (B, 2C, h, w)
+        moments = self.encoder(images, down)  # (B, 2C, h, w)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
@@ -347,19 +365,20 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode_posterior(images)
         return posterior.sample(generator) if sample else posterior.mode()
 
-    def decode_raw(self, z: Tensor) -> Tensor:
-        """Raw latents (B, C, h, w) -> images (B, 3, h * f, w * f), roughly in [-1, 1]."""
+    def decode_raw(self, z: Tensor, up: Part | None = None) -> Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, h * f, w * f), roughly in [-1, 1]; ``up`` runs in place of
+        ``decoder.up`` (e.g. tile by tile)."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(
                 f"expected latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}"
             )
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, up)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalized latents -> images, roughly in [-1, 1]."""
-        return self.decode_raw(self.denormalize(latents))
+    def decode(self, latents: Tensor, up: Part | None = None) -> Tensor:
+        """Normalized latents -> images, roughly in [-1, 1] (``up``: see ``decode_raw``)."""
+        return self.decode_raw(self.denormalize(latents), up)
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None
@@ -367,15 +386,6 @@ class AutoencoderKL(nn.Module):
         """Training pass: images -> (reconstruction from a posterior sample, posterior)."""
         posterior = self.encode_posterior(images)
         return self.decode_raw(posterior.sample(generator)), posterior
-
-
-def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
-    """The autoencoder class the config's regularizer asks for."""
-    if config.regularizer == "vq":
-        from .vq import AutoencoderVQ
-
-        return AutoencoderVQ(config)
-    return AutoencoderKL(config)
 
 
 def pixel_errors(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
@@ -50,6 +51,16 @@ def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
             f"choose norm_groups dividing every channel count"
         )
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
+
+
+# How a block applies its GroupNorm layers when the caller decides: ``norm(layer, x) -> normalized x``. Tiled
+# autoencoder inference passes one holding whole-image statistics (``vae_inference.WholeImageGroupNorm``).
+NormFn = Callable[[nn.GroupNorm, Tensor], Tensor]
+
+
+def apply_norm(layer: nn.GroupNorm, x: Tensor, norm: NormFn | None) -> Tensor:
+    """``layer(x)``, or ``norm(layer, x)`` when the caller passes its own way of normalizing."""
+    return layer(x) if norm is None else norm(layer, x)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -163,13 +174,14 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, Co, H, W)
+    def forward(self, x: Tensor, temb: Tensor | None = None, norm: NormFn | None = None) -> Tensor:
+        """``norm``: how to apply ``norm1`` / ``norm2`` (None: as they are; see ``apply_norm``)."""
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, norm)))  # (B, Co, H, W)
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("this ResnetBlock2D was built with temb_dim: pass a time embedding")
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, Co, 1, 1) broadcast
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, Co, H, W)
+        h = self.conv2(self.dropout(F.silu(apply_norm(self.norm2, h, norm))))  # (B, Co, H, W)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 

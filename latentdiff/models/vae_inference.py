@@ -13,15 +13,18 @@
   here pad them (reflection) when asked, and ``decode_to_size`` crops the padding off again.
 * **Low precision.** ``decode_with_fallback`` decodes under bf16/fp16 autocast and, if any output value is
   NaN or inf (the fp16 overflow SD-family VAEs are known for), decodes again in fp32 and says so. Low
-  precision goes through ``at_precision`` (also the way to encode in bf16), which on the CPU keeps the
+  precision goes through ``runtime.autocast`` (also the way to encode in bf16), which on the CPU keeps the
   convolution weights channels-last for the call: on a CPU without native bf16, NCHW bf16 convolutions are
   20-35x slower than NHWC ones (BENCHMARKS.md). fp32 is untouched.
+* **Threads.** Tiling changes no module: the tiles' statistics live in one ``WholeImageGroupNorm`` per call,
+  passed to ``Encoder.down`` / ``Decoder.up`` as their ``norm`` argument, and the tiled part reaches the
+  autoencoder as the ``down`` / ``up`` argument of ``encode_posterior`` / ``decode``. One autoencoder can serve
+  tiled calls from several threads at once (in fp32; the low-precision layout switch is per call, see
+  ``runtime.low_precision_layout``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import math
 import sys
@@ -30,11 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentdiff.models.autoencoder import AutoencoderKL
-from latentdiff.train.common import low_precision_layout
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from latentdiff.models.autoencoder import AutoencoderKL, Part
+from latentdiff.models.runtime import autocast, check_precision
 
 # ----------------------------------------------------------------------------- padding
 
@@ -134,97 +134,78 @@ def _blend_tiles(fn, x: Tensor, tile: int, overlap: int, scale_num: int, scale_d
 
 
 class WholeImageGroupNorm:
-    """Runs the GroupNorm layers inside some modules with statistics of the whole image, gathered tile by tile.
+    """GroupNorm with statistics of the whole image, gathered tile by tile: a ``NormFn`` passed to a tile's
+    ``Encoder.down`` / ``Decoder.up`` as ``norm``. One object per tiled call; the modules are not touched.
 
     GroupNorm normalizes by the mean and variance of each (sample, group) over all positions, so a tile
-    normalized by its own statistics differs from the same region of the whole image. Here each GroupNorm, while
-    the context is active, adds the sum and sum of squares of the region its tile owns (float64) to a tally and
-    normalizes by the statistics frozen by the last ``freeze()`` (its own tile's before the first). A pass over
-    all tiles, ``freeze()``, and another pass makes every layer's statistics those of the whole image given the
-    layers before it; each further pass corrects one more layer exactly and the rest to second order, while
-    memory stays that of one tile (the statistics are (B, groups) per layer).
+    normalized by its own statistics differs from the same region of the whole image. Here each GroupNorm layer
+    adds the sum and sum of squares of the region its tile owns (float64) to a tally and normalizes by the
+    statistics frozen by the last ``freeze()`` (its own tile's before the first). A pass over all tiles,
+    ``freeze()``, and another pass makes every layer's statistics those of the whole image given the layers
+    before it; each further pass corrects one more layer exactly and the rest to second order, while memory
+    stays that of one tile (the statistics are (B, groups) per layer).
     """
 
-    def __init__(self, modules: list[nn.Module]):
-        self.norms = [m for module in modules for m in module.modules() if isinstance(m, nn.GroupNorm)]
-        self.frozen: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # norm -> (mean, var), each (B, G) float64
-        self.tally: dict[nn.GroupNorm, list] = {}  # norm -> [sum, sum of squares, count]
+    def __init__(self):
+        self.frozen: dict[nn.GroupNorm, tuple[Tensor, Tensor]] = {}  # layer -> (mean, var), each (B, G) float64
+        self.tally: dict[nn.GroupNorm, list] = {}  # layer -> [sum, sum of squares, count]
         self.box: tuple[Box, int, int] | None = None  # the running tile's owned box and its (height, width)
 
-    def __enter__(self):
-        for norm in self.norms:
-            norm.forward = functools.partial(self._forward, norm)  # an instance attribute shadows the method
-        return self
-
-    def __exit__(self, *exc):
-        for norm in self.norms:
-            del norm.forward
-
-    def wrap(self, fn):
-        """``fn(window)`` -> ``fn(window, owned)`` for ``_blend_tiles``: tells the norms which region is the tile's."""
+    def wrap(self, part):
+        """``part(window, norm=)`` -> ``run(window, owned)`` for ``_blend_tiles``: tells the norms which region
+        is the tile's and passes them to ``part``."""
         def run(window: Tensor, owned: Box) -> Tensor:
             self.box = (owned, *window.shape[-2:])
-            return fn(window)
+            return part(window, norm=self)
         return run
 
     def freeze(self) -> None:
         """The statistics gathered since the last call become the ones every norm uses."""
-        for norm, (s, ss, n) in self.tally.items():
+        for layer, (s, ss, n) in self.tally.items():
             mean = s / n
-            self.frozen[norm] = (mean, (ss / n - mean * mean).clamp_min(0.0))
+            self.frozen[layer] = (mean, (ss / n - mean * mean).clamp_min(0.0))
         self.tally = {}
 
-    def _forward(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    def __call__(self, layer: nn.GroupNorm, x: Tensor) -> Tensor:
         B, C, h, w = x.shape
-        G = norm.num_groups
+        G = layer.num_groups
         xg = x.float().view(B, G, C // G, h, w)  # (B, G, C/G, h, w)
         (top, bottom, left, right), th, tw = self.box
         region = xg[..., top * h // th : bottom * h // th, left * w // tw : right * w // tw].double()
-        s, ss, n = self.tally.get(norm, (0.0, 0.0, 0))
-        self.tally[norm] = [s + region.sum((2, 3, 4)), ss + region.pow(2).sum((2, 3, 4)),
-                            n + region[0, 0].numel()]
-        if norm in self.frozen:
-            mean, var = (t.float() for t in self.frozen[norm])
+        s, ss, n = self.tally.get(layer, (0.0, 0.0, 0))
+        self.tally[layer] = [s + region.sum((2, 3, 4)), ss + region.pow(2).sum((2, 3, 4)),
+                             n + region[0, 0].numel()]
+        if layer in self.frozen:
+            mean, var = (t.float() for t in self.frozen[layer])
         else:
             var, mean = torch.var_mean(xg, dim=(2, 3, 4), unbiased=False)  # this tile's own, the first pass
-        y = (xg - mean[..., None, None, None]) * torch.rsqrt(var[..., None, None, None] + norm.eps)
+        y = (xg - mean[..., None, None, None]) * torch.rsqrt(var[..., None, None, None] + layer.eps)
         y = y.view(B, C, h, w)
-        if norm.affine:
-            y = y * norm.weight.float().view(1, C, 1, 1) + norm.bias.float().view(1, C, 1, 1)
+        if layer.affine:
+            y = y * layer.weight.float().view(1, C, 1, 1) + layer.bias.float().view(1, C, 1, 1)
         return y
 
 
 def _tile_runner(part, tile: int, overlap: int, scale_num: int, scale_den: int, out_channels: int,
-                 passes: int | None):
-    """``part`` (a bound method of an encoder or decoder) run on tiles with whole-image GroupNorm statistics:
+                 passes: int | None) -> Part:
+    """``part`` (``Encoder.down`` or ``Decoder.up``, bound) run on tiles with whole-image GroupNorm statistics:
     ``passes`` passes over the tiles; None: one per GroupNorm layer the tiles run and one more (exact)."""
     if passes is not None and passes < 1:
         raise ValueError(f"passes must be at least 1 (or None for exact statistics), got {passes}")
 
     def run_tiles(x: Tensor) -> Tensor:
-        with WholeImageGroupNorm([part.__self__]) as norms:
-            one_tile = x.shape[-2] <= tile and x.shape[-1] <= tile  # its own statistics are the image's
-            done, n = 0, 1
-            while done < n:
-                out = _blend_tiles(norms.wrap(part), x, tile, overlap, scale_num, scale_den, out_channels)
-                if done == 0 and not one_tile:  # the first pass shows which norms the tiles run
-                    n = len(norms.tally) + 1 if passes is None else passes
-                norms.freeze()
-                done += 1
+        norms = WholeImageGroupNorm()  # this call's statistics: nothing is stored on the modules
+        one_tile = x.shape[-2] <= tile and x.shape[-1] <= tile  # its own statistics are the image's
+        done, n = 0, 1
+        while done < n:
+            out = _blend_tiles(norms.wrap(part), x, tile, overlap, scale_num, scale_den, out_channels)
+            if done == 0 and not one_tile:  # the first pass shows which norms the tiles run
+                n = len(norms.tally) + 1 if passes is None else passes
+            norms.freeze()
+            done += 1
         return out
 
     return run_tiles
-
-
-@contextlib.contextmanager
-def _forward_replaced(module: nn.Module, forward):
-    """Within the block, calling ``module`` runs ``forward`` (so ``encode_posterior`` / ``decode`` of KL and VQ
-    autoencoders alike go through the tiles without knowing it)."""
-    module.forward = forward  # an instance attribute shadows the class's method
-    try:
-        yield
-    finally:
-        del module.forward
 
 
 @torch.no_grad()
@@ -245,9 +226,7 @@ def tiled_encode_posterior(autoencoder: AutoencoderKL, images: Tensor, tile: int
         raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of the autoencoder's factor {f}")
     encoder = autoencoder.encoder
     width = encoder.conv_norm_out.num_channels
-    tiles = _tile_runner(encoder.down, tile, overlap, 1, f, width, passes)
-    with _forward_replaced(encoder, lambda x: encoder.head(tiles(x))):
-        return autoencoder.encode_posterior(images)
+    return autoencoder.encode_posterior(images, down=_tile_runner(encoder.down, tile, overlap, 1, f, width, passes))
 
 
 def tiled_encode(autoencoder: AutoencoderKL, images: Tensor, tile: int = 512, overlap: int = 64,
@@ -266,46 +245,29 @@ def tiled_decode(autoencoder: AutoencoderKL, latents: Tensor, tile: int = 64, ov
     if latents.ndim != 4 or latents.shape[1] != autoencoder.latent_channels:
         raise ValueError(f"expected latents of shape (B, {autoencoder.latent_channels}, h, w), "
                          f"got {tuple(latents.shape)}")
-    decoder, f = autoencoder.decoder, autoencoder.factor
-    tiles = _tile_runner(decoder.up, tile, overlap, f, 1, autoencoder.config.in_channels, passes)
-    with _forward_replaced(decoder, lambda z: tiles(decoder.stem(z))):
-        return decode_with_fallback(autoencoder, latents, precision)
+    tiles = _tile_runner(autoencoder.decoder.up, tile, overlap, autoencoder.factor, 1, autoencoder.config.in_channels,
+                         passes)
+    return decode_with_fallback(autoencoder, latents, precision, up=tiles)
 
 
 # ----------------------------------------------------------------------------- precision
 
 
-@contextlib.contextmanager
-def at_precision(autoencoder: nn.Module, precision: str, device: torch.device | str = "cpu"):
-    """Run the autoencoder's calls in the block at ``precision``: "fp32" as it is; "bf16" / "fp16" under
-    autocast, with the convolution weights channels-last for the block on the CPU (``low_precision_layout``:
-    the fast bf16 path there), restored on exit. ``with at_precision(ae, "bf16"): z = ae.encode(x)`` encodes
-    in bf16; tiled calls work inside it too."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device.type, dtype=DTYPES[precision]), low_precision_layout(precision, device, autoencoder):
-        yield
-
-
 @torch.no_grad()
 def decode_with_fallback(autoencoder: AutoencoderKL, latents: Tensor, precision: str = "bf16",
-                         quiet: bool = False) -> Tensor:
-    """Decode under ``precision`` autocast ("fp32", "bf16" or "fp16"; ``at_precision``); if the output holds
-    NaN or inf, decode again in fp32 (and say so on stderr unless ``quiet``). Returns float32 NCHW images."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+                         quiet: bool = False, up: Part | None = None) -> Tensor:
+    """Decode under ``precision`` (``runtime.autocast``: "fp32", "bf16" or "fp16"); if the output holds NaN or inf,
+    decode again in fp32 (and say so on stderr unless ``quiet``). ``up``: the decoder's full-resolution part run
+    another way (tiles; ``AutoencoderKL.decode``). Returns float32 NCHW images."""
+    check_precision(precision)
     if precision != "fp32":
-        with at_precision(autoencoder, precision, latents.device):
-            images = autoencoder.decode(latents)
+        with autocast(precision, latents.device, autoencoder):
+            images = autoencoder.decode(latents, up)
         if torch.isfinite(images).all():
             return images.to(torch.float32, memory_format=torch.contiguous_format)
         if not quiet:
             print(f"decode in {precision} gave non-finite values; decoding again in fp32", file=sys.stderr)
-    return autoencoder.decode(latents.float()).float()
+    return autoencoder.decode(latents.float(), up).float()
 
 
 # ----------------------------------------------------------------------------- one entry point for generation

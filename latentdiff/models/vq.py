@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import AutoencoderConfig, AutoencoderKL, reconstruction_loss
+from .autoencoder import AutoencoderConfig, AutoencoderKL, Part, reconstruction_loss
 
 
 @dataclass
@@ -142,32 +142,37 @@ class AutoencoderVQ(AutoencoderKL):
         self.quantize = VectorQuantizer(config.codebook_size, c, config.commitment_weight, config.codebook_ema,
                                         config.codebook_decay)
 
-    def _pre_quant(self, images: Tensor) -> Tensor:
+    def _pre_quant(self, images: Tensor, down: Part | None = None) -> Tensor:
         self._check_images(images)
-        h = self.encoder(images)  # (B, C, h, w)
+        h = self.encoder(images, down)  # (B, C, h, w)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
-    def encode_posterior(self, images: Tensor) -> DeterministicLatent:
-        """Images -> the continuous pre-quantization latents (a point mass)."""
-        return DeterministicLatent(self._pre_quant(images))
+    def encode_posterior(self, images: Tensor, down: Part | None = None) -> DeterministicLatent:
+        """Images -> the continuous pre-quantization latents (a point mass); ``down``: see ``AutoencoderKL``."""
+        return DeterministicLatent(self._pre_quant(images, down))
 
-    def decode_raw(self, z: Tensor) -> Tensor:
-        """Pre-quantization latents -> nearest codes -> images."""
+    def decode_raw(self, z: Tensor, up: Part | None = None) -> Tensor:
+        """Pre-quantization latents -> nearest codes -> images; ``up``: see ``AutoencoderKL.decode_raw``."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(
                 f"expected latents of shape (B, {self.config.latent_channels}, h, w), got {tuple(z.shape)}"
             )
-        return self._decode_quantized(self.quantize.embed(self.quantize.lookup(z.float())))
+        return self._decode_quantized(self.quantize.embed(self.quantize.lookup(z.float())), up)
 
-    def _decode_quantized(self, quantized: Tensor) -> Tensor:
+    def _decode_quantized(self, quantized: Tensor, up: Part | None = None) -> Tensor:
         if self.post_quant_conv is not None:
             quantized = self.post_quant_conv(quantized)
-        return self.decoder(quantized)
+        return self.decoder(quantized, up)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, QuantizerOutput]:
         """Training pass: images -> (reconstruction through the codebook, quantizer report)."""
         out = self.quantize(self._pre_quant(images))
         return self._decode_quantized(out.quantized), out
+
+
+def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
+    """The autoencoder class the config's regularizer asks for: ``AutoencoderKL`` or ``AutoencoderVQ``."""
+    return AutoencoderVQ(config) if config.regularizer == "vq" else AutoencoderKL(config)
 
 
 def vq_loss(reconstruction: Tensor, images: Tensor, quantizer: QuantizerOutput,

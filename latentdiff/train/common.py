@@ -1,4 +1,4 @@
-"""Pieces both training loops share: EMA, precision, learning-rate warm-up, logging, training checkpoints.
+"""Pieces both training loops share: EMA, learning-rate warm-up, logging, training checkpoints.
 
 A training checkpoint is a folder ``checkpoints/step_XXXXXXX`` holding ``model.safetensors``
 (the live weights), ``ema.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` and
@@ -15,7 +15,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -59,57 +58,13 @@ class EMA:
                 e.copy_(p)
 
 
-def channels_last(module: nn.Module, enabled: bool, ctx=None) -> nn.Module:
-    """Store 4-d (convolution) weights as NHWC, so oneDNN / cuDNN convolutions run in channels-last layout.
+class Trainable(nn.Module):
+    """The modules the optimizer updates: the network, and the text encoder when it is trained jointly."""
 
-    The activations follow the weights' layout from the first convolution on, so inputs need no change, and
-    the results are the same to float rounding. On the project's 2-core CPU it neither helps nor hurts
-    (``benchmarks/channels_last.py``, BENCHMARKS.md); NHWC is the layout GPU tensor cores prefer for
-    convolutions in bf16/fp16. Skipped under FSDP, whose flat shards expect contiguous parameters.
-    """
-    if enabled and not (ctx is not None and ctx.distributed and ctx.strategy == "fsdp"):
-        module.to(memory_format=torch.channels_last)
-    return module
-
-
-LOW_PRECISIONS = ("bf16", "fp16")
-
-
-@contextmanager
-def low_precision_layout(precision: str, device: torch.device, *modules: nn.Module):
-    """Within the block, the modules' 4-d (convolution) weights are channels-last when ``precision`` is bf16 or
-    fp16 on the CPU; restored to contiguous on exit. Anything else (fp32, GPUs) leaves the modules untouched.
-
-    On a CPU without native bf16 (the project's AVX2 machine) bf16 convolutions run aten's fallback
-    (``_slow_conv2d_forward``) in either layout, and its NCHW variant is 20-35x slower than its NHWC one
-    (BENCHMARKS.md, "bf16 on a CPU without native bf16: channels-last"). With channels-last weights the
-    activations follow from the first convolution on, so callers change nothing else; results agree with
-    the NCHW ones to bf16 rounding. A module already channels-last stays so.
-    Inference only: it swaps parameter storage, so not during training nor from two threads at once.
-    """
-    convert = [] if precision not in LOW_PRECISIONS or device.type != "cpu" else \
-        [m for m in modules if not any(_stored_channels_last(p) for p in m.parameters())]
-    for module in convert:
-        channels_last(module, True)
-    try:
-        yield
-    finally:
-        for module in convert:
-            module.to(memory_format=torch.contiguous_format)
-
-
-def _stored_channels_last(p: Tensor) -> bool:
-    """A 4-d tensor laid out NHWC and not also NCHW (1x1 kernels and single channels are both)."""
-    return p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-
-
-def autocast(precision: str, device: torch.device):
-    """The one place mixed precision is switched on: "fp32" (none) or "bf16" (autocast)."""
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    def __init__(self, network: nn.Module, text_encoder: nn.Module | None):
+        super().__init__()
+        self.network = network
+        self.text_encoder = text_encoder
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -349,19 +304,6 @@ class NonFiniteSkipper:
         if self.count >= self.limit:
             raise RuntimeError(f"loss was non-finite for {self.limit} steps: lower lr or use fp32; "
                                "the last checkpoint is untouched")
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Tensor:
-    """The data indices of ``step``: each epoch is a fresh seeded permutation, so a resumed run
-    reads exactly what an uninterrupted one would."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // n, positions % n
-    out = torch.empty(batch_size, dtype=torch.long)
-    for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        sel = epochs == epoch
-        out[sel] = perm[offsets[sel]]
-    return out
 
 
 def check_finite_params(model: nn.Module) -> None:

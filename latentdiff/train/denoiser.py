@@ -20,10 +20,7 @@ from latentdiff.components import (
     NoiseSchedule,
     build_denoiser,
     load_autoencoder,
-    save_autoencoder,
-    save_denoiser,
-    save_text_encoder,
-    write_model_index,
+    save_model_folder,
 )
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
@@ -33,14 +30,13 @@ from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
-from latentdiff.io import atomic_folder
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
+from latentdiff.models.runtime import autocast, channels_last
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
     NonFiniteSkipper,
-    autocast,
-    channels_last,
+    Trainable,
     check_finite_params,
     find_checkpoint,
     interrupt_message,
@@ -112,7 +108,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
-    channels_last: bool = False  # NHWC convolution weights (train/common.channels_last); no gain on the 2-core CPU
+    channels_last: bool = False  # NHWC convolution weights (models/runtime.channels_last); no gain on the 2-core CPU
     cached_text: bool = True  # read a frozen text encoder's embeddings from the cache when it holds them
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     gradient_checkpointing: bool = False  # recompute U-Net block activations in backward (less memory, ~30% slower)
@@ -168,15 +164,6 @@ TRAIN_PRESETS["shapes-default"] = {**_DEMO, "steps": 8000, "warmup_steps": 200, 
                                    "save_every": 500, "keep_last": 20, "sample_every": 1000, "judge_every": 500,
                                    "judge_prompts": 64}
 TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
-
-
-class Trainable(nn.Module):
-    """The modules the optimizer updates: the network, and the text encoder when it is trained jointly."""
-
-    def __init__(self, network: nn.Module, text_encoder: nn.Module | None):
-        super().__init__()
-        self.network = network
-        self.text_encoder = text_encoder
 
 
 def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> Path | dict:
@@ -329,7 +316,7 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
                     if cfg.offset_noise:
                         off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
                         noise = noise + cfg.offset_noise * off[:, :, None, None]
-                    with autocast(cfg.precision, device):
+                    with autocast(cfg.precision, device, training=True):
                         cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                             else text_encoder(captions)
                         if class_names is not None:  # drawn last: the text-only runs' streams stay as they were
@@ -440,20 +427,6 @@ def _with_ema(ema_model: Trainable, text_encoder: nn.Module, denoiser: Denoiser)
     """The denoiser and text encoder with the EMA weights."""
     te = ema_model.text_encoder if ema_model.text_encoder is not None else text_encoder
     return Denoiser(ema_model.network, denoiser.parameterization), te
-
-
-def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
-                      autoencoder, cache_image_size: int, class_names: list[str] | None = None,
-                      size_embed_dim: int = 0) -> Path:
-    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
-    with atomic_folder(folder) as tmp:
-        save_autoencoder(tmp / "autoencoder", autoencoder)
-        save_denoiser(tmp / "denoiser", denoiser, spec)
-        save_text_encoder(tmp / "text_encoder", text_encoder)
-        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
-            "sample_size": cache_image_size, **({"class_names": list(class_names)} if class_names else {}),
-            **({"size_conditioning": {"embed_dim": size_embed_dim}} if size_embed_dim else {})})
-    return folder
 
 
 def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: TrainConfig, image_size: int,

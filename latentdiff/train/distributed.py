@@ -4,7 +4,7 @@ One code path serves one process and many: without torchrun's environment (``WOR
 ``setup`` returns a single-process context and every collective below is a no-op.
 
 The split keeps the global batch independent of the number of processes: step ``s`` draws the same
-global batch of ``batch_size`` data indices (``common.batch_indices``) on every rank, and rank ``r`` of
+global batch of ``batch_size`` data indices (``data.buckets.batch_indices``) on every rank, and rank ``r`` of
 ``W`` trains on positions ``[r * B / W, (r + 1) * B / W)`` of it. Each position has its own random
 stream (``sample_generators``), so the noise a sample gets does not depend on which rank or micro-batch
 draws it. DDP averages the ranks' gradients, so W processes compute the same update as one.
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from latentdiff.data.buckets import batch_indices
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -132,8 +134,6 @@ def bucket_chunks(batch: int, ctx: Context, grad_accum: int) -> list[Tensor]:
 
 def rank_indices(step: int, global_batch: int, n: int, seed: int, ctx: Context) -> Tensor:
     """This rank's data indices at ``step``: its block of the global batch (a sampler for plain data sets)."""
-    from latentdiff.train.common import batch_indices
-
     return batch_indices(step, global_batch, n, seed)[rank_positions(global_batch, ctx)]
 
 

@@ -156,8 +156,15 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
     default ``RUN/model``); an autoencoder run gives an autoencoder folder (``template`` default
     ``RUN/autoencoder``, whose latent scale and shift are kept).
     """
-    from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder, save_autoencoder
+    from latentdiff.components import (
+        load_autoencoder,
+        load_denoiser,
+        load_text_encoder,
+        save_autoencoder,
+        save_model_folder,
+    )
     from latentdiff.io import atomic_folder, load_state_strict, write_json
+    from latentdiff.train.common import Trainable
 
     run_dir, out = Path(run_dir), Path(out)
     snapshots = list_snapshots(run_dir)
@@ -169,8 +176,6 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
         raise FileNotFoundError(f"no template folder {template}: finish the run, or pass --template DIR "
                                 "(a folder of the same model configuration)")
     if is_denoiser:
-        from latentdiff.train.denoiser import Trainable, save_model_folder
-
         denoiser, spec = load_denoiser(template / "denoiser")
         text_encoder = load_text_encoder(template / "text_encoder")
         joint = any(k.startswith("text_encoder.") for k in state)

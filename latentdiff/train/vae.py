@@ -12,13 +12,13 @@ import torch
 from latentdiff.components import save_autoencoder
 from latentdiff.config import from_dict, to_dict
 from latentdiff.data import make_image_dataset
+from latentdiff.data.buckets import batch_indices
 from latentdiff.data.pixels import open_pixel_set, same_shape_batches, uses_pixel_set
 from latentdiff.images import make_grid, save_png, to_pil
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
-    build_autoencoder,
     compute_latent_stats,
     detail_loss,
     edge_loss,
@@ -32,14 +32,12 @@ from latentdiff.models.perceptual import (
     hinge_d_loss,
     perceptual_loss_or_none,
 )
-from latentdiff.models.vq import AutoencoderVQ, QuantizerOutput, vq_loss
+from latentdiff.models.runtime import autocast, channels_last
+from latentdiff.models.vq import AutoencoderVQ, QuantizerOutput, build_autoencoder, vq_loss
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
     NonFiniteSkipper,
-    autocast,
-    batch_indices,
-    channels_last,
     check_finite_params,
     find_checkpoint,
     interrupt_message,
@@ -105,7 +103,7 @@ class VAETrainConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the run folder's latest checkpoint
     quiet: bool = False  # no progress line
-    channels_last: bool = False  # NHWC convolution weights (train/common.channels_last); no gain on the 2-core CPU
+    channels_last: bool = False  # NHWC convolution weights (models/runtime.channels_last); no gain on the 2-core CPU
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
     posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
@@ -272,7 +270,7 @@ def _train_vae(cfg: VAETrainConfig, ctx, callbacks: list[Callback]) -> Path | di
                         images = from_uint8(images_u8[sel]) if images_u8 is not None else \
                             torch.stack([dataset[i]["image"] for i in sel.tolist()])
                     images = images.to(device)
-                    with autocast(cfg.precision, device):
+                    with autocast(cfg.precision, device, training=True):
                         if isinstance(model, AutoencoderVQ):  # the quantizer's straight-through output, no noise
                             recon, posterior = model(images)
                         else:
