@@ -418,8 +418,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         index %= self.n
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
         scene = sample_scene(rng, self.split, self.max_objects)
-        text = caption(scene, rng, phrasing=self.phrasing)
         image = render(scene, self.size, seed=int(rng.integers(2**31)))
+        words = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])  # images apart from words
+        text = caption(scene, words, phrasing=self.phrasing)
         return {"image": to_tensor(image), "caption": text, "scene": scene}
 
 
