@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from latentdiff.io import write_safetensors
+from latentdiff.train.common import lerp_weights
 
 SNAPSHOT_DIR = "posthoc_ema"
 _NAME = re.compile(r"^ema_(\d+\.\d+)_(\d{7})\.safetensors$")
@@ -80,13 +81,7 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, module: nn.Module, t: int) -> None:
         beta = (1.0 - 1.0 / t) ** (self.gamma + 1)  # 0 at t = 1: the first average is the weights themselves
-        ema = list(self.module.state_dict().values())
-        live = list(module.state_dict().values())
-        floats = [(e, p) for e, p in zip(ema, live) if e.dtype.is_floating_point]
-        torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - beta)
-        for e, p in zip(ema, live):
-            if not e.dtype.is_floating_point:
-                e.copy_(p)
+        lerp_weights(self.module, module, 1.0 - beta)
 
 
 def snapshot_path(run_dir: Path, sigma_rel: float, t: int) -> Path:
