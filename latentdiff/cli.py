@@ -122,7 +122,7 @@ def _print_result(result) -> None:
 
 
 def cmd_posthoc_ema(args) -> None:
-    from latentdiff.train.posthoc_ema import export
+    from latentdiff.train.posthoc_export import export
 
     print(export(args.run, args.sigma_rel, args.out, step=args.step, template=args.template))
 

@@ -1,4 +1,4 @@
-"""Exact resume: a run killed (SIGKILL) at a random step, or pre-empted (SIGTERM), then resumed, ends
+"""Exact resume: a run killed (SIGKILL) at a (seeded) random step, or pre-empted (SIGTERM), then resumed, ends
 bitwise identical to a run that was never interrupted; only the last ``keep_last`` checkpoints stay."""
 
 import random
@@ -13,6 +13,7 @@ from _tiny import cli, env, make_tiny_cache, overrides
 from safetensors.torch import load_file
 
 STEPS = 12
+KILL_SEED = 0  # the kill step is drawn from it, so a failure reruns at the same step
 SETTINGS = {"steps": STEPS, "batch_size": 4, "log_every": 1, "sample_every": 0, "keep_last": 2,
             "posthoc_every": 3, "caption_dropout": 0.5}
 
@@ -56,7 +57,7 @@ def assert_bitwise_same(a, b) -> None:
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
     root, cache = setup
-    kill_after = random.Random().randrange(5, STEPS - 2)  # a checkpoint exists after step 4
+    kill_after = random.Random(KILL_SEED).randrange(5, STEPS - 2)  # a checkpoint exists after step 4
     proc = start(root, cache, "killed", save_every=2)
     wait_for_lines(proc, root / "killed" / "metrics.jsonl", kill_after)
     proc.send_signal(signal.SIGKILL)

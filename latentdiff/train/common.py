@@ -49,13 +49,20 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        ema = list(self.module.state_dict().values())
-        live = list(module.state_dict().values())
-        floats = [(e, p) for e, p in zip(ema, live) if e.dtype.is_floating_point]
-        torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - decay)
-        for e, p in zip(ema, live):
-            if not e.dtype.is_floating_point:
-                e.copy_(p)
+        lerp_weights(self.module, module, 1.0 - decay)
+
+
+@torch.no_grad()
+def lerp_weights(average: nn.Module, module: nn.Module, weight: float) -> None:
+    """``average += weight * (module - average)`` for each floating-point tensor of the state (the step of every
+    moving average of weights); other tensors (counters) are copied."""
+    ema = list(average.state_dict().values())
+    live = list(module.state_dict().values())
+    floats = [(e, p) for e, p in zip(ema, live) if e.dtype.is_floating_point]
+    torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], weight)
+    for e, p in zip(ema, live):
+        if not e.dtype.is_floating_point:
+            e.copy_(p)
 
 
 class Trainable(nn.Module):

@@ -1,4 +1,5 @@
-"""Denoiser training on cached latents: setup -> build -> loop (loss, step, EMA, log, samples, checkpoint) -> save.
+"""Denoiser training on cached latents, on the run engine (``train.run``): setup -> build -> loop (loss, step, EMA,
+log, samples, checkpoint) -> save.
 
 The result is a complete model folder (autoencoder, denoiser, text encoder) that
 ``latentdiff.load`` opens.
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from latentdiff.components import (
     DenoiserSpec,
@@ -25,60 +26,26 @@ from latentdiff.components import (
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
-from latentdiff.config import to_dict
 from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
-from latentdiff.models.runtime import autocast, channels_last
-from latentdiff.train.common import (
-    EMA,
-    MetricsLog,
-    NonFiniteSkipper,
-    Trainable,
-    check_finite_params,
-    find_checkpoint,
-    interrupt_message,
-    load_training_checkpoint,
-    lr_at,
-    save_training_checkpoint,
-)
-from latentdiff.train.distributed import (
-    DistributedConfig,
-    bucket_chunks,
-    full_state,
-    gathered,
-    micro_batches,
-    per_sample,
-    rank_positions,
-    sample_generators,
-    setup,
-    shard_like,
-    teardown,
-    wrap,
-)
-from latentdiff.train.engine import (
-    Callback,
-    DryRun,
-    StopSignal,
-    is_out_of_memory,
-    preempted_message,
-    print_dry_run,
-    run_callbacks,
-    train_step,
-)
-from latentdiff.train.posthoc_ema import PowerEMA, save_snapshot
+from latentdiff.models.runtime import autocast
+from latentdiff.train.common import Trainable, check_finite_params
+from latentdiff.train.distributed import Context, per_sample, sample_generators
+from latentdiff.train.engine import Callback
+from latentdiff.train.run import Run, RunConfig, processes
 
 
 @dataclass
-class TrainConfig:
-    """``latentdiff train``: a text-conditioned latent denoiser on a latent cache."""
+class TrainConfig(RunConfig):
+    """``latentdiff train``: a text-conditioned latent denoiser on a latent cache (the keys every run shares, and
+    their defaults: ``train.run.RunConfig``)."""
 
     out: str = "runs/model"  # run folder: checkpoints/, metrics.jsonl, samples/, and the final model/
     cache: str = "runs/cache"  # latent cache folder (from `latentdiff cache`)
     autoencoder: str | None = None  # autoencoder folder; default: the one the cache was built with
-    seed: int = 0  # seeds weights, data order, noise and caption dropout
     model: str = "shapes-tiny"  # network preset: U-Net (models/unet.py), DiT (models/dit.py) or MMDiT (models/mmdit.py)
     parameterization: str = "eps"  # what the network predicts: "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # discrete noise schedule (eps, v, x0)
@@ -92,32 +59,15 @@ class TrainConfig:
     steps: int = 4000  # optimizer steps
     batch_size: int = 64  # latents per step
     lr: float = 5e-4  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 200  # linear warm-up
-    lr_schedule: str = "cosine"  # "constant" or "cosine" (to 10% of lr)
-    grad_clip: float = 1.0  # max gradient norm
-    ema_decay: float = 0.999  # EMA of weights: the weights saved in the model
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; slower where the CPU lacks native bf16, see BENCHMARKS.md)
-    log_every: int = 25  # steps between metrics lines
     sample_every: int = 1000  # steps between sample grids (0 = never)
     sample_prompts: tuple = ("a large red circle on the left", "a small blue square at the top",
                              "a large green triangle on the right", "a small yellow circle at the bottom")
     sample_steps: int = 20  # sampler steps for the grids
     sample_guidance: float = 4.0  # CFG scale for the grids
     save_every: int = 1000  # steps between checkpoints
-    keep_last: int = 2  # checkpoints kept
-    resume: bool = False  # continue from the run folder's latest checkpoint
-    quiet: bool = False  # no progress line
-    channels_last: bool = False  # NHWC convolution weights (models/runtime.channels_last); no gain on the 2-core CPU
     cached_text: bool = True  # read a frozen text encoder's embeddings from the cache when it holds them
-    grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     gradient_checkpointing: bool = False  # recompute U-Net block activations in backward (less memory, ~30% slower)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
-    posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
-    posthoc_every: int = 0  # steps between post-hoc EMA snapshots (0 = no tracks); `latentdiff posthoc-ema`
-    tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
-    dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
-    dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
     eval_every: int = 0  # steps between evaluations (FID/KID/judge, latentdiff.eval) logged to eval.jsonl; 0 = never
     eval_samples: int = 64  # images generated per evaluation
     eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
@@ -173,11 +123,8 @@ def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) ->
     rank 0 logs, samples and writes. ``callbacks`` run on rank 0 with a Pipeline of the EMA weights.
     With ``cfg.dry_run`` it returns the dry-run report instead and writes nothing.
     """
-    ctx = setup(cfg.distributed)
-    try:
+    with processes(cfg) as ctx:
         return _train_denoiser(cfg, ctx, [*(callbacks or []), *eval_callbacks(cfg)])
-    finally:
-        teardown(ctx)
 
 
 def loss_weighting(cfg: TrainConfig, parameterization):
@@ -211,32 +158,103 @@ def eval_callbacks(cfg: TrainConfig) -> list[Callback]:
     return callbacks
 
 
-def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | dict:
+def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -> Path | dict:
     # Setup.
     family, network_cfg = find_preset(cfg.model)
-    run = Path(cfg.out)
-    checkpoint = find_checkpoint(run) if cfg.resume else None
+    run = Run(cfg, ctx, callbacks)  # the checkpoint to resume from, this rank's share of every batch
     cache = LatentCache(cfg.cache)
     ae_path = cfg.autoencoder or cache.autoencoder_path
     if ae_path is None:
         raise ValueError("the cache does not say which autoencoder made it: pass --set autoencoder=DIR")
     autoencoder = load_autoencoder(ae_path)  # stays on the CPU: it only normalizes latents and decodes samples
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
-    chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)
-    main, writes = ctx.is_main, ctx.is_main and not cfg.dry_run
     size_dim = cfg.size_embed_dim if cfg.size_conditioning else 0  # recorded in the model folder
-    if writes:
-        run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    device = ctx.device
+    main, device = ctx.is_main, ctx.device
 
     # Build.
+    run.seed()  # the same initial weights on every rank
     text_encoder = build_text_encoder(cfg.text_encoder)
-    joint = cfg.text_encoder.kind == "hashed"
-    channels = cache.info["latent_shape"][0]
-    network_cfg = for_text_data(family, network_cfg, channels, text_encoder.dim, cache.info["latent_shape"][1])
+    joint = cfg.text_encoder.kind == "hashed"  # trained with the network (a pretrained encoder stays frozen)
     labels = cache.labels if cfg.class_labels else None  # (N,) with class folders / .cls members
     class_names = None if labels is None else class_names_of(labels, cache.class_names)
+    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names)
+    network_cfg = getattr(spec, family)
+    denoiser = build_denoiser(dataclasses.replace(  # checkpointing is how it trains, not part of the saved spec
+        spec, **{family: dataclasses.replace(network_cfg, gradient_checkpointing=cfg.gradient_checkpointing)}))
+    cache.check_divisible(spatial_factor(family, network_cfg))  # every bucket's latents fit the network
+    cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
+    model = Trainable(denoiser.network, text_encoder if joint else None)
+    run.build(model, params=[p for p in model.parameters() if p.requires_grad])
+    text_encoder.to(device)
+    sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
+    weighting = loss_weighting(cfg, denoiser.parameterization)
+    if main and not cfg.quiet:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}"
+              f"{f', {len(class_names)} classes' if class_names else ''}: "
+              f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents; {ctx.world} process(es)",
+              file=sys.stderr)
+
+    def pipeline(ema: Trainable):
+        """A Pipeline of the EMA weights, what the sample grids and the callbacks get."""
+        return _pipeline(*ema_parts(ema, text_encoder, denoiser), autoencoder, image_size, class_names, size_dim)
+
+    # Loop.
+    with run.guard():
+        for step in run.steps():
+            idx, chunks = run.batch(cache, step)  # the global batch (from one bucket), this rank's share of it
+
+            def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
+                """Per-sample losses of these global-batch positions, each drawn from its own generator."""
+                gens = sample_generators(cfg.seed, step, positions)
+                drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
+                x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
+                drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
+                captions = ["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())]
+                sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
+                noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+                if cfg.offset_noise:
+                    off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
+                    noise = noise + cfg.offset_noise * off[:, :, None, None]
+                with autocast(cfg.precision, device):
+                    cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
+                        else text_encoder(captions)
+                    if class_names is not None:  # drawn last: the text-only runs' streams stay as they were
+                        drop_y = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.label_dropout
+                        y = drop_labels(labels[idx[positions]], drop_y, len(class_names))
+                        cond = with_labels(cond, y.to(device))
+                    if cfg.size_conditioning:
+                        cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
+                    return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting, noise=noise.to(device))
+
+            loss, grad_norm = run.step(step, chunks, loss_fn)
+            run.log(step, loss, grad_norm)
+            run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{n:07d}.png"),
+                        target=pipeline)
+            run.save(step)
+    if cfg.dry_run:
+        return run.dry_run_report()
+
+    # Save: the last training checkpoint, then the model folder with the EMA weights.
+    ema = run.finish()
+    folder = run.folder / "model"
+    if main:
+        ema_denoiser, ema_text_encoder = ema_parts(ema, text_encoder, denoiser)
+        check_finite_params(ema_denoiser.network)
+        save_model_folder(folder, ema_denoiser, ema_text_encoder, spec, autoencoder, image_size,
+                          class_names=class_names, size_embed_dim=size_dim)
+        if not cfg.quiet:
+            print(f"model written to {folder}", file=sys.stderr)
+    ctx.barrier()
+    return folder
+
+
+def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache, text_dim: int,
+                  class_names: list[str] | None) -> DenoiserSpec:
+    """The network preset fitted to the data: the cache's latent channels and size, the text encoder's width,
+    the classes of a class-conditional cache, size conditioning; with the parameterization and schedule."""
+    network_cfg = for_text_data(family, network_cfg, cache.info["latent_shape"][0], text_dim,
+                                cache.info["latent_shape"][1])
     if class_names is not None:  # labels in cond.vector, label len(class_names) = null class
         if cfg.eval_every > 0:
             raise ValueError("eval_every scores shapes prompts, which a class-conditional model cannot take: set "
@@ -245,163 +263,8 @@ def _train_denoiser(cfg: TrainConfig, ctx, callbacks: list[Callback]) -> Path | 
     if cfg.size_conditioning:
         check_size_conditioning(cache, class_names)
         network_cfg = for_size_conditioning(network_cfg, cfg.size_embed_dim)
-    spec = DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
+    return DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
-    denoiser = build_denoiser(dataclasses.replace(  # checkpointing is how it trains, not part of the saved spec
-        spec, **{family: dataclasses.replace(network_cfg, gradient_checkpointing=cfg.gradient_checkpointing)}))
-    cache.check_divisible(spatial_factor(family, network_cfg))  # every bucket's latents fit the network
-    cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
-    channels_last(denoiser.network, cfg.channels_last, ctx)
-    model = Trainable(denoiser.network, text_encoder if joint else None)
-    ema = EMA(model, cfg.ema_decay)
-    posthoc = [PowerEMA(model, s) for s in cfg.posthoc_sigma_rels] if cfg.posthoc_every else []
-    plain = copy.deepcopy(ema.module) if main and ctx.distributed and cfg.distributed.strategy == "fsdp" else None
-    wrapped = wrap(model, ctx)  # DDP / FSDP2 under torchrun
-    text_encoder.to(device)
-    for m in [ema.module, *(p.module for p in posthoc)]:
-        shard_like(m.to(device), ctx)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    if ctx.rank:
-        torch.manual_seed(cfg.seed + ctx.rank)  # the global stream (dropout) differs between ranks
-    sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
-    extra = {f"posthoc_{i}": p.module for i, p in enumerate(posthoc)}
-    start = 0
-    if checkpoint is not None:
-        start = load_training_checkpoint(checkpoint, model, ema, opt, None, ctx=ctx, extra=extra)
-        if main:
-            print(f"resumed from {checkpoint} at step {start}", file=sys.stderr)
-    if main and not cfg.quiet:
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}"
-              f"{f', {len(class_names)} classes' if class_names else ''}: "
-              f"{n_params / 1e6:.2f}M trained parameters; {len(cache)} cached latents; {ctx.world} process(es)",
-              file=sys.stderr)
-    log = MetricsLog(run / "metrics.jsonl", cfg.steps, start, quiet=cfg.quiet, batch_size=cfg.batch_size,
-                     tensorboard_dir=run / "tensorboard" if cfg.tensorboard else None) if writes else None
-    skipper = NonFiniteSkipper(verbose=main)
-    dry = DryRun(device) if cfg.dry_run else None
-    weighting = loss_weighting(cfg, denoiser.parameterization)
-
-    def ema_pipeline_parts():
-        """The EMA denoiser and text encoder on rank 0's CPU, where the Pipeline samples."""
-        ema_model, te = gathered(ema.module, plain), text_encoder  # a collective under FSDP: every rank calls it
-        if not main:
-            return None
-        if next(ema_model.parameters()).device.type != "cpu":
-            ema_model, te = copy.deepcopy(ema_model).cpu(), copy.deepcopy(text_encoder).cpu()
-        return _with_ema(ema_model, te, denoiser)
-
-    # Loop.
-    step = start
-    try:
-        with StopSignal() as stop:
-            for step in range(start, cfg.steps):
-                model.train()
-                if dry:
-                    dry.start()
-                idx = cache.batch_indices(step, cfg.batch_size, cfg.seed)  # the global batch, from one bucket
-                if cache.bucketed:  # a bucket's last batches may be short: split what there is
-                    chunks = bucket_chunks(len(idx), ctx, cfg.grad_accum)
-
-                def loss_fn(positions: torch.Tensor, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
-                    """Per-sample losses of these global-batch positions, each drawn from its own generator."""
-                    gens = sample_generators(cfg.seed, step, positions)
-                    drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
-                    x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
-                    drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
-                    captions = ["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())]
-                    sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
-                    noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
-                    if cfg.offset_noise:
-                        off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
-                        noise = noise + cfg.offset_noise * off[:, :, None, None]
-                    with autocast(cfg.precision, device, training=True):
-                        cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
-                            else text_encoder(captions)
-                        if class_names is not None:  # drawn last: the text-only runs' streams stay as they were
-                            drop_y = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.label_dropout
-                            y = drop_labels(labels[idx[positions]], drop_y, len(class_names))
-                            cond = with_labels(cond, y.to(device))
-                        if cfg.size_conditioning:
-                            cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
-                        return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting,
-                                              noise=noise.to(device))
-
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
-                loss, grad_norm, stop_now = train_step(ctx, wrapped, model, opt, skipper, chunks, loss_fn,
-                                                       cfg.batch_size, step, cfg.grad_clip, stop)
-                if grad_norm is not None:
-                    ema.update(model)
-                    for p in posthoc:
-                        p.update(model, step + 1)
-                if dry:
-                    dry.stop()
-                    if step + 1 - start >= cfg.dry_run_steps:
-                        break
-                    continue
-
-                if cfg.posthoc_every and (step + 1) % cfg.posthoc_every == 0:
-                    for p in posthoc:
-                        state = full_state(p.module)
-                        if main:
-                            save_snapshot(run, p, step + 1, state)
-                if main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                    log.log(step, loss=loss, grad_norm=grad_norm if grad_norm is not None else float("nan"),
-                            lr=opt.param_groups[0]["lr"])
-                if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                    parts = ema_pipeline_parts()
-                    if main:
-                        sample_grid(*parts, autoencoder, cfg, image_size, run / "samples" / f"step_{step + 1:07d}.png",
-                                    class_names=class_names, size_embed_dim=size_dim)
-                if callbacks:
-                    due = any(cb.every > 0 and (step + 1) % cb.every == 0 for cb in callbacks)
-                    parts = ema_pipeline_parts() if due else None
-                    if main:
-                        run_callbacks(callbacks, step + 1, lambda parts=parts: _pipeline(
-                            *parts, autoencoder, image_size, class_names=class_names, size_embed_dim=size_dim))
-                if stop_now or ((step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps):
-                    if main:
-                        check_finite_params(model)
-                    folder = save_training_checkpoint(run, step + 1, model, ema, opt, None, to_dict(cfg),
-                                                      cfg.keep_last, ctx=ctx, extra=extra)
-                    if stop_now:
-                        if log:
-                            log.close()
-                        raise SystemExit(preempted_message(folder, step + 1))
-    except KeyboardInterrupt:
-        if log:
-            log.close()
-        raise SystemExit(interrupt_message(run, step)) from None
-    except (RuntimeError, MemoryError) as e:
-        if dry is None or not is_out_of_memory(e):
-            raise
-        report = dry.report(cfg.steps, cfg.batch_size, ctx.world, out_of_memory=str(e).split("\n")[0])
-        print_dry_run(report, ctx)
-        return report
-    if dry:
-        report = dry.report(cfg.steps, cfg.batch_size, ctx.world)
-        print_dry_run(report, ctx)
-        return report
-    if log:
-        log.close()
-
-    # Save: the training checkpoint, then the model folder with the EMA weights.
-    if main:
-        check_finite_params(model)
-    save_training_checkpoint(run, cfg.steps, model, ema, opt, None, to_dict(cfg), cfg.keep_last, ctx=ctx,
-                             extra=extra)
-    parts = ema_pipeline_parts()
-    folder = run / "model"
-    if main:
-        check_finite_params(parts[0].network)
-        save_model_folder(folder, *parts, spec, autoencoder, image_size, class_names=class_names,
-                          size_embed_dim=size_dim)
-        if not cfg.quiet:
-            print(f"model written to {folder}", file=sys.stderr)
-    ctx.barrier()
-    return folder
 
 
 def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int,
@@ -423,21 +286,21 @@ def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -
                          "size_conditioning = false")
 
 
-def _with_ema(ema_model: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tuple[Denoiser, nn.Module]:
-    """The denoiser and text encoder with the EMA weights."""
-    te = ema_model.text_encoder if ema_model.text_encoder is not None else text_encoder
-    return Denoiser(ema_model.network, denoiser.parameterization), te
+def ema_parts(ema: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tuple[Denoiser, nn.Module]:
+    """The denoiser and text encoder with the EMA weights, on the CPU (copies when training runs on a GPU)."""
+    if next(ema.parameters()).device.type != "cpu":
+        ema, text_encoder = copy.deepcopy(ema).cpu(), copy.deepcopy(text_encoder).cpu()
+    te = ema.text_encoder if ema.text_encoder is not None else text_encoder
+    return Denoiser(ema.network, denoiser.parameterization), te
 
 
-def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: TrainConfig, image_size: int,
-                path: Path, class_names: list[str] | None = None, size_embed_dim: int = 0) -> None:
+def sample_grid(pipe, cfg: TrainConfig, path: Path) -> None:
     """Generate the fixed sample prompts (a class-conditional model: its first 8 classes) as one row."""
     prompts, labels = list(cfg.sample_prompts), None
-    if class_names:
-        labels = list(range(min(8, len(class_names))))
+    if pipe.class_names:
+        labels = list(range(min(8, len(pipe.class_names))))
         prompts = [""] * len(labels)
-    images = _pipeline(denoiser, text_encoder, autoencoder, image_size, class_names, size_embed_dim).generate(
-        prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0, schedule=cfg.sample_schedule,
-        label=labels)
+    images = pipe.generate(prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
+                           schedule=cfg.sample_schedule, label=labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)

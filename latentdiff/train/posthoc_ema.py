@@ -22,7 +22,6 @@ G x = b with G_ij = <p_i, p_j> and b_i = <p_i, p_target>, where for two power pr
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from latentdiff.io import write_safetensors
+from latentdiff.train.common import lerp_weights
 
 SNAPSHOT_DIR = "posthoc_ema"
 _NAME = re.compile(r"^ema_(\d+\.\d+)_(\d{7})\.safetensors$")
@@ -81,13 +81,7 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, module: nn.Module, t: int) -> None:
         beta = (1.0 - 1.0 / t) ** (self.gamma + 1)  # 0 at t = 1: the first average is the weights themselves
-        ema = list(self.module.state_dict().values())
-        live = list(module.state_dict().values())
-        floats = [(e, p) for e, p in zip(ema, live) if e.dtype.is_floating_point]
-        torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - beta)
-        for e, p in zip(ema, live):
-            if not e.dtype.is_floating_point:
-                e.copy_(p)
+        lerp_weights(self.module, module, 1.0 - beta)
 
 
 def snapshot_path(run_dir: Path, sigma_rel: float, t: int) -> Path:
@@ -146,52 +140,3 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, t: int | None = Non
                     continue
                 out.setdefault(key, torch.zeros(v.shape, dtype=torch.float64)).add_(v.double(), alpha=float(coef))
     return {k: v.to(dtypes[k]) for k, v in out.items()}, x
-
-
-def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | None = None,
-           template: str | Path | None = None) -> Path:
-    """``latentdiff posthoc-ema``: write a loadable folder with the reconstructed EMA weights.
-
-    A denoiser run gives a model folder (the autoencoder and text encoder come from ``template``,
-    default ``RUN/model``); an autoencoder run gives an autoencoder folder (``template`` default
-    ``RUN/autoencoder``, whose latent scale and shift are kept).
-    """
-    from latentdiff.components import (
-        load_autoencoder,
-        load_denoiser,
-        load_text_encoder,
-        save_autoencoder,
-        save_model_folder,
-    )
-    from latentdiff.io import atomic_folder, load_state_strict, write_json
-    from latentdiff.train.common import Trainable
-
-    run_dir, out = Path(run_dir), Path(out)
-    snapshots = list_snapshots(run_dir)
-    state, coefs = reconstruct(snapshots, sigma_rel, step)
-    used = [s for s in snapshots if s.t <= (step if step is not None else snapshots[-1].t)]
-    is_denoiser = any(k.startswith("network.") for k in state)
-    template = Path(template) if template is not None else run_dir / ("model" if is_denoiser else "autoencoder")
-    if not template.is_dir():
-        raise FileNotFoundError(f"no template folder {template}: finish the run, or pass --template DIR "
-                                "(a folder of the same model configuration)")
-    if is_denoiser:
-        denoiser, spec = load_denoiser(template / "denoiser")
-        text_encoder = load_text_encoder(template / "text_encoder")
-        joint = any(k.startswith("text_encoder.") for k in state)
-        load_state_strict(Trainable(denoiser.network, text_encoder if joint else None), state, "post-hoc EMA")
-        index = json.loads((template / "model_index.json").read_text())
-        save_model_folder(out, denoiser, text_encoder, spec, load_autoencoder(template / "autoencoder"),
-                          index.get("sample_size"), class_names=index.get("class_names"),
-                          size_embed_dim=index.get("size_conditioning", {}).get("embed_dim", 0))
-    else:
-        autoencoder = load_autoencoder(template)
-        load_state_strict(autoencoder, state, "post-hoc EMA")
-        with atomic_folder(out) as tmp:
-            save_autoencoder(tmp, autoencoder)
-    write_json(out / "posthoc_ema.json", {
-        "sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), "step": used[-1].t if step is None else step,
-        "snapshots": [{"file": s.path.name, "sigma_rel": s.sigma_rel, "t": s.t, "coefficient": float(c)}
-                      for s, c in zip(used, coefs)],
-    })
-    return out

@@ -1,0 +1,61 @@
+"""``latentdiff posthoc-ema``: a run's power-EMA snapshots (``train.posthoc_ema``) reconstructed at any EMA length
+and written as a loadable folder: a model folder for a denoiser run, an autoencoder folder for an autoencoder run.
+
+Apart from ``train.posthoc_ema`` because it writes what the training loops write (``train.denoiser``'s model
+folder), and those loops stand on the run engine, which keeps the snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latentdiff.components import (
+    load_autoencoder,
+    load_denoiser,
+    load_text_encoder,
+    save_autoencoder,
+    save_model_folder,
+)
+from latentdiff.io import atomic_folder, load_state_strict, write_json
+from latentdiff.train.common import Trainable
+from latentdiff.train.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
+
+
+def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | None = None,
+           template: str | Path | None = None) -> Path:
+    """``latentdiff posthoc-ema``: write a loadable folder with the reconstructed EMA weights.
+
+    A denoiser run gives a model folder (the autoencoder and text encoder come from ``template``,
+    default ``RUN/model``); an autoencoder run gives an autoencoder folder (``template`` default
+    ``RUN/autoencoder``, whose latent scale and shift are kept).
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    snapshots = list_snapshots(run_dir)
+    state, coefs = reconstruct(snapshots, sigma_rel, step)
+    used = [s for s in snapshots if s.t <= (step if step is not None else snapshots[-1].t)]
+    is_denoiser = any(k.startswith("network.") for k in state)
+    template = Path(template) if template is not None else run_dir / ("model" if is_denoiser else "autoencoder")
+    if not template.is_dir():
+        raise FileNotFoundError(f"no template folder {template}: finish the run, or pass --template DIR "
+                                "(a folder of the same model configuration)")
+    if is_denoiser:
+        denoiser, spec = load_denoiser(template / "denoiser")
+        text_encoder = load_text_encoder(template / "text_encoder")
+        joint = any(k.startswith("text_encoder.") for k in state)
+        load_state_strict(Trainable(denoiser.network, text_encoder if joint else None), state, "post-hoc EMA")
+        index = json.loads((template / "model_index.json").read_text())
+        save_model_folder(out, denoiser, text_encoder, spec, load_autoencoder(template / "autoencoder"),
+                          index.get("sample_size"), class_names=index.get("class_names"),
+                          size_embed_dim=index.get("size_conditioning", {}).get("embed_dim", 0))
+    else:
+        autoencoder = load_autoencoder(template)
+        load_state_strict(autoencoder, state, "post-hoc EMA")
+        with atomic_folder(out) as tmp:
+            save_autoencoder(tmp, autoencoder)
+    write_json(out / "posthoc_ema.json", {
+        "sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), "step": used[-1].t if step is None else step,
+        "snapshots": [{"file": s.path.name, "sigma_rel": s.sigma_rel, "t": s.t, "coefficient": float(c)}
+                      for s, c in zip(used, coefs)],
+    })
+    return out
