@@ -15,6 +15,7 @@ from latentdiff.io import (
     read_config,
     read_weights,
     save_component,
+    write_json,
 )
 from latentdiff.types import Cond
 
@@ -139,6 +140,38 @@ def test_atomic_folder_swaps_whole_folder(tmp_path):
         (tmp / "b").write_text("3")
     assert sorted(p.name for p in folder.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_a_plain_write_gives(tmp_path, umask):
+    """Files 0666 and folders 0777 less the umask, as open() and mkdir() give; a replaced file keeps its mode."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("x")
+        with atomic_folder(tmp_path / "folder") as tmp:
+            (tmp / "b").write_text("1")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "folder") == mode(tmp_path / "plain") == 0o777 & ~umask
+    os.chmod(tmp_path / "a.json", 0o640)
+    write_json(tmp_path / "a.json", {"a": 2})
+    assert mode(tmp_path / "a.json") == 0o640 and json.loads((tmp_path / "a.json").read_text()) == {"a": 2}
+
+
+def test_progress_lines_are_plain_lines_off_a_terminal(capsys):
+    from latentdiff.io import end_progress, progress_line
+
+    progress_line("step 1/2")
+    progress_line("step 2/2")
+    end_progress()
+    assert capsys.readouterr().err == "step 1/2\nstep 2/2\n"  # no carriage returns in a log file
 
 
 def test_strict_load_refuses_partial_and_reports(tmp_path):

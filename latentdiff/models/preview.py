@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.config import from_dict
-from latentdiff.io import load_component_weights, read_config, save_component
+from latentdiff.io import end_progress, load_component_weights, progress_line, read_config, save_component
 
 
 @dataclass
@@ -124,9 +123,9 @@ def _fit(student: PreviewDecoder, opt, latents: Tensor, targets: Tensor, steps: 
         loss.backward()
         opt.step()
         if not quiet and (step + 1) % 50 == 0:
-            print(f"\rpreview step {step + 1}/{steps}  L1 {loss.item():.4f}", end="", file=sys.stderr, flush=True)
+            progress_line(f"preview step {step + 1}/{steps}  L1 {loss.item():.4f}")
     if not quiet:
-        print(file=sys.stderr)
+        end_progress()
 
 
 def save_preview_decoder(folder: str | Path, decoder: PreviewDecoder) -> None:
