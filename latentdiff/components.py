@@ -23,7 +23,7 @@ from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import from_dict
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.parameterization import make_parameterization
+from latentdiff.diffusion.parameterization import make_parameterization, takes_alphas_cumprod
 from latentdiff.io import LoadReport, load_component_weights, read_config, save_component, write_json
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, build_autoencoder
 from latentdiff.models.dit import DiTConfig
@@ -67,10 +67,9 @@ class DenoiserSpec:
 
 def build_parameterization(spec: DenoiserSpec):
     """The spec's parameterization, with its noise schedule where it is a discrete one."""
-    needs_schedule = spec.parameterization in ("eps", "v", "x0")
-    return make_parameterization(
-        spec.parameterization, alphas_cumprod=spec.schedule.alphas_cumprod() if needs_schedule else None
-    )
+    discrete = takes_alphas_cumprod(spec.parameterization)
+    ac = spec.schedule.alphas_cumprod() if discrete else None
+    return make_parameterization(spec.parameterization, alphas_cumprod=ac)
 
 
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:

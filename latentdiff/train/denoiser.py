@@ -125,7 +125,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (FID/KID/judge, latentdiff.eval) logged to eval.jsonl; 0 = never
     eval_samples: int = 64  # images generated per evaluation
     eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
-    sample_schedule: str = "karras"  # sigma grid for the sample grids ("flow" for flow models: karras needs a finite sigma_max)
+    sample_schedule: str | None = None  # sigma grid for the sample grids; None: the model's own (flow for flow models)
     class_labels: bool = True  # a cache with class labels (class folders, tar .cls) trains a class-conditional net
     label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
     size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
