@@ -159,3 +159,15 @@ def test_eval_against_class_folders_draws_each_reference_class(class_cache, tmp_
         run_eval(EvalConfig(**{**cfg.__dict__, "reference": str(flat)}), pipe=pipe, extractor=CountingProjection())
     with pytest.raises(ValueError, match="eval_every scores shapes prompts"):
         train_denoiser(_cfg(class_cache, "bad", steps=1, eval_every=1))
+
+
+def test_convert_keeps_the_class_names(class_cache, tmp_path):
+    """read_our_folder -> save_latentdiff is lossless: the converted folder is still class-conditional."""
+    from latentdiff.interop.convert import convert
+
+    folder = train_denoiser(_cfg(class_cache, "to_convert", steps=1))
+    convert(folder, tmp_path / "converted")
+    index = json.loads((tmp_path / "converted" / "model_index.json").read_text())
+    assert index["class_names"] == ["blue", "green", "red"]
+    kw = dict(steps=2, sampler="euler", guidance=2.0, label="green", output="pt")  # noqa: C408
+    assert torch.equal(load(tmp_path / "converted").generate("", **kw), load(folder).generate("", **kw))

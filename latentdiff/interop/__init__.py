@@ -1,20 +1,21 @@
 """Pretrained checkpoints: diffusers folders, single-file original SD checkpoints, explicit key maps.
 
 ``open_model(path)`` routes a path to the right reader and returns an ``SDModel`` (components, spec,
-scheduler hint, detected family and load reports); ``latentdiff.load`` turns it into a Pipeline.
+model index with the detected family and scheduler hint, load reports); ``latentdiff.load`` turns it
+into a Pipeline.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff, to_pipeline
+from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff
 from latentdiff.interop.diffusers_folder import is_diffusers_folder, read_diffusers
 from latentdiff.interop.files import SAFETENSORS, TORCH_FILES
 from latentdiff.interop.single_file import UnsupportedCheckpoint, detect_family, read_single_file
 
 __all__ = ["SDModel", "SamplerHint", "UnsupportedCheckpoint", "detect_family", "is_diffusers_folder",
-           "open_model", "read_diffusers", "read_single_file", "save_latentdiff", "to_pipeline"]
+           "open_model", "read_diffusers", "read_single_file", "save_latentdiff"]
 
 
 def open_model(path: str | Path, *, tokenizer: str | Path | None = None, **kw) -> SDModel:

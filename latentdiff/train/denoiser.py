@@ -17,13 +17,11 @@ from torch import nn
 
 from latentdiff.components import (
     DenoiserSpec,
+    ModelFolder,
     NoiseSchedule,
     build_denoiser,
     load_autoencoder,
-    save_autoencoder,
-    save_denoiser,
-    save_text_encoder,
-    write_model_index,
+    write_model_folder,
 )
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
@@ -33,7 +31,7 @@ from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
-from latentdiff.io import atomic_folder
+from latentdiff.model_index import ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.train.common import (
     EMA,
@@ -404,8 +402,12 @@ def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_si
               class_names: list[str] | None = None, size_embed_dim: int = 0):
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size, class_names=class_names,
-                    size_embed_dim=size_embed_dim)
+    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim))
+
+
+def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int) -> ModelIndex:
+    return ModelIndex(sample_size=image_size, class_names=class_names,
+                      size_conditioning=SizeConditioning(size_embed_dim))
 
 
 def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -> None:
@@ -429,14 +431,8 @@ def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module,
                       autoencoder, cache_image_size: int, class_names: list[str] | None = None,
                       size_embed_dim: int = 0) -> Path:
     """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
-    with atomic_folder(folder) as tmp:
-        save_autoencoder(tmp / "autoencoder", autoencoder)
-        save_denoiser(tmp / "denoiser", denoiser, spec)
-        save_text_encoder(tmp / "text_encoder", text_encoder)
-        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
-            "sample_size": cache_image_size, **({"class_names": list(class_names)} if class_names else {}),
-            **({"size_conditioning": {"embed_dim": size_embed_dim}} if size_embed_dim else {})})
-    return folder
+    index = _index(cache_image_size, class_names, size_embed_dim)
+    return write_model_folder(folder, ModelFolder(index, autoencoder, denoiser, spec, text_encoder))
 
 
 def sample_grid(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, cfg: TrainConfig, image_size: int,
