@@ -198,7 +198,11 @@ def test_corrupt_component_files_give_clear_errors(tmp_path):
         read_config(tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="not a latentdiff component folder"):
         read_config(tmp_path / "missing")
-    assert json.loads(json.dumps({"ok": 1}))
+    # Each error names the file, so the user knows which one to replace.
+    for read, name in ((read_weights, "model.safetensors"), (read_config, "config.json")):
+        with pytest.raises(ValueError) as e:
+            read(tmp_path / "c")
+        assert str(tmp_path / "c" / name) in str(e.value)
 
 
 def test_cond_cat_map_repeat():
