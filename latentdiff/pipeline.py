@@ -60,11 +60,9 @@ class Pipeline:
                  schedule: str | None = None) -> GenerationSettings:
         """The sampler, steps, guidance and sigma grid a generation uses: what is asked, else what the model
         recommends (its index), else ``DEFAULT_GENERATION``; the grid named, e.g. the flow grid for a flow model."""
-        asked = GenerationSettings(sampler, steps, guidance, schedule)
-        out = {}
-        for key in ("sampler", "steps", "guidance", "schedule"):
-            choices = (getattr(asked, key), getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
-            out[key] = next((v for v in choices if v is not None), None)
+        asked = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule}
+        out = {key: next((v for v in (value, getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
+                          if v is not None), None) for key, value in asked.items()}
         param = self.denoiser.parameterization
         _, sampler_grid = get_sampler(out["sampler"])
         grid = out["schedule"] or param.sampling_grid(sampler_grid)
