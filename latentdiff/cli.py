@@ -206,23 +206,24 @@ def cmd_generate(args) -> None:
     prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
+    if len(cfg.labels) > 1 and len(prompts) == 1:
+        prompts = prompts * len(cfg.labels)  # one prompt for every label, as Pipeline.generate does
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
-    images = pipe.generate(prompts, **dataclasses.asdict(use), **_generate_options(cfg))
+    options = _generate_options(cfg)
+    images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
     w, h = images[0].size
-    params = {"negative_prompt": cfg.negative_prompt, **dataclasses.asdict(use), "seed": cfg.seed, "width": w,
+    params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
               "height": h, "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
-              **{k: v for k, v in _generate_options(cfg).items() if k in PNG_KEYS and v}}
-    per_image = [{"prompt": p, **({"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {})}
-                 for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
+              "guidance_rescale": cfg.guidance_rescale,
+              **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]}}
+    labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
+    per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
     for path in save_images(images, out, params, grid=cfg.grid, per_image=per_image):
         print(path)
-
-
-PNG_KEYS = ("guidance_rescale", "guidance_interval", "dynamic_threshold", "original_size", "crop_top_left")
 
 
 def _generate_options(cfg: GenerateConfig) -> dict:

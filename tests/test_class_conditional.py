@@ -92,6 +92,12 @@ def test_class_conditional_training_then_generation_by_name(class_cache, capsys)
     main(["generate", "--model", str(folder), "--label", "green", "--steps", "2", "-o",
           str(class_cache / "green.png")])
     assert (class_cache / "green.png").is_file() and "green.png" in capsys.readouterr().out
+    # Two labels and no prompt: one image each, each PNG naming its own label.
+    from latentdiff.images import read_parameters
+
+    main(["generate", "--model", str(folder), "--label", "red", "--label", "blue", "--steps", "2", "-o",
+          str(class_cache / "two.png")])
+    assert [read_parameters(class_cache / f"two_{i:03d}.png")["label"] for i in range(2)] == ["red", "blue"]
 
 
 def test_labels_can_be_ignored_and_text_models_refuse_labels(class_cache):
