@@ -7,40 +7,78 @@ overrides (applied in that order, after the defaults), plus a few common flags a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import add_config_args, config_from_args
+from latentdiff.config import add_config_args, add_options, config_from_args
+from latentdiff.diffusion.schedules import GRIDS
+from latentdiff.model_index import DEFAULT_GENERATION
+
+DEFAULT_MODEL = "default"  # the bundled default model (latentdiff/default/)
+
+
+def _opt(default, help: str, **argparse_kw):
+    """A setting declared once: its default, its help, and how its command-line flag reads (argparse keywords,
+    plus ``flags`` (default ``--the-name``) and ``to_config`` (the flag's value -> config keys))."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def _preview_flag(value: list[str]) -> dict:
+    n, folder = value
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--preview-every N must be a positive whole number, got {n!r}")
+    return {"preview_every": int(n), "preview_dir": folder}
 
 
 @dataclass
 class GenerateConfig:
     """``latentdiff generate``: sampling settings (prompts come from the command line)."""
 
-    model: str = "outputs/demo/model/model"  # model folder
-    negative_prompt: str = ""  # what to steer away from
-    steps: int = 20  # sampler steps
-    sampler: str = "dpmpp_2m"  # sampler name (any alias, e.g. "DPM++ 2M Karras")
-    schedule: str = ""  # sigma grid ("karras", "exponential", "trailing", ...); empty: the sampler's default
-    guidance: float = 5.0  # classifier-free guidance scale (1 = off)
-    guidance_rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023)
-    seed: int = 0  # noise seed
-    height: int = 0  # pixels (0: the model's training size)
-    width: int = 0  # pixels (0: the model's training size)
-    num_images: int = 1  # images per prompt
-    grid: bool = False  # write one grid instead of numbered files
-    precision: str = "fp32"  # "fp32" or "bf16"
-    out: str = "out.png"  # output file (numbered when several images)
-    tokenizer: str = ""  # single-file SD checkpoints: a CLIP tokenizer folder or a diffusers SD folder
-    labels: tuple = ()  # class-conditional models: class names or indices (one, or one per prompt)
-    original_size: tuple = ()  # size-conditioned models: (height, width) announced as the original; () = the output size
-    crop_top_left: tuple = (0, 0)  # size-conditioned models: (top, left) crop announced
-    tiled: str = "auto"  # decode in tiles: "auto" (latents over 128x128), "on" or "off"
-    decode_precision: str = "fp32"  # "fp32", "bf16" or "fp16" (falls back to fp32 when not finite)
-    preview_every: int = 0  # write a preview-decoder image every N sampler steps (0: none)
-    preview_dir: str = ""  # folder for the preview images (step_NNN.png)
+    model: str = _opt(DEFAULT_MODEL, "model folder (ours or a diffusers one) or single-file checkpoint; without "
+                      "--model, the bundled default model (shapes, 32x32)", metavar="PATH")
+    negative_prompt: str = _opt("", "what to steer away from", metavar="TEXT")
+    steps: int | None = _opt(None, "sampler steps (default: the model's recommendation, else "
+                             f"{DEFAULT_GENERATION.steps})", metavar="N")
+    sampler: str | None = _opt(None, "sampler or alias: dpmpp_2m, euler, heun, ddim, 'DPM++ 2M Karras', ... "
+                               f"(default: the model's recommendation, else {DEFAULT_GENERATION.sampler})",
+                               metavar="NAME")
+    schedule: str | None = _opt(None, "sigma grid (default: the model's recommendation, else the sampler's own "
+                                "grid on the model's terms: 'flow' for flow models; 'default' is the model's "
+                                "own grid: flow, trailing for 1000-step models, karras for EDM)", choices=sorted(GRIDS))
+    guidance: float | None = _opt(None, "classifier-free guidance scale, 1 = off (default: the model's "
+                                  f"recommendation, else {DEFAULT_GENERATION.guidance})", metavar="SCALE")
+    guidance_rescale: float = _opt(0.0, "guidance rescale phi in [0, 1] (Lin et al. 2023)", metavar="PHI")
+    guidance_interval: tuple = _opt((), "guide only where sigma_lo < sigma <= sigma_hi (Kynkaanniemi et al. 2024; "
+                                    "default: everywhere)", nargs=2, type=float, metavar=("LO", "HI"))
+    dynamic_threshold: float = _opt(0.0, "dynamic thresholding percentile, e.g. 0.995 (Saharia et al. 2022; 0: off)",
+                                    metavar="P")
+    seed: int = _opt(0, "noise seed")
+    height: int = _opt(0, "pixels (0: the model's training size)")
+    width: int = _opt(0, "pixels (0: the model's training size)")
+    num_images: int = _opt(1, "images per prompt", metavar="N")
+    grid: bool = _opt(False, "write one grid instead of numbered files")
+    precision: str = _opt("fp32", "denoiser precision", choices=("fp32", "bf16"))
+    out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
+    tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
+                          "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
+    labels: tuple = _opt((), "class-conditional models: a class name or index (repeat for several; one prompt, or "
+                         "none, is used for every label)", flags=("--label",), action="append", metavar="CLASS",
+                         to_config=lambda v: {"labels": tuple(v)})
+    original_size: tuple = _opt((), "size-conditioned models: the original size to announce (default: the output "
+                                "size)", nargs=2, type=int, metavar=("H", "W"))
+    crop_top_left: tuple = _opt((0, 0), "size-conditioned models: the crop offset to announce", nargs=2, type=int,
+                                metavar=("TOP", "LEFT"))
+    tiled: str = _opt("auto", "decode in tiles: auto (latents over 128x128 positions), on (a bare --tiled), off",
+                      nargs="?", const="on", choices=("auto", "on", "off"))
+    decode_precision: str = _opt("fp32", "decode precision; falls back to fp32 when the output is not finite",
+                                 choices=("fp32", "bf16", "fp16"))
+    preview_every: int = _opt(0, "every N sampler steps write the preview decoder's image to DIR/step_NNN.png",
+                              nargs=2, metavar=("N", "DIR"), to_config=_preview_flag)
+    preview_dir: str = ""  # folder for the preview images (--preview-every N DIR)
 
 
 @dataclass
@@ -65,6 +103,9 @@ class DemoConfig:
 DEMO_PRESETS: dict[str, dict] = {
     "shapes-demo": {},
     "shapes-demo-minilm": {"train_preset": "shapes-demo-minilm", "cache_preset": "shapes-demo-minilm"},
+    # The demo's budget with the other backbones (train presets of the same names).
+    "shapes-demo-dit": {"train_preset": "shapes-demo-dit"},
+    "shapes-demo-mmdit": {"train_preset": "shapes-demo-mmdit"},
     "shapes-64": {"vae_preset": "shapes", "cache_preset": "shapes", "train_preset": "shapes"},
     "shapes-test": {"eval_prompts": 4, "steps": 2, "vae_preset": "shapes-test", "cache_preset": "shapes-test",
                     "train_preset": "shapes-test"},
@@ -74,42 +115,31 @@ DEMO_PRESETS: dict[str, dict] = {
 def cmd_train_vae(args) -> None:
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig, train_vae
 
-    cfg = config_from_args(VAETrainConfig, VAE_PRESETS, args,
-                           {"out": args.out, "data": args.data, "steps": args.steps, "resume": args.resume or None,
-                            "dry_run": args.dry_run or None})
-    _print_result(train_vae(cfg))
+    _print_result(train_vae(config_from_args(VAETrainConfig, VAE_PRESETS, args)))
 
 
 def cmd_latent_stats(args) -> None:
     from latentdiff.train.latent_stats import LatentStatsConfig, latent_stats
 
-    cfg = config_from_args(LatentStatsConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data})
-    print(json.dumps(latent_stats(cfg)))
+    print(json.dumps(latent_stats(config_from_args(LatentStatsConfig, {}, args))))
 
 
 def cmd_distill_preview(args) -> None:
     from latentdiff.train.preview import PreviewTrainConfig, distill_preview_command
 
-    cfg = config_from_args(PreviewTrainConfig, {}, args, {"autoencoder": args.autoencoder, "data": args.data,
-                                                          "out": args.out, "steps": args.steps})
-    print(distill_preview_command(cfg))
+    print(distill_preview_command(config_from_args(PreviewTrainConfig, {}, args)))
 
 
 def cmd_cache(args) -> None:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig, cache_dataset
 
-    cfg = config_from_args(CacheConfig, CACHE_PRESETS, args, {"out": args.out, "autoencoder": args.autoencoder,
-                                                              "data": args.data})
-    print(cache_dataset(cfg))
+    print(cache_dataset(config_from_args(CacheConfig, CACHE_PRESETS, args)))
 
 
 def cmd_train(args) -> None:
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig, train_denoiser
 
-    cfg = config_from_args(TrainConfig, TRAIN_PRESETS, args, {"out": args.out, "cache": args.cache,
-                                                              "steps": args.steps, "resume": args.resume or None,
-                                                              "dry_run": args.dry_run or None})
-    _print_result(train_denoiser(cfg))
+    _print_result(train_denoiser(config_from_args(TrainConfig, TRAIN_PRESETS, args)))
 
 
 def _print_result(result) -> None:
@@ -130,52 +160,41 @@ def cmd_posthoc_ema(args) -> None:
 def cmd_generate(args) -> None:
     from latentdiff.pipeline import load, save_images
 
-    cfg = config_from_args(GenerateConfig, {}, args, {
-        "model": args.model, "negative_prompt": args.negative_prompt, "steps": args.steps, "sampler": args.sampler,
-        "schedule": args.schedule, "guidance": args.guidance, "seed": args.seed, "height": args.height,
-        "width": args.width, "num_images": args.num_images, "grid": args.grid or None, "out": args.out,
-        "precision": args.precision, "tokenizer": args.tokenizer, "labels": tuple(args.label) if args.label else None,
-        "original_size": tuple(args.original_size) if args.original_size else None,
-        "crop_top_left": tuple(args.crop_top_left) if args.crop_top_left else None, "tiled": args.tiled,
-        "decode_precision": args.decode_precision,
-        **({"preview_every": _count(args.preview_every[0], "--preview-every N"), "preview_dir": args.preview_every[1]}
-           if args.preview_every else {}),
-    })
-    if cfg.tiled not in ("auto", "on", "off"):
-        raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
+    cfg = config_from_args(GenerateConfig, {}, args)
     prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
+    if len(cfg.labels) > 1 and len(prompts) == 1:
+        prompts = prompts * len(cfg.labels)  # one prompt for every label, as Pipeline.generate does
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
-    images = pipe.generate(prompts, negative_prompt=cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler,
-                           schedule=cfg.schedule or None, guidance=cfg.guidance, seed=cfg.seed,
-                           height=cfg.height or None, width=cfg.width or None, num_images=cfg.num_images,
-                           guidance_rescale=cfg.guidance_rescale, label=list(cfg.labels) or None,
-                           original_size=tuple(cfg.original_size) or None, crop_top_left=tuple(cfg.crop_top_left),
-                           **_decode_options(cfg))
+    use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    options = _generate_options(cfg)
+    images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
     w, h = images[0].size
-    params = {"prompt": prompts if len(prompts) > 1 else prompts[0], "negative_prompt": cfg.negative_prompt,
-              "steps": cfg.steps, "sampler": cfg.sampler, "schedule": cfg.schedule, "guidance": cfg.guidance,
-              "guidance_rescale": cfg.guidance_rescale, "seed": cfg.seed, "width": w, "height": h,
-              "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
-              **({"label": list(cfg.labels)} if cfg.labels else {}),
-              **({"original_size": list(cfg.original_size)} if cfg.original_size else {})}
-    for path in save_images(images, out, params, grid=cfg.grid):
+    params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
+              "height": h, "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
+              "guidance_rescale": cfg.guidance_rescale,
+              **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]}}
+    labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
+    per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
+    for path in save_images(images, out, params, grid=cfg.grid, per_image=per_image):
         print(path)
 
 
-def _count(text: str, what: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{what} must be a positive whole number, got {text!r}")
-    return int(text)
-
-
-def _decode_options(cfg: GenerateConfig) -> dict:
-    """``generate``'s tiling, decode precision and preview settings as ``Pipeline.generate`` keywords."""
-    options = {"tiled": {"auto": None, "on": True, "off": False}[cfg.tiled], "decode_precision": cfg.decode_precision}
+def _generate_options(cfg: GenerateConfig) -> dict:
+    """``generate``'s other settings as ``Pipeline.generate`` keywords (sampler, steps, guidance, schedule aside)."""
+    tiled = {"auto": None, "on": True, "off": False}
+    if cfg.tiled not in tiled:
+        raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
+    options = {"negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "height": cfg.height or None,
+               "width": cfg.width or None, "num_images": cfg.num_images, "guidance_rescale": cfg.guidance_rescale,
+               "guidance_interval": tuple(cfg.guidance_interval) or None,
+               "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
+               "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
+               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision}
     if cfg.preview_every:
         if not cfg.preview_dir:
             raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
@@ -192,17 +211,14 @@ def _decode_options(cfg: GenerateConfig) -> dict:
 def cmd_eval_vae(args) -> None:
     from latentdiff.eval.vae import VAEEvalConfig, evaluate_vae
 
-    cfg = config_from_args(VAEEvalConfig, {}, args, {"model": args.model, "data": args.data, "out": args.out,
-                                                     "extractor": args.extractor, "feature_path": args.feature_path})
-    report = evaluate_vae(cfg)
+    report = evaluate_vae(config_from_args(VAEEvalConfig, {}, args))
     print(json.dumps({k: report[k] for k in ("psnr", "ssim", "images", "rfid", "grid") if k in report}, indent=2))
 
 
 def cmd_demo(args) -> None:
     from latentdiff.demo import run_demo
 
-    cfg = config_from_args(DemoConfig, DEMO_PRESETS, args, {"out": args.out})
-    report = run_demo(cfg)
+    report = run_demo(config_from_args(DemoConfig, DEMO_PRESETS, args))
     print(json.dumps(report["summary"], indent=2))
 
 
@@ -236,86 +252,81 @@ def cmd_convert(args) -> None:
             **({"overrides": overrides} if overrides else {}))
 
 
-def build_parser() -> argparse.ArgumentParser:
+_OUT, _DATA, _STEPS = "run folder", "'shapes', a folder of images, or tar shards", "optimizer steps"
+_RESUME = "continue from the run folder's latest checkpoint"
+_DRY = "time a few steps; report step time, peak memory, ETA"
+
+
+class _Command(typing.NamedTuple):
+    """A command built on a config dataclass: defaults <- --preset <- --config <- --set <- its flags."""
+
+    name: str
+    func: typing.Callable
+    cls: type
+    presets: dict
+    help: str
+    description: str
+    flags: dict  # config key -> help (or argparse keywords, as _opt takes them)
+
+
+def _config_commands() -> list[_Command]:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
+    from latentdiff.eval.vae import VAEEvalConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
+    from latentdiff.train.latent_stats import LatentStatsConfig
+    from latentdiff.train.preview import PreviewTrainConfig
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig
 
+    ae_dir, images = "autoencoder folder (train-vae's OUT/autoencoder)", "'shapes', 'skimage' or a folder of images"
+    extractor = {"help": "rFID feature space (auto: the shapes net for shapes data, else Inception)",
+                 "choices": ["auto", "shapes", "inception", "inception-tf1", "dinov2", "none"]}
+    return [
+        _Command("demo", cmd_demo, DemoConfig, DEMO_PRESETS,
+                 help="train a small model on the built-in shapes set, generate and judge (~15 min)",
+                 description="Train an autoencoder and a text-conditioned denoiser on the built-in shapes set, "
+                             "generate held-out prompts, and score them with the judge.",
+                 flags={"out": "output folder (default outputs/demo)"}),
+        _Command("train-vae", cmd_train_vae, VAETrainConfig, VAE_PRESETS, help="train an autoencoder",
+                 description="Train a KL autoencoder; writes OUT/autoencoder with its latent scale and shift.",
+                 flags={"out": _OUT, "data": _DATA + " (crop=random and buckets=true also for folders)",
+                        "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
+        _Command("cache", cmd_cache, CacheConfig, CACHE_PRESETS, help="encode a data set into a latent cache",
+                 description="Encode a data set once with an autoencoder into safetensors shards.",
+                 flags={"autoencoder": ae_dir, "data": _DATA + " (a folder of .tar, a glob, or 'shard-{000..009}.tar')",
+                        "out": "cache folder to write"}),
+        _Command("latent-stats", cmd_latent_stats, LatentStatsConfig, {},
+                 help="compute an autoencoder's latent scale/shift and store them in its config",
+                 description="Measure the latent scale and shift (optionally per channel) of a saved autoencoder on "
+                             "a data set and rewrite its config.json.",
+                 flags={"autoencoder": "autoencoder folder", "data": "'shapes' or a folder of images"}),
+        _Command("distill-preview", cmd_distill_preview, PreviewTrainConfig, {},
+                 help="distill a tiny preview decoder from an autoencoder",
+                 description="Train a small, fast decoder (TAESD-style) to imitate an autoencoder's decoder.",
+                 flags={"autoencoder": "autoencoder folder (the teacher)", "data": images,
+                        "out": "folder for the preview decoder", "steps": _STEPS}),
+        _Command("eval-vae", cmd_eval_vae, VAEEvalConfig, {},
+                 help="held-out PSNR, SSIM and rFID of an autoencoder, and a reconstruction grid",
+                 description="Reconstruct held-out images (shapes: unseen renders; skimage: the held-out "
+                             "photographs; or a folder) and write OUT/report.json and OUT/grid.png.",
+                 flags={"model": "autoencoder folder, or a model folder holding autoencoder/",
+                        "data": images + " (held out)", "out": "folder for report.json and grid.png",
+                        "extractor": extractor,
+                        "feature_path": "extractor weights: shapes-net folder, Inception .pth, or DINOv2 folder"}),
+        _Command("train", cmd_train, TrainConfig, TRAIN_PRESETS, help="train a text-conditioned latent denoiser",
+                 description="Train a denoiser on a latent cache; writes OUT/model, a model folder.",
+                 flags={"cache": "latent cache folder", "out": _OUT, "steps": _STEPS, "resume": _RESUME,
+                        "dry_run": _DRY}),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent diffusion: train, generate, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="train a small model on the built-in shapes set, generate and judge (~15 min)",
-                       description="Train an autoencoder and a text-conditioned denoiser on the built-in shapes set, "
-                                   "generate held-out prompts, and score them with the judge.")
-    add_config_args(p, DEMO_PRESETS, DemoConfig)
-    p.add_argument("--out", default=None, help="output folder (default outputs/demo)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("train-vae", help="train an autoencoder", description="Train a KL autoencoder; writes "
-                       "OUT/autoencoder with its latent scale and shift.")
-    add_config_args(p, VAE_PRESETS, VAETrainConfig)
-    p.add_argument("--out", default=None, help="run folder")
-    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (crop=random and "
-                   "buckets=true also for folders)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")
-    p.set_defaults(func=cmd_train_vae)
-
-    p = sub.add_parser("cache", help="encode a data set into a latent cache",
-                       description="Encode a data set once with an autoencoder into safetensors shards.")
-    add_config_args(p, CACHE_PRESETS, CacheConfig)
-    p.add_argument("--autoencoder", default=None, help="autoencoder folder (train-vae's OUT/autoencoder)")
-    p.add_argument("--data", default=None, help="'shapes', a folder of images, or tar shards (a folder of .tar, "
-                   "a glob, or 'shard-{000..009}.tar')")
-    p.add_argument("--out", default=None, help="cache folder to write")
-    p.set_defaults(func=cmd_cache)
-
-    from latentdiff.train.latent_stats import LatentStatsConfig
-
-    p = sub.add_parser("latent-stats", help="compute an autoencoder's latent scale/shift and store them in its config",
-                       description="Measure the latent scale and shift (optionally per channel) of a saved "
-                                   "autoencoder on a data set and rewrite its config.json.")
-    add_config_args(p, {}, LatentStatsConfig)
-    p.add_argument("--autoencoder", default=None, help="autoencoder folder")
-    p.add_argument("--data", default=None, help="'shapes' or a folder of images")
-    p.set_defaults(func=cmd_latent_stats)
-
-    from latentdiff.train.preview import PreviewTrainConfig
-
-    p = sub.add_parser("distill-preview", help="distill a tiny preview decoder from an autoencoder",
-                       description="Train a small, fast decoder (TAESD-style) to imitate an autoencoder's decoder.")
-    add_config_args(p, {}, PreviewTrainConfig)
-    p.add_argument("--autoencoder", default=None, help="autoencoder folder (the teacher)")
-    p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of images")
-    p.add_argument("--out", default=None, help="folder for the preview decoder")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    p.set_defaults(func=cmd_distill_preview)
-
-    from latentdiff.eval.vae import VAEEvalConfig
-
-    p = sub.add_parser("eval-vae", help="held-out PSNR, SSIM and rFID of an autoencoder, and a reconstruction grid",
-                       description="Reconstruct held-out images (shapes: unseen renders; skimage: the held-out "
-                                   "photographs; or a folder) and write OUT/report.json and OUT/grid.png.")
-    add_config_args(p, {}, VAEEvalConfig)
-    p.add_argument("--model", default=None, help="autoencoder folder, or a model folder holding autoencoder/")
-    p.add_argument("--data", default=None, help="'shapes', 'skimage' or a folder of held-out images")
-    p.add_argument("--out", default=None, help="folder for report.json and grid.png")
-    p.add_argument("--extractor", default=None, choices=["auto", "shapes", "inception", "inception-tf1", "dinov2", "none"],
-                   help="rFID feature space (auto: the shapes net for shapes data, else Inception)")
-    p.add_argument("--feature-path", default=None, help="extractor weights: shapes-net folder, Inception .pth, "
-                   "or DINOv2 folder")
-    p.set_defaults(func=cmd_eval_vae)
-
-    p = sub.add_parser("train", help="train a text-conditioned latent denoiser",
-                       description="Train a denoiser on a latent cache; writes OUT/model, a model folder.")
-    add_config_args(p, TRAIN_PRESETS, TrainConfig)
-    p.add_argument("--cache", default=None, help="latent cache folder")
-    p.add_argument("--out", default=None, help="run folder")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="time a few steps; report step time, peak memory, ETA")
-    p.set_defaults(func=cmd_train)
+    for c in _config_commands():
+        p = sub.add_parser(c.name, help=c.help, description=c.description)
+        add_config_args(p, c.presets, c.cls)
+        add_options(p, c.cls, c.flags)
+        p.set_defaults(func=c.func)
 
     p = sub.add_parser("check-data", help="report corrupt, tiny, duplicate and uncaptioned images in a folder",
                        description="Read every image in a folder once and report corrupt, tiny, exact- and "
@@ -328,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-area", type=int, default=0, help="also count aspect-ratio buckets of this area")
     p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
-    p.set_defaults(func=cmd_check_data, preset=None)
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("posthoc-ema", help="reconstruct an EMA of any length from post-hoc EMA snapshots",
                        description="Combine a run's power-function EMA snapshots (train with posthoc_every > 0) "
@@ -342,41 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="folder to write")
     p.set_defaults(func=cmd_posthoc_ema)
 
-    p = sub.add_parser("generate", help="generate images from prompts",
-                       description="Generate images; each PNG carries its parameters in a text chunk.")
+    p = sub.add_parser("generate", help="generate images from prompts", description="Generate images; each PNG "
+                       "carries its parameters (its own prompt among them) in a text chunk.")
     p.add_argument("prompts", nargs="*", help="one or more prompts")
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of generate settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting")
-    p.add_argument("--model", default=None, help="model folder")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--sampler", default=None, help="e.g. dpmpp_2m, euler, heun, ddim, 'DPM++ 2M Karras'")
-    p.add_argument("--schedule", default=None, help="sigma grid: karras, exponential, trailing, leading, linspace")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=None, help="images per prompt")
-    p.add_argument("--grid", action="store_true", help="write one grid image")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
-    p.add_argument("-o", "--out", default=None, help="output .png")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="single-file checkpoints: the model's "
-                   "diffusers folder (tokenizer/, and tokenizer_2/ for SDXL and SD3) or, for SD 1.x/2.x, a CLIP "
-                   "tokenizer folder (vocab.json + merges.txt)")
-    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="size-conditioned models: the original size to announce (default: the output size)")
-    p.add_argument("--crop-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
-                   help="size-conditioned models: the crop offset to announce (default 0 0)")
-    p.add_argument("--label", action="append", default=None, metavar="CLASS", help="class-conditional models: a "
-                   "class name or index (repeat for several; one prompt, or none, is used for every label)")
-    p.add_argument("--tiled", nargs="?", const="on", default=None, choices=["auto", "on", "off"],
-                   help="decode in tiles (bare --tiled: on; default auto: latents over 128x128 positions)")
-    p.add_argument("--decode-precision", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="decode precision; falls back to fp32 when the output is not finite")
-    p.add_argument("--preview-every", nargs=2, default=None, metavar=("N", "DIR"),
-                   help="every N steps write the preview decoder's image to DIR/step_NNN.png")
-    p.set_defaults(func=cmd_generate, preset=None)
+    add_config_args(p, {}, GenerateConfig)
+    add_options(p, GenerateConfig, {f.name: dict(f.metadata) for f in dataclasses.fields(GenerateConfig)
+                                     if f.metadata}, show_defaults=True)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
                        description="Read a latentdiff folder, a diffusers SD/SDXL folder or a single-file SD "

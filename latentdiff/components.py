@@ -2,11 +2,12 @@
 
 A latentdiff model folder::
 
-    model_index.json     {"format": "latentdiff", "components": [...]}
+    model_index.json     ModelIndex (model_index.py): sample size, labels, size conditioning, sampler hints
     autoencoder/         AutoencoderKL config (including its latent scale and shift) and weights
     denoiser/            network config, parameterization and noise schedule, and (EMA) weights
     text_encoder/        text encoder config, and weights when it was trained with the model
 
+``read_model_folder`` / ``write_model_folder`` are the one reader and writer of a whole folder.
 Loading is strict: every tensor must match; the load report says what matched.
 """
 
@@ -23,15 +24,9 @@ from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import from_dict
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.parameterization import make_parameterization
-from latentdiff.io import (
-    LoadReport,
-    atomic_folder,
-    load_component_weights,
-    read_config,
-    save_component,
-    write_json,
-)
+from latentdiff.diffusion.parameterization import make_parameterization, takes_alphas_cumprod
+from latentdiff.io import LoadReport, atomic_folder, load_component_weights, read_config, save_component
+from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.dit import DiTConfig
 from latentdiff.models.families import FAMILIES
@@ -75,10 +70,9 @@ class DenoiserSpec:
 
 def build_parameterization(spec: DenoiserSpec):
     """The spec's parameterization, with its noise schedule where it is a discrete one."""
-    needs_schedule = spec.parameterization in ("eps", "v", "x0")
-    return make_parameterization(
-        spec.parameterization, alphas_cumprod=spec.schedule.alphas_cumprod() if needs_schedule else None
-    )
+    discrete = takes_alphas_cumprod(spec.parameterization)
+    ac = spec.schedule.alphas_cumprod() if discrete else None
+    return make_parameterization(spec.parameterization, alphas_cumprod=ac)
 
 
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:
@@ -118,6 +112,9 @@ def load_denoiser(folder: str | Path, verbose: bool = False) -> tuple[Denoiser, 
 
 
 def save_text_encoder(folder: str | Path, text_encoder: nn.Module) -> None:
+    if hasattr(text_encoder, "save"):  # CLIP encoders of an SD-family model write their tokenizers too
+        text_encoder.save(folder)
+        return
     save_component(folder, text_encoder, {"type": "TextEncoder", "config": dataclasses.asdict(text_encoder.config)})
 
 
@@ -134,22 +131,34 @@ def load_text_encoder(folder: str | Path, verbose: bool = False) -> nn.Module:
     return model.eval()
 
 
-def write_model_index(folder: str | Path, components: list[str], extra: dict | None = None) -> None:
-    write_json(Path(folder) / "model_index.json", {"format": "latentdiff", "components": components, **(extra or {})})
+@dataclass
+class ModelFolder:
+    """A model folder's index and components, loaded or about to be written."""
+
+    index: ModelIndex
+    autoencoder: AutoencoderKL
+    denoiser: Denoiser
+    spec: DenoiserSpec
+    text_encoder: nn.Module
 
 
-def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
-                      autoencoder, cache_image_size: int, class_names: list[str] | None = None,
-                      size_embed_dim: int = 0) -> Path:
-    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
+def read_model_folder(folder: str | Path, verbose: bool = False) -> ModelFolder:
+    """Open a latentdiff model folder: its index (any version) and its three components, strictly."""
+    folder = Path(folder)
+    index = ModelIndex.read(folder)
+    denoiser, spec = load_denoiser(folder / "denoiser", verbose)
+    return ModelFolder(index, load_autoencoder(folder / "autoencoder", verbose), denoiser, spec,
+                       load_text_encoder(folder / "text_encoder", verbose))
+
+
+def write_model_folder(folder: str | Path, model: ModelFolder) -> Path:
+    """Write a complete model folder atomically (all of it or nothing): components, then model_index.json."""
     with atomic_folder(folder) as tmp:
-        save_autoencoder(tmp / "autoencoder", autoencoder)
-        save_denoiser(tmp / "denoiser", denoiser, spec)
-        save_text_encoder(tmp / "text_encoder", text_encoder)
-        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
-            "sample_size": cache_image_size, **({"class_names": list(class_names)} if class_names else {}),
-            **({"size_conditioning": {"embed_dim": size_embed_dim}} if size_embed_dim else {})})
-    return folder
+        save_autoencoder(tmp / "autoencoder", model.autoencoder)
+        save_denoiser(tmp / "denoiser", model.denoiser, model.spec)
+        save_text_encoder(tmp / "text_encoder", model.text_encoder)
+        model.index.write(tmp)
+    return Path(folder)
 
 
 def _report(report: LoadReport, verbose: bool) -> None:

@@ -2,42 +2,118 @@
 
 Each command's config is a dataclass (fields commented where they are defined); nested dataclasses
 are TOML tables (``[text_encoder]``). Overrides are dotted keys (``text_encoder.kind=pretrained``).
-Any key that the dataclass does not have is an error that names it and lists the valid ones.
+Any key that the dataclass does not have is an error that names it and lists the valid ones, and any
+value that does not fit the field's annotation (``steps = "abc"`` for ``steps: int``) an error that names
+the key, the value and the type, at every layer, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import operator
+import types
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import tomllib
 
 T = TypeVar("T")
 
 
+def _hints(cls) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields (``from __future__ import annotations`` makes them text)."""
+    return typing.get_type_hints(cls)
+
+
+def _optional(hint) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (hint, False)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = tuple(a for a in typing.get_args(hint) if a is not type(None))
+        if len(args) < len(typing.get_args(hint)):
+            return functools.reduce(operator.or_, args), True
+    return hint, False
+
+
 def _nested_types(cls) -> dict[str, type]:
-    """Fields of ``cls`` whose default is itself a dataclass (TOML tables)."""
+    """Fields of ``cls`` annotated with a dataclass (or one | None): TOML tables."""
     out = {}
-    for f in dataclasses.fields(cls):
-        if f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            if dataclasses.is_dataclass(value):
-                out[f.name] = type(value)
+    for name, hint in _hints(cls).items():
+        inner, _ = _optional(hint)
+        if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+            out[name] = inner
     return out
 
 
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _coerce(hint, value, key: str, where: str):
+    """``value`` checked against the annotation ``hint`` (ints pass as floats, lists as tuples); a ValueError
+    naming the key, the value and the expected type if it does not fit. Types it cannot check pass unchanged."""
+
+    def bad():
+        return ValueError(f"{where}: {key} = {value!r} is not a valid {_type_name(hint)} "
+                          f"(got {type(value).__name__})")
+
+    inner, optional = _optional(hint)
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise bad()
+    hint = inner
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
+            raise bad()
+        return hint(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise bad()
+    elif hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        fixed = origin is tuple and args[1:] != (...,)  # tuple[int, int]: one type per position
+        if fixed and len(args) != len(value):
+            raise bad()
+        if args:
+            value = [_coerce(args[i] if fixed else args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return tuple(value) if tuple in (hint, origin) else list(value)
+    elif hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        if args:
+            return {k: _coerce(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
+    elif origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(option, value, key, where)
+            except ValueError:
+                pass
+        raise bad()
+    return value
+
+
 def _check_keys(cls, data: dict, where: str) -> None:
+    """Refuse keys ``cls`` does not have and values that do not fit their annotations."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-    for name, sub in _nested_types(cls).items():
-        if name in data:
-            if not isinstance(data[name], dict):
-                raise ValueError(f"{where}: {name} must be a table of keys, got {data[name]!r}")
-            _check_keys(sub, data[name], f"{where} [{name}]")
+    nested, hints = _nested_types(cls), _hints(cls)
+    for name, value in data.items():
+        if name in nested and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {name} must be a table of keys, got {value!r}")
+            _check_keys(nested[name], value, f"{where} [{name}]")
+        elif name not in nested:
+            _coerce(hints[name], value, name, where)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -48,19 +124,16 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build a (possibly nested) config dataclass from a dict, refusing unknown keys."""
+    """Build a (possibly nested) config dataclass from a dict, refusing unknown keys and ill-typed values."""
     _check_keys(cls, data, where)
-    nested = _nested_types(cls)
+    nested, hints = _nested_types(cls), _hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        v = data[f.name]
-        if f.name in nested:
-            v = from_dict(nested[f.name], v, f"{where} [{f.name}]")
-        elif isinstance(v, list) and isinstance(f.default, tuple):
-            v = tuple(v)
-        kwargs[f.name] = v
+    for name, v in data.items():
+        if name in nested and v is not None:
+            v = from_dict(nested[name], v, f"{where} [{name}]")
+        elif name not in nested:
+            v = _coerce(hints[name], v, name, where)
+        kwargs[name] = v
     return cls(**kwargs)
 
 
@@ -118,21 +191,46 @@ def to_dict(config) -> dict:
 
 
 def add_config_args(p: argparse.ArgumentParser, presets: dict, cls) -> None:
-    """A command's ``--preset``, ``--config FILE.toml`` and ``--set KEY=VALUE``, its keys and defaults in the help."""
+    """A command's ``--preset`` (when it has presets), ``--config FILE.toml`` and ``--set KEY=VALUE``, its keys and
+    defaults in the help."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = "config keys (for --config and --set), with their defaults:\n" + "\n".join(
         f"  {k} = {v!r}" for k, v in dataclasses.asdict(cls()).items())
-    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(sorted(presets))})")
+    if presets:
+        p.add_argument("--preset", default=None, help=f"named preset ({', '.join(sorted(presets))})")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (dotted for tables, e.g. text_encoder.kind=pretrained); repeatable")
 
 
-def config_from_args(cls: type[T], presets: dict[str, dict], args: argparse.Namespace, shortcuts: dict) -> T:
-    """The config of a command parsed with ``add_config_args``: ``build_config`` with its ``--set`` overrides and
-    the command's own flags (``shortcuts``: key -> value, None when the flag was not given) on top."""
+def add_options(p: argparse.ArgumentParser, cls, specs: dict[str, str | dict], show_defaults: bool = False) -> None:
+    """One flag per config key in ``specs`` (key -> help, or argparse keywords as ``_opt`` takes them); the type
+    comes from the annotation, bools are switches. Unset flags stay None, so config files and presets show."""
+    hints, defaults = typing.get_type_hints(cls), {f.name: f.default for f in dataclasses.fields(cls)}
+    to_config = {}
+    for name, spec in specs.items():
+        kw = {"help": spec} if isinstance(spec, str) else dict(spec)
+        flags, to_config[name] = kw.pop("flags", (f"--{name.replace('_', '-')}",)), kw.pop("to_config", None)
+        kind = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) else hints[name]  # X | None -> X
+        if kind is bool:
+            kw.update(action="store_const", const=True)
+        elif not ({"action", "choices", "type"} & set(kw)) and to_config[name] is None:
+            kw["type"] = kind
+        default = defaults[name]
+        if show_defaults and default is not None and default is not False and default not in ("", ()):
+            kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+        p.add_argument(*flags, dest=name, default=None, **kw)
+    p.set_defaults(options=to_config)
+
+
+def config_from_args(cls: type[T], presets: dict[str, dict], args: argparse.Namespace,
+                     shortcuts: dict | None = None) -> T:
+    """defaults <- --preset <- --config <- --set <- the command's own flags (``add_options``, and ``shortcuts``:
+    key -> value, None when the flag was not given)."""
     overrides = dict(parse_override(o) for o in args.overrides)
-    for key, value in shortcuts.items():
+    for name, to_config in getattr(args, "options", {}).items():
+        value = getattr(args, name)
         if value is not None:
-            overrides[key] = value
-    return build_config(cls, presets, args.preset, args.config, overrides)
+            overrides.update(to_config(value) if to_config else {name: value})
+    overrides.update({k: v for k, v in (shortcuts or {}).items() if v is not None})
+    return build_config(cls, presets, getattr(args, "preset", None), args.config, overrides)

@@ -1,4 +1,4 @@
-"""Files on disk: atomic writes, component folders (config.json + model.safetensors), strict loads.
+"""Files on disk: atomic writes, component folders (config.json + model.safetensors), strict loads; progress lines.
 
 Every write goes to a temporary name in the same folder, is flushed to disk (fsync) and then
 renamed over the target, so a crash at any moment leaves either the old file or the new one.
@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _temporary_name(path: Path, create) -> Path:
+    """A new name beside ``path``, made with ``create(name)`` (which raises FileExistsError if it is taken)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give: the mode of the file it
+    replaces, else 0666 less the umask (``tempfile.mkstemp`` would make every file 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_name(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    if path.exists():
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -51,6 +69,20 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def progress_line(text: str) -> None:
+    """A progress report on stderr: redrawn in place on a terminal, one plain line per call otherwise (logs)."""
+    if sys.stderr.isatty():
+        print(f"\r{text}", end="", file=sys.stderr, flush=True)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def end_progress() -> None:
+    """End a run of ``progress_line`` reports (a newline after the last one redrawn on a terminal)."""
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -68,10 +100,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 
 @contextmanager
 def atomic_folder(folder: str | os.PathLike):
-    """Build a folder under a temporary name, then swap it in for ``folder`` in one rename."""
+    """Build a folder under a temporary name, then swap it in for ``folder`` in one rename (mode 0777 less the
+    umask, as ``mkdir`` gives)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = _temporary_name(folder, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         _fsync_dir(tmp)

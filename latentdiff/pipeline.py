@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
+from latentdiff.components import read_model_folder
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.diffusion import guidance as guidance_lib
@@ -18,42 +16,58 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
+from latentdiff.model_index import DEFAULT_GENERATION, GenerationSettings, ModelIndex
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.runtime import autocast
 from latentdiff.models.vae_inference import decode_latents
 from latentdiff.types import Cond
-
-if TYPE_CHECKING:
-    from latentdiff.interop.common import SDModel
 
 OUTPUTS = ("pil", "np", "pt", "latent")
 FLOW_GRIDS = ("flow", "flow_match")  # the sigma grids made for flow models (the ones a flow shift applies to)
 
 
 class Pipeline:
-    """An autoencoder, a denoiser and a text encoder, ready to generate."""
+    """An autoencoder, a denoiser and a text encoder, and the model index that says how to use them."""
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
-                 precision: str = "fp32", name: str = "model", default_size: int = 64, steps_offset: int = 0,
-                 vp_init: bool = False, class_names: list[str] | None = None, size_embed_dim: int = 0,
-                 preview_decoder: nn.Module | None = None, final_sigma: float = 0.0, flow_shift: float = 1.0):
+                 index: ModelIndex | None = None, *, precision: str = "fp32", name: str = "model",
+                 preview_decoder: nn.Module | None = None):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
+        self.index = index if index is not None else ModelIndex()  # sample size, labels, sampler hints, ...
         self.precision = precision  # "fp32", "bf16" or "fp16" autocast for the denoiser (``runtime.autocast``)
         self.name = name  # recorded in the PNG parameters
-        self.default_size = default_size  # pixels, when generate() is given no height/width
-        self.steps_offset = steps_offset  # added to 'leading' timesteps (a diffusers scheduler's steps_offset)
-        # Start from noise * sqrt(1 + sigma_max^2), the VP prior's marginal, instead of noise * sigma_max:
-        # what diffusers' DDIM / PNDM / DPM-Solver (and its Euler with 'leading' spacing) start from.
-        self.vp_init = vp_init
-        self.class_names = list(class_names) if class_names else None  # a class-conditional denoiser's classes
-        self.size_embed_dim = size_embed_dim  # > 0: the denoiser takes SDXL-style size ids (conditioning.sizes)
         self.preview_decoder = preview_decoder  # a tiny decoder for live previews (models/preview.py), if any
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
-        # DDIM / PLMS stop at this sigma instead of 0 (diffusers' set_alpha_to_one=False); 0: they go to 0.
-        self.final_sigma = final_sigma
-        self.flow_shift = flow_shift  # shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
+
+    @property
+    def default_size(self) -> int:
+        """Pixels, when generate() is given no height/width: the model's training size."""
+        return self.index.sample_size
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """A class-conditional denoiser's classes (None for a text model)."""
+        return self.index.class_names
+
+    @property
+    def size_embed_dim(self) -> int:
+        """> 0: the denoiser takes SDXL-style size ids (conditioning.sizes)."""
+        return self.index.size_conditioning.embed_dim
+
+    def settings(self, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                 schedule: str | None = None) -> GenerationSettings:
+        """The sampler, steps, guidance and sigma grid a generation uses: what is asked, else what the model
+        recommends (its index), else ``DEFAULT_GENERATION``; the grid named, e.g. the flow grid for a flow model."""
+        asked = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule}
+        out = {key: next((v for v in (value, getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
+                          if v is not None), None) for key, value in asked.items()}
+        param = self.denoiser.parameterization
+        _, sampler_grid = get_sampler(out["sampler"])
+        grid = out["schedule"] or param.sampling_grid(sampler_grid)
+        out["schedule"] = param.default_grid if grid == "default" else grid
+        return GenerationSettings(**out)
 
     def encode_prompts(self, prompts: list[str], negative: list[str],
                        image_size: tuple[int, int] | None = None) -> tuple[Cond, Cond]:
@@ -66,14 +80,21 @@ class Pipeline:
         return both.map(lambda t: t[:n]), both.map(lambda t: t[n:])
 
     @torch.no_grad()
-    def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 20,
-                 sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance: float = 5.0, seed: int = 0,
-                 height: int | None = None, width: int | None = None, num_images: int = 1,
-                 latents: Tensor | None = None, output: str = "pil", guidance_rescale: float = 0.0,
-                 callback=None, label: int | str | list | None = None,
+    def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, sampler: str | None = None, schedule: str | None = None,
+                 guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+                 num_images: int = 1, latents: Tensor | None = None, output: str = "pil",
+                 guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+                 dynamic_threshold: float | None = None, callback=None, label: int | str | list | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
+
+        ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
+        ``DEFAULT_GENERATION`` (dpmpp_2m, 20 steps, guidance 5, the sampler's grid as the model takes it);
+        ``settings(...)`` says what a call uses. ``guidance_interval=(sigma_lo, sigma_hi)`` guides only where
+        sigma_lo < sigma <= sigma_hi (Kynkaanniemi et al. 2024); ``dynamic_threshold`` is a percentile such as
+        0.995 (Saharia et al. 2022).
 
         A class-conditional model (``class_names``) needs ``label``: a class name or index, or one per prompt
         (one prompt, e.g. "", is repeated for a list of labels); guidance runs against the null class.
@@ -104,14 +125,13 @@ class Pipeline:
         if height % factor or width % factor:
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {height // factor * factor}x{width // factor * factor}")
-        sample_fn, default_grid = get_sampler(sampler)
-        grid = schedule or default_grid
-        if schedule is None and self.denoiser.parameterization.name == "flow" and grid not in (*FLOW_GRIDS, "default"):
-            grid = "flow"  # unasked, a flow model samples on its own grid: a Karras ramp in t draws worse scenes
-        grid_kw = {"steps_offset": self.steps_offset} if self.steps_offset and grid == "leading" else {}
-        if self.flow_shift != 1.0 and grid in FLOW_GRIDS:
-            grid_kw = {"shift": self.flow_shift}
-        sigmas = make_sigmas(grid, steps, self.denoiser.parameterization, **grid_kw)
+        use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule)
+        sample_fn, _ = get_sampler(use.sampler)
+        hint = self.index.scheduler
+        grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
+        if hint.flow_shift != 1.0 and use.schedule in FLOW_GRIDS:
+            grid_kw = {"shift": hint.flow_shift}
+        sigmas = make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
 
         # Conditioning: prompts and negative prompts, each repeated num_images times.
         # SDXL's size conditioning follows the request (passed along: the shared text encoder is not changed).
@@ -132,13 +152,14 @@ class Pipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = init_x(latents, sigmas)
-        if self.vp_init and not torch.isinf(sigmas[0]):
+        if hint.vp_init and not torch.isinf(sigmas[0]):
             x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
 
-        denoiser = guidance_lib.cfg(self.denoiser, guidance, uncond, rescale=guidance_rescale)
+        denoiser = guidance_lib.cfg(self.denoiser, use.guidance, uncond, rescale=guidance_rescale,
+                                    interval=guidance_interval, threshold=dynamic_threshold)
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
-        final = {"final_sigma": self.final_sigma} if self.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
+        final = {"final_sigma": hint.final_sigma} if hint.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
         convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
         with autocast(self.precision, x.device, *convs):
@@ -192,50 +213,23 @@ def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bo
         path = verify()
     folder = Path(path)
     weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+    preview = None
     if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
         from latentdiff.interop import open_model
 
         model = open_model(folder, **interop_kw)
         print(model.summary())
-        return to_pipeline(model, precision=precision, name=folder.stem)
-    if interop_kw:
-        raise TypeError(f"unexpected arguments {sorted(interop_kw)} for a latentdiff model folder")
-    index = folder / "model_index.json"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist; train one with `latentdiff demo` "
-                                "or `latentdiff train`")
-    if not index.is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json: it is not a model folder "
-                                "(expected model_index.json, autoencoder/, denoiser/, text_encoder/)")
-    try:
-        info = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index} is corrupt ({e})") from e
-    if info.get("format") != "latentdiff":
-        raise ValueError(f"{index} is not a latentdiff model index (format {info.get('format')!r})")
-    autoencoder = load_autoencoder(folder / "autoencoder", verbose)
-    denoiser, _ = load_denoiser(folder / "denoiser", verbose)
-    text_encoder = load_text_encoder(folder / "text_encoder", verbose)
-    preview = None
-    if (folder / "preview_decoder").is_dir():  # optional: written by `distill-preview --out MODEL/preview_decoder`
-        from latentdiff.models.preview import load_preview_decoder
+        name = folder.stem
+    else:
+        if interop_kw:
+            raise TypeError(f"unexpected arguments {sorted(interop_kw)} for a latentdiff model folder")
+        model, name = read_model_folder(folder, verbose), folder.name
+        if (folder / "preview_decoder").is_dir():  # optional: `distill-preview --out MODEL/preview_decoder`
+            from latentdiff.models.preview import load_preview_decoder
 
-        preview = load_preview_decoder(folder / "preview_decoder")
-    return Pipeline(autoencoder, denoiser, text_encoder, precision=precision, name=folder.name,
-                    default_size=info.get("sample_size", 64),
-                    steps_offset=info.get("sampler", {}).get("steps_offset", 0),
-                    vp_init=info.get("sampler", {}).get("vp_init", False), class_names=info.get("class_names"),
-                    size_embed_dim=info.get("size_conditioning", {}).get("embed_dim", 0), preview_decoder=preview,
-                    final_sigma=info.get("sampler", {}).get("final_sigma", 0.0),
-                    flow_shift=info.get("sampler", {}).get("flow_shift", 1.0))
-
-
-def to_pipeline(model: SDModel, precision: str = "fp32", name: str = "model") -> Pipeline:
-    """A Pipeline over an ``SDModel`` that ``latentdiff.interop`` read (a diffusers folder, a single file)."""
-    return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, precision=precision, name=name,
-                    default_size=model.sample_size, steps_offset=model.hint.steps_offset,
-                    vp_init=model.hint.vp_init, final_sigma=model.hint.final_sigma,
-                    flow_shift=model.hint.flow_shift)
+            preview = load_preview_decoder(folder / "preview_decoder")
+    return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, model.index, precision=precision,
+                    name=name, preview_decoder=preview)
 
 
 def _is_diffusers(folder: Path) -> bool:
@@ -244,14 +238,24 @@ def _is_diffusers(folder: Path) -> bool:
     return is_diffusers_folder(folder)
 
 
-def save_images(images: list[Image.Image], path: str | Path, parameters: dict, grid: bool = False) -> list[Path]:
-    """Write images as PNGs carrying ``parameters``: one file, numbered files, or one grid."""
+def save_images(images: list[Image.Image], path: str | Path, parameters: dict, grid: bool = False,
+                per_image: list[dict] | None = None) -> list[Path]:
+    """Write images as PNGs carrying ``parameters``: one file, numbered files, or one grid.
+
+    ``per_image`` (one dict per image, e.g. its prompt) goes into that image's PNG; a grid carries each key
+    once when all its images agree, else the list of their values in grid order.
+    """
     from latentdiff.images import make_grid, save_png
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    own = per_image if per_image is not None else [{} for _ in images]
+    if len(own) != len(images):
+        raise ValueError(f"{len(own)} per-image parameter sets for {len(images)} images")
     if grid or len(images) == 1:
+        shared = {k: [d[k] for d in own] for k in own[0]}
+        shared = {k: v[0] if all(x == v[0] for x in v) else v for k, v in shared.items()}
         image = make_grid(images) if len(images) > 1 else images[0]
-        return [save_png(image, path, parameters)]
-    return [save_png(im, path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), {**parameters, "index": i})
+        return [save_png(image, path, {**parameters, **shared})]
+    return [save_png(im, path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), {**parameters, **own[i], "index": i})
             for i, im in enumerate(images)]

@@ -92,6 +92,12 @@ def test_class_conditional_training_then_generation_by_name(class_cache, capsys)
     main(["generate", "--model", str(folder), "--label", "green", "--steps", "2", "-o",
           str(class_cache / "green.png")])
     assert (class_cache / "green.png").is_file() and "green.png" in capsys.readouterr().out
+    # Two labels and no prompt: one image each, each PNG naming its own label.
+    from latentdiff.images import read_parameters
+
+    main(["generate", "--model", str(folder), "--label", "red", "--label", "blue", "--steps", "2", "-o",
+          str(class_cache / "two.png")])
+    assert [read_parameters(class_cache / f"two_{i:03d}.png")["label"] for i in range(2)] == ["red", "blue"]
 
 
 def test_labels_can_be_ignored_and_text_models_refuse_labels(class_cache):
@@ -159,3 +165,15 @@ def test_eval_against_class_folders_draws_each_reference_class(class_cache, tmp_
         run_eval(EvalConfig(**{**cfg.__dict__, "reference": str(flat)}), pipe=pipe, extractor=CountingProjection())
     with pytest.raises(ValueError, match="eval_every scores shapes prompts"):
         train_denoiser(_cfg(class_cache, "bad", steps=1, eval_every=1))
+
+
+def test_convert_keeps_the_class_names(class_cache, tmp_path):
+    """read_our_folder -> save_latentdiff is lossless: the converted folder is still class-conditional."""
+    from latentdiff.interop.convert import convert
+
+    folder = train_denoiser(_cfg(class_cache, "to_convert", steps=1))
+    convert(folder, tmp_path / "converted")
+    index = json.loads((tmp_path / "converted" / "model_index.json").read_text())
+    assert index["class_names"] == ["blue", "green", "red"]
+    kw = dict(steps=2, sampler="euler", guidance=2.0, label="green", output="pt")  # noqa: C408
+    assert torch.equal(load(tmp_path / "converted").generate("", **kw), load(folder).generate("", **kw))

@@ -1,5 +1,7 @@
 """Feature extractors: the FID Inception's layout and weight loading, DINOv2 and the shapes net, the cache."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,12 +106,23 @@ def test_dinov2_features_from_a_local_folder(tmp_path):
 
 
 def test_shapes_net_train_load_and_cached_reference(tmp_path):
-    from latentdiff.eval.shapes_net import ShapesNetConfig, label_accuracy, load_shapes_net, train_shapes_net
+    from latentdiff.eval.shapes_net import (
+        ShapesNet,
+        ShapesNetConfig,
+        label_accuracy,
+        load_shapes_net,
+        train_shapes_net,
+    )
 
     cfg = ShapesNetConfig(steps=30, num_images=96, batch_size=16, feature_dim=16, width=8)
     folder = train_shapes_net(tmp_path / "net", cfg, quiet=True)
     net, digest = load_shapes_net(folder)
-    assert 0.0 <= label_accuracy(net, n=30) <= 1.0
+    # The loaded net is the one trained: its accuracy on the validation renders is the one it recorded,
+    # and 30 steps already put it well above the same net untrained.
+    recorded = json.loads((folder / "config.json").read_text())["validation_accuracy"]["per_group_mean"]
+    assert label_accuracy(net, n=600, seed=cfg.seed + 1000) == pytest.approx(recorded, abs=1e-4)
+    torch.manual_seed(cfg.seed)
+    assert label_accuracy(net, n=60) > label_accuracy(ShapesNet(cfg).eval(), n=60) + 0.1  # 0.52 vs 0.32
     extractor = feats.make_extractor("shapes", str(folder))
     assert extractor.dim == 16 and extractor.name == f"shapes-net-{digest}"
     x32, x64 = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1

@@ -8,7 +8,8 @@ from _tiny import one_thread  # noqa: F401 (autouse)
 from PIL import Image
 
 from latentdiff import cli
-from latentdiff.components import DenoiserSpec, build_denoiser, save_model_folder
+from latentdiff.components import DenoiserSpec, build_denoiser
+from latentdiff.train.denoiser import save_model_folder
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.images import to_pil
 from latentdiff.models import vae_inference

@@ -81,7 +81,7 @@ class _AttnNet(torch.nn.Module):
 
 
 def test_pag_guides_away_from_the_identity_attention_prediction():
-    x, sigma, cond, _ = _inputs()
+    x, sigma, _, _ = _inputs()
     net = _AttnNet()
     with torch.no_grad():
         plain = net(x, sigma)

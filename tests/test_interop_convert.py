@@ -15,12 +15,12 @@ from latentdiff.components import (
     save_autoencoder,
     save_denoiser,
     save_text_encoder,
-    write_model_index,
 )
 from latentdiff.conditioning.text import HashedTextEncoder, TextEncoderConfig
 from latentdiff.interop import open_model
 from latentdiff.interop.single_file import to_original_state
 from latentdiff.io import write_safetensors
+from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.unet import UNetConfig
 from latentdiff.types import Cond
@@ -81,7 +81,7 @@ def test_single_file_to_our_folder(sd_folder, tmp_path, capsys):
     _same_state(pipe.denoiser.network.state_dict(), model.denoiser.network.state_dict())
     _same_state(pipe.autoencoder.state_dict(), model.autoencoder.state_dict())
     _same_state(pipe.text_encoder.canonical_state_dict(), model.text_encoder.canonical_state_dict())
-    assert pipe.steps_offset == 1 and pipe.vp_init
+    assert pipe.index.scheduler.steps_offset == 1 and pipe.index.scheduler.vp_init
 
 
 def test_our_model_with_builtin_text_encoder_to_diffusers(tmp_path, capsys):
@@ -97,7 +97,7 @@ def test_our_model_with_builtin_text_encoder_to_diffusers(tmp_path, capsys):
     save_autoencoder(ours / "autoencoder", vae)
     save_denoiser(ours / "denoiser", denoiser, spec)
     save_text_encoder(ours / "text_encoder", text)
-    write_model_index(ours, ["autoencoder", "denoiser", "text_encoder"], {"sample_size": 16})
+    ModelIndex(sample_size=16).write(ours)
     main(["convert", str(ours), str(tmp_path / "dif"), "--format", "diffusers"])
     assert "no diffusers counterpart" in capsys.readouterr().out
     unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "dif" / "unet").eval()

@@ -91,7 +91,7 @@ def test_ddim_v_prediction_folder_generates_diffusers_image(tmp_path):
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     pipe = latentdiff.load(folder)
-    assert pipe.vp_init and pipe.denoiser.parameterization.name == "v"
+    assert pipe.index.scheduler.vp_init and pipe.denoiser.parameterization.name == "v"
     expected = ref("a green star", num_inference_steps=4, guidance_scale=4.0, height=16, width=16,
                    generator=torch.Generator().manual_seed(5), output_type="np").images
     got = pipe.generate("a green star", steps=4, sampler="ddim", schedule="leading", guidance=4.0, seed=5,
@@ -131,7 +131,7 @@ def test_single_file_round_trip_identical_parameters(which, sd_folder, sdxl_fold
     # latentdiff.load routes a file and reports what it detected.
     pipe = latentdiff.load(path, tokenizer=folder, overrides=overrides)
     assert f"detected {which}" in capsys.readouterr().out
-    assert pipe.steps_offset == 1
+    assert pipe.index.scheduler.steps_offset == 1
 
 
 def test_sd2_single_file_drops_last_openclip_layer_and_takes_prediction(tmp_path, capsys):

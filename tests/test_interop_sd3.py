@@ -272,7 +272,7 @@ def test_sd3_file_converts_to_our_folder_and_to_a_diffusers_folder(tmp_path, cap
     assert "detected sd35" in capsys.readouterr().out
     direct = latentdiff.load(path, tokenizer=folder, overrides=OVERRIDES)
     back = latentdiff.load(tmp_path / "ours")
-    assert back.flow_shift == 3.0 and back.text_encoder.config.encoders[2].kind == "t5"
+    assert back.index.scheduler.flow_shift == 3.0 and back.text_encoder.config.encoders[2].kind == "t5"
     kw = {"steps": 2, "sampler": "euler", "schedule": "flow_match", "guidance": 2.0, "seed": 1, "height": 16,
           "width": 16, "output": "pt"}
     ours = direct.generate("a blue square", **kw)

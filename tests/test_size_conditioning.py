@@ -102,3 +102,15 @@ def test_dit_takes_size_conditioning_too(sized):
     pipe = load(train_denoiser(_cfg(sized, "dit", steps=1, model="dit-tiny")))
     assert pipe.denoiser.network.config.vector_dim == 32 + 48
     assert pipe.generate("x", steps=1, sampler="euler", height=16, width=64, output="pt").shape == (1, 3, 16, 64)
+
+
+def test_convert_keeps_the_size_conditioning(sized, tmp_path):
+    """read_our_folder -> save_latentdiff is lossless: the converted folder still takes size ids."""
+    from latentdiff.interop.convert import convert
+
+    folder = train_denoiser(_cfg(sized, "to_convert", steps=1))
+    convert(folder, tmp_path / "converted")
+    index = json.loads((tmp_path / "converted" / "model_index.json").read_text())
+    assert index["size_conditioning"] == {"embed_dim": 8}
+    kw = dict(steps=2, sampler="euler", guidance=2.0, original_size=(256, 256), output="pt")  # noqa: C408
+    assert torch.equal(load(tmp_path / "converted").generate("x", **kw), load(folder).generate("x", **kw))

@@ -3,6 +3,7 @@ run reports without writing; the evaluation hook is called; a checkpoint of anot
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from _tiny import assert_same_training, make_tiny_cache
@@ -120,7 +121,13 @@ def test_eval_every_logs_the_evaluation_with_the_step(cache, tmp_path):
     train_denoiser(config(cache, run, steps=2, eval_every=2, eval_samples=12, eval_features=str(net)))
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]
-    assert all(k in json.dumps(rows[0]) for k in ("fid", "kid"))
+    assert np.isfinite(rows[0]["fid"]) and np.isfinite(rows[0]["kid"]["mean"])
+    # The logged figures are those of the EMA weights at step 2, i.e. of the saved model evaluated again.
+    from latentdiff.eval.run import make_eval_hook
+    from latentdiff.pipeline import load
+
+    again = json.loads(json.dumps(make_eval_hook(2, 12, feature_path=str(net))(2, load(run / "model"))))
+    assert {k: v for k, v in rows[0].items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
 
 
 def test_resume_with_another_model_configuration_names_the_mismatch(cache, tmp_path, capsys):

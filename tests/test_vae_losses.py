@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_models import one_thread  # noqa: F401 (an autouse fixture)
 
 from latentdiff.cli import main
@@ -104,7 +104,14 @@ def test_train_vae_with_gan_lpips_and_disc_start_resumes(tmp_path, capsys):
     by_step = {r["step"]: r for r in rows}
     assert "g_loss" not in by_step[2] and "lpips" in by_step[2]  # before disc_start: no GAN terms
     assert {"g_loss", "d_loss", "d_weight", "lpips"} <= set(by_step[4])
-    assert (out / "checkpoints" / "step_0000004" / "discriminator.safetensors").is_file()
+    # The resumed run is the uninterrupted one: autoencoder and discriminator (and its optimizer) carry over.
+    main(["train-vae", "--out", str(tmp_path / "straight"), *common, "--steps", "4"])
+    for name in ("model.safetensors", "ema.safetensors", "discriminator.safetensors"):
+        resumed = load_file(str(out / "checkpoints" / "step_0000004" / name))
+        straight = load_file(str(tmp_path / "straight" / "checkpoints" / "step_0000004" / name))
+        assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed), name
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["d_loss"] for r in straight_rows if r["step"] > 2] == [by_step[s]["d_loss"] for s in (3, 4)]
     # Without LPIPS weights the run says so and trains without a perceptual term.
     main(["train-vae", "--out", str(tmp_path / "plain"), "--preset", "shapes-test", "--set", "image_size=16",
           "--set", "quiet=false", "--steps", "1"])

@@ -60,13 +60,19 @@ class Denoiser(nn.Module):
         c_skip, c_out, c_in = (c.to(x.device, x.dtype).view(shape) for c in (c_skip, c_out, c_in))
         return c_skip, c_out, c_in, c_noise.to(x.device, torch.float32)
 
+    def raw_output(self, x: Tensor, scalings, cond: Cond | None = None) -> Tensor:
+        """The network's raw output F(c_in * x, c_noise, cond), in the network's dtype."""
+        _, _, c_in, c_noise = scalings
+        return self.network((c_in * x).to(_network_dtype(self.network, x.dtype)), c_noise, cond)  # (B, C, H, W)
+
     def forward(self, x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
-        c_skip, c_out, c_in, c_noise = self.scalings(x, sigma)
-        dtype = _network_dtype(self.network, x.dtype)
-        raw = self.network((c_in * x).to(dtype), c_noise, cond)  # (B, C, H, W) in the network's dtype
-        return c_skip * x + c_out * raw.to(x.dtype)
+        scalings = self.scalings(x, sigma)
+        return self.parameterization.from_raw(scalings, x, self.raw_output(x, scalings, cond).to(x.dtype))
 
     def raw_target(self, x: Tensor, sigma, x0: Tensor) -> Tensor:
-        """The raw network output that would give x0 exactly: (x0 - c_skip * x) / c_out (finite sigma > 0)."""
-        c_skip, c_out, _, _ = self.scalings(x, sigma)
-        return (x0 - c_skip * x) / c_out
+        """The raw network output that would give x0 exactly (finite sigma > 0): eps, v, velocity, ..."""
+        return self.parameterization.raw_target(self.scalings(x, sigma), x, x0)
+
+    def from_raw(self, x: Tensor, sigma, raw: Tensor) -> Tensor:
+        """x0_hat from a raw network output (the inverse of ``raw_target``)."""
+        return self.parameterization.from_raw(self.scalings(x, sigma), x, raw)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.types import Cond
 
 
@@ -76,19 +77,17 @@ def cfg(
             )
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"threshold is a percentile in (0, 1) such as 0.995, got {threshold}")
-    parameterized = hasattr(denoiser, "parameterization") and hasattr(denoiser, "scalings")
+    parameterized = isinstance(denoiser, Denoiser)
 
     def to_pred(x, sigma, x0):  # the space where rescale is measured
         if parameterized:
-            c_skip, c_out, _, _ = denoiser.scalings(x, sigma)
-            return (x0 - c_skip * x) / c_out
+            return denoiser.raw_target(x, sigma, x0)
         s = sigma.to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
         return torch.where(torch.isinf(s), x, (x - x0) / s)
 
     def from_pred(x, sigma, pred, x0_fallback):
         if parameterized:
-            c_skip, c_out, _, _ = denoiser.scalings(x, sigma)
-            return c_skip * x + c_out * pred
+            return denoiser.from_raw(x, sigma, pred)
         s = sigma.to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
         return torch.where(torch.isinf(s), x0_fallback, x - s * pred)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.types import Cond
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def make_sigma_sampler(name: str, parameterization=None, **kw):
 
 def min_snr_weight(sigma: Tensor, gamma: float = 5.0, parameterization=None) -> Tensor:
     """Min-SNR-gamma weighting, Hang et al. 2023, for the x0 loss: min(SNR, gamma), SNR = sigma_data^2 / sigma^2."""
-    sigma_data = getattr(parameterization, "sigma_data", 1.0)
+    sigma_data = parameterization.sigma_data if parameterization is not None else 1.0
     snr = sigma_data**2 / torch.as_tensor(sigma, dtype=torch.float64) ** 2
     return snr.clamp(max=gamma)
 
@@ -149,15 +150,14 @@ def denoising_loss(
         inf, noise, x0 + torch.where(inf, 0, s.view_as(inf)).to(x0.dtype) * noise
     )  # x = noise at inf
     dims = tuple(range(1, x0.ndim))
-    if hasattr(denoiser, "scalings") and hasattr(denoiser, "network"):
-        # Raw space: F(c_in x, c_noise) against F_target = (x0 - c_skip x) / c_out.
-        c_skip, c_out, c_in, c_noise = denoiser.scalings(x, s)
-        net_dtype = next((p.dtype for p in getattr(denoiser.network, "parameters", list)()), x.dtype)
-        raw = denoiser.network((c_in * x).to(net_dtype), c_noise, cond).float()
-        target = ((x0 - c_skip * x) / c_out).float()
+    if isinstance(denoiser, Denoiser):
+        # Raw space: F(c_in x, c_noise) against the raw output that gives x0; D - x0 = c_out (F - F_target).
+        scalings = denoiser.scalings(x, s)
+        raw = denoiser.raw_output(x, scalings, cond).float()
+        target = denoiser.parameterization.raw_target(scalings, x, x0).float()
         loss = (raw - target).pow(2).mean(dims)  # (B,)
         if weighting is not None:
-            loss = loss * (weighting(s) * c_out.view(B).double() ** 2).to(loss.dtype)
+            loss = loss * (weighting(s) * scalings[1].view(B).double() ** 2).to(loss.dtype)
         return loss
     if weighting is None:
         raise ValueError(

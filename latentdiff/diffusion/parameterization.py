@@ -1,7 +1,9 @@
 """Network parameterizations as four scalings: x0_hat = c_skip * x + c_out * F(c_in * x, c_noise).
 
 Coordinates are EDM's (Karras et al. 2022): x = x0 + sigma * eps. Every prediction type (eps, v, x0,
-EDM, rectified flow) is nothing but its (c_skip, c_out, c_in, c_noise); no other code branches on it.
+EDM, rectified flow) is nothing but its (c_skip, c_out, c_in, c_noise), the raw-output formulas on them
+(``from_raw``, ``raw_target``), and its own sigma grid (``default_grid``, ``sampling_grid``, the
+coordinate ramps are spaced in: ``to_ramp`` / ``from_ramp``); no other code branches on it.
 
 Pure noise, sigma = inf (flow at t = 1, zero-terminal-SNR v-models): there the sampler's state x is
 the unit-variance noise itself, x / sigma in the limit, not inf * noise. The scalings returned at
@@ -16,6 +18,8 @@ the top of the range, so the same formula x0_hat = c_skip * x + c_out * F(c_in *
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,12 +27,38 @@ from latentdiff.diffusion import schedules
 
 
 class Parameterization:
-    """Base: subclasses give the finite scalings and their limits at sigma = inf."""
+    """Base: subclasses give the finite scalings and their limits at sigma = inf, and their own sigma grid."""
 
     name: str = ""
     sigma_min: float
     sigma_max: float
     alphas_cumprod: Tensor | None = None
+    sigma_data: float = 1.0  # the data's standard deviation the scalings assume (EDM: 0.5)
+    default_grid: str = "karras"  # the schedules.GRIDS grid named "default" for this model
+
+    def sampling_grid(self, sampler_grid: str) -> str:
+        """The grid to sample on when none is asked for, given the sampler's own (e.g. karras for DPM++ 2M)."""
+        return sampler_grid
+
+    def to_ramp(self, sigma: float) -> float:
+        """The coordinate Karras / exponential ramps are spaced in: sigma itself (flow: t, finite at sigma = inf)."""
+        return sigma
+
+    def from_ramp(self, r: Tensor) -> Tensor:
+        """Inverse of ``to_ramp``, on a grid."""
+        return r
+
+    @staticmethod
+    def from_raw(scalings, x: Tensor, raw: Tensor) -> Tensor:
+        """x0_hat from the network's raw output: c_skip * x + c_out * raw."""
+        c_skip, c_out = scalings[:2]
+        return c_skip * x + c_out * raw
+
+    @staticmethod
+    def raw_target(scalings, x: Tensor, x0: Tensor) -> Tensor:
+        """The raw output that gives x0 exactly: (x0 - c_skip * x) / c_out (eps for eps-models, v, velocity)."""
+        c_skip, c_out = scalings[:2]
+        return (x0 - c_skip * x) / c_out
 
     def _scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -65,6 +95,8 @@ class Parameterization:
 
 class _Discrete(Parameterization):
     """A model trained on the discrete timesteps of alphas_cumprod; c_noise is the fractional timestep."""
+
+    default_grid = "trailing"  # diffusers' spacing that reaches the last training timestep
 
     def __init__(self, alphas_cumprod: Tensor):
         if alphas_cumprod is None:
@@ -149,10 +181,24 @@ class Flow(Parameterization):
     """Rectified flow, Liu et al. 2022 / SD3 (Esser et al. 2024): z = (1-t) x0 + t eps, F = eps - x0, sigma = t/(1-t)."""
 
     name = "flow"
+    default_grid = "flow"
+    own_grids = ("flow", "flow_match", "default")  # grids laid out in flow time
 
     def __init__(self, num_train_timesteps: int = 1000, t_min: float = 1e-3):
         self.timestep_scale = float(num_train_timesteps)  # c_noise = t * 1000, SD3's / Flux's timestep
         self.sigma_min, self.sigma_max = t_min / (1 - t_min), float("inf")
+
+    def sampling_grid(self, sampler_grid: str) -> str:
+        # A Karras ramp in t (a sampler's default grid) draws worse scenes than the flow grid (BENCHMARKS.md).
+        return sampler_grid if sampler_grid in self.own_grids else "flow"
+
+    def to_ramp(self, sigma):
+        # Ramps over flow time t from 1 (pure noise, sigma = inf) to t_min, as diffusers'
+        # FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True) and ComfyUI lay them out.
+        return 1.0 if math.isinf(sigma) else sigma / (1 + sigma)
+
+    def from_ramp(self, t):
+        return t / (1 - t)  # t = 1 gives inf exactly
 
     def _scalings(self, sigma):
         c = 1 / (1 + sigma)  # z = x / (1 + sigma); x0 = z - t * F
@@ -163,21 +209,20 @@ class Flow(Parameterization):
 
 
 PARAMETERIZATIONS = {"eps": Eps, "v": V, "x0": X0, "edm": EDM, "flow": Flow}
+ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_matching": "flow", "rectified_flow": "flow"}
+
+
+def takes_alphas_cumprod(name: str) -> bool:
+    """Whether the parameterization ``name`` is a discrete one (eps, v, x0), built on a noise schedule."""
+    return issubclass(PARAMETERIZATIONS.get(ALIASES.get(name, name), Parameterization), _Discrete)
 
 
 def make_parameterization(name: str, alphas_cumprod: Tensor | None = None, **kw) -> Parameterization:
     """Build a parameterization by name ('eps', 'v', 'x0' need alphas_cumprod; 'edm', 'flow' do not)."""
-    aliases = {
-        "epsilon": "eps",
-        "v_prediction": "v",
-        "sample": "x0",
-        "flow_matching": "flow",
-        "rectified_flow": "flow",
-    }
-    key = aliases.get(name, name)
+    key = ALIASES.get(name, name)
     if key not in PARAMETERIZATIONS:
         raise ValueError(
-            f"unknown parameterization {name!r}; known: {sorted(PARAMETERIZATIONS)} (or {sorted(aliases)})"
+            f"unknown parameterization {name!r}; known: {sorted(PARAMETERIZATIONS)} (or {sorted(ALIASES)})"
         )
     cls = PARAMETERIZATIONS[key]
     if issubclass(cls, _Discrete):

@@ -225,8 +225,8 @@ def flow_match_sigmas(n: int, shift: float = 1.0, num_train_timesteps: int = 100
     def shifted(t):
         return shift * t / (1 + (shift - 1) * t)
 
-    t = shifted(torch.linspace(1.0, shifted(1.0 / num_train_timesteps), n, dtype=torch.float64))
-    return _flow_t_grid(_append_zero(t))
+    t = _append_zero(shifted(torch.linspace(1.0, shifted(1.0 / num_train_timesteps), n, dtype=torch.float64)))
+    return t / (1 - t)
 
 
 def flux_mu(
@@ -276,32 +276,24 @@ def _needs_table(name: str, param) -> Tensor:
 
 
 def _grid_default(n, param, **kw):
-    if param.name == "flow":
-        return flow_sigmas(n, **kw)
-    if getattr(param, "alphas_cumprod", None) is not None:
-        return vp_sigmas(param.alphas_cumprod, n, "trailing", **kw)
-    return karras_sigmas(n, param.sigma_min, param.sigma_max, **kw)
+    return GRIDS[param.default_grid](n, param, **kw)  # flow -> flow, discrete -> trailing, EDM -> karras
 
 
-def _flow_t_grid(grid_in_t: Tensor) -> Tensor:
-    """Flow time t (decreasing from 1, ending in 0) -> sigma = t / (1 - t); t = 1 gives inf exactly."""
-    return grid_in_t / (1 - grid_in_t)
+def _ramp(ramp, n, param, sigma_min, sigma_max, **kw):
+    """A ramp between the model's sigma limits, spaced in the parameterization's ramp coordinate (flow: t from 1
+    exactly, so the grid starts at sigma = inf); given limits, spaced in sigma."""
+    if sigma_max is not None:
+        return ramp(n, sigma_min or param.sigma_min, sigma_max, **kw)
+    lo, hi = param.to_ramp(sigma_min or param.sigma_min), param.to_ramp(param.sigma_max)
+    return param.from_ramp(ramp(n, lo, hi, **kw))
 
 
 def _grid_karras(n, param, sigma_min=None, sigma_max=None, rho=7.0):
-    if param.name == "flow" and sigma_max is None:
-        # Flow models: the Karras ramp over flow time t from 1 to t_min (the flow "sigma" of diffusers'
-        # FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True) and ComfyUI), so it starts at t = 1 exactly.
-        s_min = sigma_min or param.sigma_min
-        return _flow_t_grid(karras_sigmas(n, s_min / (1 + s_min), 1.0, rho))
-    return karras_sigmas(n, sigma_min or param.sigma_min, sigma_max or param.sigma_max, rho)
+    return _ramp(karras_sigmas, n, param, sigma_min, sigma_max, rho=rho)
 
 
 def _grid_exponential(n, param, sigma_min=None, sigma_max=None):
-    if param.name == "flow" and sigma_max is None:  # uniform in log t from t = 1 exactly, as for karras
-        s_min = sigma_min or param.sigma_min
-        return _flow_t_grid(exponential_sigmas(n, s_min / (1 + s_min), 1.0))
-    return exponential_sigmas(n, sigma_min or param.sigma_min, sigma_max or param.sigma_max)
+    return _ramp(exponential_sigmas, n, param, sigma_min, sigma_max)
 
 
 def _grid_spacing(spacing):

@@ -1,8 +1,8 @@
 """Pretrained checkpoints: diffusers folders, single-file original SD checkpoints, explicit key maps.
 
 ``open_model(path)`` routes a path to the right reader and returns an ``SDModel`` (components, spec,
-scheduler hint, detected family and load reports); ``latentdiff.load`` turns it into a Pipeline
-(``pipeline.to_pipeline``).
+model index with the detected family and scheduler hint, load reports); ``latentdiff.load`` turns it
+into a Pipeline.
 """
 
 from __future__ import annotations

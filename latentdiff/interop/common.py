@@ -1,14 +1,13 @@
 """What every checkpoint route shares: meta-device strict builds, the loaded model, writing our folder.
 
-A loader (diffusers folder, single file) produces an :class:`SDModel`: the three components, the
-denoiser spec, the sampler settings its scheduler implies, the family it detected and one load
-report per component. ``pipeline.to_pipeline`` turns it into a :class:`~latentdiff.pipeline.Pipeline`
-(the pipeline builds on interop, not the other way round); ``save_latentdiff`` writes it as our own model folder.
+A loader (diffusers folder, single file, our own folder) produces an :class:`SDModel`: the three
+components, the denoiser spec, the model index (the family it detected, the sample size, the sampler
+settings its scheduler implies) and one load report per component. ``latentdiff.load`` turns it into a
+:class:`~latentdiff.pipeline.Pipeline`; ``save_latentdiff`` writes it as our own model folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,60 +16,52 @@ from torch import Tensor, nn
 
 from latentdiff.components import (
     DenoiserSpec,
+    ModelFolder,
     build_parameterization,
-    save_autoencoder,
-    save_denoiser,
-    save_text_encoder,
-    write_model_index,
+    write_model_folder,
 )
-from latentdiff.conditioning.clip import SDTextEncoder
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.io import LoadReport, atomic_folder, load_state_strict
+from latentdiff.diffusion.parameterization import takes_alphas_cumprod
+from latentdiff.io import LoadReport, load_state_strict
+from latentdiff.model_index import SamplerHint
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.families import FAMILIES
 from latentdiff.models.unet import UNet, UNetConfig
 
 
 @dataclass
-class SamplerHint:
-    """The sampler and grid a checkpoint's own scheduler config asks for."""
+class SDModel(ModelFolder):
+    """A loaded model (SD family, or our own folder) before it becomes a Pipeline or is written again."""
 
-    sampler: str = "euler"  # a sampling.SAMPLERS name
-    schedule: str = "leading"  # a schedules.GRIDS name
-    steps_offset: int = 0  # diffusers' steps_offset (added to 'leading' timesteps)
-    vp_init: bool = False  # start from noise * sqrt(1 + sigma_max^2) as diffusers' VP schedulers do
-    final_sigma: float = 0.0  # DDIM / PLMS end here, not at 0 (set_alpha_to_one=False: sigma of timestep 0)
-    note: str = ""  # what of the scheduler config is not reproduced, said in the load report
-    flow_shift: float = 1.0  # flow models: the shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
-
-
-@dataclass
-class SDModel:
-    """A loaded SD-family model before it becomes a Pipeline."""
-
-    family: str  # "sd1", "sd2", "sdxl", ... as detected
-    autoencoder: AutoencoderKL
-    denoiser: Denoiser
-    spec: DenoiserSpec
-    text_encoder: nn.Module
-    hint: SamplerHint = field(default_factory=SamplerHint)
-    sample_size: int = 512  # default image size in pixels
     reports: list[LoadReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was detected, dropped or assumed
 
+    @property
+    def family(self) -> str:
+        return self.index.family  # "sd1", "sd2", "sdxl", ... as detected; "latentdiff" for our own
+
+    @property
+    def hint(self) -> SamplerHint:
+        return self.index.scheduler
+
+    @property
+    def sample_size(self) -> int:
+        return self.index.sample_size  # default image size in pixels
+
     def summary(self) -> str:
-        betas = f"{self.spec.schedule.betas} betas" if self.spec.parameterization in ("eps", "v", "x0") else \
-            f"{self.spec.network}"
-        lines = [f"detected {self.family}: {self.spec.parameterization}-prediction, "
-                 f"{betas}; scheduler -> sampler {self.hint.sampler!r}, "
-                 f"schedule {self.hint.schedule!r}" + (f" (steps_offset {self.hint.steps_offset})"
-                                                       if self.hint.steps_offset else "")]
-        if self.hint.final_sigma:
-            lines.append(f"ddim / plms end at sigma {self.hint.final_sigma:.4g} (set_alpha_to_one=False: the last "
+        discrete = takes_alphas_cumprod(self.spec.parameterization)
+        betas = f"{self.spec.schedule.betas} betas" if discrete else f"{self.spec.network}"
+        hint = self.hint
+        scheduler = "no scheduler config" if hint.sampler is None else \
+            f"scheduler -> sampler {hint.sampler!r}, schedule {hint.schedule!r}" + \
+            (f" (steps_offset {hint.steps_offset})" if hint.steps_offset else "")
+        lines = [f"detected {self.family}: {self.spec.parameterization}-prediction, {betas}; {scheduler}"]
+        if hint.final_sigma:
+            lines.append(f"ddim / plms end at sigma {hint.final_sigma:.4g} (set_alpha_to_one=False: the last "
                          "step goes to alphas_cumprod[0]), as diffusers' scheduler does")
-        if self.hint.flow_shift != 1.0:
-            lines.append(f"flow grids ('flow', 'flow_match') shifted by {self.hint.flow_shift:g}")
-        lines += [self.hint.note] if self.hint.note else []
+        if hint.flow_shift != 1.0:
+            lines.append(f"flow grids ('flow', 'flow_match') shifted by {hint.flow_shift:g}")
+        lines += [hint.note] if hint.note else []
         lines += [str(r) for r in self.reports] + self.notes
         return "\n".join(lines)
 
@@ -131,17 +122,7 @@ class NoTextEncoder(nn.Module):
 
 
 def save_latentdiff(model: SDModel, folder: str | Path) -> None:
-    """Write an SDModel as a latentdiff model folder (atomically: all of it or nothing)."""
+    """Write an SDModel as a latentdiff model folder (atomically: all of it or nothing), its index whole."""
     if isinstance(model.text_encoder, NoTextEncoder):
         raise ValueError(f"cannot write a model folder without a text encoder: {model.text_encoder.why}")  # noqa: TRY004
-    with atomic_folder(folder) as tmp:
-        save_autoencoder(tmp / "autoencoder", model.autoencoder)
-        save_denoiser(tmp / "denoiser", model.denoiser, model.spec)
-        if isinstance(model.text_encoder, SDTextEncoder):
-            model.text_encoder.save(tmp / "text_encoder")
-        else:
-            save_text_encoder(tmp / "text_encoder", model.text_encoder)
-        write_model_index(tmp, ["autoencoder", "denoiser", "text_encoder"], {
-            "sample_size": model.sample_size, "family": model.family,
-            "sampler": dataclasses.asdict(model.hint),
-        })
+    write_model_folder(folder, model)

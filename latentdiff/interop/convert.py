@@ -8,12 +8,11 @@ opens). Every target is written atomically: a failed conversion leaves no half-w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from latentdiff.components import load_autoencoder, load_denoiser, load_text_encoder
+from latentdiff.components import read_model_folder
 from latentdiff.conditioning.clip import SDTextEncoder
-from latentdiff.interop.common import SamplerHint, SDModel, save_latentdiff
+from latentdiff.interop.common import SDModel, save_latentdiff
 from latentdiff.interop.diffusers_folder import (
     SD3_PIPELINE,
     is_diffusers_folder,
@@ -29,14 +28,9 @@ from latentdiff.io import atomic_folder, write_json, write_safetensors
 FORMATS = ("latentdiff", "diffusers")
 
 
-def read_our_folder(folder: Path) -> SDModel:
-    """Our model folder as an SDModel (so both writers take one type)."""
-    index = json.loads((folder / "model_index.json").read_text())
-    denoiser, spec = load_denoiser(folder / "denoiser")
-    hint = SamplerHint(**index["sampler"]) if "sampler" in index else SamplerHint()
-    return SDModel(family=index.get("family", "latentdiff"), autoencoder=load_autoencoder(folder / "autoencoder"),
-                   denoiser=denoiser, spec=spec, text_encoder=load_text_encoder(folder / "text_encoder"), hint=hint,
-                   sample_size=index.get("sample_size", 64))
+def read_our_folder(folder: Path, verbose: bool = False) -> SDModel:
+    """Our model folder as an SDModel (so both writers take one type), its index whole."""
+    return SDModel(**vars(read_model_folder(folder, verbose)))
 
 
 def open_any(src: str | Path, **kw) -> SDModel:

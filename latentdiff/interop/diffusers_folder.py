@@ -24,6 +24,7 @@ from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
 from latentdiff.io import read_json
+from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
@@ -377,9 +378,8 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     # SD 1.x conditions on OpenAI's CLIP (quick_gelu), SD 2.x on OpenCLIP (gelu).
     act = text_cfg.encoders[0].hf_config.get("hidden_act", "quick_gelu")
     family = "sdxl" if cls == "StableDiffusionXLPipeline" else ("sd1" if act == "quick_gelu" else "sd2")
-    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
-                   sample_size=sample_size,
-                   reports=[unet_report, vae_report, text_report])
+    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint), autoencoder=vae,
+                   denoiser=denoiser, spec=spec, text_encoder=text, reports=[unet_report, vae_report, text_report])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,5 +435,6 @@ def _read_sd3(folder: Path, index: dict, dtype: torch.dtype | None) -> SDModel:
     vae, vae_report = build_autoencoder(vae_cfg, as_dtype(_component_weights(folder / "vae"), dtype))
     text, text_report = build_sd_text_encoder(text_cfg, as_dtype(text_state, dtype), tokenizers)
     family = "sd35" if spec.mmdit.qk_norm else "sd3"
-    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
-                   sample_size=sample_size, reports=[report, vae_report, text_report], notes=notes)
+    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint), autoencoder=vae,
+                   denoiser=denoiser, spec=spec, text_encoder=text, reports=[report, vae_report, text_report],
+                   notes=notes)

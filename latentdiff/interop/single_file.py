@@ -48,6 +48,7 @@ from latentdiff.interop.keymaps import (
     vae_rules,
 )
 from latentdiff.io import LoadReport
+from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.mmdit import MMDiTConfig
@@ -403,9 +404,9 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     # (CompVis, and diffusers' PNDMScheduler config) end at alphas_cumprod[0], not 1.
     hint = SamplerHint(sampler="plms", schedule="leading", steps_offset=1, vp_init=True,
                        final_sigma=float(vp_sigma_table(spec.schedule.alphas_cumprod())[0]))
-    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
-                   sample_size={"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family],
-                   reports=[unet_report, vae_report, text_report], notes=notes)
+    size = {"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family]
+    return SDModel(index=ModelIndex(family=family, sample_size=size, scheduler=hint), autoencoder=vae,
+                   denoiser=denoiser, spec=spec, text_encoder=text, reports=[unet_report, vae_report, text_report], notes=notes)
 
 
 def _sd3_text_side(state: dict, family: str, tokenizers: list, overrides: dict, joint_dim: int
@@ -502,8 +503,9 @@ def _convert_sd3(state: dict[str, Tensor], det: Detection, tokenizers: list | No
         notes.append("no text encoders in the file: the pipeline cannot encode prompts")
     # SD 3 / 3.5's scheduler: FlowMatchEulerDiscreteScheduler(shift=3.0), its default grid ('flow_match').
     hint = SamplerHint(sampler="euler", schedule="flow_match", flow_shift=3.0)
-    return SDModel(family=family, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, hint=hint,
-                   sample_size=mmdit_cfg.sample_size * vae_cfg.factor, reports=reports, notes=notes)
+    index = ModelIndex(family=family, sample_size=mmdit_cfg.sample_size * vae_cfg.factor, scheduler=hint)
+    return SDModel(index=index, autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text, reports=reports,
+                   notes=notes)
 
 
 def read_single_file(path: str | Path, tokenizer: str | Path | None = None, **kw) -> SDModel:

@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from latentdiff.io import atomic_folder, load_state_strict, write_json, write_safetensors
+from latentdiff.io import (
+    atomic_folder,
+    end_progress,
+    load_state_strict,
+    progress_line,
+    write_json,
+    write_safetensors,
+)
 from latentdiff.train.distributed import (
     Context,
     decode_rng,
@@ -117,12 +124,11 @@ class MetricsLog:
             eta = (self.total - step - 1) / max(rate, 1e-9)
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             speed = f"{rate:.2f} it/s" + (f" ({rate * self.batch_size:.1f} img/s)" if self.batch_size else "")
-            print(f"\rstep {step + 1}/{self.total}  {shown}  {speed}  eta {eta / 60:.1f} min",
-                  end="", file=sys.stderr, flush=True)
+            progress_line(f"step {step + 1}/{self.total}  {shown}  {speed}  eta {eta / 60:.1f} min")
 
     def close(self) -> None:
         if not self.quiet:
-            print(file=sys.stderr)
+            end_progress()
         self.file.close()
         if self.tb is not None:
             self.tb.close()

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from latentdiff.components import (
     DenoiserSpec,
+    ModelFolder,
     NoiseSchedule,
     build_denoiser,
     load_autoencoder,
-    save_model_folder,
+    write_model_folder,
 )
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
@@ -30,6 +31,7 @@ from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
+from latentdiff.model_index import ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import Trainable, check_finite_params
@@ -73,7 +75,7 @@ class TrainConfig(RunConfig):
     eval_features: str = ""  # shapes feature-network file (`latentdiff train-features`); "" = its default place
     judge_every: int = 0  # steps between judge suites (held-out, paraphrased, two-object prompts) in judge.jsonl
     judge_prompts: int = 64  # prompts per judge suite
-    sample_schedule: str = "karras"  # sigma grid for the sample grids ("flow" for flow models: karras needs a finite sigma_max)
+    sample_schedule: str | None = None  # sigma grid for the sample grids; None: the model's own (flow for flow models)
     class_labels: bool = True  # a cache with class labels (class folders, tar .cls) trains a class-conditional net
     label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
     size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
@@ -271,8 +273,12 @@ def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_si
               class_names: list[str] | None = None, size_embed_dim: int = 0):
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(autoencoder, denoiser, text_encoder, default_size=image_size, class_names=class_names,
-                    size_embed_dim=size_embed_dim)
+    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim))
+
+
+def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int) -> ModelIndex:
+    return ModelIndex(sample_size=image_size, class_names=class_names,
+                      size_conditioning=SizeConditioning(size_embed_dim))
 
 
 def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -> None:
@@ -292,6 +298,14 @@ def ema_parts(ema: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tu
         ema, text_encoder = copy.deepcopy(ema).cpu(), copy.deepcopy(text_encoder).cpu()
     te = ema.text_encoder if ema.text_encoder is not None else text_encoder
     return Denoiser(ema.network, denoiser.parameterization), te
+
+
+def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
+                      autoencoder, cache_image_size: int, class_names: list[str] | None = None,
+                      size_embed_dim: int = 0) -> Path:
+    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
+    index = _index(cache_image_size, class_names, size_embed_dim)
+    return write_model_folder(folder, ModelFolder(index, autoencoder, denoiser, spec, text_encoder))
 
 
 def sample_grid(pipe, cfg: TrainConfig, path: Path) -> None:

@@ -7,16 +7,9 @@ folder), and those loops stand on the run engine, which keeps the snapshots.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from latentdiff.components import (
-    load_autoencoder,
-    load_denoiser,
-    load_text_encoder,
-    save_autoencoder,
-    save_model_folder,
-)
+from latentdiff.components import load_autoencoder, read_model_folder, save_autoencoder, write_model_folder
 from latentdiff.io import atomic_folder, load_state_strict, write_json
 from latentdiff.train.common import Trainable
 from latentdiff.train.posthoc_ema import list_snapshots, reconstruct, sigma_rel_to_gamma
@@ -40,14 +33,11 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
         raise FileNotFoundError(f"no template folder {template}: finish the run, or pass --template DIR "
                                 "(a folder of the same model configuration)")
     if is_denoiser:
-        denoiser, spec = load_denoiser(template / "denoiser")
-        text_encoder = load_text_encoder(template / "text_encoder")
+        model = read_model_folder(template)  # its index (sample size, labels, hints) and components
         joint = any(k.startswith("text_encoder.") for k in state)
-        load_state_strict(Trainable(denoiser.network, text_encoder if joint else None), state, "post-hoc EMA")
-        index = json.loads((template / "model_index.json").read_text())
-        save_model_folder(out, denoiser, text_encoder, spec, load_autoencoder(template / "autoencoder"),
-                          index.get("sample_size"), class_names=index.get("class_names"),
-                          size_embed_dim=index.get("size_conditioning", {}).get("embed_dim", 0))
+        load_state_strict(Trainable(model.denoiser.network, model.text_encoder if joint else None), state,
+                          "post-hoc EMA")
+        write_model_folder(out, model)
     else:
         autoencoder = load_autoencoder(template)
         load_state_strict(autoencoder, state, "post-hoc EMA")

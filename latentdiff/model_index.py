@@ -1,0 +1,119 @@
+"""``model_index.json``: what a latentdiff model folder holds and how to sample it. One reader, one writer.
+
+Version 1::
+
+    {"format": "latentdiff", "version": 1, "components": ["autoencoder", "denoiser", "text_encoder"],
+     "sample_size": 32, "family": "latentdiff", "class_names": null, "size_conditioning": {"embed_dim": 0},
+     "scheduler": {"sampler": null, "schedule": null, "steps_offset": 0, ...},
+     "generation": {"sampler": null, "steps": null, "guidance": null, "schedule": null}}
+
+Version 0 (no ``version`` key; latentdiff before issue 14) had the same keys, all optional, except that
+the scheduler of a converted checkpoint was stored under ``sampler`` and there was no ``generation``.
+It is read as version 1; a version newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latentdiff.config import from_dict
+from latentdiff.io import read_json, write_json
+
+VERSION = 1
+INDEX_FILE = "model_index.json"
+COMPONENTS = ("autoencoder", "denoiser", "text_encoder")
+
+
+@dataclass
+class SamplerHint:
+    """What a converted checkpoint's own scheduler config implies (diffusers' scheduler semantics).
+
+    ``sampler`` / ``schedule`` name what that scheduler samples with (said in the load summary, written back
+    when exporting to diffusers); the other fields are grid details ``generate`` reproduces on any grid.
+    A model trained by latentdiff has no scheduler config: sampler and schedule None, the rest neutral.
+    """
+
+    sampler: str | None = None  # a sampling.SAMPLERS name
+    schedule: str | None = None  # a schedules.GRIDS name
+    steps_offset: int = 0  # diffusers' steps_offset (added to 'leading' timesteps)
+    vp_init: bool = False  # start from noise * sqrt(1 + sigma_max^2) as diffusers' VP schedulers do
+    final_sigma: float = 0.0  # DDIM / PLMS end here, not at 0 (set_alpha_to_one=False: sigma of timestep 0)
+    note: str = ""  # what of the scheduler config is not reproduced, said in the load report
+    flow_shift: float = 1.0  # flow models: the shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
+
+
+@dataclass
+class GenerationSettings:
+    """Sampler, steps, guidance and sigma grid of a generation; None leaves the choice to the next in line.
+
+    In a model index these are the model's recommendations (a distilled student: its few steps and
+    guidance 1), which ``generate`` uses where its caller passes nothing.
+    """
+
+    sampler: str | None = None  # a sampling.SAMPLERS name or alias
+    steps: int | None = None  # sampler steps
+    guidance: float | None = None  # classifier-free guidance scale
+    schedule: str | None = None  # a schedules.GRIDS name
+
+
+# What Pipeline.generate uses where neither its caller nor the model's index says (schedule None: the sampler's
+# own grid, as the model's parameterization takes it: the flow grid for a flow model).
+DEFAULT_GENERATION = GenerationSettings(sampler="dpmpp_2m", steps=20, guidance=5.0, schedule=None)
+
+
+@dataclass
+class SizeConditioning:
+    """SDXL-style size and crop ids (conditioning/sizes.py)."""
+
+    embed_dim: int = 0  # sinusoidal features per id; 0: the denoiser takes no size ids
+
+
+@dataclass
+class ModelIndex:
+    """``model_index.json`` of a latentdiff model folder."""
+
+    sample_size: int = 64  # default image side in pixels (what the model was trained at)
+    components: list[str] = field(default_factory=lambda: list(COMPONENTS))  # subfolders, each config.json + weights
+    family: str = "latentdiff"  # "latentdiff" (trained here) or what a converted checkpoint was: "sd1", "sdxl", ...
+    class_names: list[str] | None = None  # a class-conditional denoiser's classes (label len(class_names) = null)
+    size_conditioning: SizeConditioning = field(default_factory=SizeConditioning)
+    scheduler: SamplerHint = field(default_factory=SamplerHint)  # a converted checkpoint's scheduler semantics
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
+    format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
+    version: int = VERSION  # of this layout
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelIndex:
+        """The index of a model folder, of any version up to ``VERSION``; an error that says what is wrong."""
+        folder = Path(folder)
+        path = folder / INDEX_FILE
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} does not exist; train one with `latentdiff demo` "
+                                    "or `latentdiff train`")
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {INDEX_FILE}: it is not a model folder (expected {INDEX_FILE}, "
+                                    f"{', '.join(f'{c}/' for c in COMPONENTS)})")
+        data = read_json(path, "")
+        if data.get("format") != "latentdiff":
+            raise ValueError(f"{path} is not a latentdiff model index (format {data.get('format')!r})")
+        version = data.get("version", 0)
+        if not isinstance(version, int) or not 0 <= version <= VERSION:
+            raise ValueError(f"{path} has version {version!r}; this latentdiff reads versions 0 to {VERSION}: "
+                             "a newer latentdiff wrote it, upgrade to open it")
+        if version == 0:
+            data = _from_version_0(data)
+        return from_dict(cls, data, str(path))
+
+    def write(self, folder: str | Path) -> None:
+        """Write ``folder/model_index.json`` (atomically), always at the current version."""
+        write_json(Path(folder) / INDEX_FILE, dataclasses.asdict(dataclasses.replace(self, version=VERSION)))
+
+
+def _from_version_0(data: dict) -> dict:
+    """A version-0 index as version 1: the scheduler hint moves from "sampler" to "scheduler"."""
+    data = {**data, "version": 1}
+    if "sampler" in data:
+        data["scheduler"] = data.pop("sampler")
+    return data
