@@ -9,7 +9,6 @@ from PIL import Image
 
 from latentdiff import cli
 from latentdiff.components import DenoiserSpec, build_denoiser
-from latentdiff.train.denoiser import save_model_folder
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.images import to_pil
 from latentdiff.models import vae_inference
@@ -18,6 +17,7 @@ from latentdiff.models.preview import PreviewConfig, PreviewDecoder, save_previe
 from latentdiff.models.unet import UNetConfig
 from latentdiff.models.vae_inference import tiled_decode
 from latentdiff.pipeline import load
+from latentdiff.train.denoiser import save_model_folder
 
 PROMPT = "a red circle"
 
