@@ -16,7 +16,7 @@ from pathlib import Path
 
 from latentdiff.config import add_config_args, add_options, config_from_args
 from latentdiff.diffusion.schedules import GRIDS
-from latentdiff.model_index import DEFAULT_GENERATION
+from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS
 
 DEFAULT_MODEL = "default"  # the bundled default model (latentdiff/default/)
 
@@ -51,6 +51,12 @@ class GenerateConfig:
                                 "own grid: flow, trailing for 1000-step models, karras for EDM)", choices=sorted(GRIDS))
     guidance: float | None = _opt(None, "classifier-free guidance scale, 1 = off (default: the model's "
                                   f"recommendation, else {DEFAULT_GENERATION.guidance})", metavar="SCALE")
+    guidance_method: str | None = _opt(None, "cfg (classifier-free), apg (adaptive projected, Sadat et al. 2024) or "
+                                       "autoguidance (Karras et al. 2024; needs the model folder's guide/) (default: "
+                                       f"the model's recommendation, else {DEFAULT_GENERATION.guidance_method})",
+                                       choices=GUIDANCE_METHODS)
+    pag_scale: float | None = _opt(None, "perturbed-attention guidance scale on top (Ahn et al. 2024; 0: off; "
+                                   "default: the model's recommendation, else 0)", metavar="SCALE")
     guidance_rescale: float = _opt(0.0, "guidance rescale phi in [0, 1] (Lin et al. 2023)", metavar="PHI")
     guidance_interval: tuple = _opt((), "guide only where sigma_lo < sigma <= sigma_hi (Kynkaanniemi et al. 2024; "
                                     "default: everywhere)", nargs=2, type=float, metavar=("LO", "HI"))
@@ -170,12 +176,13 @@ def cmd_generate(args) -> None:
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
-    use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
+                        guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
     options = _generate_options(cfg)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
     w, h = images[0].size
     params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
-              "height": h, "model": str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
+              "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
               **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]}}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]

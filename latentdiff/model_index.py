@@ -56,11 +56,15 @@ class GenerationSettings:
     steps: int | None = None  # sampler steps
     guidance: float | None = None  # classifier-free guidance scale
     schedule: str | None = None  # a schedules.GRIDS name
+    guidance_method: str | None = None  # "cfg", "apg" (adaptive projected) or "autoguidance" (needs the folder's guide/)
+    pag_scale: float | None = None  # perturbed-attention guidance on top of the method (0: off)
 
 
 # What Pipeline.generate uses where neither its caller nor the model's index says (schedule None: the sampler's
 # own grid, as the model's parameterization takes it: the flow grid for a flow model).
-DEFAULT_GENERATION = GenerationSettings(sampler="dpmpp_2m", steps=20, guidance=5.0, schedule=None)
+DEFAULT_GENERATION = GenerationSettings(sampler="dpmpp_2m", steps=20, guidance=5.0, schedule=None,
+                                        guidance_method="cfg", pag_scale=0.0)
+GUIDANCE_METHODS = ("cfg", "apg", "autoguidance")
 
 
 @dataclass

@@ -16,8 +16,9 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
-from latentdiff.model_index import DEFAULT_GENERATION, GenerationSettings, ModelIndex
+from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS, GenerationSettings, ModelIndex
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.runtime import autocast
 from latentdiff.models.vae_inference import decode_latents
 from latentdiff.types import Cond
@@ -31,7 +32,7 @@ class Pipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, denoiser: Denoiser, text_encoder: nn.Module,
                  index: ModelIndex | None = None, *, precision: str = "fp32", name: str = "model",
-                 preview_decoder: nn.Module | None = None):
+                 preview_decoder: nn.Module | None = None, guide: Pipeline | None = None):
         self.autoencoder = autoencoder.eval()
         self.denoiser = denoiser.eval()
         self.text_encoder = text_encoder.eval()
@@ -39,6 +40,7 @@ class Pipeline:
         self.precision = precision  # "fp32", "bf16" or "fp16" autocast for the denoiser (``runtime.autocast``)
         self.name = name  # recorded in the PNG parameters
         self.preview_decoder = preview_decoder  # a tiny decoder for live previews (models/preview.py), if any
+        self.guide = guide  # a weaker model of the same data (autoguidance), e.g. an early checkpoint of the run
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
 
     @property
@@ -57,17 +59,44 @@ class Pipeline:
         return self.index.size_conditioning.embed_dim
 
     def settings(self, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                 schedule: str | None = None) -> GenerationSettings:
-        """The sampler, steps, guidance and sigma grid a generation uses: what is asked, else what the model
-        recommends (its index), else ``DEFAULT_GENERATION``; the grid named, e.g. the flow grid for a flow model."""
-        asked = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule}
+                 schedule: str | None = None, guidance_method: str | None = None,
+                 pag_scale: float | None = None) -> GenerationSettings:
+        """The sampler, steps, guidance (scale, method, PAG scale) and sigma grid a generation uses: what is asked,
+        else what the model recommends (its index), else ``DEFAULT_GENERATION``; the grid named, e.g. the flow
+        grid for a flow model."""
+        asked = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule,
+                 "guidance_method": guidance_method, "pag_scale": pag_scale}
         out = {key: next((v for v in (value, getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
                           if v is not None), None) for key, value in asked.items()}
         param = self.denoiser.parameterization
         _, sampler_grid = get_sampler(out["sampler"])
         grid = out["schedule"] or param.sampling_grid(sampler_grid)
         out["schedule"] = param.default_grid if grid == "default" else grid
+        if out["guidance_method"] not in GUIDANCE_METHODS:
+            raise ValueError(f"unknown guidance method {out['guidance_method']!r}: expected one of {GUIDANCE_METHODS}")
+        if out["guidance_method"] == "autoguidance" and self.guide is None:
+            raise ValueError("autoguidance needs a guide model (a weaker version of this one): a model folder with "
+                             "guide/, or Pipeline.guide set to one")
         return GenerationSettings(**out)
+
+    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, prompts: list[str], num_images: int,
+                size: tuple[int, int], **cfg_options):
+        """The guided denoiser of one generation: CFG (with its options), APG or autoguidance, then PAG."""
+        if use.guidance_method == "apg":
+            denoiser = guidance_lib.apg(self.denoiser, use.guidance, uncond)
+        elif use.guidance_method == "autoguidance":
+            guide_cond, _ = self.guide.encode_prompts(prompts, [], size)
+            guide_cond = guide_cond.repeat(num_images)
+
+            def guide(x, sigma, cond=None):  # the guide reads the prompts through its own text encoder
+                return self.guide.denoiser(x, sigma, guide_cond)
+
+            denoiser = guidance_lib.autoguidance(self.denoiser, guide, use.guidance)
+        else:
+            denoiser = guidance_lib.cfg(self.denoiser, use.guidance, uncond, **cfg_options)
+        if use.pag_scale:
+            denoiser = guidance_lib.pag(denoiser, use.pag_scale, perturbed_self_attention)
+        return denoiser
 
     def encode_prompts(self, prompts: list[str], negative: list[str],
                        image_size: tuple[int, int] | None = None) -> tuple[Cond, Cond]:
@@ -87,14 +116,18 @@ class Pipeline:
                  guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
                  dynamic_threshold: float | None = None, callback=None, label: int | str | list | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
-                 tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1):
+                 tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
+                 guidance_method: str | None = None, pag_scale: float | None = None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
         ``DEFAULT_GENERATION`` (dpmpp_2m, 20 steps, guidance 5, the sampler's grid as the model takes it);
         ``settings(...)`` says what a call uses. ``guidance_interval=(sigma_lo, sigma_hi)`` guides only where
         sigma_lo < sigma <= sigma_hi (Kynkaanniemi et al. 2024); ``dynamic_threshold`` is a percentile such as
-        0.995 (Saharia et al. 2022).
+        0.995 (Saharia et al. 2022). ``guidance_method``: "cfg" (classifier-free), "apg" (adaptive projected
+        guidance, Sadat et al. 2024: CFG without its update's part along the conditional prediction) or
+        "autoguidance" (Karras et al. 2024: guided by ``self.guide``, a weaker model of the same data, at scale
+        ``guidance``); ``pag_scale`` > 0 adds perturbed-attention guidance (Ahn et al. 2024) on top.
 
         A class-conditional model (``class_names``) needs ``label``: a class name or index, or one per prompt
         (one prompt, e.g. "", is repeated for a list of labels); guidance runs against the null class.
@@ -125,7 +158,8 @@ class Pipeline:
         if height % factor or width % factor:
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {height // factor * factor}x{width // factor * factor}")
-        use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule)
+        use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
+                            guidance_method=guidance_method, pag_scale=pag_scale)
         sample_fn, _ = get_sampler(use.sampler)
         hint = self.index.scheduler
         grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
@@ -155,8 +189,8 @@ class Pipeline:
         if hint.vp_init and not torch.isinf(sigmas[0]):
             x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
 
-        denoiser = guidance_lib.cfg(self.denoiser, use.guidance, uncond, rescale=guidance_rescale,
-                                    interval=guidance_interval, threshold=dynamic_threshold)
+        denoiser = self._guided(use, cond, uncond, prompts, num_images, (height, width), rescale=guidance_rescale,
+                                interval=guidance_interval, threshold=dynamic_threshold)
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         final = {"final_sigma": hint.final_sigma} if hint.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
@@ -213,7 +247,7 @@ def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bo
         path = verify()
     folder = Path(path)
     weights_file = folder.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-    preview = None
+    preview = guide = None
     if folder.is_file() or weights_file or (folder / "model_index.json").is_file() and _is_diffusers(folder):
         from latentdiff.interop import open_model
 
@@ -228,8 +262,10 @@ def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bo
             from latentdiff.models.preview import load_preview_decoder
 
             preview = load_preview_decoder(folder / "preview_decoder")
+        if (folder / "guide").is_dir():  # optional: a weaker model of the same data, for autoguidance
+            guide = load(folder / "guide", precision=precision, verbose=verbose)
     return Pipeline(model.autoencoder, model.denoiser, model.text_encoder, model.index, precision=precision,
-                    name=name, preview_decoder=preview)
+                    name=name, preview_decoder=preview, guide=guide)
 
 
 def _is_diffusers(folder: Path) -> bool:
