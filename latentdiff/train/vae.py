@@ -77,11 +77,12 @@ class VAETrainConfig(RunConfig):
 
 VAE_PRESETS: dict[str, dict] = {
     "shapes": {},
-    # The demo's stage 1: 32x32 images and a narrow autoencoder, about 5 minutes on 2 CPU cores. L2 learns the
+    # The demo's stage 1: 32x32 images and a narrow autoencoder, a few minutes on 2 CPU cores. L2 learns the
     # small objects faster than L1 (object-pixel error 0.23 vs 0.39 after 600 steps; benchmarks/vae_loss.py).
     # The contrast-weighted term (detail_weight) keeps the corners of small squares and triangles; batch 24 pays
-    # for the autoencoder's wider first level (held-out round-trip shape 0.73 against 0.58 before both).
-    "shapes-demo": {"image_size": 32, "num_images": 4000, "model": "shapes-demo", "steps": 700, "batch_size": 24,
+    # for the autoencoder's wider first level. 1200 steps: held-out round-trip shape 0.965 (0.83 at 700 steps;
+    # BENCHMARKS.md, "The demo and the default model").
+    "shapes-demo": {"image_size": 32, "num_images": 4000, "model": "shapes-demo", "steps": 1200, "batch_size": 24,
                     "lr": 2e-3, "warmup_steps": 20, "recon_loss": "l2", "detail_weight": 10.0, "grad_clip": 100.0,
                     "sample_every": 300, "save_every": 300},
     "shapes-f8c4": {"model": "shapes-f8c4"},
