@@ -159,7 +159,7 @@ def test_generate_help_says_the_defaults(capsys):
     assert "--guidance SCALE classifier-free guidance scale, 1 = off (default: the model's recommendation, else 5.0)" \
         in out
     assert "{default,exponential,flow,flow_match,karras,lcm,leading,linspace,trailing}" in out
-    assert "(default: outputs/demo/model/model)" in out
+    assert "(default: default)" in out and "the bundled default model" in out
 
 
 def test_demo_presets_name_presets_that_exist():

@@ -38,8 +38,10 @@ class StandIn:
             return torch.rand(len(prompts), 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
         if self.mode == "copy":
             return shapes_images(seed + len(prompts), 32, seed=0)[seed:]  # the training set, in order
-        scenes = [parse_caption(p) for p in prompts]  # captions may leave the background unstated: draw black
-        scenes = [s if s.background else dataclasses.replace(s, background="black") for s in scenes]
+        scenes = [parse_caption(p) for p in prompts]  # captions may leave the background unstated: draw each
+        backgrounds = ("black", "gray", "white")  # in turn, as the data set draws them uniformly
+        scenes = [s if s.background else dataclasses.replace(s, background=backgrounds[(seed + i) % 3])
+                  for i, s in enumerate(scenes)]
         return torch.stack([to_tensor(render(s, 32, seed=seed + i)) for i, s in enumerate(scenes)])
 
 
@@ -63,7 +65,9 @@ def test_run_eval_writes_json_and_html_and_ranks_generators(tmp_path):
         ("euler", 1, 3.0), ("euler", 3, 3.0), ("heun", 1, 3.0), ("heun", 3, 3.0), ("euler", 3, 1.0)]
     p, n = perfect["settings"][0], noise["settings"][0]
     assert p["fid"] < n["fid"] / 2 and p["kid"]["mean"] < n["kid"]["mean"]
-    assert p["precision"] > n["precision"] and p["recall"] > n["recall"]
+    # Noise's 8x8 thumbnails average to mid-grey, which this crude projection places among the grey-background
+    # scenes: its precision says little here. Recall does: noise covers none of the data's variety.
+    assert p["precision"] > 0.5 and p["recall"] > n["recall"] + 0.3, (p["precision"], p["recall"], n["recall"])
     assert p["judge_heldout"]["all_correct"] > 0.8 and n["judge_heldout"]["all_correct"] < 0.2
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
     assert on_disk["settings"][0]["fid"] == pytest.approx(p["fid"])

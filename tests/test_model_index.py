@@ -92,15 +92,15 @@ def test_unreadable_indexes_say_why(tmp_path):
 def test_settings_come_from_the_call_then_the_model_then_the_defaults(eps_model, tmp_path):
     pipe = load(eps_model)
     # Nothing recommended: dpmpp_2m, 20 steps, guidance 5, on DPM++ 2M's own (Karras) grid for this eps model.
-    assert pipe.settings() == GenerationSettings("dpmpp_2m", 20, 5.0, "karras")
+    assert pipe.settings() == GenerationSettings("dpmpp_2m", 20, 5.0, "karras", "cfg", 0.0)
     assert pipe.settings(sampler="euler").schedule == "trailing"  # euler's grid: the model's default grid
     assert pipe.settings(schedule="default").schedule == "trailing"  # named, so PNGs say which grid
     # A model that recommends settings (a distilled student, the bundled default) gets them unasked.
     student = _folder(tmp_path / "student", index=ModelIndex(
         sample_size=32, generation=GenerationSettings(sampler="euler", steps=3, guidance=1.0, schedule="karras")))
     pipe = load(student)
-    assert pipe.settings() == GenerationSettings("euler", 3, 1.0, "karras")
-    assert pipe.settings(steps=5, sampler="heun") == GenerationSettings("heun", 5, 1.0, "karras")
+    assert pipe.settings() == GenerationSettings("euler", 3, 1.0, "karras", "cfg", 0.0)
+    assert pipe.settings(steps=5, sampler="heun") == GenerationSettings("heun", 5, 1.0, "karras", "cfg", 0.0)
     explicit = pipe.generate(PROMPT, sampler="euler", steps=3, guidance=1.0, schedule="karras", seed=1, output="np")
     assert np.array_equal(pipe.generate(PROMPT, seed=1, output="np"), explicit)
     # The CLI uses them as well, and writes what it used into the PNG.
