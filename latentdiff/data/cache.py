@@ -221,7 +221,8 @@ def build_cache(autoencoder, dataset: Iterable[dict], out: str | Path, batch_siz
     items, total = _items(dataset)
     if total == 0:
         raise ValueError("the data set to cache is empty")
-    progress = tqdm(total=total, desc="caching", disable=quiet, file=sys.stderr)
+    progress = tqdm(total=total, desc="caching", disable=quiet or not sys.stderr.isatty(),
+                    file=sys.stderr)  # a bar on a terminal; nothing in a log file
     with atomic_folder(out) as tmp:
         builder = _CacheBuilder(autoencoder, tmp, batch_size, shard_size, text_encoder)
         has_labels = None

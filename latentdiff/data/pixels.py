@@ -159,5 +159,6 @@ def open_pixel_set(data: str, size: int, *, crop: str = "center", buckets: bool 
         folder = ImageFolder(data, size, min_size=min_size, verbose=not quiet)
         items = (folder.record(i) for i in range(len(folder)))
     sizes = make_buckets(bucket_area or size * size, bucket_step, bucket_max_aspect) if buckets else None
-    progress = tqdm(items, desc=f"decoding {Path(data).name}", disable=quiet, file=sys.stderr)
+    progress = tqdm(items, desc=f"decoding {Path(data).name}", disable=quiet or not sys.stderr.isatty(),
+                    file=sys.stderr)  # a bar on a terminal; nothing in a log file
     return PixelSet(progress, size, crop, sizes, budget_gib, source=data)

@@ -27,7 +27,7 @@ SUITES = {
 
 
 def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
-                  seed: int, batch: int = 16, schedule: str | None = "karras", **options) -> tuple[dict, list]:
+                  seed: int, batch: int = 16, schedule: str | None = None, **options) -> tuple[dict, list]:
     """Generate one image per (caption, scene) prompt and score it with the judge against the scene."""
     images = []
     for start in range(0, len(prompts), batch):
@@ -55,9 +55,10 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def judge_suites(pipe, n: int, *, suites=tuple(SUITES), steps: int = 20, sampler: str = "dpmpp_2m",
-                 guidance: float = 4.0, seed: int = 0, schedule: str | None = None, **options) -> dict:
-    """The judge's scores on ``n`` prompts of each named suite (fixed prompts and seeds: only the model moves)."""
+def judge_suites(pipe, n: int, *, suites=tuple(SUITES), steps: int | None = None, sampler: str | None = None,
+                 guidance: float | None = None, seed: int = 0, schedule: str | None = None, **options) -> dict:
+    """The judge's scores on ``n`` prompts of each named suite (fixed prompts and seeds: only the model moves);
+    settings left None are the model's own (``Pipeline.settings``)."""
     out = {}
     for name in suites:
         prompts_for, phrasing, objects = SUITES[name]

@@ -296,7 +296,8 @@ def preload(dataset, budget_gib: float, quiet: bool = False) -> torch.Tensor | N
     from tqdm import tqdm
 
     out = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
-    for i in tqdm(range(len(dataset)), desc="loading images", disable=quiet, file=sys.stderr):
+    bar = not quiet and sys.stderr.isatty()  # a bar on a terminal; nothing in a log file
+    for i in tqdm(range(len(dataset)), desc="loading images", disable=not bar, file=sys.stderr):
         out[i] = dataset[i]["image"].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return out
 
