@@ -163,6 +163,12 @@ def cmd_posthoc_ema(args) -> None:
     print(export(args.run, args.sigma_rel, args.out, step=args.step, template=args.template))
 
 
+def cmd_export_checkpoint(args) -> None:
+    from latentdiff.train.posthoc_export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, template=args.template))
+
+
 def cmd_generate(args) -> None:
     from latentdiff.pipeline import load, save_images
 
@@ -359,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default RUN/model or RUN/autoencoder)")
     p.add_argument("-o", "--out", required=True, help="folder to write")
     p.set_defaults(func=cmd_posthoc_ema)
+
+    p = sub.add_parser("export-checkpoint", help="write a training checkpoint's EMA weights as a model folder",
+                       description="A denoiser run's checkpoint (its EMA weights) as a loadable model folder, e.g. an "
+                                   "early one as the weak guide of autoguidance (MODEL/guide/).")
+    p.add_argument("checkpoint", help="a RUN/checkpoints/step_XXXXXXX folder, or a run folder (its latest)")
+    p.add_argument("--template", default=None, help="model folder to take configs and the untrained parts from "
+                   "(default RUN/model)")
+    p.add_argument("-o", "--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_export_checkpoint)
 
     p = sub.add_parser("generate", help="generate images from prompts", description="Generate images; each PNG "
                        "carries its parameters (its own prompt among them) in a text chunk.")

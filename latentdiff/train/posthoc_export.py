@@ -49,3 +49,30 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
                       for s, c in zip(used, coefs)],
     })
     return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, template: str | Path | None = None) -> Path:
+    """``latentdiff export-checkpoint``: a training checkpoint's EMA weights as a loadable model folder.
+
+    ``checkpoint`` is a ``step_XXXXXXX`` folder (or a run folder: its latest checkpoint); the configs, index and
+    the parts the run did not train (autoencoder, a frozen text encoder) come from ``template``, default the
+    run's ``model/``. An early checkpoint of a run is the weak guide that autoguidance needs.
+    """
+    from safetensors.torch import load_file
+
+    from latentdiff.train.common import find_checkpoint
+
+    folder = find_checkpoint(Path(checkpoint))
+    run_dir = folder.parent.parent
+    template = Path(template) if template is not None else run_dir / "model"
+    if not (template / "model_index.json").is_file():
+        raise FileNotFoundError(f"no model folder {template} to take the configs from: finish the run, or pass "
+                                "--template DIR (a model folder of the same configuration)")
+    state = load_file(folder / "ema.safetensors")
+    if not any(k.startswith("network.") for k in state):
+        raise ValueError(f"{folder} is not a denoiser checkpoint (its EMA has no network.* tensors)")
+    model = read_model_folder(template)
+    joint = any(k.startswith("text_encoder.") for k in state)
+    load_state_strict(Trainable(model.denoiser.network, model.text_encoder if joint else None), state,
+                      f"{folder.name} EMA")
+    return write_model_folder(out, model)
