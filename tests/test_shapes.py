@@ -208,3 +208,21 @@ def test_geometry_fits_the_canvas_and_every_object_is_readable_at_32_pixels():
     for prompts in (heldout_prompts(100), train_prompts(100), heldout_prompts(50, objects=2)):
         images = [render(s, 32, seed=i) for i, (_, s) in enumerate(prompts)]
         assert score(images, [s for _, s in prompts])["all_correct"] == 1.0
+
+
+def test_attribute_dropout_leaves_out_one_word_per_object_and_nothing_at_zero():
+    """Training captions may leave out an object's size, colour or shape word; at 0 they are unchanged."""
+    from latentdiff.data.shapes import COLORS, SHAPES, SIZES, ShapesDataset
+
+    plain, same = ShapesDataset(40, 32), ShapesDataset(40, 32, attribute_dropout=0.0)
+    assert [plain[i]["caption"] for i in range(40)] == [same[i]["caption"] for i in range(40)]
+    data = ShapesDataset(60, 32, max_objects=1, phrasing="template", attribute_dropout=1.0)
+    for i in range(60):
+        words = data[i]["caption"].replace(",", " ").split()
+        o = data[i]["scene"].objects[0]
+        stated = [o.size in words, o.color in words, o.shape in words]
+        assert sum(stated) == 2, data[i]["caption"]
+        assert ("shape" in words) == (not stated[2])
+        assert not {*SIZES, *COLORS, *SHAPES} - {o.size, o.color, o.shape} & set(words)
+    with pytest.raises(ValueError, match="attribute_dropout"):
+        ShapesDataset(4, 32, attribute_dropout=2.0)

@@ -54,6 +54,7 @@ class CacheConfig:
     image_size: int = 64  # pixels; must be divisible by the autoencoder's factor
     split: str = "train"  # shapes: "train" or "heldout"
     seed: int = 0  # shapes: data set seed
+    attribute_dropout: float = 0.0  # shapes: chance a caption's object leaves out its size, colour or shape word
     batch_size: int = 64  # images encoded per batch
     shard_size: int = 8192  # items per shard file
     class_folders: bool = False  # folder: each subfolder is a class (integer labels + class names are cached)
@@ -265,7 +266,8 @@ def open_source(cfg: CacheConfig) -> tuple[object, list[str] | None]:
     from latentdiff.data.tars import TarShards, is_tar_source
 
     if cfg.data == "shapes":
-        return ShapesDataset(cfg.num_images, size=cfg.image_size, seed=cfg.seed, split=cfg.split), None
+        return ShapesDataset(cfg.num_images, size=cfg.image_size, seed=cfg.seed, split=cfg.split,
+                             attribute_dropout=cfg.attribute_dropout), None
     if is_tar_source(cfg.data):
         if cfg.class_folders:
             raise ValueError("class_folders is for image folders; tar shards carry labels in .cls members")

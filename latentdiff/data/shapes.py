@@ -279,12 +279,14 @@ def _join(parts: list[str]) -> str:
 
 
 def caption(scene: Scene, rng: np.random.Generator, background: bool | None = None,
-            phrasing: str = "template") -> str:
+            phrasing: str = "template", attribute_dropout: float = 0.0) -> str:
     """A caption stating every object's shape, colour, size and position; background: True/False/random.
 
     phrasing "template" uses the fixed templates' words; "paraphrase" always the synonyms, other orders and
     templates people write ("a big violet triangle in the middle against a grey background"); "mixed" picks
-    one of the two per caption (the training data's setting).
+    one of the two per caption (the training data's setting). ``attribute_dropout``: the chance that an object's
+    phrase leaves out one of its size, colour or shape words ("a red shape", "a small triangle"), so that each
+    word is also seen apart from the others (training captions only: such a caption does not parse back).
     """
     if not scene.objects or not all(o.complete for o in scene.objects):
         raise ValueError(f"caption needs at least one object with every attribute stated, got {scene}")
@@ -305,6 +307,15 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
         first, second = word(size), word(color)
         return f"{second} {first}" if para and rng.integers(4) == 0 else f"{first} {second}"
 
+    def thing(size: str, color: str, shape: str, plural: str = "") -> str:
+        """'small red circle', or with one of the three words left out ('red shape', 'small circle')."""
+        if attribute_dropout and rng.random() < attribute_dropout:
+            left_out = int(rng.integers(3))
+            words = [word(size), word(color), "shape"] if left_out == 2 else \
+                [word(color) if left_out == 0 else word(size), shape]
+            return " ".join(words) + plural
+        return f"{adjectives(size, color)} {shape}{plural}"
+
     # Objects that look alike (same shape, colour and size) are counted: "two small red circles, ...".
     groups: dict[tuple[str, str, str], list[str]] = {}
     for o in scene.objects:
@@ -312,10 +323,10 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
     phrases = []
     for (size, color, shape), positions in groups.items():
         if len(positions) == 1:
-            phrases.append(f"a {adjectives(size, color)} {shape} {where(positions[0])}")
+            phrases.append(f"a {thing(size, color, shape)} {where(positions[0])}")
         else:
             each = _join([f"one {where(p)}" for p in positions])
-            phrases.append(f"{_NUMBER_WORDS[len(positions)]} {adjectives(size, color)} {shape}s, {each}")
+            phrases.append(f"{_NUMBER_WORDS[len(positions)]} {thing(size, color, shape, 's')}, {each}")
     order = rng.permutation(len(phrases))
     objs = _join([phrases[i] for i in order])
     if not background:
@@ -397,7 +408,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     """n shape images; item i depends only on (seed, split, i), whatever the access order."""
 
     def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", max_objects: int = 3,
-                 phrasing: str = "mixed"):
+                 phrasing: str = "mixed", attribute_dropout: float = 0.0):
+        if not 0 <= attribute_dropout <= 1:
+            raise ValueError(f"attribute_dropout is a probability in [0, 1], got {attribute_dropout}")
         if phrasing not in PHRASINGS:
             raise ValueError(f"unknown phrasing {phrasing!r}: expected one of {PHRASINGS}")
         if n < 1:
@@ -407,6 +420,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_objects must be in 1..3, got {max_objects}")
         self.n, self.size, self.seed, self.split, self.max_objects = n, size, seed, split, max_objects
         self.phrasing = phrasing  # captions: half template words, half paraphrases by default
+        self.attribute_dropout = attribute_dropout  # chance an object's phrase leaves out one attribute word
 
     def __len__(self) -> int:
         return self.n
@@ -420,7 +434,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = sample_scene(rng, self.split, self.max_objects)
         image = render(scene, self.size, seed=int(rng.integers(2**31)))
         words = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])  # images apart from words
-        text = caption(scene, words, phrasing=self.phrasing)
+        text = caption(scene, words, phrasing=self.phrasing, attribute_dropout=self.attribute_dropout)
         return {"image": to_tensor(image), "caption": text, "scene": scene}
 
 
