@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A denoiser run's checkpoint (its EMA weights) as a loadable model folder, e.g. an "
                                    "early one as the weak guide of autoguidance (MODEL/guide/).")
     p.add_argument("checkpoint", help="a RUN/checkpoints/step_XXXXXXX folder, or a run folder (its latest)")
-    p.add_argument("--template", default=None, help="model folder to take configs and the untrained parts from "
-                   "(default RUN/model)")
+    p.add_argument("--template", default=None, help="model folder of the same configuration to take configs and "
+                   "the untrained parts from (default: the run config the checkpoint holds)")
     p.add_argument("-o", "--out", required=True, help="folder to write")
     p.set_defaults(func=cmd_export_checkpoint)
 

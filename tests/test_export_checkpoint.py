@@ -32,9 +32,15 @@ def test_the_last_checkpoint_exports_to_the_model_folder_and_an_early_one_differ
     assert not torch.equal(early, final)
 
 
-def test_a_checkpoint_without_a_model_folder_is_named(run, tmp_path):
+def test_a_live_run_exports_from_its_own_config_and_a_template_gives_the_same(run, tmp_path):
+    """No finished model folder needed (the run may still be training); a template of the same configuration
+    gives the same weights."""
     from latentdiff.train.posthoc_export import export_checkpoint
 
+    own = export_checkpoint(run / "checkpoints" / "step_0000002", tmp_path / "own")
+    templated = export_checkpoint(run / "checkpoints" / "step_0000002", tmp_path / "tpl", template=run / "model")
+    a = load(own).generate("a red circle", steps=3, output="pt")
+    torch.testing.assert_close(a, load(templated).generate("a red circle", steps=3, output="pt"), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="no model folder"):
         export_checkpoint(run / "checkpoints" / "step_0000002", tmp_path / "x", template=tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):

@@ -27,10 +27,12 @@ from latentdiff.components import (
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
+from latentdiff.config import from_dict
 from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.images import make_grid, save_png
+from latentdiff.io import load_state_strict, read_json
 from latentdiff.model_index import ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.models.runtime import autocast
@@ -267,6 +269,30 @@ def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache
         network_cfg = for_size_conditioning(network_cfg, cfg.size_embed_dim)
     return DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
+
+
+def model_from_checkpoint(folder: Path) -> ModelFolder:
+    """The model folder a denoiser checkpoint's EMA weights make, rebuilt from the run config it holds (its cache
+    and autoencoder must still be where the run found them): what ``export-checkpoint`` writes."""
+    from safetensors.torch import load_file
+
+    cfg = from_dict(TrainConfig, read_json(folder / "state.json", f"{folder} is not a checkpoint")["config"],
+                    f"{folder}/state.json")
+    family, network_cfg = find_preset(cfg.model)
+    cache = LatentCache(cfg.cache)
+    autoencoder = load_autoencoder(cfg.autoencoder or cache.autoencoder_path)
+    text_encoder = build_text_encoder(cfg.text_encoder)
+    labels = cache.labels if cfg.class_labels else None
+    class_names = None if labels is None else class_names_of(labels, cache.class_names)
+    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names)
+    denoiser = build_denoiser(spec)
+    joint = cfg.text_encoder.kind == "hashed"
+    load_state_strict(Trainable(denoiser.network, text_encoder if joint else None),
+                      load_file(folder / "ema.safetensors"), f"{folder.name} EMA")
+    image_size = cache.info["latent_shape"][1] * autoencoder.factor
+    size_dim = cfg.size_embed_dim if cfg.size_conditioning else 0
+    return ModelFolder(_index(image_size, class_names, size_dim), autoencoder, denoiser.eval(), spec,
+                       text_encoder.eval())
 
 
 def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int,

@@ -52,25 +52,27 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, template: str | Path | None = None) -> Path:
-    """``latentdiff export-checkpoint``: a training checkpoint's EMA weights as a loadable model folder.
+    """``latentdiff export-checkpoint``: a denoiser checkpoint's EMA weights as a loadable model folder.
 
-    ``checkpoint`` is a ``step_XXXXXXX`` folder (or a run folder: its latest checkpoint); the configs, index and
-    the parts the run did not train (autoencoder, a frozen text encoder) come from ``template``, default the
-    run's ``model/``. An early checkpoint of a run is the weak guide that autoguidance needs.
+    ``checkpoint`` is a ``step_XXXXXXX`` folder (or a run folder: its latest checkpoint). The configs come from
+    the run config the checkpoint holds (its cache and autoencoder must still be in place), or, with
+    ``template``, from a model folder of the same configuration. It works while the run still trains; an early
+    checkpoint of a run is the weak guide that autoguidance needs.
     """
     from safetensors.torch import load_file
 
     from latentdiff.train.common import find_checkpoint
+    from latentdiff.train.denoiser import model_from_checkpoint
 
     folder = find_checkpoint(Path(checkpoint))
-    run_dir = folder.parent.parent
-    template = Path(template) if template is not None else run_dir / "model"
-    if not (template / "model_index.json").is_file():
-        raise FileNotFoundError(f"no model folder {template} to take the configs from: finish the run, or pass "
-                                "--template DIR (a model folder of the same configuration)")
     state = load_file(folder / "ema.safetensors")
     if not any(k.startswith("network.") for k in state):
         raise ValueError(f"{folder} is not a denoiser checkpoint (its EMA has no network.* tensors)")
+    if template is None:
+        return write_model_folder(out, model_from_checkpoint(folder))
+    if not (Path(template) / "model_index.json").is_file():
+        raise FileNotFoundError(f"no model folder {template} to take the configs from: pass a model folder of the "
+                                "same configuration, or no --template (the checkpoint's own run config)")
     model = read_model_folder(template)
     joint = any(k.startswith("text_encoder.") for k in state)
     load_state_strict(Trainable(model.denoiser.network, model.text_encoder if joint else None), state,
