@@ -14,9 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import add_config_args, add_options, config_from_args
+from latentdiff.config import COUNT, FINITE, add_config_args, add_options, at_least, bounds, config_from_args
 from latentdiff.diffusion.schedules import GRIDS
-from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS
+from latentdiff.io import check_writable
+from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS, GenerateRequest, GenerationSettings
 
 DEFAULT_MODEL = "default"  # the bundled default model (latentdiff/default/)
 
@@ -63,8 +64,10 @@ class GenerateConfig:
     dynamic_threshold: float = _opt(0.0, "dynamic thresholding percentile, e.g. 0.995 (Saharia et al. 2022; 0: off)",
                                     metavar="P")
     seed: int = _opt(0, "noise seed")
-    height: int = _opt(0, "pixels (0: the model's training size)")
-    width: int = _opt(0, "pixels (0: the model's training size)")
+    height: int | None = _opt(None, "pixels, a multiple of the autoencoder's factor (default: the model's training "
+                              "size)")
+    width: int | None = _opt(None, "pixels, a multiple of the autoencoder's factor (default: the model's training "
+                             "size)")
     num_images: int = _opt(1, "images per prompt", metavar="N")
     grid: bool = _opt(False, "write one grid instead of numbered files")
     precision: str = _opt("fp32", "denoiser precision", choices=("fp32", "bf16"))
@@ -86,6 +89,11 @@ class GenerateConfig:
                               nargs=2, metavar=("N", "DIR"), to_config=_preview_flag)
     preview_dir: str = ""  # folder for the preview images (--preview-every N DIR)
 
+    OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
+
+    BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
+                     "original_size": COUNT, "crop_top_left": at_least(0)})
+
 
 @dataclass
 class DemoConfig:
@@ -104,6 +112,8 @@ class DemoConfig:
     vae: dict = field(default_factory=dict)  # extra train-vae keys (see `train-vae --help`)
     cache: dict = field(default_factory=dict)  # extra cache keys
     train: dict = field(default_factory=dict)  # extra train keys
+
+    BOUNDS = bounds({"eval_prompts": COUNT, "steps": GenerationSettings.BOUNDS["steps"], "guidance": FINITE})
 
 
 DEMO_PRESETS: dict[str, dict] = {
@@ -160,6 +170,7 @@ def _print_result(result) -> None:
 def cmd_posthoc_ema(args) -> None:
     from latentdiff.train.posthoc_export import export
 
+    check_writable(args.out, "output folder")
     print(export(args.run, args.sigma_rel, args.out, step=args.step, template=args.template))
 
 
@@ -196,8 +207,8 @@ def _generate_options(cfg: GenerateConfig) -> dict:
     tiled = {"auto": None, "on": True, "off": False}
     if cfg.tiled not in tiled:
         raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
-    options = {"negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "height": cfg.height or None,
-               "width": cfg.width or None, "num_images": cfg.num_images, "guidance_rescale": cfg.guidance_rescale,
+    options = {"negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "height": cfg.height,
+               "width": cfg.width, "num_images": cfg.num_images, "guidance_rescale": cfg.guidance_rescale,
                "guidance_interval": tuple(cfg.guidance_interval) or None,
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
@@ -238,6 +249,8 @@ def cmd_judge(args) -> None:
 def cmd_check_data(args) -> None:
     from latentdiff.data.health import check_data
 
+    if args.json:
+        check_writable(args.json, "JSON report")
     report = check_data(args.data, min_size=args.min_size, near_bits=args.near_bits, bucket_area=args.bucket_area,
                         bucket_step=args.bucket_step)
     print(report.to_text())
@@ -254,6 +267,7 @@ def cmd_check_data(args) -> None:
 def cmd_convert(args) -> None:
     from latentdiff.interop.convert import convert
 
+    check_writable(args.dst, "output folder")
     overrides = json.loads(args.overrides_json) if args.overrides_json else None
     convert(args.src, args.dst, args.format, tokenizer=args.tokenizer, prediction=args.prediction,
             **({"overrides": overrides} if overrides else {}))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
-from latentdiff.config import from_dict
+from latentdiff.config import at_least, bounds, from_dict, one_of
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization, takes_alphas_cumprod
@@ -48,6 +48,8 @@ class NoiseSchedule:
     betas: str = "scaled_linear"  # "linear", "scaled_linear" (SD) or "cosine"
     num_timesteps: int = 1000  # discrete training timesteps
     zero_terminal_snr: bool = False  # rescale so the last step is pure noise (Lin et al. 2023)
+
+    BOUNDS = bounds({"betas": one_of(*BETA_SCHEDULES), "num_timesteps": at_least(2)})
 
     def alphas_cumprod(self) -> torch.Tensor:
         if self.betas not in BETA_SCHEDULES:

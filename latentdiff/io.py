@@ -26,6 +26,24 @@ from torch import Tensor, nn
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output path that cannot be written: a part of it is a file, or the folder it
+    goes in (or the nearest one that exists) is read-only or not writable by us. Disk space is not foreseen."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise NotADirectoryError(f"cannot write the {what} {path}: {probe} is a file, not a folder; choose another "
+                                 "path")
+    folder = probe if probe != path or path.is_dir() else path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1)
+        why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+        raise PermissionError(f"cannot write the {what} {path}: {folder} {why}; write somewhere else")
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

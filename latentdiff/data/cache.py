@@ -34,8 +34,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from latentdiff.conditioning.text import TextEncoderConfig
+from latentdiff.config import COUNT, IMAGE_SIDE, at_least, bounds, one_of
 from latentdiff.data.buckets import BucketBatches, batch_indices, make_buckets, most_square, nearest_bucket
-from latentdiff.data.folder import cover_and_crop, image_to_tensor, resize_center_crop
+from latentdiff.data.folder import (
+    MISSING_CAPTION_CHOICES,
+    cover_and_crop,
+    image_to_tensor,
+    resize_center_crop,
+)
 from latentdiff.io import atomic_folder, write_json, write_safetensors
 from latentdiff.types import Cond
 
@@ -64,6 +70,10 @@ class CacheConfig:
     bucket_step: int = 0  # bucket sides are multiples of this; 0 = autoencoder factor x 8 (fits 4-level U-Nets)
     bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # "pretrained": cache its embeddings
+
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "split": one_of("train", "heldout"), "batch_size": COUNT,
+                     "shard_size": COUNT, "missing_caption": one_of(*MISSING_CAPTION_CHOICES), "min_size": COUNT,
+                     "bucket_area": at_least(0), "bucket_step": at_least(0), "bucket_max_aspect": at_least(1)})
 
 
 CACHE_PRESETS: dict[str, dict] = {
