@@ -7,7 +7,9 @@ Folders are written the same way: built under a temporary name, then swapped in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import secrets
@@ -202,19 +204,67 @@ def save_component(folder: str | os.PathLike, module: nn.Module, config: dict) -
 
 
 def read_json(path: str | os.PathLike, missing: str) -> dict:
-    """Read a JSON file; a missing file raises with ``missing`` (what it means), a corrupt one says so."""
+    """Read a JSON object from a file; a missing file raises with ``missing`` (what it means), a corrupt one or one
+    that holds something else than an object (a list, a number) says so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {missing}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of keys; the file is damaged or "  # noqa: TRY004
+                         "not the one expected")
+    return data
+
+
+@contextmanager
+def reading(path: str | os.PathLike, fix: str = "rebuild it, or restore it from a copy"):
+    """Around code that takes a file's contents apart: a file of the wrong shape (a list where an object belongs,
+    a missing key, a string where a number belongs) raises one ValueError that names it, not a KeyError."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} does not have the expected layout ({detail}): the file is damaged or was "
+                         f"written by something else; {fix}") from e
+
+
+def reads_file(param: str = "where", fix: str = "rebuild it, or restore it from a copy"):
+    """Decorate a function that takes a file's contents apart, its argument ``param`` naming the file: errors of a
+    file of the wrong shape name it, as in ``reading``."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            with reading(call.arguments[param], fix):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 def read_config(folder: str | os.PathLike) -> dict:
     """Read a component's config.json with an error that names the folder."""
     return read_json(Path(folder) / CONFIG_NAME, f"{folder} is not a latentdiff component folder")
+
+
+def read_component_config(folder: str | os.PathLike, kind: str, what: str) -> dict:
+    """The ``config`` object of a component's config.json (``{"type": kind, "config": {...}}``), or an error naming
+    the file: another type of component (``what`` is what was expected), or no ``config`` object."""
+    cfg = read_config(folder)
+    if cfg.get("type") != kind:
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not {what}")
+    if not isinstance(cfg.get("config"), dict):
+        raise ValueError(f"{Path(folder) / CONFIG_NAME}: 'config' must be an object of keys, got "  # noqa: TRY004
+                         f"{cfg.get('config')!r:.60}; the file is damaged")
+    return cfg["config"]
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:

@@ -42,7 +42,7 @@ from latentdiff.data.folder import (
     image_to_tensor,
     resize_center_crop,
 )
-from latentdiff.io import atomic_folder, write_json, write_safetensors
+from latentdiff.io import atomic_folder, read_json, reading, write_json, write_safetensors
 from latentdiff.types import Cond
 
 TEXT_EMPTY_NAME = "text_empty.safetensors"
@@ -321,20 +321,21 @@ class LatentCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         info_path = self.folder / "cache.json"
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path} is missing: run `latentdiff cache` to build a latent cache first")
-        self.info = json.loads(info_path.read_text())
-        buckets = self.info.get("buckets") or [  # a version-1 cache: one bucket
-            {"size": None, "latent_shape": self.info["latent_shape"], "num_items": self.info["num_items"],
-             "shards": self.info["shards"]}]
-        self.bucketed = bool(self.info.get("bucketed"))
-        self.class_names = self.info.get("class_names")
-        self.bucket_shapes = [tuple(b["latent_shape"]) for b in buckets]
+        self.info = read_json(info_path, "run `latentdiff cache` to build a latent cache first")
+        with reading(info_path, "build the cache again with `latentdiff cache`"):
+            buckets = self.info.get("buckets") or [  # a version-1 cache: one bucket
+                {"size": None, "latent_shape": self.info["latent_shape"], "num_items": self.info["num_items"],
+                 "shards": self.info["shards"]}]
+            self.bucketed = bool(self.info.get("bucketed"))
+            self.class_names = self.info.get("class_names")
+            self.bucket_shapes = [tuple(int(n) for n in b["latent_shape"]) for b in buckets]
+            shards = [list(map(str, b["shards"])) for b in buckets]
+            num_items = int(self.info["num_items"])
         self.means, self.stds, self.meta = [], [], []
         extra: dict[str, list[Tensor]] = {}
-        for bucket in buckets:
+        for names in shards:
             means, logvars = [], []
-            for name in bucket["shards"]:
+            for name in names:
                 tensors = load_file(str(self.folder / f"{name}.safetensors"))
                 means.append(tensors.pop("mean"))
                 logvars.append(tensors.pop("logvar"))
@@ -345,7 +346,7 @@ class LatentCache:
             self.stds.append(torch.cat(logvars).mul(0.5).exp())
         self.sizes = [len(m) for m in self.means]
         self.offsets = torch.tensor([0] + self.sizes[:-1]).cumsum(0)
-        if sum(self.sizes) != self.info["num_items"] or len(self.meta) != sum(self.sizes):
+        if sum(self.sizes) != num_items or len(self.meta) != sum(self.sizes):
             raise ValueError(f"latent cache {self.folder} is incomplete: rebuild it with `latentdiff cache`")
         self.captions = [m["caption"] for m in self.meta]
         self.labels = torch.cat(extra["label"]) if "label" in extra else None  # (N,)
