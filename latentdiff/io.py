@@ -172,7 +172,8 @@ class LoadReport:
 
 
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str, assign: bool = False) -> LoadReport:
-    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor.
+    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor, and any holding NaN or inf
+    (weights of a diverged run or a damaged file would only ever draw garbage).
 
     ``assign=True`` makes the module's parameters the given tensors (for a module built on the meta
     device: no second copy of the weights is ever allocated).
@@ -189,6 +190,11 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str, as
     report.missing = sorted(set(own) - set(state))
     if not report.ok:
         raise ValueError(f"refusing a partial load: {report}")
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise ValueError(f"refusing {name}: {len(damaged)} tensor(s) hold NaN or inf values ({', '.join(damaged[:3])}"
+                         f"{', ...' if len(damaged) > 3 else ''}); the weights are damaged (a training run that "
+                         "diverged, or a corrupt file): load an earlier checkpoint or export the model again")
     module.load_state_dict(state, strict=True, assign=assign)
     return report
 
@@ -279,8 +285,12 @@ def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_component_weights(module: nn.Module, folder: str | os.PathLike, name: str) -> LoadReport:
-    """Strictly load a component's weights into ``module`` and return the report."""
-    return load_state_strict(module, read_weights(folder), name)
+    """Strictly load a component's weights into ``module`` and return the report (an error names the file)."""
+    state = read_weights(folder)
+    try:
+        return load_state_strict(module, state, name)
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / WEIGHTS_NAME}: {e}") from e
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
