@@ -6,8 +6,29 @@ Then the crash-safety corners of checkpoints (a kill between the two renames of 
 
 
 import pytest
+import torch
+from test_model_index import _folder
 
 from latentdiff.config import build_config
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A random 32 px model folder (factor-2 autoencoder) and a scratch folder outside the watched tree."""
+    root = tmp_path_factory.mktemp("reliable")
+    return _folder(root / "model"), root, tmp_path_factory.mktemp("scratch")
+
+
+def test_large_requests_are_made_in_batches_with_the_same_images(model, monkeypatch):
+    from latentdiff import pipeline
+
+    pipe = pipeline.load(model[0])
+    whole = pipe.generate(["a red circle", "a blue square"], num_images=3, steps=2, output="pt")
+    working, _ = pipe.memory_estimate(32, 32)
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 2 * working)
+    assert pipe.batch_size(6, 32, 32) == 2
+    batched = pipe.generate(["a red circle", "a blue square"], num_images=3, steps=2, output="pt")
+    assert torch.equal(whole, batched)
 
 
 def test_bounds_are_declared_once_and_inherited():
