@@ -2,14 +2,21 @@
 
 Every training-like command takes ``--preset NAME``, ``--config FILE.toml`` and ``--set key=value``
 overrides (applied in that order, after the defaults), plus a few common flags as shortcuts.
+
+Errors: whatever a command raises ends as one line on stderr that says what failed, where (the file, the key)
+and what to do, and a non-zero exit status (2; 1 for an error latentdiff did not foresee, a bug); ``--debug``
+or ``LATENTDIFF_DEBUG=1`` prints the traceback too. Ctrl-C is left as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,16 +414,57 @@ def build_parser() -> argparse.ArgumentParser:
     from latentdiff.eval.cli import add_commands as add_eval_commands
 
     add_eval_commands(sub)  # eval, train-features, duplicates
+    debug = "print the traceback of an error too (or set LATENTDIFF_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # also after the command's name; SUPPRESS keeps the global flag's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
+
+
+# What to do about an error the operating system reports, by errno.
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.ENOSPC: "the disk is full: free some space, or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write somewhere else",
+    errno.EACCES: "check the permissions of the file and its folder, or write somewhere else",
+    errno.EPERM: "check the permissions of the file and its folder, or write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "a file is in the way of a folder (or the other way round): choose another path",
+    errno.EISDIR: "that is a folder: name a file",
+    errno.ENOENT: "check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+_EXPECTED = (ValueError, OSError, ImportError, RuntimeError, MemoryError)  # errors latentdiff raises on purpose
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error: what failed, which file or key, what to do."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:  # from the operating system
+        paths = " -> ".join(os.fsdecode(f) for f in (e.filename, e.filename2) if f is not None)
+        advice = _OS_ADVICE.get(e.errno, "check the path and try again")
+        return f"{e.strerror}{f': {paths}' if paths else ''} ({advice})"
+    text = " ".join(str(e).split("\n", 1)[0].split()) or type(e).__name__
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text:
+        ours = isinstance(e, MemoryError) and str(e)  # latentdiff's own refusal says what to do
+        return f"out of memory: {text}" + ("" if ours else " (lower batch_size, the image size or the number of images)")
+    if isinstance(e, _EXPECTED):
+        return text
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "latentdiff" in Path(f.filename).parts]
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return (f"unexpected {type(e).__name__}{where}: {text} -- a bug in latentdiff or an input it does not check; "
+            "rerun with --debug for the traceback and report it")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 -- every error ends as one line (KeyboardInterrupt, SystemExit pass)
+        if getattr(args, "debug", False) or os.environ.get("LATENTDIFF_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, _EXPECTED) else 1) from None
 
 
 if __name__ == "__main__":

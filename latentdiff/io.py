@@ -58,7 +58,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temporary_name(path: Path, create) -> Path:
-    """A new name beside ``path``, made with ``create(name)`` (which raises FileExistsError if it is taken)."""
+    """A new name beside ``path``, made with ``create(name)`` (which raises FileExistsError if it is taken); an
+    error of the file system (read-only, full, no permission) names ``path``, the file the caller writes."""
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -66,6 +67,8 @@ def _temporary_name(path: Path, create) -> Path:
             return tmp
         except FileExistsError:
             continue
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
 
 
 @contextmanager
@@ -86,6 +89,10 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno is not None and e.filename is not None and Path(os.fsdecode(e.filename)) == tmp:
+            raise type(e)(e.errno, e.strerror, str(path)) from e  # (disk full, ...) name the file being written
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -115,7 +122,10 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     """Write a safetensors file atomically (tensors are made contiguous CPU copies)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors' own error type wraps the operating system's (disk full, ...)
+            raise OSError(f"could not write {path}: {e}") from e
 
 
 @contextmanager

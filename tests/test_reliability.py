@@ -4,12 +4,57 @@ garbage. One test per class of bad input, each a family of cases through the rea
 exit status != 0, one ``error:`` line naming the key or the file, no traceback, nothing written or changed.
 Then the crash-safety corners of checkpoints (a kill between the two renames of a re-save) and file modes."""
 
+import json
+import math
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from _tiny import REPO, env
+from safetensors.torch import load_file, save_file
 from test_model_index import _folder
 
 from latentdiff.config import build_config
+
+BATCH = REPO / "tests" / "_cli_batch.py"
+
+
+def batch(calls: list[dict], scratch) -> list[dict]:
+    """Run ``calls`` (argv, env, faults) in one subprocess of the real CLI; their exit codes and output."""
+    path = scratch / "calls.json"
+    path.write_text(json.dumps(calls))
+    proc = subprocess.run([sys.executable, str(BATCH), str(path)], env=env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def tree(root) -> dict:
+    """Every path under ``root`` with its size and modification time: what "nothing changed" compares."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(result: dict, *words: str) -> str:
+    """A non-zero exit, exactly one ``error:`` line holding ``words``, no traceback; returns the line."""
+    err = result["stderr"]
+    assert result["code"] != 0, result
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def refuse_all(cases: list[tuple[dict, tuple[str, ...]]], root, scratch) -> list[str]:
+    """Run every case in one subprocess; each refused as above, and nothing under ``root`` changed."""
+    before = tree(root)
+    results = batch([call for call, _ in cases], scratch)
+    lines = [assert_refused(r, *words) for r, (_, words) in zip(results, cases)]
+    assert tree(root) == before
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +62,111 @@ def model(tmp_path_factory):
     """A random 32 px model folder (factor-2 autoencoder) and a scratch folder outside the watched tree."""
     root = tmp_path_factory.mktemp("reliable")
     return _folder(root / "model"), root, tmp_path_factory.mktemp("scratch")
+
+
+def generate(model_dir, *args: str) -> list[str]:
+    return ["generate", "a red circle", "--model", str(model_dir), "--steps", "2", *args]
+
+
+def variant(model_dir, name: str, edit) -> str:
+    """A copy of the model folder changed by ``edit(folder)``."""
+    folder = model_dir.parent / name
+    shutil.copytree(model_dir, folder)
+    edit(folder)
+    return str(folder)
+
+
+def write_json(path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def test_os_errors_and_bugs_end_as_one_line(model):
+    """Class 1: read-only file system, disk full, permission denied, a path through a file, an unforeseen error."""
+    model_dir, root, scratch = model
+    (root / "a_file").write_text("x")
+    for name in ("ro", "full", "locked"):
+        (root / name).mkdir()
+    fault = lambda code, marker: [{"on": "write", "errno": code, "marker": marker}]
+    cases = [
+        ({"argv": generate(model_dir, "-o", str(root / "a_file" / "x.png"))}, ("a_file", "is a file, not a folder")),
+        ({"argv": generate(model_dir, "-o", str(root / "ro" / "x.png")), "faults": fault("EROFS", "/ro/")},
+         ("Read-only file system", str(root / "ro" / "x.png"), "write somewhere else")),
+        ({"argv": generate(model_dir, "-o", str(root / "full" / "x.png")), "faults": fault("ENOSPC", "/full/")},
+         ("No space left on device", str(root / "full" / "x.png"), "free some space")),
+        ({"argv": generate(model_dir, "-o", str(root / "locked" / "x.png")), "faults": fault("EACCES", "/locked/")},
+         ("Permission denied", str(root / "locked" / "x.png"), "permissions")),
+        ({"argv": ["train", "--cache", str(root / "a_file"), "--out", str(root / "a_file" / "run")]},
+         ("out path", "a_file", "is a file")),
+        ({"argv": ["judge", "--n", "2"], "faults": [{"on": "call", "target": "latentdiff.data.judge:validate",
+                                                   "error": "KeyError"}]},
+         ("unexpected KeyError", "cmd_judge", "--debug")),
+    ]
+    refuse_all(cases, root, scratch)
+    # --debug (after the command or before it) and LATENTDIFF_DEBUG=1 show the traceback, and the line after it.
+    argv = generate(model_dir, "-o", str(root / "a_file" / "x.png"))
+    results = batch([{"argv": [*argv, "--debug"]}, {"argv": ["--debug", *argv]},
+                     {"argv": argv, "env": {"LATENTDIFF_DEBUG": "1"}}], scratch)
+    for r in results:
+        assert r["code"] == 2 and "Traceback" in r["stderr"] and r["stderr"].rstrip().splitlines()[-1].startswith(
+            "error: cannot write the out path")
+
+
+def test_config_values_out_of_range_or_of_the_wrong_shape(model):
+    """Class 2: every config value against its type and declared bounds, at every layer (--set, TOML, flags), and
+    config files of every kind that are valid JSON of the wrong shape."""
+    model_dir, root, scratch = model
+    (root / "bad.toml").write_text('steps = 10\n[text_encoder]\ndim = "wide"\n')
+    (root / "zero.toml").write_text("keep_last = 0\n")
+    train = ["train", "--cache", str(root / "cache"), "--out", str(root / "run")]
+    sets = {"steps=0": "steps must be >= 1", "batch_size=0": "batch_size must be >= 1", "lr=0": "lr must be > 0",
+            "caption_dropout=1.5": "caption_dropout must be in [0, 1]", "label_dropout=-0.1": "label_dropout",
+            "save_every=0": "save_every must be >= 1", "log_every=0": "log_every", "sample_every=-1": "sample_every",
+            "sample_prompts=[1, 2]": "sample_prompts[0] = 1 is not a valid str", "lr=nan": "lr = nan",
+            "posthoc_sigma_rels=[0.5]": "posthoc_sigma_rels", "precision='fp16'": "one of 'fp32', 'bf16'"}
+    cases = [({"argv": [*train, "--set", s]}, ("command-line overrides", w)) for s, w in sets.items()]
+    cases += [
+        ({"argv": [*train, "--config", str(root / "bad.toml")]}, ("bad.toml [text_encoder]", "dim = 'wide'")),
+        ({"argv": [*train, "--config", str(root / "zero.toml")]}, ("zero.toml", "keep_last must be >= 1")),
+        ({"argv": ["train-vae", "--out", str(root / "v"), "--set", "image_size=4"]}, ("image_size must be in [8",)),
+        ({"argv": ["cache", "--out", str(root / "c"), "--set", "shard_size=0"]}, ("shard_size must be >= 1",)),
+        ({"argv": ["demo", "--out", str(root / "d"), "--set", "eval_prompts=0"]}, ("eval_prompts must be >= 1",)),
+        ({"argv": ["eval", "--model", str(model_dir), "--out", str(root / "e"), "--set", "steps=[0]"]},
+         ("steps must be in [1, 10000]",)),
+        ({"argv": generate(model_dir, "--num-images", "0")}, ("num_images must be >= 1",)),
+        ({"argv": generate(model_dir, "--width", "0")}, ("width = 0", "width must be >= 1")),
+        ({"argv": generate(model_dir, "--guidance-rescale", "2")}, ("guidance_rescale must be in [0, 1]",)),
+    ]
+    # Files of the model folder, valid JSON of the wrong shape: each error names the file.
+    shapes = {
+        "index_list": ("model_index.json", []),
+        "index_type": ("model_index.json", {"format": "latentdiff", "version": 1, "sample_size": "abc"}),
+        "config_list": ("denoiser/config.json", {"type": "Denoiser", "config": []}),
+        "config_missing": ("autoencoder/config.json", {"type": "AutoencoderKL"}),
+        "config_value": ("text_encoder/config.json", {"type": "TextEncoder", "config": {"dim": "x"}}),
+        "generation": ("model_index.json", {"format": "latentdiff", "version": 1, "generation": {"steps": 0}}),
+    }
+    for name, (rel, content) in shapes.items():
+        folder = variant(model_dir, name, lambda f, rel=rel, content=content: write_json(f / rel, content))
+        cases.append(({"argv": generate(folder)}, (str(root / name / rel),)))
+    (root / "cache").mkdir()
+    write_json(root / "cache" / "cache.json", {"buckets": 3, "num_items": 1})
+    cases.append(({"argv": train}, (str(root / "cache" / "cache.json"), "expected layout")))
+    refuse_all(cases, root, scratch)
+
+
+def test_generation_sizes_counts_and_memory_are_checked_up_front(model):
+    """Class 3: sizes and counts a machine cannot make, refused with the numbers before any sampling."""
+    model_dir, root, scratch = model
+    cases = [
+        ({"argv": generate(model_dir, "--width", "100000", "--height", "100000")},
+         ("100000x100000 need about", "GiB", "available", "fewer or smaller")),
+        ({"argv": generate(model_dir, "--num-images", "10000000000")}, ("10000000000 image(s) of 32x32 need",)),
+        ({"argv": generate(model_dir, "--width", "33")}, ("multiples of the autoencoder's factor 2", "try 32x32")),
+        ({"argv": generate(model_dir, "--steps", "1000000000000")}, ("steps must be in [1, 10000]",)),
+        ({"argv": generate(model_dir, "--guidance", "inf")}, ("guidance = inf", "finite")),
+        ({"argv": generate(model_dir, "--guidance", "nan")}, ("guidance = nan is not a number",)),
+    ]
+    refuse_all(cases, root, scratch)
 
 
 def test_large_requests_are_made_in_batches_with_the_same_images(model, monkeypatch):
@@ -29,6 +179,45 @@ def test_large_requests_are_made_in_batches_with_the_same_images(model, monkeypa
     assert pipe.batch_size(6, 32, 32) == 2
     batched = pipe.generate(["a red circle", "a blue square"], num_images=3, steps=2, output="pt")
     assert torch.equal(whole, batched)
+
+
+def test_garbage_is_refused_not_written(model):
+    """Class 4: NaN weights, a broken latent scale, weights that overflow: an error naming the component, tensor or
+    likely cause; never a black PNG with exit 0."""
+    model_dir, root, scratch = model
+
+    def set_weight(component: str, key: str, value: float):
+        def edit(folder):
+            path = folder / component / "model.safetensors"
+            state = load_file(str(path))
+            state[key] = torch.full_like(state[key], value)
+            save_file(state, str(path))
+        return edit
+
+    def scale(value):
+        def edit(folder):
+            path = folder / "autoencoder" / "config.json"
+            cfg = json.loads(path.read_text())
+            cfg["config"]["scale_factor"] = value
+            path.write_text(json.dumps(cfg))  # Python's JSON writes NaN and Infinity
+        return edit
+
+    out = str(root / "out.png")
+    cases = [
+        ({"argv": generate(variant(model_dir, "nan", set_weight("denoiser", "conv_out.weight", math.nan)), "-o", out)},
+         ("refusing denoiser", "conv_out.weight", "NaN or inf", "denoiser/model.safetensors")),
+        ({"argv": generate(variant(model_dir, "scale_nan", scale(math.nan)), "-o", out)},
+         ("autoencoder/config.json", "scale_factor = nan")),
+        ({"argv": generate(variant(model_dir, "scale_inf", scale(math.inf)), "-o", out)},
+         ("autoencoder/config.json", "scale_factor = inf", "must be > 0")),
+        ({"argv": generate(variant(model_dir, "scale_0", scale(0)), "-o", out)}, ("scale_factor = 0.0 is not allowed",)),
+        ({"argv": generate(variant(model_dir, "loud", set_weight("denoiser", "conv_out.weight", 1e38)), "-o", out)},
+         ("sampling gave non-finite latents", "guidance", "denoiser's weights")),
+        ({"argv": generate(variant(model_dir, "loud_ae", set_weight("autoencoder", "decoder.conv_out.weight", 1e38)),
+                           "-o", out)},
+         ("decoding gave non-finite pixels", "scale_factor", "latent-stats")),
+    ]
+    refuse_all(cases, root, scratch)
 
 
 def test_bounds_are_declared_once_and_inherited():
