@@ -4,15 +4,19 @@ garbage. One test per class of bad input, each a family of cases through the rea
 exit status != 0, one ``error:`` line naming the key or the file, no traceback, nothing written or changed.
 Then the crash-safety corners of checkpoints (a kill between the two renames of a re-save) and file modes."""
 
+import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from _tiny import REPO, env
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_model_index import _folder
 
@@ -218,6 +222,59 @@ def test_garbage_is_refused_not_written(model):
          ("decoding gave non-finite pixels", "scale_factor", "latent-stats")),
     ]
     refuse_all(cases, root, scratch)
+
+
+def test_data_problems_are_reported_not_crashed_on(model, tmp_path):
+    """Class 5: check-data reports bad metadata lines, captions of missing files, unreadable files and folders, and
+    tells flat images of different colours apart; non-UTF-8 names are stored readably; autoencoder training names
+    the files it skips even when quiet."""
+    _, _, scratch = model
+    data = tmp_path / "data"
+    (data / "locked").mkdir(parents=True)
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        Image.new("RGB", (64, 64), colour).save(data / f"{name}.png")
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(data / "locked" / "green.png")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "secret.png")
+    gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    Image.fromarray(gradient).save(data / "float01.tif")  # float32 in [0, 1]: read by its range
+    Image.fromarray(gradient * 400 - 50).save(data / "floatodd.tif")  # no range to tell: corrupt
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 200, 0)).save(png, format="PNG")
+    with open(os.fsencode(data) + b"/caf\xe9.png", "wb") as f:  # a name that is not UTF-8
+        f.write(png.getvalue())
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "red.png", "text": "red"}) + "\n{not json\n"
+                                         + json.dumps({"file_name": "gone.png", "text": "lost"}) + "\n")
+    report = tmp_path / "report.json"
+    faults = [{"on": "read", "errno": "EACCES", "marker": "secret.png"},
+              {"on": "list", "errno": "EACCES", "marker": "/locked"}]
+    args = ["train-vae", "--data", str(data), "--out", str(tmp_path / "vae"), "--dry-run", "--set", "crop='random'",
+            "--set", "quiet=true", "--set", "image_size=16", "--set", "batch_size=2", "--set", "dry_run_steps=2"]
+    checked, trained = batch([{"argv": ["check-data", str(data), "--json", str(report)], "faults": faults},
+                              {"argv": args}], scratch)
+    assert checked["code"] == 1 and "Traceback" not in checked["stderr"], checked
+    text = checked["stdout"]
+    for word in ("unusable metadata lines: 1", "metadata.jsonl:2", "captions of missing files: 1", "gone.png",
+                 "unreadable folders: 1", "locked", "secret.png: cannot be read (PermissionError",
+                 "floatodd.tif: ValueError: floating-point image with values in [-50, 350]",
+                 "near duplicates: 0", "caf\\xe9.png"):
+        assert word in text, (word, text)
+    assert "no problems found" not in text and "float01.tif" not in text.split("without a caption")[0]
+    stored = json.loads(report.read_text(encoding="utf-8"))
+    assert "caf\\xe9.png" in stored["missing_captions"] and stored["orphan_captions"] == ["gone.png"]
+    assert stored["problems"] == 2 + 1 + 1 + 1  # corrupt (secret, floatodd), folder, metadata line, orphan caption
+    assert trained["code"] == 0, trained["stderr"]
+    assert "floatodd.tif" in trained["stderr"]  # skipped and named though quiet
+
+
+def test_float_images_are_read_by_their_range():
+    from latentdiff.data.folder import to_rgb
+
+    ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    for scale in (1.0, 255.0, 65535.0):
+        rgb = np.asarray(to_rgb(Image.fromarray(ramp * scale)))
+        assert rgb.shape == (4, 4, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and rgb[1, 1, 0] == 85
+    with pytest.raises(ValueError, match="NaN"):
+        to_rgb(Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)))
 
 
 def test_bounds_are_declared_once_and_inherited():
