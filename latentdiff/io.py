@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -130,27 +131,65 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
 
 @contextmanager
 def atomic_folder(folder: str | os.PathLike):
-    """Build a folder under a temporary name, then swap it in for ``folder`` in one rename (mode 0777 less the
-    umask, as ``mkdir`` gives)."""
+    """Build a folder under a temporary name, then swap it in for ``folder`` (mode 0777 less the umask, as ``mkdir``
+    gives): ``folder`` -> ``.folder.old``, the new one -> ``folder``, ``.folder.old`` removed. A process killed
+    between the two renames leaves ``.folder.old`` whole; the next swap of ``folder`` (or ``recover_swaps``) puts
+    it back first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists() and not folder.exists():
+        os.replace(old, folder)
     tmp = _temporary_name(folder, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         _fsync_dir(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
+        replaced = folder.exists()
+        if replaced:
             if old.exists():
-                shutil.rmtree(old)
+                _remove_folder(old)
             os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        if replaced:
+            _remove_folder(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Rename, then delete: a process killed while deleting leaves a ``.tmp`` leftover, never half a folder under a
+    name that ``recover_swaps`` would take for a whole one."""
+    doomed = folder.with_name(f".{folder.name.lstrip('.')}.{secrets.token_hex(4)}.tmp")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+_SWAP_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # _temporary_name's names
+_SWAP_OLD = re.compile(r"^\.(?P<name>.+)\.old$")  # atomic_folder's copy of the folder it replaces
+
+
+def recover_swaps(folder: str | os.PathLike) -> list[str]:
+    """Undo what a process killed inside ``atomic_path`` / ``atomic_folder`` left in ``folder``; return what was done.
+
+    Killed between the two renames of a folder swap, ``NAME`` is gone and ``.NAME.old`` (the intact previous
+    version) is renamed back; any other ``.NAME.old`` and every ``.NAME.XXXXXXXX.tmp`` (a write that never
+    finished, or never got swapped in) is removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for entry in sorted(folder.iterdir()):
+        old, tmp = _SWAP_OLD.match(entry.name), _SWAP_TEMPORARY.match(entry.name)
+        if old and not (folder / old["name"]).exists():
+            os.replace(entry, folder / old["name"])
+            done.append(f"restored {folder / old['name']} from {entry.name} (a replacement was interrupted)")
+        elif old or tmp:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            done.append(f"removed {entry} (left by an interrupted write)")
+    return done
 
 
 @dataclass

@@ -277,6 +277,53 @@ def test_float_images_are_read_by_their_range():
         to_rgb(Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)))
 
 
+def test_a_kill_between_the_renames_of_a_checkpoint_resave_loses_nothing(tmp_path, monkeypatch):
+    """Fault injection: re-saving step 6 dies between its two renames (step_0000006 -> .step_0000006.old done,
+    the new folder not yet in place), so `latest` names a missing folder. Resuming finds the checkpoint (put back
+    from .old; without that, the newest intact one), cleans leftovers, drops rolled-back metrics rows, and ends
+    bitwise equal to the same runs without the crash: 6 steps, then resumed to 8."""
+    from test_run_engine import config, train_toy
+
+    from latentdiff.train.common import find_checkpoint
+
+    train_toy(config(tmp_path, "ref"))
+    train_toy(config(tmp_path, "ref", resume=True, steps=8))
+    train_toy(config(tmp_path, "run"))  # steps 1..6, checkpoints 4 and 6
+    run = tmp_path / "run"
+    real_replace = os.replace
+
+    def dies_between_renames(src, dst):
+        if os.path.basename(dst) == "step_0000006" and str(src).endswith(".tmp"):  # the swap's second rename
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_between_renames)
+    with pytest.raises(OSError, match="killed"):
+        train_toy(config(tmp_path, "run", resume=True))  # nothing left to train: finish() re-saves step 6
+    monkeypatch.setattr(os, "replace", real_replace)
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000006" and not (checkpoints / "step_0000006").exists()
+    assert (checkpoints / ".step_0000006.old" / "state.json").is_file()
+    assert find_checkpoint(run) == checkpoints / "step_0000004"  # without recovery: the newest intact one
+    (run / ".model.0123abcd.tmp").mkdir()  # leftovers of other interrupted writes
+    shutil.copytree(checkpoints / "step_0000004", checkpoints / ".step_0000004.old")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 7, "loss": 1.0}\n{"ste')
+
+    train_toy(config(tmp_path, "run", resume=True, steps=8))
+    assert_same_run_at(tmp_path / "ref", run, 8)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # rows of rolled-back steps and the torn last line are gone
+
+
+def assert_same_run_at(a, b, step: int) -> None:
+    for name in ("model", "ema", "optimizer", "posthoc_1"):
+        rel = f"checkpoints/step_{step:07d}/{name}.safetensors"
+        x, y = load_file(str(a / rel)), load_file(str(b / rel))
+        assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x), rel
+
+
 def test_bounds_are_declared_once_and_inherited():
     from latentdiff.config import bounds_of
     from latentdiff.train.denoiser import TrainConfig

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from latentdiff.config import COUNT, FRACTION, Bound, above, at_least, between, bounds, one_of, to_dict
+from latentdiff.io import recover_swaps
 from latentdiff.models.runtime import TRAINING_PRECISIONS, channels_last
 from latentdiff.train.common import (
     EMA,
@@ -135,9 +136,14 @@ class Run:
     def __init__(self, cfg: RunConfig, ctx: Context, callbacks: list[Callback] | None = None):
         self.cfg, self.ctx, self.callbacks = cfg, ctx, list(callbacks or [])
         self.folder = Path(cfg.out)
+        self.writes = ctx.is_main and not cfg.dry_run
+        if self.writes:  # a run killed while writing: its half-written files go, a half-replaced folder comes back
+            for line in [*recover_swaps(self.folder), *recover_swaps(self.folder / "checkpoints"),
+                         *recover_swaps(self.folder / "posthoc_ema")]:
+                print(line, file=sys.stderr)
+        ctx.barrier()
         self.checkpoint = find_checkpoint(self.folder) if cfg.resume else None  # fails before any work
         self.chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)  # this rank's micro-batches
-        self.writes = ctx.is_main and not cfg.dry_run
         self.seeded = False
         self.start = self.current = 0  # the step the run starts at (after a resume, not 0); the step it is at
         self.stop: StopSignal | None = None
