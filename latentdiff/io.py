@@ -77,15 +77,19 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     The file gets the permissions a plain ``open(path, "w")`` would give: the mode of the file it
-    replaces, else 0666 less the umask (``tempfile.mkstemp`` would make every file 0600).
+    replaces, else 0666 less the umask (``tempfile.mkstemp`` would make every file 0600), also when the writer
+    replaces the temporary file with one of its own (safetensors writes 0600 files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     if path.exists():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield Path(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,13 +9,14 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from _tiny import REPO, env
+from _tiny import REPO, env, make_tiny_cache
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_model_index import _folder
@@ -322,6 +323,28 @@ def assert_same_run_at(a, b, step: int) -> None:
         rel = f"checkpoints/step_{step:07d}/{name}.safetensors"
         x, y = load_file(str(a / rel)), load_file(str(b / rel))
         assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x), rel
+
+
+def test_every_file_written_gets_the_mode_a_plain_write_gives(tmp_path):
+    """Checkpoints, caches, model folders, PNGs, logs: files 0666 and folders 0777 less the umask."""
+    from test_run_engine import config, train_toy
+
+    from latentdiff.images import save_png
+
+    old = os.umask(0o027)
+    try:
+        make_tiny_cache(tmp_path)  # autoencoder folder + cache
+        train_toy(config(tmp_path, "run"))  # checkpoints, latest, metrics, post-hoc EMA snapshots, samples
+        _folder(tmp_path / "model")  # a model folder
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "pngs" / "a.png", {"seed": 0})
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o750 if (tmp_path / p).is_dir() else 0o640)}
+    assert not wrong, wrong
+    for part in ("cache/cache.json", "run/checkpoints/latest", "run/checkpoints/step_0000006/state.json",
+                 "run/metrics.jsonl", "model/denoiser/model.safetensors", "pngs/a.png", "ae/config.json"):
+        assert part in modes
 
 
 def test_bounds_are_declared_once_and_inherited():
