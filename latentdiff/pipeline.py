@@ -162,7 +162,7 @@ class Pipeline:
         batch = max(1, min(n, BATCH_BYTES // max(working, 1)))
         need, free = batch * working + n * held, available_memory(device)
         if need > free:
-            gib = lambda b: f"{b / 2**30:.3g} GiB"
+            gib = lambda b: f"{b / 2**30:,.1f} GiB"
             raise MemoryError(f"{n} image(s) of {width}x{height} need about {gib(need)} ({gib(batch * working)} to "
                               f"make {batch} at a time, {gib(n * held)} to hold them), but {gib(free)} is available: "
                               "ask for fewer or smaller images")
