@@ -2,21 +2,29 @@
 
 Every training-like command takes ``--preset NAME``, ``--config FILE.toml`` and ``--set key=value``
 overrides (applied in that order, after the defaults), plus a few common flags as shortcuts.
+
+Errors: whatever a command raises ends as one line on stderr that says what failed, where (the file, the key)
+and what to do, and a non-zero exit status (2; 1 for an error latentdiff did not foresee, a bug); ``--debug``
+or ``LATENTDIFF_DEBUG=1`` prints the traceback too. Ctrl-C is left as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import add_config_args, add_options, config_from_args
+from latentdiff.config import COUNT, FINITE, add_config_args, add_options, at_least, bounds, config_from_args
 from latentdiff.diffusion.schedules import GRIDS
-from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS
+from latentdiff.io import check_writable
+from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS, GenerateRequest, GenerationSettings
 
 DEFAULT_MODEL = "default"  # the bundled default model (latentdiff/default/)
 
@@ -63,8 +71,10 @@ class GenerateConfig:
     dynamic_threshold: float = _opt(0.0, "dynamic thresholding percentile, e.g. 0.995 (Saharia et al. 2022; 0: off)",
                                     metavar="P")
     seed: int = _opt(0, "noise seed")
-    height: int = _opt(0, "pixels (0: the model's training size)")
-    width: int = _opt(0, "pixels (0: the model's training size)")
+    height: int | None = _opt(None, "pixels, a multiple of the autoencoder's factor (default: the model's training "
+                              "size)")
+    width: int | None = _opt(None, "pixels, a multiple of the autoencoder's factor (default: the model's training "
+                             "size)")
     num_images: int = _opt(1, "images per prompt", metavar="N")
     grid: bool = _opt(False, "write one grid instead of numbered files")
     precision: str = _opt("fp32", "denoiser precision", choices=("fp32", "bf16"))
@@ -86,6 +96,11 @@ class GenerateConfig:
                               nargs=2, metavar=("N", "DIR"), to_config=_preview_flag)
     preview_dir: str = ""  # folder for the preview images (--preview-every N DIR)
 
+    OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
+
+    BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
+                     "original_size": COUNT, "crop_top_left": at_least(0)})
+
 
 @dataclass
 class DemoConfig:
@@ -104,6 +119,8 @@ class DemoConfig:
     vae: dict = field(default_factory=dict)  # extra train-vae keys (see `train-vae --help`)
     cache: dict = field(default_factory=dict)  # extra cache keys
     train: dict = field(default_factory=dict)  # extra train keys
+
+    BOUNDS = bounds({"eval_prompts": COUNT, "steps": GenerationSettings.BOUNDS["steps"], "guidance": FINITE})
 
 
 DEMO_PRESETS: dict[str, dict] = {
@@ -160,6 +177,7 @@ def _print_result(result) -> None:
 def cmd_posthoc_ema(args) -> None:
     from latentdiff.train.posthoc_export import export
 
+    check_writable(args.out, "output folder")
     print(export(args.run, args.sigma_rel, args.out, step=args.step, template=args.template))
 
 
@@ -202,8 +220,8 @@ def _generate_options(cfg: GenerateConfig) -> dict:
     tiled = {"auto": None, "on": True, "off": False}
     if cfg.tiled not in tiled:
         raise ValueError(f"tiled must be 'auto', 'on' or 'off', got {cfg.tiled!r}")
-    options = {"negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "height": cfg.height or None,
-               "width": cfg.width or None, "num_images": cfg.num_images, "guidance_rescale": cfg.guidance_rescale,
+    options = {"negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "height": cfg.height,
+               "width": cfg.width, "num_images": cfg.num_images, "guidance_rescale": cfg.guidance_rescale,
                "guidance_interval": tuple(cfg.guidance_interval) or None,
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
@@ -244,6 +262,8 @@ def cmd_judge(args) -> None:
 def cmd_check_data(args) -> None:
     from latentdiff.data.health import check_data
 
+    if args.json:
+        check_writable(args.json, "JSON report")
     report = check_data(args.data, min_size=args.min_size, near_bits=args.near_bits, bucket_area=args.bucket_area,
                         bucket_step=args.bucket_step)
     print(report.to_text())
@@ -260,6 +280,7 @@ def cmd_check_data(args) -> None:
 def cmd_convert(args) -> None:
     from latentdiff.interop.convert import convert
 
+    check_writable(args.dst, "output folder")
     overrides = json.loads(args.overrides_json) if args.overrides_json else None
     convert(args.src, args.dst, args.format, tokenizer=args.tokenizer, prediction=args.prediction,
             **({"overrides": overrides} if overrides else {}))
@@ -408,16 +429,57 @@ def build_parser() -> argparse.ArgumentParser:
     from latentdiff.eval.cli import add_commands as add_eval_commands
 
     add_eval_commands(sub)  # eval, train-features, duplicates
+    debug = "print the traceback of an error too (or set LATENTDIFF_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # also after the command's name; SUPPRESS keeps the global flag's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
+
+
+# What to do about an error the operating system reports, by errno.
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.ENOSPC: "the disk is full: free some space, or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write somewhere else",
+    errno.EACCES: "check the permissions of the file and its folder, or write somewhere else",
+    errno.EPERM: "check the permissions of the file and its folder, or write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "a file is in the way of a folder (or the other way round): choose another path",
+    errno.EISDIR: "that is a folder: name a file",
+    errno.ENOENT: "check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+_EXPECTED = (ValueError, OSError, ImportError, RuntimeError, MemoryError)  # errors latentdiff raises on purpose
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error: what failed, which file or key, what to do."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:  # from the operating system
+        paths = " -> ".join(os.fsdecode(f) for f in (e.filename, e.filename2) if f is not None)
+        advice = _OS_ADVICE.get(e.errno, "check the path and try again")
+        return f"{e.strerror}{f': {paths}' if paths else ''} ({advice})"
+    text = " ".join(str(e).split("\n", 1)[0].split()) or type(e).__name__
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text:
+        ours = isinstance(e, MemoryError) and str(e)  # latentdiff's own refusal says what to do
+        return f"out of memory: {text}" + ("" if ours else " (lower batch_size, the image size or the number of images)")
+    if isinstance(e, _EXPECTED):
+        return text
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "latentdiff" in Path(f.filename).parts]
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return (f"unexpected {type(e).__name__}{where}: {text} -- a bug in latentdiff or an input it does not check; "
+            "rerun with --debug for the traceback and report it")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 -- every error ends as one line (KeyboardInterrupt, SystemExit pass)
+        if getattr(args, "debug", False) or os.environ.get("LATENTDIFF_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, _EXPECTED) else 1) from None
 
 
 if __name__ == "__main__":

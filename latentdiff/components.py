@@ -21,11 +21,18 @@ import torch
 from torch import nn
 
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
-from latentdiff.config import from_dict
+from latentdiff.config import at_least, bounds, from_dict, one_of
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import make_parameterization, takes_alphas_cumprod
-from latentdiff.io import LoadReport, atomic_folder, load_component_weights, read_config, save_component
+from latentdiff.io import (
+    LoadReport,
+    atomic_folder,
+    load_component_weights,
+    read_component_config,
+    read_config,
+    save_component,
+)
 from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.dit import DiTConfig
@@ -48,6 +55,8 @@ class NoiseSchedule:
     betas: str = "scaled_linear"  # "linear", "scaled_linear" (SD) or "cosine"
     num_timesteps: int = 1000  # discrete training timesteps
     zero_terminal_snr: bool = False  # rescale so the last step is pure noise (Lin et al. 2023)
+
+    BOUNDS = bounds({"betas": one_of(*BETA_SCHEDULES), "num_timesteps": at_least(2)})
 
     def alphas_cumprod(self) -> torch.Tensor:
         if self.betas not in BETA_SCHEDULES:
@@ -88,10 +97,8 @@ def save_autoencoder(folder: str | Path, autoencoder: AutoencoderKL) -> None:
 
 
 def load_autoencoder(folder: str | Path, verbose: bool = False) -> AutoencoderKL:
-    cfg = read_config(folder)
-    if cfg.get("type") != "AutoencoderKL":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an autoencoder")
-    model = build_autoencoder(from_dict(AutoencoderConfig, cfg["config"], f"{folder}/config.json"))
+    cfg = read_component_config(folder, "AutoencoderKL", "an autoencoder")
+    model = build_autoencoder(from_dict(AutoencoderConfig, cfg, f"{folder}/config.json"))
     _report(load_component_weights(model, folder, "autoencoder"), verbose)
     return model.eval()
 
@@ -102,10 +109,7 @@ def save_denoiser(folder: str | Path, denoiser: Denoiser, spec: DenoiserSpec) ->
 
 
 def load_denoiser(folder: str | Path, verbose: bool = False) -> tuple[Denoiser, DenoiserSpec]:
-    cfg = read_config(folder)
-    if cfg.get("type") != "Denoiser":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a denoiser")
-    spec = from_dict(DenoiserSpec, cfg["config"], f"{folder}/config.json")
+    spec = from_dict(DenoiserSpec, read_component_config(folder, "Denoiser", "a denoiser"), f"{folder}/config.json")
     denoiser = build_denoiser(spec)
     _report(load_component_weights(denoiser.network, folder, "denoiser"), verbose)
     return denoiser.eval(), spec
@@ -119,14 +123,12 @@ def save_text_encoder(folder: str | Path, text_encoder: nn.Module) -> None:
 
 
 def load_text_encoder(folder: str | Path, verbose: bool = False) -> nn.Module:
-    cfg = read_config(folder)
-    if cfg.get("type") == "SDTextEncoder":  # CLIP encoders of an SD-family model (latentdiff.interop)
+    if read_config(folder).get("type") == "SDTextEncoder":  # CLIP encoders of an SD-family model (latentdiff.interop)
         from latentdiff.conditioning.clip import load_sd_text_encoder
 
         return load_sd_text_encoder(folder, verbose)
-    if cfg.get("type") != "TextEncoder":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a text encoder")
-    model = build_text_encoder(from_dict(TextEncoderConfig, cfg["config"], f"{folder}/config.json"))
+    cfg = read_component_config(folder, "TextEncoder", "a text encoder")
+    model = build_text_encoder(from_dict(TextEncoderConfig, cfg, f"{folder}/config.json"))
     _report(load_component_weights(model, folder, "text_encoder"), verbose)
     return model.eval()
 

@@ -2,9 +2,11 @@
 
 Each command's config is a dataclass (fields commented where they are defined); nested dataclasses
 are TOML tables (``[text_encoder]``). Overrides are dotted keys (``text_encoder.kind=pretrained``).
-Any key that the dataclass does not have is an error that names it and lists the valid ones, and any
+Any key that the dataclass does not have is an error that names it and lists the valid ones, any
 value that does not fit the field's annotation (``steps = "abc"`` for ``steps: int``) an error that names
-the key, the value and the type, at every layer, before any work.
+the key, the value and the type, and any value outside the range its class declares (``BOUNDS``, a plain
+class attribute: field -> ``Bound``; a subclass adds to its bases') an error that names the key, the value
+and what is allowed: at every layer, before any work.
 """
 
 from __future__ import annotations
@@ -12,15 +14,102 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import operator
 import types
 import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import tomllib
 
+from latentdiff.io import check_writable
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a value must be beyond its type: within [lo, hi] (either end open, either missing), one of
+    ``choices``; a bounded number is also finite unless ``finite`` is False (never NaN). A list or tuple is
+    checked element by element."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple = ()
+    finite: bool = True
+
+    def allows(self, value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(self.allows(v) for v in value)
+        if value is None:
+            return True
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # the type check speaks for values of the wrong type
+        if math.isnan(value) or (self.finite and math.isinf(value)):
+            return False
+        return not ((self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo))
+                    or (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)))
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}" + ("" if self.finite else " (inf allowed)")
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "a finite number"
+
+
+def at_least(lo: float) -> Bound:
+    return Bound(lo=lo)
+
+
+def above(lo: float) -> Bound:
+    return Bound(lo=lo, lo_open=True)
+
+
+def between(lo: float, hi: float, *, hi_open: bool = False) -> Bound:
+    return Bound(lo=lo, hi=hi, hi_open=hi_open)
+
+
+def one_of(*choices) -> Bound:
+    return Bound(choices=choices)
+
+
+FINITE = Bound()  # any finite number
+FRACTION = between(0, 1)  # a probability or a share
+COUNT = at_least(1)  # steps, images, batch sizes, intervals that may not be 0
+IMAGE_SIDE = between(8, 16384)  # pixels of a training or evaluation image side
+
+
+def bounds(table: Mapping[str, Bound]) -> Mapping[str, Bound]:
+    """A config class's ``BOUNDS``: field -> Bound, read only."""
+    return types.MappingProxyType(dict(table))
+
+
+def bounds_of(cls) -> dict[str, Bound]:
+    """The ``BOUNDS`` a config class and its bases declare (a subclass's entries win)."""
+    out: dict[str, Bound] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("BOUNDS", {}))
+    return out
+
+
+def check_bounds(table: Mapping[str, Bound], values: dict[str, Any], where: str) -> None:
+    """Refuse the first value of ``values`` outside its bound, naming the key, the value and what is allowed."""
+    for key, value in values.items():
+        bound = table.get(key)
+        if bound is not None and not bound.allows(value):
+            raise ValueError(f"{where}: {key} = {value!r} is not allowed: {key} must be {bound}")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -72,6 +161,8 @@ def _coerce(hint, value, key: str, where: str):
     elif hint in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
             raise bad()
+        if hint is float and math.isnan(value):
+            raise ValueError(f"{where}: {key} = nan is not a number")
         return hint(value)
     elif hint is str:
         if not isinstance(value, str):
@@ -101,19 +192,22 @@ def _coerce(hint, value, key: str, where: str):
 
 
 def _check_keys(cls, data: dict, where: str) -> None:
-    """Refuse keys ``cls`` does not have and values that do not fit their annotations."""
+    """Refuse keys ``cls`` does not have, values that do not fit their annotations and values out of bounds."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a table of keys (a JSON object, a TOML table), got "  # noqa: TRY004
+                         f"{type(data).__name__} {data!r:.60}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-    nested, hints = _nested_types(cls), _hints(cls)
+    nested, hints, table = _nested_types(cls), _hints(cls), bounds_of(cls)
     for name, value in data.items():
         if name in nested and value is not None:
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: {name} must be a table of keys, got {value!r}")
             _check_keys(nested[name], value, f"{where} [{name}]")
         elif name not in nested:
-            _coerce(hints[name], value, name, where)
+            check_bounds(table, {name: _coerce(hints[name], value, name, where)}, where)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -233,4 +327,16 @@ def config_from_args(cls: type[T], presets: dict[str, dict], args: argparse.Name
         if value is not None:
             overrides.update(to_config(value) if to_config else {name: value})
     overrides.update({k: v for k, v in (shortcuts or {}).items() if v is not None})
-    return build_config(cls, presets, getattr(args, "preset", None), args.config, overrides)
+    cfg = build_config(cls, presets, getattr(args, "preset", None), args.config, overrides)
+    check_outputs(cfg)
+    return cfg
+
+
+def check_outputs(cfg) -> None:
+    """Refuse, before any work, output paths that cannot be written: the fields its class names in ``OUTPUTS``
+    (default: ``out``, where it has one); a dry run writes nothing and is not checked."""
+    if getattr(cfg, "dry_run", False):
+        return
+    for name in getattr(type(cfg), "OUTPUTS", ("out",)):
+        if getattr(cfg, name, None):
+            check_writable(getattr(cfg, name), f"{name} path")

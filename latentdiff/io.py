@@ -7,9 +7,12 @@ Folders are written the same way: built under a temporary name, then swapped in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -26,6 +29,24 @@ from torch import Tensor, nn
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output path that cannot be written: a part of it is a file, or the folder it
+    goes in (or the nearest one that exists) is read-only or not writable by us. Disk space is not foreseen."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise NotADirectoryError(f"cannot write the {what} {path}: {probe} is a file, not a folder; choose another "
+                                 "path")
+    folder = probe if probe != path or path.is_dir() else path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1)
+        why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+        raise PermissionError(f"cannot write the {what} {path}: {folder} {why}; write somewhere else")
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -38,7 +59,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temporary_name(path: Path, create) -> Path:
-    """A new name beside ``path``, made with ``create(name)`` (which raises FileExistsError if it is taken)."""
+    """A new name beside ``path``, made with ``create(name)`` (which raises FileExistsError if it is taken); an
+    error of the file system (read-only, full, no permission) names ``path``, the file the caller writes."""
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -46,6 +68,8 @@ def _temporary_name(path: Path, create) -> Path:
             return tmp
         except FileExistsError:
             continue
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
 
 
 @contextmanager
@@ -53,19 +77,27 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     The file gets the permissions a plain ``open(path, "w")`` would give: the mode of the file it
-    replaces, else 0666 less the umask (``tempfile.mkstemp`` would make every file 0600).
+    replaces, else 0666 less the umask (``tempfile.mkstemp`` would make every file 0600), also when the writer
+    replaces the temporary file with one of its own (safetensors writes 0600 files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path, lambda p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
     if path.exists():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield Path(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno is not None and e.filename is not None and Path(os.fsdecode(e.filename)) == tmp:
+            raise type(e)(e.errno, e.strerror, str(path)) from e  # (disk full, ...) name the file being written
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -95,32 +127,73 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     """Write a safetensors file atomically (tensors are made contiguous CPU copies)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors' own error type wraps the operating system's (disk full, ...)
+            raise OSError(f"could not write {path}: {e}") from e
 
 
 @contextmanager
 def atomic_folder(folder: str | os.PathLike):
-    """Build a folder under a temporary name, then swap it in for ``folder`` in one rename (mode 0777 less the
-    umask, as ``mkdir`` gives)."""
+    """Build a folder under a temporary name, then swap it in for ``folder`` (mode 0777 less the umask, as ``mkdir``
+    gives): ``folder`` -> ``.folder.old``, the new one -> ``folder``, ``.folder.old`` removed. A process killed
+    between the two renames leaves ``.folder.old`` whole; the next swap of ``folder`` (or ``recover_swaps``) puts
+    it back first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists() and not folder.exists():
+        os.replace(old, folder)
     tmp = _temporary_name(folder, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         _fsync_dir(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
+        replaced = folder.exists()
+        if replaced:
             if old.exists():
-                shutil.rmtree(old)
+                _remove_folder(old)
             os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        if replaced:
+            _remove_folder(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Rename, then delete: a process killed while deleting leaves a ``.tmp`` leftover, never half a folder under a
+    name that ``recover_swaps`` would take for a whole one."""
+    doomed = folder.with_name(f".{folder.name.lstrip('.')}.{secrets.token_hex(4)}.tmp")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+_SWAP_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # _temporary_name's names
+_SWAP_OLD = re.compile(r"^\.(?P<name>.+)\.old$")  # atomic_folder's copy of the folder it replaces
+
+
+def recover_swaps(folder: str | os.PathLike) -> list[str]:
+    """Undo what a process killed inside ``atomic_path`` / ``atomic_folder`` left in ``folder``; return what was done.
+
+    Killed between the two renames of a folder swap, ``NAME`` is gone and ``.NAME.old`` (the intact previous
+    version) is renamed back; any other ``.NAME.old`` and every ``.NAME.XXXXXXXX.tmp`` (a write that never
+    finished, or never got swapped in) is removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for entry in sorted(folder.iterdir()):
+        old, tmp = _SWAP_OLD.match(entry.name), _SWAP_TEMPORARY.match(entry.name)
+        if old and not (folder / old["name"]).exists():
+            os.replace(entry, folder / old["name"])
+            done.append(f"restored {folder / old['name']} from {entry.name} (a replacement was interrupted)")
+        elif old or tmp:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            done.append(f"removed {entry} (left by an interrupted write)")
+    return done
 
 
 @dataclass
@@ -152,7 +225,8 @@ class LoadReport:
 
 
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str, assign: bool = False) -> LoadReport:
-    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor.
+    """Load ``state`` into ``module``, refusing any missing, unused or mis-shaped tensor, and any holding NaN or inf
+    (weights of a diverged run or a damaged file would only ever draw garbage).
 
     ``assign=True`` makes the module's parameters the given tensors (for a module built on the meta
     device: no second copy of the weights is ever allocated).
@@ -169,6 +243,11 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], name: str, as
     report.missing = sorted(set(own) - set(state))
     if not report.ok:
         raise ValueError(f"refusing a partial load: {report}")
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise ValueError(f"refusing {name}: {len(damaged)} tensor(s) hold NaN or inf values ({', '.join(damaged[:3])}"
+                         f"{', ...' if len(damaged) > 3 else ''}); the weights are damaged (a training run that "
+                         "diverged, or a corrupt file): load an earlier checkpoint or export the model again")
     module.load_state_dict(state, strict=True, assign=assign)
     return report
 
@@ -184,19 +263,67 @@ def save_component(folder: str | os.PathLike, module: nn.Module, config: dict) -
 
 
 def read_json(path: str | os.PathLike, missing: str) -> dict:
-    """Read a JSON file; a missing file raises with ``missing`` (what it means), a corrupt one says so."""
+    """Read a JSON object from a file; a missing file raises with ``missing`` (what it means), a corrupt one or one
+    that holds something else than an object (a list, a number) says so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {missing}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of keys; the file is damaged or "  # noqa: TRY004
+                         "not the one expected")
+    return data
+
+
+@contextmanager
+def reading(path: str | os.PathLike, fix: str = "rebuild it, or restore it from a copy"):
+    """Around code that takes a file's contents apart: a file of the wrong shape (a list where an object belongs,
+    a missing key, a string where a number belongs) raises one ValueError that names it, not a KeyError."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} does not have the expected layout ({detail}): the file is damaged or was "
+                         f"written by something else; {fix}") from e
+
+
+def reads_file(param: str = "where", fix: str = "rebuild it, or restore it from a copy"):
+    """Decorate a function that takes a file's contents apart, its argument ``param`` naming the file: errors of a
+    file of the wrong shape name it, as in ``reading``."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            with reading(call.arguments[param], fix):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 def read_config(folder: str | os.PathLike) -> dict:
     """Read a component's config.json with an error that names the folder."""
     return read_json(Path(folder) / CONFIG_NAME, f"{folder} is not a latentdiff component folder")
+
+
+def read_component_config(folder: str | os.PathLike, kind: str, what: str) -> dict:
+    """The ``config`` object of a component's config.json (``{"type": kind, "config": {...}}``), or an error naming
+    the file: another type of component (``what`` is what was expected), or no ``config`` object."""
+    cfg = read_config(folder)
+    if cfg.get("type") != kind:
+        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not {what}")
+    if not isinstance(cfg.get("config"), dict):
+        raise ValueError(f"{Path(folder) / CONFIG_NAME}: 'config' must be an object of keys, got "  # noqa: TRY004
+                         f"{cfg.get('config')!r:.60}; the file is damaged")
+    return cfg["config"]
 
 
 def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
@@ -211,8 +338,12 @@ def read_weights(folder: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_component_weights(module: nn.Module, folder: str | os.PathLike, name: str) -> LoadReport:
-    """Strictly load a component's weights into ``module`` and return the report."""
-    return load_state_strict(module, read_weights(folder), name)
+    """Strictly load a component's weights into ``module`` and return the report (an error names the file)."""
+    state = read_weights(folder)
+    try:
+        return load_state_strict(module, state, name)
+    except ValueError as e:
+        raise ValueError(f"{Path(folder) / WEIGHTS_NAME}: {e}") from e
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:

@@ -18,10 +18,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import from_dict
+from latentdiff.config import COUNT, FINITE, FRACTION, Bound, above, at_least, between, bounds, from_dict
 from latentdiff.io import read_json, write_json
 
 VERSION = 1
+MAX_STEPS = 10_000  # sampler steps a generation may ask for (a typo such as 1e12 is refused, not run for years)
 INDEX_FILE = "model_index.json"
 COMPONENTS = ("autoencoder", "denoiser", "text_encoder")
 
@@ -43,6 +44,8 @@ class SamplerHint:
     note: str = ""  # what of the scheduler config is not reproduced, said in the load report
     flow_shift: float = 1.0  # flow models: the shift of the 'flow' / 'flow_match' grids (SD3: 3.0)
 
+    BOUNDS = bounds({"steps_offset": between(0, 999), "final_sigma": at_least(0), "flow_shift": above(0)})
+
 
 @dataclass
 class GenerationSettings:
@@ -59,6 +62,8 @@ class GenerationSettings:
     guidance_method: str | None = None  # "cfg", "apg" (adaptive projected) or "autoguidance" (needs the folder's guide/)
     pag_scale: float | None = None  # perturbed-attention guidance on top of the method (0: off)
 
+    BOUNDS = bounds({"steps": between(1, MAX_STEPS), "guidance": FINITE, "pag_scale": at_least(0)})
+
 
 # What Pipeline.generate uses where neither its caller nor the model's index says (schedule None: the sampler's
 # own grid, as the model's parameterization takes it: the flow grid for a flow model).
@@ -68,10 +73,32 @@ GUIDANCE_METHODS = ("cfg", "apg", "autoguidance")
 
 
 @dataclass
+class GenerateRequest:
+    """The other per-call options of a generation a caller (the CLI, a server) may get wrong: ``Pipeline.generate``
+    checks them here, types and bounds, before any work (the CLI before it loads the model); what needs the model
+    (multiples of the autoencoder's factor, memory) the pipeline checks next."""
+
+    height: int | None = None  # pixels; None: the model's sample size
+    width: int | None = None  # pixels; None: the model's sample size
+    num_images: int = 1  # images per prompt
+    seed: int = 0  # noise seed
+    guidance_rescale: float = 0.0  # phi of guidance rescale
+    guidance_interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi); sigma_hi may be inf
+    dynamic_threshold: float | None = None  # a percentile such as 0.995
+    preview_every: int = 1  # sampler steps between previews
+
+    BOUNDS = bounds({"height": COUNT, "width": COUNT, "num_images": COUNT, "seed": between(-2**63, 2**64 - 1),
+                     "guidance_rescale": FRACTION, "guidance_interval": Bound(0, finite=False),
+                     "dynamic_threshold": between(0, 1, hi_open=True), "preview_every": COUNT})
+
+
+@dataclass
 class SizeConditioning:
     """SDXL-style size and crop ids (conditioning/sizes.py)."""
 
     embed_dim: int = 0  # sinusoidal features per id; 0: the denoiser takes no size ids
+
+    BOUNDS = bounds({"embed_dim": between(0, 4096)})
 
 
 @dataclass
@@ -87,6 +114,8 @@ class ModelIndex:
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
+
+    BOUNDS = bounds({"sample_size": COUNT})
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelIndex:

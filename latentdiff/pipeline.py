@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -11,20 +13,30 @@ from torch import Tensor, nn
 from latentdiff.components import read_model_folder
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
+from latentdiff.config import from_dict
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.images import to_pil, to_uint8
-from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS, GenerationSettings, ModelIndex
+from latentdiff.model_index import (
+    DEFAULT_GENERATION,
+    GUIDANCE_METHODS,
+    GenerateRequest,
+    GenerationSettings,
+    ModelIndex,
+)
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.layers import perturbed_self_attention
-from latentdiff.models.runtime import autocast
-from latentdiff.models.vae_inference import decode_latents
+from latentdiff.models.runtime import autocast, available_memory, feature_width
+from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents
 from latentdiff.types import Cond
 
 OUTPUTS = ("pil", "np", "pt", "latent")
 FLOW_GRIDS = ("flow", "flow_match")  # the sigma grids made for flow models (the ones a flow shift applies to)
+BATCH_BYTES = 2 * 2**30  # images are generated in batches whose working memory (estimated) stays under this
+ACTIVATIONS = 8  # tensors of a network's widest width per position alive at once (a generous, rough count)
+LATENT_COPIES = 8  # latent-sized tensors a sampler holds per image (x, noise, estimates, multistep history)
 
 
 class Pipeline:
@@ -42,6 +54,7 @@ class Pipeline:
         self.preview_decoder = preview_decoder  # a tiny decoder for live previews (models/preview.py), if any
         self.guide = guide  # a weaker model of the same data (autoguidance), e.g. an early checkpoint of the run
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
+        self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
 
     @property
     def default_size(self) -> int:
@@ -63,11 +76,12 @@ class Pipeline:
                  pag_scale: float | None = None) -> GenerationSettings:
         """The sampler, steps, guidance (scale, method, PAG scale) and sigma grid a generation uses: what is asked,
         else what the model recommends (its index), else ``DEFAULT_GENERATION``; the grid named, e.g. the flow
-        grid for a flow model."""
+        grid for a flow model. Types and bounds (steps 1..``MAX_STEPS``, a finite guidance) are checked."""
         asked = {"sampler": sampler, "steps": steps, "guidance": guidance, "schedule": schedule,
                  "guidance_method": guidance_method, "pag_scale": pag_scale}
         out = {key: next((v for v in (value, getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
                           if v is not None), None) for key, value in asked.items()}
+        out = dataclasses.asdict(from_dict(GenerationSettings, out, "generation settings"))
         param = self.denoiser.parameterization
         _, sampler_grid = get_sampler(out["sampler"])
         grid = out["schedule"] or param.sampling_grid(sampler_grid)
@@ -79,15 +93,11 @@ class Pipeline:
                              "guide/, or Pipeline.guide set to one")
         return GenerationSettings(**out)
 
-    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, prompts: list[str], num_images: int,
-                size: tuple[int, int], **cfg_options):
-        """The guided denoiser of one generation: CFG (with its options), APG or autoguidance, then PAG."""
+    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, guide_cond: Cond | None, **cfg_options):
+        """The guided denoiser of one batch: CFG (with its options), APG or autoguidance, then PAG."""
         if use.guidance_method == "apg":
             denoiser = guidance_lib.apg(self.denoiser, use.guidance, uncond)
         elif use.guidance_method == "autoguidance":
-            guide_cond, _ = self.guide.encode_prompts(prompts, [], size)
-            guide_cond = guide_cond.repeat(num_images)
-
             def guide(x, sigma, cond=None):  # the guide reads the prompts through its own text encoder
                 return self.guide.denoiser(x, sigma, guide_cond)
 
@@ -107,6 +117,56 @@ class Pipeline:
             self.text_encoder(prompts + negative)
         n = len(prompts)
         return both.map(lambda t: t[:n]), both.map(lambda t: t[n:])
+
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) of a request: None is the model's sample size; each a positive multiple of the
+        autoencoder's factor, or an error that suggests the nearest."""
+        height, width = height or self.default_size, width or self.default_size
+        factor = self.autoencoder.factor
+        if height % factor or width % factor:
+            fit = lambda n: max(factor, round(n / factor) * factor)
+            raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
+                             f"{factor}; try {fit(height)}x{fit(width)}")
+        return height, width
+
+    def memory_estimate(self, height: int, width: int, tiled: bool | None = None, output: str = "pil"
+                        ) -> tuple[int, int]:
+        """Rough bytes one image of ``height`` x ``width`` needs: (while it is made, once it is made).
+
+        While: ``LATENT_COPIES`` latents (the sampler's state and history); the denoiser's activations,
+        ``ACTIVATIONS`` x its widest feature width (``runtime.feature_width``) x latent positions, twice (guidance
+        runs cond and uncond together); the decoder's, ``ACTIVATIONS`` x its widest width x the pixels decoded at
+        once (a tile when tiled); the decoded image in float32. Once made: its pixels as uint8 (float32 for
+        ``output="pt"``, the latent for ``"latent"``). Deliberately generous: an estimate to refuse the impossible
+        with, not a measurement.
+        """
+        factor, channels = self.autoencoder.factor, self.autoencoder.latent_channels
+        latent = channels * (height // factor) * (width // factor) * 4
+        if tiled is None:
+            tiled = (height // factor) * (width // factor) > AUTO_TILE_LATENTS
+        decoded_at_once = min(height * width, (self.tile * factor) ** 2) if tiled else height * width
+        if self._widths is None:
+            self._widths = feature_width(self.denoiser), feature_width(self.autoencoder)
+        denoiser_width, decoder_width = self._widths
+        working = (LATENT_COPIES * latent + 2 * ACTIVATIONS * denoiser_width * latent // channels
+                   + (ACTIVATIONS * decoder_width * decoded_at_once + 2 * 3 * height * width) * 4)
+        held = {"latent": latent, "pt": 3 * height * width * 4}.get(output, 3 * height * width)
+        return working, held
+
+    def batch_size(self, n: int, height: int, width: int, tiled: bool | None = None, output: str = "pil",
+                   device: torch.device | str = "cpu") -> int:
+        """How many of ``n`` images are made at once: as many as ``BATCH_BYTES`` of working memory holds (at least
+        one); refuses a request whose working memory and outputs together exceed the memory available, with the
+        numbers (``memory_estimate``)."""
+        working, held = self.memory_estimate(height, width, tiled, output)
+        batch = max(1, min(n, BATCH_BYTES // max(working, 1)))
+        need, free = batch * working + n * held, available_memory(device)
+        if need > free:
+            gib = lambda b: f"{b / 2**30:,.1f} GiB"
+            raise MemoryError(f"{n} image(s) of {width}x{height} need about {gib(need)} ({gib(batch * working)} to "
+                              f"make {batch} at a time, {gib(n * held)} to hold them), but {gib(free)} is available: "
+                              "ask for fewer or smaller images")
+        return batch
 
     @torch.no_grad()
     def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
@@ -138,6 +198,11 @@ class Pipeline:
         precision and again in fp32 if that gives non-finite values. ``preview(step, image)`` is called every
         ``preview_every`` steps with the preview decoder's image of the current estimate (needs a model
         folder with ``preview_decoder/``).
+
+        Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``) and the memory
+        the request needs is estimated against what is available (``batch_size``); images are made in batches of
+        at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one batch at a time). A
+        non-finite latent or image is an error naming the likely cause, never a black image.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(label, (list, tuple)) and len(prompts) == 1:
@@ -150,16 +215,18 @@ class Pipeline:
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
-        height = height or self.default_size
-        width = width or self.default_size
-        factor = self.autoencoder.factor
-        if height % factor or width % factor:
-            raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
-                             f"{factor}; try {height // factor * factor}x{width // factor * factor}")
+        from_dict(GenerateRequest, {"height": height, "width": width, "num_images": num_images, "seed": seed,
+                                    "guidance_rescale": guidance_rescale, "guidance_interval": guidance_interval,
+                                    "dynamic_threshold": dynamic_threshold, "preview_every": preview_every}, "generate")
+        height, width = self.image_size(height, width)
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
+        n = len(prompts) * num_images
+        factor = self.autoencoder.factor
+        shape = (n, self.autoencoder.latent_channels, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        batch = self.batch_size(n, height, width, tiled, output, next(self.denoiser.parameters()).device)
         sample_fn, _ = get_sampler(use.sampler)
         hint = self.index.scheduler
         grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
@@ -167,7 +234,7 @@ class Pipeline:
             grid_kw = {"shift": hint.flow_shift}
         sigmas = make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
 
-        # Conditioning: prompts and negative prompts, each repeated num_images times.
+        # Conditioning, one row per prompt: prompts and negative prompts (and the guide's reading of the prompts).
         # SDXL's size conditioning follows the request (passed along: the shared text encoder is not changed).
         cond, uncond = self.encode_prompts(prompts, negatives, (height, width))
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
@@ -176,37 +243,53 @@ class Pipeline:
         if self.size_embed_dim:
             ids = size_ids(len(prompts), height, width, original_size, crop_top_left)
             cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
-        cond, uncond = cond.repeat(num_images), uncond.repeat(num_images)
-        shape = (len(prompts) * num_images, self.autoencoder.latent_channels, height // factor, width // factor)
+        guide_cond = self.guide.encode_prompts(prompts, [], (height, width))[0] \
+            if use.guidance_method == "autoguidance" else None
 
-        # Initial noise on the CPU in float32 (the diffusers convention), then scaled to sigmas[0].
+        # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
+        # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
         generator = torch.Generator("cpu").manual_seed(seed)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x = init_x(latents, sigmas)
-        if hint.vp_init and not torch.isinf(sigmas[0]):
-            x = latents * (1 + sigmas[0].item() ** 2) ** 0.5
-
-        denoiser = self._guided(use, cond, uncond, prompts, num_images, (height, width), rescale=guidance_rescale,
-                                interval=guidance_interval, threshold=dynamic_threshold)
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         final = {"final_sigma": hint.final_sigma} if hint.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
-        # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
-        convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
-        with autocast(self.precision, x.device, *convs):
-            z = sample_fn(denoiser, x, sigmas, cond, generator=generator, callback=callback, **final)
+        rows = torch.arange(len(prompts)).repeat_interleave(num_images)  # image -> its prompt
+        out = []
+        for start in range(0, n, batch):
+            pick = (lambda c, r=rows[start:start + batch]: c.map(lambda t: t[r]) if c is not None else None)
+            x = init_x(latents[start:start + batch], sigmas)
+            if hint.vp_init and not torch.isinf(sigmas[0]):
+                x = latents[start:start + batch] * (1 + sigmas[0].item() ** 2) ** 0.5
+            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), rescale=guidance_rescale,
+                                    interval=guidance_interval, threshold=dynamic_threshold)
+            # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
+            convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
+            with autocast(self.precision, x.device, *convs):
+                z = sample_fn(denoiser, x, sigmas, pick(cond), generator=generator, callback=callback, **final)
+            out.append(self._decoded(z.float(), use, output, tiled, decode_precision))
+        if output in ("latent", "pt"):
+            return torch.cat(out)
+        return np.concatenate(out) if output == "np" else [im for part in out for im in part]
+
+    def _decoded(self, z: Tensor, use: GenerationSettings, output: str, tiled: bool | None, precision: str):
+        """One batch's latents as ``output`` asks, refusing non-finite latents and images with their likely cause."""
+        _refuse_non_finite(z, f"sampling gave non-finite latents (guidance {use.guidance:g} with {use.guidance_method}, "
+                              f"{use.sampler}, {use.steps} steps, precision {self.precision}): the denoiser's weights "
+                              "may be damaged, or the guidance too strong for this model; try a smaller guidance "
+                              "scale or precision fp32")
         if output == "latent":
-            return z.float()
-        images = decode_latents(self.autoencoder, z.float(), tiled=tiled, precision=decode_precision,
-                                tile=self.tile, overlap=self.tile_overlap)
+            return z
+        images = decode_latents(self.autoencoder, z, tiled=tiled, precision=precision, tile=self.tile,
+                                overlap=self.tile_overlap)
+        config = self.autoencoder.config
+        _refuse_non_finite(images, f"decoding gave non-finite pixels from finite latents: the autoencoder's weights "
+                                   f"or its latent scale (scale_factor {config.scale_factor:g}, shift_factor "
+                                   f"{config.shift_factor:g}) are damaged; measure the scale again with "
+                                   "`latentdiff latent-stats`, or use another autoencoder")
         if output == "pt":
             return images
-        if output == "np":
-            return to_uint8(images)
-        return to_pil(images)
+        return to_uint8(images) if output == "np" else to_pil(images)
 
     def _preview_callback(self, preview, every: int, callback):
         if self.preview_decoder is None:
@@ -230,6 +313,12 @@ class Pipeline:
         labels = resolve_labels(label, self.class_names, n)
         null = torch.full_like(labels, null_label(self.class_names))
         return with_labels(cond, labels), with_labels(uncond, null)
+
+
+def _refuse_non_finite(t: Tensor, message: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise RuntimeError(f"{message} ({bad} of {t.numel()} values are NaN or inf)")
 
 
 def load(path: str | Path | None = None, *, precision: str = "fp32", verbose: bool = False,

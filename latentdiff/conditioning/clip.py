@@ -31,8 +31,9 @@ from latentdiff.io import (
     WEIGHTS_NAME,
     LoadReport,
     load_state_strict,
-    read_config,
+    read_component_config,
     read_weights,
+    reading,
     write_json,
     write_safetensors,
 )
@@ -249,11 +250,10 @@ def load_tokenizer(folder: str | Path, kind: str = "clip"):
 def load_sd_text_encoder(folder: str | Path, verbose: bool = False) -> SDTextEncoder:
     """Open a text_encoder/ folder written by :meth:`SDTextEncoder.save`."""
     folder = Path(folder)
-    cfg = read_config(folder)
-    if cfg.get("type") != "SDTextEncoder":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not an SD text encoder")
-    config = SDTextConfig(**cfg["config"])
-    specs = [s if isinstance(s, CLIPEncoderSpec) else CLIPEncoderSpec(**s) for s in config.encoders]
+    cfg = read_component_config(folder, "SDTextEncoder", "an SD text encoder")
+    with reading(folder / CONFIG_NAME):
+        config = SDTextConfig(**cfg)
+        specs = [s if isinstance(s, CLIPEncoderSpec) else CLIPEncoderSpec(**s) for s in config.encoders]
     tokenizers = [load_tokenizer(folder / f"tokenizer_{i}", s.kind) for i, s in enumerate(specs)]
     encoder, report = build_sd_text_encoder(config, read_weights(folder), tokenizers)
     if verbose:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from latentdiff.config import COUNT, at_least, bounds, one_of
 from latentdiff.types import Cond
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -31,6 +32,10 @@ class TextEncoderConfig:
     num_heads: int = 4  # hashed: attention heads
     max_length: int = 32  # tokens kept per prompt (hashed: words; pretrained: tokenizer tokens)
     layer: str = "last"  # pretrained: "last" or "penultimate" hidden state as context
+
+    BOUNDS = bounds({"kind": one_of("hashed", "pretrained"), "dim": COUNT, "vocab_size": at_least(2),
+                     "num_layers": at_least(0), "num_heads": COUNT, "max_length": COUNT,
+                     "layer": one_of("last", "penultimate")})
 
 
 class HashedTextEncoder(nn.Module):

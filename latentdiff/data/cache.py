@@ -34,9 +34,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from latentdiff.conditioning.text import TextEncoderConfig
+from latentdiff.config import COUNT, FRACTION, IMAGE_SIDE, at_least, bounds, one_of
 from latentdiff.data.buckets import BucketBatches, batch_indices, make_buckets, most_square, nearest_bucket
-from latentdiff.data.folder import cover_and_crop, image_to_tensor, resize_center_crop
-from latentdiff.io import atomic_folder, write_json, write_safetensors
+from latentdiff.data.folder import (
+    MISSING_CAPTION_CHOICES,
+    cover_and_crop,
+    image_to_tensor,
+    resize_center_crop,
+)
+from latentdiff.io import atomic_folder, read_json, reading, write_json, write_safetensors
 from latentdiff.types import Cond
 
 TEXT_EMPTY_NAME = "text_empty.safetensors"
@@ -65,6 +71,11 @@ class CacheConfig:
     bucket_step: int = 0  # bucket sides are multiples of this; 0 = autoencoder factor x 8 (fits 4-level U-Nets)
     bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # "pretrained": cache its embeddings
+
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "split": one_of("train", "heldout"),
+                     "attribute_dropout": FRACTION, "batch_size": COUNT,
+                     "shard_size": COUNT, "missing_caption": one_of(*MISSING_CAPTION_CHOICES), "min_size": COUNT,
+                     "bucket_area": at_least(0), "bucket_step": at_least(0), "bucket_max_aspect": at_least(1)})
 
 
 CACHE_PRESETS: dict[str, dict] = {
@@ -313,20 +324,21 @@ class LatentCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         info_path = self.folder / "cache.json"
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{info_path} is missing: run `latentdiff cache` to build a latent cache first")
-        self.info = json.loads(info_path.read_text())
-        buckets = self.info.get("buckets") or [  # a version-1 cache: one bucket
-            {"size": None, "latent_shape": self.info["latent_shape"], "num_items": self.info["num_items"],
-             "shards": self.info["shards"]}]
-        self.bucketed = bool(self.info.get("bucketed"))
-        self.class_names = self.info.get("class_names")
-        self.bucket_shapes = [tuple(b["latent_shape"]) for b in buckets]
+        self.info = read_json(info_path, "run `latentdiff cache` to build a latent cache first")
+        with reading(info_path, "build the cache again with `latentdiff cache`"):
+            buckets = self.info.get("buckets") or [  # a version-1 cache: one bucket
+                {"size": None, "latent_shape": self.info["latent_shape"], "num_items": self.info["num_items"],
+                 "shards": self.info["shards"]}]
+            self.bucketed = bool(self.info.get("bucketed"))
+            self.class_names = self.info.get("class_names")
+            self.bucket_shapes = [tuple(int(n) for n in b["latent_shape"]) for b in buckets]
+            shards = [list(map(str, b["shards"])) for b in buckets]
+            num_items = int(self.info["num_items"])
         self.means, self.stds, self.meta = [], [], []
         extra: dict[str, list[Tensor]] = {}
-        for bucket in buckets:
+        for names in shards:
             means, logvars = [], []
-            for name in bucket["shards"]:
+            for name in names:
                 tensors = load_file(str(self.folder / f"{name}.safetensors"))
                 means.append(tensors.pop("mean"))
                 logvars.append(tensors.pop("logvar"))
@@ -337,7 +349,7 @@ class LatentCache:
             self.stds.append(torch.cat(logvars).mul(0.5).exp())
         self.sizes = [len(m) for m in self.means]
         self.offsets = torch.tensor([0] + self.sizes[:-1]).cumsum(0)
-        if sum(self.sizes) != self.info["num_items"] or len(self.meta) != sum(self.sizes):
+        if sum(self.sizes) != num_items or len(self.meta) != sum(self.sizes):
             raise ValueError(f"latent cache {self.folder} is incomplete: rebuild it with `latentdiff cache`")
         self.captions = [m["caption"] for m in self.meta]
         self.labels = torch.cat(extra["label"]) if "label" in extra else None  # (N,)

@@ -14,6 +14,7 @@ later (deleted or damaged after the scan) is reported once and its index serves 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,9 +28,36 @@ METADATA_NAME = "metadata.jsonl"
 MISSING_CAPTION_CHOICES = ("empty", "filename", "class")
 
 
+def display_name(name: str) -> str:
+    """A file name as text that can be printed and stored in JSON: bytes that are not UTF-8 (which Python keeps as
+    lone surrogates, ``os.fsdecode``'s surrogateescape) written as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return name
+
+
+def _float_to_uint8(image: Image.Image) -> Image.Image:
+    """A floating-point image (mode F: float TIFFs) to 8 bits by its range: [0, 1], [0, 255] or [0, 65535]; values
+    outside all three (or NaN) are refused, since no scale can be told from them."""
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("floating-point image holding NaN or inf values")
+    lo, hi = float(arr.min()), float(arr.max())
+    scale = next((255.0 / top for top in (1.0, 255.0, 65535.0) if lo >= 0 and hi <= top), None)
+    if scale is None:
+        raise ValueError(f"floating-point image with values in [{lo:g}, {hi:g}]: expected [0, 1], [0, 255] or "
+                         "[0, 65535]; save it as an 8- or 16-bit image")
+    return Image.fromarray(np.round(arr * scale).astype(np.uint8))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (palette, RGBA, CMYK, 16-bit, grayscale) to 8-bit RGB; alpha composited on white."""
+    """Any PIL mode (palette, RGBA, CMYK, 16-bit, 32-bit float, grayscale) to 8-bit RGB; alpha composited on white.
+    A float image is read by its range ([0, 1], [0, 255] or [0, 65535]), anything else refused."""
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        image = _float_to_uint8(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit samples (Pillow reads 16-bit grayscale as I;16, or I in older versions): 65535 -> 255.
         # A fixed scale, not the image's own maximum, so a dark image stays dark.
@@ -75,12 +103,32 @@ def check_image(path: str | Path, min_size: int) -> str | None:
     return None
 
 
-def read_metadata(root: Path, verbose: bool = True) -> dict[str, str]:
-    """Captions by path relative to ``root`` from every metadata.jsonl below it; deeper files override."""
+def print_skipped(skipped: list[tuple[str, str]], where: str, most: int = 20) -> None:
+    """Name the files skipped in ``where`` on stderr (at most ``most``, then a count)."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable or tiny image(s) in {where}:", file=sys.stderr)
+    for name, why in skipped[:most]:
+        print(f"  {name}: {why}", file=sys.stderr)
+    if len(skipped) > most:
+        print(f"  ... and {len(skipped) - most} more (see .skipped)", file=sys.stderr)
+
+
+def read_metadata(root: Path, verbose: bool = True, problems: list[tuple[str, str]] | None = None) -> dict[str, str]:
+    """Captions by path relative to ``root`` from every metadata.jsonl below it; deeper files override. Lines that
+    cannot be used (and files that cannot be read) are said on stderr (``verbose``) and appended to ``problems`` as
+    (``file:line``, why)."""
     out: dict[str, str] = {}
     metas = sorted(root.rglob(METADATA_NAME), key=lambda p: (len(p.parts), p))
     for path in (p for p in metas if p.is_file()):
-        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: tolerate a BOM
+        try:
+            text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: tolerate a BOM
+        except OSError as e:
+            text, why = "", f"cannot be read ({type(e).__name__}: {e.strerror})"
+            if problems is not None:
+                problems.append((display_name(path.relative_to(root).as_posix()), why))
+            if verbose:
+                print(f"{path}: ignored ({why})", file=sys.stderr)
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -94,6 +142,8 @@ def read_metadata(root: Path, verbose: bool = True) -> dict[str, str]:
                 if ok and Path(row["file_name"]).is_absolute():
                     problem = f"file_name {row['file_name']!r} must be relative to {path.parent}"
             if problem:
+                if problems is not None:
+                    problems.append((f"{display_name(path.relative_to(root).as_posix())}:{n}", problem))
                 if verbose:
                     print(f"{path}:{n}: ignored ({problem})", file=sys.stderr)
                 continue
@@ -113,9 +163,17 @@ def find_caption(root: Path, path: Path, metadata: dict[str, str]) -> str | None
     return caption
 
 
-def list_images(root: Path) -> list[Path]:
-    """Every file under ``root`` (recursively) with an image suffix, sorted."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def list_images(root: Path, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Every file under ``root`` (recursively, not into linked folders) with an image suffix, sorted; folders that
+    cannot be listed are appended to ``unreadable`` as (path, why)."""
+
+    def failed(e: OSError) -> None:
+        if unreadable is not None:
+            why = f"folder cannot be read ({type(e).__name__}: {e.strerror})"
+            unreadable.append((display_name(str(e.filename)), why))
+
+    found = [Path(folder) / name for folder, _, names in os.walk(root, onerror=failed) for name in names]
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -157,7 +215,7 @@ class ImageFolder:
         self.skipped: list[tuple[str, str]] = []  # (path, reason); grows if a file breaks after the scan
         self._broken: set[int] = set()  # indices that failed in __getitem__ (this process)
         usable: list[tuple[Path, str | None]] = []
-        for path in list_images(self.root):
+        for path in list_images(self.root, self.skipped):
             problem = check_image(path, min_size)
             if problem is None and class_folders and path.parent == self.root:
                 problem = "not inside a class folder (with class_folders, every image sits in its class's folder)"
@@ -190,12 +248,8 @@ class ImageFolder:
 
     def _report(self, min_size: int, missing_caption: str) -> None:
         """Print the skipped files and the caption count; refuse a folder with nothing usable."""
-        if self.verbose and self.skipped:
-            print(f"skipped {len(self.skipped)} unreadable or tiny image(s) in {self.root}:", file=sys.stderr)
-            for name, why in self.skipped[:20]:
-                print(f"  {name}: {why}", file=sys.stderr)
-            if len(self.skipped) > 20:
-                print(f"  ... and {len(self.skipped) - 20} more (see .skipped)", file=sys.stderr)
+        if self.verbose:
+            print_skipped(self.skipped, str(self.root))
         if not self.files:
             found = f"{len(self.skipped)} image file(s), none usable" if self.skipped else "no image files"
             raise ValueError(

@@ -1,9 +1,11 @@
 """``latentdiff check-data``: a health report on an image folder (or tar shards) before hours are spent training.
 
-Reports corrupt files (cannot be decoded), tiny ones (shorter side below ``min_size``), exact
-duplicates (same bytes, SHA-256), near duplicates (a 64-bit difference hash, Krawetz's dHash, within
-``near_bits`` bits: re-encoded, resized or lightly edited copies), images without a caption, and
-histograms of sizes and aspect ratios (and of aspect-ratio buckets, given a bucket area).
+Reports corrupt files (cannot be read or decoded), folders that cannot be listed, tiny images (shorter side
+below ``min_size``), exact duplicates (same bytes, SHA-256), near duplicates (a 64-bit difference hash,
+Krawetz's dHash, within ``near_bits`` bits, and colours alike: re-encoded, resized or lightly edited copies),
+metadata.jsonl lines that cannot be used and captions of files that are not there, images without a caption,
+and histograms of sizes and aspect ratios (and of aspect-ratio buckets, given a bucket area). Names that are
+not UTF-8 are written with ``\\xNN`` escapes (``folder.display_name``), so the report prints and stores as JSON.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import numpy as np
 from PIL import Image
 
 from latentdiff.data.buckets import make_buckets, nearest_bucket
-from latentdiff.data.folder import find_caption, list_images, read_metadata, to_rgb
+from latentdiff.data.folder import display_name, find_caption, list_images, read_metadata, to_rgb
 from latentdiff.data.tars import TarShards, is_tar_source
 
 ASPECT_BINS = [(0.0, "taller than 1:2"), (0.5, "1:2 to 3:4"), (0.75, "3:4 to 9:10"), (0.9, "about square"),
                (1 / 0.9, "10:9 to 4:3"), (4 / 3, "4:3 to 2:1"), (2.0, "wider than 2:1")]
 SIDE_BINS = [0, 64, 128, 256, 512, 1024, 2048]
+NEAR_COLOUR = 16.0  # near duplicates: mean absolute difference of 4x4 colour thumbnails, at most (of 255)
 
 
 def dhash(image: Image.Image) -> int:
@@ -32,6 +35,12 @@ def dhash(image: Image.Image) -> int:
     small = np.asarray(image.convert("L").resize((9, 8), Image.LANCZOS), dtype=np.int16)  # (8, 9)
     bits = (small[:, 1:] > small[:, :-1]).flatten()  # (64,)
     return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def colour_thumb(image: Image.Image) -> np.ndarray:
+    """A 4x4 RGB thumbnail (box-averaged), float: what dHash, which sees only brightness steps, does not (two flat
+    images of different colours have the same dHash)."""
+    return np.asarray(image.convert("RGB").resize((4, 4), Image.BOX), dtype=np.float32)
 
 
 def near_pairs(hashes: dict[str, int], max_bits: int) -> list[tuple[str, str, int]]:
@@ -67,15 +76,20 @@ class HealthReport:
     exact_duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical files
     near_duplicates: list[tuple[str, str, int]] = field(default_factory=list)  # (a, b, differing hash bits)
     missing_captions: list[str] = field(default_factory=list)
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, why it cannot be listed)
+    bad_metadata: list[tuple[str, str]] = field(default_factory=list)  # ("metadata.jsonl:LINE", why it is ignored)
+    orphan_captions: list[str] = field(default_factory=list)  # metadata.jsonl captions of files that are not there
     sizes: dict[str, int] = field(default_factory=dict)  # shorter side -> count
     aspects: dict[str, int] = field(default_factory=dict)  # aspect ratio (W / H) -> count
     buckets: dict[str, int] = field(default_factory=dict)  # "HxW" -> count, when a bucket area was given
 
     @property
     def problems(self) -> int:
-        """Files training should not see as they are: corrupt, tiny, and the extra copies of duplicates."""
+        """What training should not see as it is: corrupt and tiny files, the extra copies of duplicates, folders it
+        cannot read, and captions it would lose (unusable metadata lines, captions of missing files)."""
         return (len(self.corrupt) + len(self.tiny) + sum(len(g) - 1 for g in self.exact_duplicates)
-                + len(self.near_duplicates))
+                + len(self.near_duplicates) + len(self.unreadable_folders) + len(self.bad_metadata)
+                + len(self.orphan_captions))
 
     def to_text(self, most: int = 20) -> str:
         """The report as lines of text (at most ``most`` names per finding)."""
@@ -89,9 +103,12 @@ class HealthReport:
                 lines.append(f"  ... and {len(rows) - most} more")
 
         section("corrupt", [f"{n}: {why}" for n, why in self.corrupt])
+        section("unreadable folders", [f"{n}: {why}" for n, why in self.unreadable_folders])
         section("tiny", [f"{n}: {w}x{h}" for n, w, h in self.tiny])
         section("exact duplicate groups", [" = ".join(g) for g in self.exact_duplicates])
         section("near duplicates", [f"{a} ~ {b} ({d} bits)" for a, b, d in self.near_duplicates])
+        section("unusable metadata lines", [f"{n}: {why}" for n, why in self.bad_metadata])
+        section("captions of missing files", self.orphan_captions)
         section("without a caption", self.missing_captions)
         for title, hist in (("shorter side (pixels)", self.sizes), ("aspect ratio (W/H)", self.aspects),
                             ("buckets (HxW)", self.buckets)):
@@ -120,15 +137,22 @@ def _aspect_bin(ratio: float) -> str:
     return max((edge, name) for edge, name in ASPECT_BINS if edge <= ratio)[1]
 
 
-def _folder_images(root: Path):
-    """(name, RGB image or None, why not, SHA-256 of the file, has a caption) per image file under ``root``."""
-    paths = list_images(root)
-    if not paths:
+def _folder_images(root: Path, report: HealthReport):
+    """(name, RGB image or None, why not, SHA-256 of the file, has a caption) per image file under ``root``; folders
+    it cannot list, unusable metadata lines and captions of missing files go into ``report``."""
+    paths = list_images(root, report.unreadable_folders)
+    if not paths and not report.unreadable_folders:
         raise ValueError(f"no image files in {root} (looked recursively for .png, .jpg, .webp, ...)")
-    metadata = read_metadata(root, verbose=False)
+    metadata = read_metadata(root, verbose=False, problems=report.bad_metadata)
+    names = {path.relative_to(root).as_posix() for path in paths}
+    report.orphan_captions = sorted(display_name(k) for k in metadata if k not in names)
     for path in paths:
-        name = path.relative_to(root).as_posix()
-        data = path.read_bytes()
+        name = display_name(path.relative_to(root).as_posix())
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            yield name, None, f"cannot be read ({type(e).__name__}: {e.strerror})", "", False
+            continue
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
@@ -146,11 +170,11 @@ def _tar_images(spec: str):
         for item in shards:
             rgb = item["image"]
             digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-            yield item["key"], rgb, None, digest, item["captioned"]
+            yield display_name(item["key"]), rgb, None, digest, item["captioned"]
     except ValueError:  # no usable sample at all: every one is reported as corrupt below
         pass
     for name, why in shards.skipped:
-        yield name, None, why, "", False
+        yield display_name(name), None, why, "", False
 
 
 def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_area: int = 0,
@@ -158,17 +182,18 @@ def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_
     """Read every image of a folder (or every sample of tar shards) once and report what is wrong with it."""
     if not 0 <= near_bits < 64:
         raise ValueError(f"near_bits must be in 0..63, got {near_bits}")
+    report = HealthReport(display_name(str(root)))
     if is_tar_source(str(root)):
         images = _tar_images(str(root))
     else:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder)")
-        images = _folder_images(root)
-    report = HealthReport(str(root))
+        images = _folder_images(root, report)
     buckets = make_buckets(bucket_area, bucket_step) if bucket_area else None
     by_digest: dict[str, list[str]] = defaultdict(list)
     hashes: dict[str, int] = {}
+    colours: dict[str, np.ndarray] = {}
     sizes, aspects, bucket_counts = Counter(), Counter(), Counter()
     for name, rgb, problem, digest, captioned in images:
         report.files += 1
@@ -179,7 +204,7 @@ def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_
         if min(w, h) < min_size:
             report.tiny.append((name, w, h))
         by_digest[digest].append(name)
-        hashes[name] = dhash(rgb)
+        hashes[name], colours[name] = dhash(rgb), colour_thumb(rgb)
         if not captioned:
             report.missing_captions.append(name)
         sizes[_side_bin(min(w, h))] += 1
@@ -189,7 +214,8 @@ def check_data(root: str | Path, min_size: int = 64, near_bits: int = 4, bucket_
             bucket_counts[f"{bh}x{bw}"] += 1
     report.exact_duplicates = sorted(g for g in by_digest.values() if len(g) > 1)
     same = {frozenset(p) for g in report.exact_duplicates for p in itertools.combinations(g, 2)}
-    report.near_duplicates = [(a, b, d) for a, b, d in near_pairs(hashes, near_bits) if frozenset((a, b)) not in same]
+    report.near_duplicates = [(a, b, d) for a, b, d in near_pairs(hashes, near_bits) if frozenset((a, b)) not in same
+                              and float(np.abs(colours[a] - colours[b]).mean()) <= NEAR_COLOUR]
     report.sizes = {k: sizes[k] for k in (_side_bin(b) for b in SIDE_BINS) if k in sizes}
     report.aspects = {name: aspects[name] for _, name in ASPECT_BINS if name in aspects}
     report.buckets = dict(sorted(bucket_counts.items(), key=lambda kv: _aspect_of(kv[0])))

@@ -147,18 +147,23 @@ def open_pixel_set(data: str, size: int, *, crop: str = "center", buckets: bool 
     """A folder of images or tar shards decoded for autoencoder training (see the module docstring)."""
     from tqdm import tqdm
 
-    from latentdiff.data.folder import ImageFolder
+    from latentdiff.data.folder import ImageFolder, print_skipped
     from latentdiff.data.tars import TarShards, is_tar_source
 
     if data in ("shapes", "skimage"):
         raise ValueError(f"random crops and buckets need images of their own size (a folder or tar shards), not the "
                          f"built-in {data!r} set: set crop = 'center' and buckets = false")
     if is_tar_source(data):
-        items = TarShards(data, min_size=min_size, verbose=not quiet)
+        source = TarShards(data, min_size=min_size, verbose=not quiet)
+        items = iter(source)
     else:
-        folder = ImageFolder(data, size, min_size=min_size, verbose=not quiet)
-        items = (folder.record(i) for i in range(len(folder)))
+        source = ImageFolder(data, size, min_size=min_size, verbose=not quiet)
+        items = (source.record(i) for i in range(len(source)))
     sizes = make_buckets(bucket_area or size * size, bucket_step, bucket_max_aspect) if buckets else None
     progress = tqdm(items, desc=f"decoding {Path(data).name}", disable=quiet or not sys.stderr.isatty(),
                     file=sys.stderr)  # a bar on a terminal; nothing in a log file
-    return PixelSet(progress, size, crop, sizes, budget_gib, source=data)
+    try:
+        return PixelSet(progress, size, crop, sizes, budget_gib, source=data)
+    finally:
+        if quiet:  # quiet silences progress, never which files were left out
+            print_skipped(source.skipped, data)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from latentdiff.config import COUNT, FINITE, at_least, between, bounds, one_of
 from latentdiff.data.shapes import ShapesDataset, heldout_prompts
 from latentdiff.eval import metrics
 from latentdiff.eval.alignment import ClipScorer, judge_accuracy
@@ -45,6 +46,7 @@ from latentdiff.eval.folders import (
 from latentdiff.eval.memorization import memorization
 from latentdiff.images import to_pil
 from latentdiff.io import write_json
+from latentdiff.model_index import MAX_STEPS
 
 REFERENCE_SEED = 7_000_001  # shapes reference images: a seed no training run uses by default
 PROMPT_SEED = 7_000_002  # captions the model is asked to draw
@@ -63,9 +65,9 @@ class EvalConfig:
     n_samples: int = 256  # generated images per setting (FID needs more than the feature width)
     n_reference: int = 1000  # real images in the reference set
     n_judge: int = 64  # held-out prompts judged per setting
-    samplers: tuple = ("dpmpp_2m", "euler", "heun")  # samplers swept over steps
-    steps: tuple = (1, 2, 5, 10, 20, 50)  # sampler steps swept
-    guidance: tuple = (1.0, 2.0, 4.0, 7.0)  # guidance scales swept (at base_sampler, base_steps)
+    samplers: tuple[str, ...] = ("dpmpp_2m", "euler", "heun")  # samplers swept over steps
+    steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50)  # sampler steps swept
+    guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)  # guidance scales swept (at base_sampler, base_steps)
     base_sampler: str = "dpmpp_2m"  # sampler of the guidance sweep and of memorization
     base_steps: int = 20  # steps of the guidance sweep
     base_guidance: float = 4.0  # guidance of the steps sweep
@@ -83,7 +85,12 @@ class EvalConfig:
     reference: str = ""  # folder of reference images (any sizes; resized + centre-cropped); "" = the shapes set
     samples: str = ""  # folder of already generated images to evaluate against the reference (no model needed)
     image_size: int = 0  # samples: the size they must all have; 0 = whatever one square size they have
-    metrics: tuple = ("fid", "kid", "pr")  # samples: which of FID, KID, precision/recall ("pr") to compute
+    metrics: tuple[str, ...] = ("fid", "kid", "pr")  # samples: which of FID, KID, precision/recall ("pr") to compute
+
+    BOUNDS = bounds({"n_samples": COUNT, "n_reference": COUNT, "n_judge": at_least(0), "steps": between(1, MAX_STEPS),
+                     "guidance": FINITE, "base_steps": between(1, MAX_STEPS), "base_guidance": FINITE, "kid_subset": COUNT,
+                     "kid_subsets": COUNT, "pr_k": COUNT, "train_images": COUNT, "batch_size": COUNT,
+                     "grid_images": at_least(0), "image_size": between(0, 16384), "metrics": one_of("fid", "kid", "pr")})
 
 
 def _cache_dir(cfg_dir: str) -> Path:

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from latentdiff.config import from_dict
 from latentdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset
-from latentdiff.io import atomic_folder, file_digest, load_component_weights, read_config, save_component
+from latentdiff.io import (
+    atomic_folder,
+    file_digest,
+    load_component_weights,
+    read_component_config,
+    save_component,
+)
 
 # Per position: shape (none + 3), colour (none + 6), size (none + 2); then the background.
 _GROUPS = [(p, "shape", 1 + len(SHAPES)) for p in POSITIONS] + [(p, "color", 1 + len(COLORS)) for p in POSITIONS] \
@@ -166,10 +172,8 @@ def load_shapes_net(folder: str | os.PathLike) -> tuple[ShapesNet, str]:
         raise FileNotFoundError(f"no shapes feature net at {folder}; train one (about a minute) with "
                                 f"`latentdiff train-features --out {folder}`, or point LATENTDIFF_SHAPES_NET "
                                 "or --feature-path at one")
-    cfg = read_config(folder)
-    if cfg.get("type") != "ShapesNet":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a shapes feature net")
-    net = ShapesNet(from_dict(ShapesNetConfig, cfg["config"], f"{folder}/config.json"))
+    cfg = read_component_config(folder, "ShapesNet", "a shapes feature net")
+    net = ShapesNet(from_dict(ShapesNetConfig, cfg, f"{folder}/config.json"))
     load_component_weights(net, folder, "shapes feature net")
     return net.eval(), file_digest(folder / "model.safetensors")
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.config import COUNT, IMAGE_SIDE, at_least, bounds
+
 HELDOUT_SEED = 1_000_003  # shapes: a data seed no training run uses (train-vae's default seed is 0)
 
 
@@ -41,6 +43,9 @@ class VAEEvalConfig:
     feature_path: str = ""  # extractor weights: shapes-net folder, Inception .pth, DINOv2 folder ("" = default)
     batch_size: int = 32  # images per forward pass
     grid_images: int = 8  # originals (top row) and reconstructions (bottom row) in grid.png
+
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "max_side": IMAGE_SIDE, "batch_size": COUNT,
+                     "grid_images": at_least(0)})
 
 
 def _load_autoencoder(path: str):

@@ -23,7 +23,7 @@ from latentdiff.conditioning.clip import CLIPEncoderSpec, SDTextConfig, build_sd
 from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
-from latentdiff.io import read_json
+from latentdiff.io import read_json, reads_file
 from latentdiff.model_index import ModelIndex
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
@@ -57,6 +57,9 @@ def is_diffusers_folder(folder: Path) -> bool:
         return False
 
 
+_DAMAGED = "the diffusers folder is damaged, or of a layout latentdiff does not read"
+
+
 def _read_json(path: Path) -> dict:
     return read_json(path, "the diffusers folder is incomplete")
 
@@ -72,6 +75,7 @@ def _require(cfg: dict, where: str, expected: dict) -> None:
 # configs
 
 
+@reads_file(fix=_DAMAGED)
 def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNetConfig:
     """diffusers UNet2DConditionModel config -> UNetConfig (SD 1.x, 2.x, XL layouts)."""
     _require(d, where, {
@@ -166,6 +170,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) ->
     return d
 
 
+@reads_file(fix=_DAMAGED)
 def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> AutoencoderConfig:
     """diffusers AutoencoderKL config -> AutoencoderConfig."""
     _require(d, where, {"act_fn": ["silu"], "latents_mean": [None], "latents_std": [None]})
@@ -207,6 +212,7 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
     }
 
 
+@reads_file(fix=_DAMAGED)
 def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.json"
                             ) -> tuple[str, NoiseSchedule, SamplerHint]:
     """Scheduler config -> (parameterization, noise schedule, sampler hint)."""
@@ -386,6 +392,7 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
 # SD 3 / 3.5 folders
 
 
+@reads_file(fix=_DAMAGED)
 def flow_hint_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.json") -> SamplerHint:
     """FlowMatchEulerDiscreteScheduler config -> Euler on the 'flow_match' grid with its shift; what is not
     reproduced is named in the hint's note."""

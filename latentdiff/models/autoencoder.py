@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentdiff.config import COUNT, FINITE, FRACTION, above, at_least, bounds, one_of
+
 from .layers import (
     Downsample2D,
     NormFn,
@@ -56,6 +58,12 @@ class AutoencoderConfig:
     codebook_ema: bool = True  # vq: codebook as an EMA of encoder outputs (else learned by gradient)
     codebook_decay: float = 0.99  # vq: EMA decay of the codebook
     commitment_weight: float = 0.25  # vq: beta of the commitment loss ||h - sg(e)||^2
+
+    # A scale of 0, inf or NaN (latent statistics of a broken run) would decode every latent to garbage.
+    BOUNDS = bounds({"in_channels": COUNT, "base_channels": COUNT, "channel_mult": COUNT, "num_res_blocks": at_least(0),
+                     "latent_channels": COUNT, "norm_groups": COUNT, "scale_factor": above(0), "shift_factor": FINITE,
+                     "channel_scale": above(0), "channel_shift": FINITE, "regularizer": one_of("kl", "vq"),
+                     "codebook_size": COUNT, "codebook_decay": FRACTION, "commitment_weight": at_least(0)})
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)

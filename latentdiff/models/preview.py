@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.config import from_dict
-from latentdiff.io import load_component_weights, read_config, save_component
+from latentdiff.io import load_component_weights, read_component_config, save_component
 
 
 @dataclass
@@ -83,10 +83,8 @@ def save_preview_decoder(folder: str | Path, decoder: PreviewDecoder) -> None:
 
 
 def load_preview_decoder(folder: str | Path) -> PreviewDecoder:
-    cfg = read_config(folder)
-    if cfg.get("type") != "PreviewDecoder":
-        raise ValueError(f"{folder} holds a {cfg.get('type')!r}, not a preview decoder")
-    model = PreviewDecoder(from_dict(PreviewConfig, cfg["config"], f"{folder}/config.json"))
+    cfg = read_component_config(folder, "PreviewDecoder", "a preview decoder")
+    model = PreviewDecoder(from_dict(PreviewConfig, cfg, f"{folder}/config.json"))
     load_component_weights(model, folder, "preview_decoder")
     return model.eval()
 

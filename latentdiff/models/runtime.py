@@ -6,6 +6,7 @@ loops alike; nothing here knows about training.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -82,3 +83,45 @@ def low_precision_layout(precision: str, device: torch.device, *modules: nn.Modu
 def _stored_channels_last(p: Tensor) -> bool:
     """A 4-d tensor laid out NHWC and not also NCHW (1x1 kernels and single channels are both)."""
     return p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+
+
+def feature_width(module: nn.Module) -> int:
+    """The widest feature stream of a network, a rough measure of its activations per position: the most
+    channels any normalization layer sees (GroupNorm, LayerNorm, RMSNorm), else the widest convolution or linear."""
+    widths = []
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            widths.append(m.num_channels)
+        elif isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) and m.normalized_shape:
+            widths.append(m.normalized_shape[-1])
+    if not widths:
+        widths = [getattr(m, "out_channels", 0) or getattr(m, "out_features", 0) for m in module.modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return max(widths, default=1)
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes a computation on ``device`` can still allocate: free GPU memory, or the memory the system (and the
+    container's cgroup limit, where one is set) has available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return 2**62  # unknown: do not refuse
+    try:  # cgroup v2: a container's own limit
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), g.read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free

@@ -23,9 +23,12 @@ from torch import Tensor, nn
 
 from latentdiff.io import (
     atomic_folder,
+    atomic_path,
     end_progress,
     load_state_strict,
     progress_line,
+    read_json,
+    reading,
     write_json,
     write_safetensors,
 )
@@ -99,6 +102,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, quiet: bool = False,
                  batch_size: int | None = None, tensorboard_dir: Path | None = None):
+        if start_step > 0:
+            truncate_log(path, start_step)  # a resumed run: the rows of the steps it rolled back go
         self.file = open(path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
         self.total = total_steps
         self.start = start_step  # the step this process began at (after a resume, not 0)
@@ -132,6 +137,24 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of a JSONL log up to ``step`` (the step a run resumes at); drop later ones and a torn last line."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # half a line: the process was killed while writing it
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def _tensorboard_writer(folder: Path):
@@ -199,8 +222,8 @@ def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EM
                 "generator": encode_rng(generator.get_state()) if generator is not None else None,
                 "torch_rng": rngs[0]["cpu"], "rng_per_rank": rngs, "extra": sorted(extra),
             })
-        (root / "latest.tmp").write_text(folder.name)
-        (root / "latest.tmp").replace(root / "latest")
+        with atomic_path(root / "latest") as tmp:
+            tmp.write_text(folder.name)
         for old in sorted(root.glob("step_*"))[:-keep_last]:
             shutil.rmtree(old)
     ctx.barrier()
@@ -208,13 +231,24 @@ def save_training_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EM
 
 
 def find_checkpoint(path: Path) -> Path:
-    """Resolve a run folder or a checkpoint folder to a checkpoint folder, with a clear error if none."""
+    """Resolve a run folder or a checkpoint folder to a checkpoint folder, with a clear error if none.
+
+    A run folder's checkpoint is the one ``checkpoints/latest`` names; where that one is missing or incomplete (a
+    run killed while replacing it, before ``io.recover_swaps`` put it back), the newest intact one."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file() and (path / "checkpoints" / latest.read_text().strip() / "state.json").is_file():
-        return path / "checkpoints" / latest.read_text().strip()
+    root = path / "checkpoints"
+    latest = root / "latest"
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    if named is not None and (named / "state.json").is_file():
+        return named
+    intact = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
+    if intact:
+        if named is not None:
+            print(f"{latest} names {named.name}, which is missing or incomplete; using the newest intact "
+                  f"checkpoint, {intact[-1].name}", file=sys.stderr)
+        return intact[-1]
     raise FileNotFoundError(
         f"no training checkpoint in {path}: expected {path}/checkpoints/latest (a run folder) "
         "or a step_XXXXXXX folder holding state.json"
@@ -229,7 +263,9 @@ def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torc
     A checkpoint of another model configuration is refused with the names of the mismatched tensors.
     """
     ctx = ctx or Context()
-    state = json.loads((folder / "state.json").read_text())
+    state = read_json(folder / "state.json", "the checkpoint is incomplete")
+    with reading(folder / "state.json", "resume from another checkpoint"):
+        step, ema_updates = int(state["step"]), int(state["ema_updates"])
     extra = extra or {}
     modules = {"model": model, "ema": ema.module, **{k: m for k, m in extra.items() if isinstance(m, nn.Module)}}
     for name, module in modules.items():
@@ -256,15 +292,15 @@ def load_training_checkpoint(folder: Path, model: nn.Module, ema: EMA, opt: torc
                                         "differently; resume with the same settings")
             meta = json.loads((folder / f"{name}.json").read_text())
             other.load_state_dict(_optimizer_state(load_file(str(folder / f"{name}.safetensors")), meta))
-    ema.updates = state["ema_updates"]
+    ema.updates = ema_updates
     if generator is not None and state.get("generator"):
         generator.set_state(decode_rng(state["generator"]))
     rngs = state.get("rng_per_rank") or [{"cpu": state["torch_rng"]}]
     if ctx.rank < len(rngs):
         set_rng_state(rngs[ctx.rank], ctx.device)
     else:  # more processes than the run had: a fresh, rank-dependent stream (only dropout draws from it)
-        torch.manual_seed(state["step"] * 1_000_003 + ctx.rank)
-    return state["step"]
+        torch.manual_seed(step * 1_000_003 + ctx.rank)
+    return step
 
 
 class _ShapeOnly(nn.Module):

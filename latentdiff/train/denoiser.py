@@ -27,13 +27,14 @@ from latentdiff.components import (
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
-from latentdiff.config import from_dict
+from latentdiff.config import COUNT, FINITE, FRACTION, at_least, between, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
+from latentdiff.diffusion.parameterization import ALIASES, PARAMETERIZATIONS
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import load_state_strict, read_json
-from latentdiff.model_index import ModelIndex, SizeConditioning
+from latentdiff.model_index import MAX_STEPS, ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import Trainable, check_finite_params
@@ -65,7 +66,7 @@ class TrainConfig(RunConfig):
     lr: float = 5e-4  # peak AdamW learning rate
     warmup_steps: int = 200  # linear warm-up
     sample_every: int = 1000  # steps between sample grids (0 = never)
-    sample_prompts: tuple = ("a large red circle on the left", "a small blue square at the top",
+    sample_prompts: tuple[str, ...] = ("a large red circle on the left", "a small blue square at the top",
                              "a large green triangle on the right", "a small yellow circle at the bottom")
     sample_steps: int = 20  # sampler steps for the grids
     sample_guidance: float = 4.0  # CFG scale for the grids
@@ -82,6 +83,13 @@ class TrainConfig(RunConfig):
     label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
     size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
     size_embed_dim: int = 64  # sinusoidal features per size id (SDXL: 256)
+
+    BOUNDS = bounds({"parameterization": one_of(*PARAMETERIZATIONS, *ALIASES), "min_snr_gamma": at_least(0),
+                     "sigma_sampler": one_of("discrete", "lognormal", "logitnormal"),
+                     "edm_weighting": at_least(0), "offset_noise": at_least(0), "caption_dropout": FRACTION,
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "eval_every": at_least(0),
+                     "eval_samples": COUNT, "judge_every": at_least(0), "judge_prompts": COUNT, "label_dropout": FRACTION,
+                     "size_embed_dim": between(2, 4096)})
 
 
 # Rectified flow with logit-normal timesteps (as SD3), sampled on the flow grid: on the demo's latents it

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from latentdiff.config import COUNT, bounds, one_of
 from latentdiff.data.buckets import batch_indices
 
 STRATEGIES = ("ddp", "fsdp")
@@ -35,6 +36,8 @@ class DistributedConfig:
     strategy: str = "ddp"  # "ddp" (replicated weights) or "fsdp" (FSDP2 fully_shard: sharded weights/optimizer)
     backend: str = ""  # "" = "nccl" on GPUs, "gloo" on CPUs
     timeout_min: int = 30  # collective time-out; raise it when rank 0 writes very large checkpoints
+
+    BOUNDS = bounds({"strategy": one_of(*STRATEGIES), "timeout_min": COUNT})
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.config import COUNT, IMAGE_SIDE, bounds
 from latentdiff.models.autoencoder import compute_latent_stats, set_latent_stats
 
 
@@ -29,6 +30,9 @@ class LatentStatsConfig:
     per_channel: bool = False  # one scale and shift per latent channel instead of two scalars
     center: bool = True  # also shift to zero mean (False: shift 0, the SD 1.x convention)
     batch_size: int = 32  # images encoded at once
+
+    OUTPUTS = ("autoencoder",)  # its config.json is rewritten: checked writable before any work
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "batch_size": COUNT})
 
 
 def image_batches(dataset, num_images: int, batch_size: int):

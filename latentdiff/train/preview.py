@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from latentdiff.config import COUNT, IMAGE_SIDE, above, at_least, bounds
 from latentdiff.models.preview import PreviewConfig, PreviewDecoder, save_preview_decoder
 from latentdiff.train.latent_stats import image_batches
 
@@ -81,6 +82,9 @@ class PreviewTrainConfig:
     channels: int = 64  # preview decoder width at the latent resolution (halved per upsampling)
     blocks: int = 1  # residual blocks per level
     seed: int = 0  # data and initialization seed
+
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "steps": COUNT, "batch_size": COUNT, "lr": above(0),
+                     "channels": COUNT, "blocks": at_least(0)})
 
 
 def distill_preview_command(cfg: PreviewTrainConfig) -> Path:

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from latentdiff.config import to_dict
-from latentdiff.models.runtime import channels_last
+from latentdiff.config import COUNT, FRACTION, Bound, above, at_least, between, bounds, one_of, to_dict
+from latentdiff.io import recover_swaps
+from latentdiff.models.runtime import TRAINING_PRECISIONS, channels_last
 from latentdiff.train.common import (
     EMA,
     MetricsLog,
@@ -73,7 +74,7 @@ from latentdiff.train.engine import (
     run_callbacks,
     train_step,
 )
-from latentdiff.train.posthoc_ema import PowerEMA, save_snapshot
+from latentdiff.train.posthoc_ema import PowerEMA, gamma_to_sigma_rel, save_snapshot
 
 
 @dataclass
@@ -103,11 +104,19 @@ class RunConfig:
     channels_last: bool = False  # NHWC convolution weights (models/runtime.channels_last); no gain on the 2-core CPU
     grad_accum: int = 1  # micro-batches per step and process: batch_size = processes * grad_accum * micro-batch
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: DDP or FSDP2
-    posthoc_sigma_rels: tuple = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
+    posthoc_sigma_rels: tuple[float, ...] = (0.05, 0.10)  # post-hoc EMA tracks (EDM2 power EMAs), by relative std
     posthoc_every: int = 0  # steps between post-hoc EMA snapshots (0 = no tracks); `latentdiff posthoc-ema`
     tensorboard: bool = True  # also log to run/tensorboard when tensorboard is installed
     dry_run: bool = False  # time dry_run_steps steps, report step time, peak memory and ETA; write nothing
     dry_run_steps: int = 4  # steps the dry run takes (the first is not timed)
+
+    # What each value may be (config.Bound), checked with the types before any work; loops add their own.
+    BOUNDS = bounds({"steps": COUNT, "batch_size": COUNT, "lr": above(0), "weight_decay": at_least(0),
+                     "warmup_steps": at_least(0), "lr_schedule": one_of("constant", "cosine"), "grad_clip": above(0),
+                     "ema_decay": FRACTION, "precision": one_of(*TRAINING_PRECISIONS), "log_every": COUNT,
+                     "sample_every": at_least(0), "save_every": COUNT, "keep_last": COUNT, "grad_accum": COUNT,
+                     "posthoc_sigma_rels": Bound(0, gamma_to_sigma_rel(0.0), lo_open=True, hi_open=True),
+                     "posthoc_every": at_least(0), "dry_run_steps": between(2, 1000)})
 
 
 @contextmanager
@@ -127,9 +136,14 @@ class Run:
     def __init__(self, cfg: RunConfig, ctx: Context, callbacks: list[Callback] | None = None):
         self.cfg, self.ctx, self.callbacks = cfg, ctx, list(callbacks or [])
         self.folder = Path(cfg.out)
+        self.writes = ctx.is_main and not cfg.dry_run
+        if self.writes:  # a run killed while writing: its half-written files go, a half-replaced folder comes back
+            for line in [*recover_swaps(self.folder), *recover_swaps(self.folder / "checkpoints"),
+                         *recover_swaps(self.folder / "posthoc_ema")]:
+                print(line, file=sys.stderr)
+        ctx.barrier()
         self.checkpoint = find_checkpoint(self.folder) if cfg.resume else None  # fails before any work
         self.chunks = micro_batches(rank_positions(cfg.batch_size, ctx), cfg.grad_accum)  # this rank's micro-batches
-        self.writes = ctx.is_main and not cfg.dry_run
         self.seeded = False
         self.start = self.current = 0  # the step the run starts at (after a resume, not 0); the step it is at
         self.stop: StopSignal | None = None

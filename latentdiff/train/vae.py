@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from latentdiff.components import save_autoencoder
-from latentdiff.config import from_dict
+from latentdiff.config import COUNT, IMAGE_SIDE, above, at_least, bounds, from_dict, one_of
 from latentdiff.data import make_image_dataset
 from latentdiff.data.buckets import batch_indices
 from latentdiff.data.pixels import PixelSet, open_pixel_set, same_shape_batches, uses_pixel_set
@@ -73,6 +73,13 @@ class VAETrainConfig(RunConfig):
     bucket_step: int = 0  # bucket sides are multiples of this; 0 = the autoencoder's factor x 8
     bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
     min_size: int = 8  # tar shards, random crops, buckets: images with a shorter side are skipped (and named)
+
+    BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "kl_weight": at_least(0), "recon_loss": one_of("l1", "l2"),
+                     "edge_weight": at_least(0), "detail_weight": at_least(0), "stats_images": COUNT,
+                     "preload_gib": above(0), "perceptual_weight": at_least(0), "disc_weight": at_least(0),
+                     "disc_start": at_least(0), "disc_lr": at_least(0), "disc_layers": COUNT, "disc_channels": COUNT,
+                     "crop": one_of("center", "random"), "bucket_area": at_least(0), "bucket_step": at_least(0),
+                     "bucket_max_aspect": at_least(1), "min_size": COUNT})
 
 
 VAE_PRESETS: dict[str, dict] = {
