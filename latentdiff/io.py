@@ -262,6 +262,14 @@ def save_component(folder: str | os.PathLike, module: nn.Module, config: dict) -
     write_json(folder / CONFIG_NAME, config)
 
 
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON line to a log (metrics, eval and judge rows), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def read_json(path: str | os.PathLike, missing: str) -> dict:
     """Read a JSON object from a file; a missing file raises with ``missing`` (what it means), a corrupt one or one
     that holds something else than an object (a list, a number) says so."""

@@ -25,6 +25,23 @@ def make_tiny_cache(root: Path) -> Path:
                        source={"autoencoder": str(root / "ae")}, quiet=True)
 
 
+def tiny_model_folder(path: Path, size: int = 16, seed: int = 0) -> Path:
+    """A random model folder: factor-2 autoencoder, 2-level U-Net with self-attention, hashed text encoder."""
+    from latentdiff.components import DenoiserSpec, build_denoiser
+    from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
+    from latentdiff.models.autoencoder import AutoencoderConfig
+    from latentdiff.models.unet import UNetConfig
+    from latentdiff.train.denoiser import save_model_folder
+
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
+    spec = DenoiserSpec(unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                        attention_levels=(1,), num_heads=2, context_dim=16, vector_dim=16,
+                                        norm_groups=8))
+    text = build_text_encoder(TextEncoderConfig(dim=16, vocab_size=64, num_layers=1, num_heads=2))
+    return save_model_folder(path, build_denoiser(spec), text, spec, ae, size)
+
+
 def env(**extra) -> dict:
     """The environment of a training subprocess: this checkout first on the path, 2 threads."""
     out = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}

@@ -6,30 +6,15 @@ import json
 
 import pytest
 import torch
-from _tiny import one_thread  # noqa: F401 (autouse)
+from _tiny import one_thread, tiny_model_folder  # noqa: F401 (autouse)
 
-from latentdiff.components import DenoiserSpec, build_denoiser
-from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.default import MANIFEST, verify
 from latentdiff.default.build import main as build_main
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from latentdiff.models.unet import UNetConfig
 from latentdiff.pipeline import load
-from latentdiff.train.denoiser import save_model_folder
-
-
-def _folder(path):
-    torch.manual_seed(0)
-    ae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
-    spec = DenoiserSpec(unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                        attention_levels=(1,), num_heads=2, context_dim=16, vector_dim=16,
-                                        norm_groups=8))
-    text = build_text_encoder(TextEncoderConfig(dim=16, vocab_size=64, num_layers=1, num_heads=2))
-    return save_model_folder(path, build_denoiser(spec), text, spec, ae, 16)
 
 
 def test_build_writes_a_half_precision_folder_that_loads_and_recommends(tmp_path):
-    source, guide, out = _folder(tmp_path / "src"), _folder(tmp_path / "guide"), tmp_path / "bundle"
+    source, guide, out = tiny_model_folder(tmp_path / "src"), tiny_model_folder(tmp_path / "guide", seed=1), tmp_path / "bundle"
     build_main([str(source), "--guide", str(guide), "--out", str(out), "--generation", "guidance=3.5",
                 "--generation", "guidance_method=autoguidance", "--generation", "steps=12"])
     assert verify(out) == out
@@ -52,7 +37,7 @@ def test_build_writes_a_half_precision_folder_that_loads_and_recommends(tmp_path
 def test_build_refuses_what_is_not_a_model_folder_and_a_bad_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a latentdiff model folder"):
         build_main([str(tmp_path), "--out", str(tmp_path / "out")])
-    source = _folder(tmp_path / "src")
+    source = tiny_model_folder(tmp_path / "src")
     with pytest.raises(ValueError, match="steps"):
         build_main([str(source), "--out", str(tmp_path / "out"), "--generation", "steps=many"])
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -6,17 +6,12 @@ import shutil
 
 import pytest
 import torch
-from _tiny import one_thread  # noqa: F401 (autouse)
+from _tiny import one_thread, tiny_model_folder  # noqa: F401 (autouse)
 
 from latentdiff import cli
-from latentdiff.components import DenoiserSpec, build_denoiser
-from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.images import read_parameters
 from latentdiff.model_index import GenerationSettings, ModelIndex
-from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from latentdiff.models.unet import UNetConfig
 from latentdiff.pipeline import load
-from latentdiff.train.denoiser import save_model_folder
 
 PROMPT = "a red circle"
 
@@ -26,17 +21,11 @@ def folder(tmp_path_factory):
     """A random model folder (U-Net with self-attention) whose guide/ is a copy of itself, and one whose guide/ is
     another random model."""
     root = tmp_path_factory.mktemp("guid")
-    torch.manual_seed(0)
-    ae = AutoencoderKL(AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
-    spec = DenoiserSpec(unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                        attention_levels=(1,), num_heads=2, context_dim=16, vector_dim=16,
-                                        norm_groups=8))
-    text = build_text_encoder(TextEncoderConfig(dim=16, vocab_size=64, num_layers=1, num_heads=2))
-    same = save_model_folder(root / "same", build_denoiser(spec), text, spec, ae, 16)
+    same = tiny_model_folder(root / "same")
     shutil.copytree(same, root / "guide_copy")
     shutil.move(root / "guide_copy", same / "guide")
-    other = save_model_folder(root / "other", build_denoiser(spec), text, spec, ae, 16)
-    save_model_folder(other / "guide", build_denoiser(spec), text, spec, ae, 16)
+    other = tiny_model_folder(root / "other", seed=1)
+    tiny_model_folder(other / "guide", seed=2)
     return same, other
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from latentdiff.io import read_json
+
 FOLDER = Path(__file__).parent / "model"  # the model folder (model_index.json, autoencoder/, denoiser/, ...)
 MANIFEST = "manifest.json"  # {relative path: {"bytes": n, "sha256": hex}} for every other file in FOLDER
 REINSTALL = "reinstall latentdiff (`pip install --force-reinstall latentdiff`, or `pip install -e .` in a checkout)"
@@ -30,13 +32,10 @@ def sha256(path: str | os.PathLike) -> str:
 def verify(folder: str | os.PathLike = FOLDER) -> Path:
     """The bundled model folder after checking every file against the manifest; a clear error otherwise."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"the bundled default model is missing ({manifest_path} not found): {REINSTALL}")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"the bundled default model's manifest {manifest_path} is corrupt ({e}): {REINSTALL}") from e
+        manifest = read_json(folder / MANIFEST, "the bundled default model is missing")
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{e}; {REINSTALL}") from e
     for name, want in sorted(manifest.items()):
         path = folder / name
         if not path.is_file():

@@ -3,12 +3,10 @@ the training hook that logs the suite against training time (the curve a long ru
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +14,7 @@ import torch
 from latentdiff.data.judge import score
 from latentdiff.data.shapes import heldout_prompts, render, to_tensor, train_prompts
 from latentdiff.images import to_uint8
+from latentdiff.io import append_jsonl
 
 # name -> (prompt set, phrasing, objects per scene); "heldout" is the headline figure.
 SUITES = {
@@ -78,10 +77,7 @@ def make_judge_hook(every: int, n: int, log_path: str | os.PathLike, **settings)
     def hook(step: int, pipeline) -> dict:
         row = {"step": int(step), "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
                **judge_suites(pipeline, n, **settings)}
-        path = Path(log_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:  # one line per evaluation, appended like metrics.jsonl
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(log_path, row)  # one line per evaluation, appended like metrics.jsonl
         return row
 
     return hook

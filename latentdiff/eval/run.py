@@ -45,7 +45,7 @@ from latentdiff.eval.folders import (
 )
 from latentdiff.eval.memorization import memorization
 from latentdiff.images import to_pil
-from latentdiff.io import write_json
+from latentdiff.io import append_jsonl, write_json
 from latentdiff.model_index import MAX_STEPS
 
 REFERENCE_SEED = 7_000_001  # shapes reference images: a seed no training run uses by default
@@ -370,10 +370,7 @@ def make_eval_hook(every: int, n_samples: int, *, log_path: str | os.PathLike | 
         row, _ = state["evaluator"].setting(pipeline, sampler, steps, guidance)
         row = {"step": int(step), **row}
         if log_path is not None:
-            path = Path(log_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:  # one line per evaluation, appended like metrics.jsonl
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(log_path, row)  # one line per evaluation, appended like metrics.jsonl
         return row
 
     return hook
