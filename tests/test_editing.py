@@ -10,10 +10,12 @@ Parity with diffusers' img2img pipeline is in test_interop_load.py.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from _tiny import one_thread, tiny_model_folder  # noqa: F401 (one_thread: autouse)
+from _tiny import cli, one_thread, tiny_model_folder  # noqa: F401 (one_thread: autouse)
 from PIL import Image
 
 from latentdiff.diffusion.denoiser import Denoiser
@@ -22,7 +24,7 @@ from latentdiff.diffusion.parameterization import make_parameterization
 from latentdiff.diffusion.sampling import _CANONICAL, init_x
 from latentdiff.diffusion.schedules import flow_sigmas, karras_sigmas
 from latentdiff.edit_inputs import latent_mask, paste_mask
-from latentdiff.images import to_uint8
+from latentdiff.images import read_parameters, to_uint8
 from latentdiff.model_index import ModelIndex
 from latentdiff.pipeline import Pipeline, load
 
@@ -272,6 +274,53 @@ def test_resizing_and_thresholding_are_said(pipes, picture, capsys):
     assert out.shape == (1, 16, 16, 3)
     own = pipe.generate(PROMPT, output="np", image=np.zeros((17, 15, 3), np.uint8), **GEN)  # rounded to the factor
     assert own.shape == (1, 16, 16, 3) and "image 15x17 resized to 16x16" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- command line
+
+
+def test_cli_edits_write_pngs_that_record_the_edit(folder, picture, tmp_path):
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    Image.fromarray((square_mask().numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    base = ["generate", PROMPT, "--model", str(folder), "--steps", "4", "--image", "in.png"]
+    runs = {"img2img.png": ["--strength", "0.5"], "inpaint.png": ["--mask", "mask.png"],
+            "outpaint.png": ["--outpaint", "left=4,bottom=4", "--no-paste-back"]}
+    for out, extra in runs.items():
+        result = cli([*base, *extra, "-o", out], tmp_path)
+        assert result.returncode == 0, result.stderr
+    params = {name: read_parameters(tmp_path / name) for name in runs}
+    assert params["img2img.png"]["image"] == str(tmp_path / "in.png") and params["img2img.png"]["strength"] == 0.5
+    assert "mask" not in params["img2img.png"]
+    assert params["inpaint.png"]["mask"] == str(tmp_path / "mask.png") and params["inpaint.png"]["strength"] == 1.0
+    assert params["outpaint.png"]["outpaint"] == {"left": 4, "top": 0, "right": 0, "bottom": 4}
+    assert params["outpaint.png"]["paste_back"] is False and params["outpaint.png"]["width"] == 20
+    inpainted = np.asarray(Image.open(tmp_path / "inpaint.png"))
+    assert (inpainted[square_mask().numpy() == 0] == picture[square_mask().numpy() == 0]).all()
+    assert json.dumps(params)  # plain JSON values
+
+
+def test_cli_refuses_bad_edits_with_one_line_and_writes_nothing(folder, picture, tmp_path):
+    from test_reliability import refuse_all
+
+    root = tmp_path / "watched"
+    root.mkdir()
+    Image.fromarray(picture).save(root / "in.png")
+    Image.fromarray(np.zeros((16, 40), np.uint8)).save(root / "wide.png")
+    (root / "junk.png").write_text("not an image")
+    gen = ["generate", PROMPT, "--model", str(folder), "--steps", "2", "-o", str(root / "out.png")]
+    image = ["--image", str(root / "in.png")]
+    cases = [
+        ({"argv": [*gen, *image, "--strength", "0"]}, ("strength = 0.0 is not allowed", "(0, 1]")),
+        ({"argv": [*gen, *image, "--strength", "1.2"]}, ("strength must be in (0, 1]",)),
+        ({"argv": [*gen, "--mask", str(root / "in.png")]}, ("--image FILE",)),
+        ({"argv": [*gen, *image, "--outpaint", "left=-2"]}, ("outpaint must be >= 0",)),
+        ({"argv": [*gen, *image, "--outpaint", "left=3"]}, ("left=3", "multiple of the autoencoder's factor 2")),
+        ({"argv": [*gen, *image, "--outpaint", "middle=2"]}, ("--outpaint 'middle=2'", "left, top, right, bottom")),
+        ({"argv": [*gen, *image, "--mask", str(root / "wide.png")]}, ("mask is 40x16 but the image is 16x16",)),
+        ({"argv": [*gen, "--image", str(root / "nothing.png")]}, ("nothing.png", "check the path")),
+        ({"argv": [*gen, "--image", str(root / "junk.png")]}, ("junk.png cannot be read as an image",)),
+    ]
+    refuse_all(cases, root, tmp_path)
 
 
 def test_the_pipelines_float_pixels_round_trip_as_an_image(pipes):
