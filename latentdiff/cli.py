@@ -42,6 +42,22 @@ def _preview_flag(value: list[str]) -> dict:
     return {"preview_every": int(n), "preview_dir": folder}
 
 
+def _outpaint_flag(text: str) -> dict:
+    """``--outpaint left=32,right=32`` (sides left, top, right, bottom; the others 0) or ``--outpaint 32`` (all)."""
+    sides = ("left", "top", "right", "bottom")
+    if text.strip().isdigit():
+        return {"outpaint": (int(text),) * 4}
+    pixels = dict.fromkeys(sides, 0)
+    for part in text.split(","):
+        side, _, value = part.partition("=")
+        side = side.strip()
+        if side not in sides or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--outpaint {text!r}: expected SIDE=PIXELS pairs joined by commas, e.g. left=32,right=32 "
+                             f"(sides {', '.join(sides)}), or one number for all four")
+        pixels[side] = int(value)
+    return {"outpaint": tuple(pixels.values())}
+
+
 @dataclass
 class GenerateConfig:
     """``latentdiff generate``: sampling settings (prompts come from the command line)."""
@@ -95,6 +111,17 @@ class GenerateConfig:
     preview_every: int = _opt(0, "every N sampler steps write the preview decoder's image to DIR/step_NNN.png",
                               nargs=2, metavar=("N", "DIR"), to_config=_preview_flag)
     preview_dir: str = ""  # folder for the preview images (--preview-every N DIR)
+    image: str = _opt("", "edit this image (img2img; with --mask inpainting, with --outpaint outpainting); the output "
+                      "is its size unless --height / --width say otherwise", metavar="FILE")
+    strength: float | None = _opt(None, "how far the image is noised before sampling, in (0, 1]: the share of the "
+                                  "steps that are run; 1 repaints from pure noise (default: 0.8, with --mask or "
+                                  "--outpaint 1)", metavar="S")
+    mask: str = _opt("", "inpainting: white repaints, black keeps (grey is thresholded at 0.5)", metavar="FILE")
+    outpaint: tuple = _opt((), "outpainting: pixels to add around the image, e.g. left=32,right=32 (sides left, top, "
+                           "right, bottom; multiples of the autoencoder's factor) or 32 for all four",
+                           metavar="SIDE=PX,...", to_config=_outpaint_flag)
+    paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
+                            "image's own back", flags=("--no-paste-back",), const=False)
 
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
@@ -199,16 +226,17 @@ def cmd_generate(args) -> None:
     out = Path(cfg.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
+    options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
-    options = _generate_options(cfg)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
     w, h = images[0].size
     params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
               "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
-              **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]}}
+              **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]},
+              **_edit_parameters(cfg)}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
     for path in save_images(images, out, params, grid=cfg.grid, per_image=per_image):
@@ -226,6 +254,13 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
                "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision}
+    if cfg.image:
+        from latentdiff.edit_inputs import read_image, read_mask
+
+        options.update(image=read_image(cfg.image), mask=read_mask(cfg.mask) if cfg.mask else None,
+                       strength=cfg.strength, outpaint=tuple(cfg.outpaint) or None, paste_back=cfg.paste_back)
+    elif cfg.mask or cfg.outpaint or cfg.strength is not None:
+        raise ValueError("--mask, --outpaint and --strength edit an image: give it with --image FILE")
     if cfg.preview_every:
         if not cfg.preview_dir:
             raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
@@ -237,6 +272,23 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                        preview=lambda step, image: print(save_png(image, folder / f"step_{step:03d}.png"),
                                                          file=sys.stderr))
     return options
+
+
+def _edit_parameters(cfg: GenerateConfig) -> dict:
+    """What a PNG records of an edit: the image and mask files, the strength used, the outpainting border."""
+    if not cfg.image:
+        return {}
+    from latentdiff.edit_inputs import edit_strength
+
+    out = {"image": str(Path(cfg.image).resolve()),
+           "strength": edit_strength(cfg.strength, bool(cfg.mask or cfg.outpaint))}
+    if cfg.mask:
+        out["mask"] = str(Path(cfg.mask).resolve())
+    if cfg.outpaint:
+        out["outpaint"] = dict(zip(("left", "top", "right", "bottom"), cfg.outpaint))
+    if (cfg.mask or cfg.outpaint) and not cfg.paste_back:
+        out["paste_back"] = False
+    return out
 
 
 def cmd_eval_vae(args) -> None:

@@ -306,12 +306,12 @@ def add_options(p: argparse.ArgumentParser, cls, specs: dict[str, str | dict], s
         kw = {"help": spec} if isinstance(spec, str) else dict(spec)
         flags, to_config[name] = kw.pop("flags", (f"--{name.replace('_', '-')}",)), kw.pop("to_config", None)
         kind = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) else hints[name]  # X | None -> X
-        if kind is bool:
-            kw.update(action="store_const", const=True)
+        if kind is bool:  # a switch: sets True, or ``const`` (False for a --no-... flag of a default-on setting)
+            kw.update(action="store_const", const=kw.get("const", True))
         elif not ({"action", "choices", "type"} & set(kw)) and to_config[name] is None:
             kw["type"] = kind
         default = defaults[name]
-        if show_defaults and default is not None and default is not False and default not in ("", ()):
+        if show_defaults and default is not None and not isinstance(default, bool) and default not in ("", ()):
             kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
         p.add_argument(*flags, dest=name, default=None, **kw)
     p.set_defaults(options=to_config)

@@ -86,10 +86,13 @@ class GenerateRequest:
     guidance_interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi); sigma_hi may be inf
     dynamic_threshold: float | None = None  # a percentile such as 0.995
     preview_every: int = 1  # sampler steps between previews
+    strength: float | None = None  # editing: the share of the steps run from the noised image (None: 0.8 or 1)
+    outpaint: tuple[int, int, int, int] | None = None  # outpainting: pixels added (left, top, right, bottom)
 
     BOUNDS = bounds({"height": COUNT, "width": COUNT, "num_images": COUNT, "seed": between(-2**63, 2**64 - 1),
                      "guidance_rescale": FRACTION, "guidance_interval": Bound(0, finite=False),
-                     "dynamic_threshold": between(0, 1, hi_open=True), "preview_every": COUNT})
+                     "dynamic_threshold": between(0, 1, hi_open=True), "preview_every": COUNT,
+                     "strength": Bound(0, 1, lo_open=True), "outpaint": at_least(0)})
 
 
 @dataclass

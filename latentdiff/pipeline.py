@@ -1,4 +1,5 @@
-"""Text-to-image generation on top of the pieces: text encoder -> sampler with CFG -> autoencoder decode."""
+"""Generation on top of the pieces: text encoder -> sampler with CFG -> autoencoder decode; img2img, inpainting and
+outpainting start from an encoded image."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
 from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
+from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
@@ -29,7 +32,7 @@ from latentdiff.model_index import (
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.runtime import autocast, available_memory, feature_width
-from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents
+from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
 from latentdiff.types import Cond
 
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -177,7 +180,9 @@ class Pipeline:
                  dynamic_threshold: float | None = None, callback=None, label: int | str | list | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
-                 guidance_method: str | None = None, pag_scale: float | None = None):
+                 guidance_method: str | None = None, pag_scale: float | None = None, image=None,
+                 strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
+                 paste_back: bool = True):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -199,26 +204,30 @@ class Pipeline:
         ``preview_every`` steps with the preview decoder's image of the current estimate (needs a model
         folder with ``preview_decoder/``).
 
-        Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``) and the memory
-        the request needs is estimated against what is available (``batch_size``); images are made in batches of
-        at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one batch at a time). A
-        non-finite latent or image is an error naming the likely cause, never a black image.
+        Editing (``edit_inputs``, ``diffusion/editing.py``), on any model and sampler: ``image`` (a path, PIL
+        image, uint8 array or tensor in [-1, 1]) is encoded and every image starts from it, noised to the
+        sigma ``strength`` in (0, 1] of the way up the grid (img2img, SDEdit; default 0.8; 1 is text-to-image);
+        with ``mask`` (white = repaint, black = keep) the kept latents are held on the image's (inpainting;
+        default strength 1) and, with ``paste_back``, its pixels pasted back outside the mask after decoding;
+        ``outpaint=(left, top, right, bottom)`` pixels inpaints a border added around the image. Without
+        ``height`` / ``width`` the output is the image's size (plus the border).
+
+        Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
+        inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
+        are made in batches of at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one
+        batch at a time). A non-finite latent or image is an error naming the likely cause, never a black image.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if isinstance(label, (list, tuple)) and len(prompts) == 1:
-            prompts = prompts * len(label)
-        if not prompts:
-            raise ValueError("no prompt given: pass a prompt string or a non-empty list of prompts")
-        negative = negative_prompt if negative_prompt is not None else ""
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, label)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         from_dict(GenerateRequest, {"height": height, "width": width, "num_images": num_images, "seed": seed,
                                     "guidance_rescale": guidance_rescale, "guidance_interval": guidance_interval,
-                                    "dynamic_threshold": dynamic_threshold, "preview_every": preview_every}, "generate")
-        height, width = self.image_size(height, width)
+                                    "dynamic_threshold": dynamic_threshold, "preview_every": preview_every,
+                                    "strength": strength, "outpaint": outpaint}, "generate")
+        self.image_size(height, width)  # the sizes asked for are multiples of the factor
+        edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
+                            height=height, width=width, factor=self.autoencoder.factor)
+        height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
         n = len(prompts) * num_images
@@ -228,52 +237,91 @@ class Pipeline:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         batch = self.batch_size(n, height, width, tiled, output, next(self.denoiser.parameters()).device)
         sample_fn, _ = get_sampler(use.sampler)
-        hint = self.index.scheduler
-        grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
-        if hint.flow_shift != 1.0 and use.schedule in FLOW_GRIDS:
-            grid_kw = {"shift": hint.flow_shift}
-        sigmas = make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
-
-        # Conditioning, one row per prompt: prompts and negative prompts (and the guide's reading of the prompts).
-        # SDXL's size conditioning follows the request (passed along: the shared text encoder is not changed).
-        cond, uncond = self.encode_prompts(prompts, negatives, (height, width))
-        cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
-        if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
-            raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
-        if self.size_embed_dim:
-            ids = size_ids(len(prompts), height, width, original_size, crop_top_left)
-            cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
-        guide_cond = self.guide.encode_prompts(prompts, [], (height, width))[0] \
-            if use.guidance_method == "autoguidance" else None
+        sigmas = self._sigmas(use)
+        if edit is not None:
+            sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
+        cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
+                                                    crop_top_left, use)
 
         # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
         # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
         generator = torch.Generator("cpu").manual_seed(seed)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
+        hint = self.index.scheduler
         final = {"final_sigma": hint.final_sigma} if hint.final_sigma and sample_fn in FINAL_SIGMA_SAMPLERS else {}
         rows = torch.arange(len(prompts)).repeat_interleave(num_images)  # image -> its prompt
         out = []
         for start in range(0, n, batch):
             pick = (lambda c, r=rows[start:start + batch]: c.map(lambda t: t[r]) if c is not None else None)
-            x = init_x(latents[start:start + batch], sigmas)
-            if hint.vp_init and not torch.isinf(sigmas[0]):
-                x = latents[start:start + batch] * (1 + sigmas[0].item() ** 2) ** 0.5
+            x = self._start(latents[start:start + batch], sigmas, edit, z0, keep)
             denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), rescale=guidance_rescale,
                                     interval=guidance_interval, threshold=dynamic_threshold)
+            if keep is not None:  # inpainting: x0_hat is the image's latent outside the mask
+                denoiser = keep_known(denoiser, z0, keep)
             # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
             convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
             with autocast(self.precision, x.device, *convs):
                 z = sample_fn(denoiser, x, sigmas, pick(cond), generator=generator, callback=callback, **final)
-            out.append(self._decoded(z.float(), use, output, tiled, decode_precision))
+            if keep is not None:  # exactly the image's latent where nothing is repainted, whatever the rounding
+                z = torch.where(keep == 0, z0.to(z.dtype), z)
+            out.append(self._decoded(z.float(), use, output, tiled, decode_precision, edit))
         if output in ("latent", "pt"):
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
 
-    def _decoded(self, z: Tensor, use: GenerationSettings, output: str, tiled: bool | None, precision: str):
-        """One batch's latents as ``output`` asks, refusing non-finite latents and images with their likely cause."""
+    def _sigmas(self, use: GenerationSettings) -> Tensor:
+        """The sigma grid of a generation: the settings' grid and steps, with the scheduler hint's offset or shift."""
+        hint = self.index.scheduler
+        grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
+        if hint.flow_shift != 1.0 and use.schedule in FLOW_GRIDS:
+            grid_kw = {"shift": hint.flow_shift}
+        return make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
+
+    def _conditions(self, prompts: list[str], negatives: list[str], label, size: tuple[int, int], original_size,
+                    crop_top_left, use: GenerationSettings) -> tuple[Cond, Cond, Cond | None]:
+        """Conditioning, one row per prompt: prompts and negative prompts, labels, size ids, and the guide's reading
+        of the prompts. SDXL's size conditioning follows the request (passed along: the shared text encoder is not
+        changed)."""
+        cond, uncond = self.encode_prompts(prompts, negatives, size)
+        cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
+        if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
+            raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
+        if self.size_embed_dim:
+            ids = size_ids(len(prompts), *size, original_size, crop_top_left)
+            cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
+        guide_cond = self.guide.encode_prompts(prompts, [], size)[0] if use.guidance_method == "autoguidance" else None
+        return cond, uncond, guide_cond
+
+    def _encode_edit(self, edit: Edit, tiled: bool | None, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The edit's image as normalized latents (1, C, h, w) on ``device`` and its latent mask (None: img2img)."""
+        param = next(self.autoencoder.parameters())
+        factor = self.autoencoder.factor
+        z0 = encode_image(self.autoencoder, edit.pixels.to(param.device, param.dtype), tiled=tiled,
+                          tile=self.tile * factor, overlap=self.tile_overlap * factor).float().to(device)
+        _refuse_non_finite(z0, "encoding the image gave non-finite latents: the autoencoder's weights or its latent "
+                               "scale are damaged; use another autoencoder")
+        keep = latent_mask(edit.mask, factor).to(device) if edit.mask is not None else None
+        return z0, keep
+
+    def _start(self, noise: Tensor, sigmas: Tensor, edit: Edit | None, z0: Tensor | None,
+               keep: Tensor | None) -> Tensor:
+        """The sampler's first x: the noise at sigmas[0] (diffusers' VP start where the index asks for it), or an
+        edit's image noised to sigmas[0] (``editing.edit_start``)."""
+        x = init_x(noise, sigmas)
+        if self.index.scheduler.vp_init and not torch.isinf(sigmas[0]):
+            x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
+        if edit is None:
+            return x
+        return edit_start(x, noise, float(sigmas[0]), z0, keep, edit.strength)
+
+    def _decoded(self, z: Tensor, use: GenerationSettings, output: str, tiled: bool | None, precision: str,
+                 edit: Edit | None = None):
+        """One batch's latents as ``output`` asks, refusing non-finite latents and images with their likely cause;
+        an inpainting edit's pixels pasted back outside its mask."""
         _refuse_non_finite(z, f"sampling gave non-finite latents (guidance {use.guidance:g} with {use.guidance_method}, "
                               f"{use.sampler}, {use.steps} steps, precision {self.precision}): the denoiser's weights "
                               "may be damaged, or the guidance too strong for this model; try a smaller guidance "
@@ -287,6 +335,8 @@ class Pipeline:
                                    f"or its latent scale (scale_factor {config.scale_factor:g}, shift_factor "
                                    f"{config.shift_factor:g}) are damaged; measure the scale again with "
                                    "`latentdiff latent-stats`, or use another autoencoder")
+        if edit is not None:
+            images = edit.paste(images)
         if output == "pt":
             return images
         return to_uint8(images) if output == "np" else to_pil(images)
@@ -313,6 +363,20 @@ class Pipeline:
         labels = resolve_labels(label, self.class_names, n)
         null = torch.full_like(labels, null_label(self.class_names))
         return with_labels(cond, labels), with_labels(uncond, null)
+
+
+def _prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None, label) -> tuple[list, list]:
+    """The prompts (one repeated for a list of labels) and one negative prompt per prompt."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if isinstance(label, (list, tuple)) and len(prompts) == 1:
+        prompts = prompts * len(label)
+    if not prompts:
+        raise ValueError("no prompt given: pass a prompt string or a non-empty list of prompts")
+    negative = negative_prompt if negative_prompt is not None else ""
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt")
+    return prompts, negatives
 
 
 def _refuse_non_finite(t: Tensor, message: str) -> None:

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import latentdiff
 from latentdiff.interop import open_model
@@ -83,6 +84,38 @@ def test_diffusers_folder_generates_diffusers_image(sd_folder, capsys):
     diff = np.abs(_images01(got) - expected).max()
     assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
     assert expected.std() > 0.01  # a real image, not a constant one
+
+
+def test_img2img_matches_diffusers_img2img(sd_folder, tmp_path):
+    """img2img at strength 0.6 against StableDiffusionImg2ImgPipeline with the same scheduler, seed and steps.
+
+    One difference is deliberate: diffusers encodes the image to a sample of the VAE posterior, drawn first from
+    the generator; latentdiff encodes to its mode (the same image always gives the same latent, as ComfyUI does).
+    So the copy's posterior is made near-certain (logvar -30, std 3e-7) and latentdiff is given the noise that
+    diffusers draws second: everything else (encoding, t_start, noising, the truncated grid) is compared."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd_folder, folder)
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref.vae.quant_conv.weight[4:] = 0
+        ref.vae.quant_conv.bias[4:] = -30
+    ref.vae.save_pretrained(folder / "vae")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(np.repeat(np.repeat(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), 4, 0), 4, 1))
+    expected = ref("a red circle", image=image, strength=0.6, num_inference_steps=5, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(7), output_type="np").images
+    g = torch.Generator().manual_seed(7)
+    torch.randn(1, 4, 8, 8, generator=g)  # diffusers' posterior sample
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    pipe = latentdiff.load(folder)
+    got = pipe.generate("a red circle", image=image, strength=0.6, steps=5, sampler="euler", schedule="leading",
+                        guidance=3.0, latents=noise, output="pt")
+    diff = np.abs(_images01(got) - expected).max()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+    far = ref("a red circle", image=image, strength=1.0, num_inference_steps=5, guidance_scale=3.0,
+              generator=torch.Generator().manual_seed(7), output_type="np").images
+    assert np.abs(far - expected).max() > 0.05  # the strength matters at this size
 
 
 def test_ddim_v_prediction_folder_generates_diffusers_image(tmp_path):

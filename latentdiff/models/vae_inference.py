@@ -284,3 +284,15 @@ def decode_latents(autoencoder: AutoencoderKL, latents: Tensor, *, tiled: bool |
     if tiled:
         return tiled_decode(autoencoder, latents, tile, overlap, precision, passes)
     return decode_with_fallback(autoencoder, latents, precision)
+
+
+def encode_image(autoencoder: AutoencoderKL, images: Tensor, *, tiled: bool | None = None, tile: int = 512,
+                 overlap: int = 64, passes: int | None = 4) -> Tensor:
+    """Images in [-1, 1] -> normalized latents (the posterior's mode), as editing wants them: tiled (``tile`` and
+    ``overlap`` in pixels) when ``tiled`` (None: when the latent has more than ``AUTO_TILE_LATENTS`` positions)."""
+    if tiled is None:
+        f = autoencoder.factor
+        tiled = (images.shape[-2] // f) * (images.shape[-1] // f) > AUTO_TILE_LATENTS
+    if tiled:
+        return tiled_encode(autoencoder, images, tile, overlap, passes)
+    return autoencoder.encode(images)
