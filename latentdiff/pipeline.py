@@ -130,6 +130,15 @@ class Pipeline:
             fit = lambda n: max(factor, round(n / factor) * factor)
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {fit(height)}x{fit(width)}")
+        # The latent must also fit the network: a U-Net's downsampling, a DiT's patch.
+        config = getattr(getattr(self.denoiser, "network", None), "config", None)
+        net = 2 ** (len(config.channel_mult) - 1) if hasattr(config, "channel_mult") else \
+            getattr(config, "patch_size", 1)
+        if (height // factor) % net or (width // factor) % net:
+            step = factor * net
+            fit = lambda n: max(step, round(n / step) * step)
+            raise ValueError(f"height and width ({height}x{width}) must be multiples of {step} for this model (the "
+                             f"autoencoder's factor {factor} x the denoiser's {net}); try {fit(height)}x{fit(width)}")
         return height, width
 
     def memory_estimate(self, height: int, width: int, tiled: bool | None = None, output: str = "pil"

@@ -330,3 +330,13 @@ def test_the_pipelines_float_pixels_round_trip_as_an_image(pipes):
     out = pipe.generate(PROMPT, output="np", image=pt, mask=square_mask(), **GEN)
     outside = (square_mask() == 0).numpy()
     assert (out[0][outside] == to_uint8(pt.clamp(-1, 1))[0][outside]).all()
+
+
+def test_a_size_the_denoiser_cannot_take_is_refused_before_work(tmp_path):
+    """The latent must fit the network's own downsampling, not only the autoencoder's factor."""
+    from _tiny import tiny_model_folder
+
+    pipe = load(tiny_model_folder(tmp_path / "m"))  # factor 2, a 2-level U-Net: sides multiples of 4
+    with pytest.raises(ValueError, match="multiples of 4 for this model"):
+        pipe.generate("a red circle", steps=2, height=18, width=16)
+    assert pipe.generate("a red circle", steps=2, height=20, width=16, output="pt").shape[-2:] == (20, 16)
