@@ -30,6 +30,7 @@ from latentdiff.model_index import (
     ModelIndex,
 )
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.runtime import autocast, available_memory, feature_width
 from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
@@ -131,9 +132,9 @@ class Pipeline:
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {fit(height)}x{fit(width)}")
         # The latent must also fit the network: a U-Net's downsampling, a DiT's patch.
-        config = getattr(getattr(self.denoiser, "network", None), "config", None)
-        net = 2 ** (len(config.channel_mult) - 1) if hasattr(config, "channel_mult") else \
-            getattr(config, "patch_size", 1)
+        network = getattr(self.denoiser, "network", None)
+        family = family_of(network) if network is not None else None
+        net = spatial_factor(family, network.config) if family else 1
         if (height // factor) % net or (width // factor) % net:
             step = factor * net
             fit = lambda n: max(step, round(n / step) * step)

@@ -58,6 +58,11 @@ def for_text_data(family: str, config: Any, channels: int, text_dim: int, latent
     raise ValueError(f"unknown network family {family!r}; known: {', '.join(FAMILIES)}")
 
 
+def family_of(network: nn.Module) -> str | None:
+    """The family name of a network instance (None for a network of no family here)."""
+    return next((family for family, (cls, _) in FAMILIES.items() if isinstance(network, cls)), None)
+
+
 def spatial_factor(family: str, config: Any) -> int:
     """What the latent's height and width must be multiples of: the U-Net's downsampling, a DiT's patch."""
     return 2 ** (len(config.channel_mult) - 1) if family == "unet" else config.patch_size
