@@ -2,21 +2,27 @@
 
     python benchmarks/default_judge.py MODEL_DIR [--prompts 256] [--settings cfg:4 apg:4 cfg:4:pag1 auto:2 ...]
         [--suites heldout heldout_paraphrase heldout_two train] [--steps 20] [--sampler dpmpp_2m] [--threads 2]
+        [--confusion]
 
 Each setting is METHOD:SCALE[:pagP]: METHOD cfg, apg or auto (autoguidance with the folder's guide/), SCALE the
 guidance scale, pagP a perturbed-attention guidance scale on top. Prints one markdown row per (setting, suite):
 colour, shape, size, position, all attributes and per-object accuracy, each +- one standard error, and the
-seconds per image of the generation (batch 64, the whole suite).
+seconds per image of the generation (batch 64, the whole suite). ``--confusion``: for the first setting, the
+held-out single-object prompts counted by (colour, shape, size asked) and the shape the judge read.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
+import numpy as np
 import torch
 
-from latentdiff.eval.judging import SUITES, judge_suites, stderr
+from latentdiff.data.judge import _match, judge
+from latentdiff.data.shapes import heldout_prompts
+from latentdiff.eval.judging import SUITES, judge_suites, score_prompts, stderr
 from latentdiff.pipeline import load
 
 
@@ -40,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--confusion", action="store_true", help="held-out shapes asked against shapes read")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load(args.model)
@@ -56,6 +63,19 @@ def main() -> None:
             cells = [f"{scores[k]:.3f} +- {stderr(scores[k], n if k != 'all_correct' else args.prompts):.3f}"
                      for k in keys]
             print(f"| {text} | {suite} | " + " | ".join(cells) + f" | {seconds:.3f} |", flush=True)
+    if args.confusion:
+        prompts = heldout_prompts(args.prompts)
+        _, images = score_prompts(pipe, prompts, steps=args.steps, sampler=args.sampler, seed=0, batch=64,
+                                  **parse_setting(args.settings[0]))
+        counts = collections.Counter()
+        for image, (_, scene) in zip(images, prompts):
+            read = judge(np.asarray(image))
+            matched = dict(_match(scene.objects, read.objects))
+            o = scene.objects[0]
+            counts[(o.color, o.shape, o.size, read.objects[matched[0]].shape if 0 in matched else None)] += 1
+        print(f"\n{args.settings[0]}, {args.prompts} held-out prompts: (colour, shape, size asked, shape read)")
+        for key, n in sorted(counts.items(), key=str):
+            print(f"    {key}: {n}")
 
 
 if __name__ == "__main__":
