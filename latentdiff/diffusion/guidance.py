@@ -161,12 +161,11 @@ def apg(denoiser, scale: float, uncond: Cond | None, *, eta: float = 0.0, norm_t
         raise ValueError(f"APG norm_threshold must be >= 0 (0 = no cap), got {norm_threshold}")
     if not -1 < momentum < 1:
         raise ValueError(f"APG momentum must lie in (-1, 1) (the paper uses -0.5), got {momentum}")
-    plain = cfg(denoiser, 1.0, uncond)
     running: list[Tensor] = []
 
     def guided(x: Tensor, sigma, cond: Cond | None = None) -> Tensor:
         if scale == 1:
-            return plain(x, sigma, cond)
+            return denoiser(x, sigma, cond)  # no uncond pass, as cfg
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
