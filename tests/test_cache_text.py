@@ -70,3 +70,15 @@ def test_embeddings_of_another_encoder_are_refused(text_cache, tmp_path):
     assert not cache.uses_text(TextEncoderConfig())  # a hashed encoder is trained: never cached
     with pytest.raises(ValueError, match=r"another encoder.*max_length.*\(16, 8\)"):
         cache.uses_text(TextEncoderConfig(**{**text_cache["te"], "max_length": 8}))
+
+
+def test_hashed_encoder_without_layers_keeps_each_word_its_own_feature():
+    """num_layers=0: a word's feature depends on the word and its place only, never on its neighbours."""
+    from latentdiff.conditioning.text import HashedTextEncoder
+
+    torch.manual_seed(0)
+    enc = HashedTextEncoder(TextEncoderConfig(dim=16, num_layers=0, num_heads=2))
+    a, b = enc(["a red triangle", "a blue triangle"]).context
+    assert torch.equal(a[3], b[3])  # "triangle" after different colours
+    assert not torch.equal(a[2], b[2])  # the colours themselves differ
+    assert not any(k.startswith("layers.") for k in enc.state_dict())

@@ -82,7 +82,9 @@ class HashedTextEncoder(nn.Module):
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.position_embedding.device), mask.to(self.position_embedding.device)
         h = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, L, D)
-        h = self.final_norm(self.layers(h, src_key_padding_mask=~mask))
+        if self.config.num_layers:  # 0 layers: each token's feature is its own word and place (no mixing)
+            h = self.layers(h, src_key_padding_mask=~mask)
+        h = self.final_norm(h)
         pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, D)
         return Cond(context=h, context_mask=mask, vector=pooled)
 
