@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     from latentdiff.eval.cli import add_commands as add_eval_commands
 
     add_eval_commands(sub)  # eval, train-features, duplicates
+    from latentdiff.serve.cli import add_command as add_serve_command
+
+    add_serve_command(sub)  # serve
     debug = "print the traceback of an error too (or set LATENTDIFF_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # also after the command's name; SUPPRESS keeps the global flag's value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -36,19 +37,30 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2)
     return grid
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: dict | None = None) -> Path:
-    """Save a PNG atomically; ``parameters`` go into a ``parameters`` text chunk as JSON."""
+def _png_info(parameters: dict | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: dict | None = None) -> Path:
+    """Save a PNG atomically; ``parameters`` go into a ``parameters`` text chunk as JSON."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
     return path
 
 
-def read_parameters(path: str | Path) -> dict | None:
-    """The generation parameters a PNG written by :func:`save_png` carries, or None."""
+def png_bytes(image: Image.Image, parameters: dict | None = None) -> bytes:
+    """The PNG file :func:`save_png` writes, as bytes (the server's responses)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()
+
+
+def read_parameters(path) -> dict | None:
+    """The generation parameters a PNG written by :func:`save_png` carries (a path or a binary file), or None."""
     with Image.open(path) as im:
         text = im.text.get("parameters") if hasattr(im, "text") else None
     return json.loads(text) if text else None

@@ -1,0 +1,37 @@
+"""What the three APIs share: checking and queueing a request, waiting for it, its images' URLs, error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from latentdiff.serve.inputs import GenerationInput, make_job
+from latentdiff.serve.queue import Job
+
+
+def submit(request: Request, inp: GenerationInput, source: str) -> Job:
+    """Check ``inp`` and queue it (``BadInput`` / ``QueueFull`` otherwise)."""
+    state = request.app.state
+    return state.queue.submit(make_job(state.pipe, inp, state.limits, source))
+
+
+async def finished(job: Job) -> Job:
+    """Wait for ``job`` without holding a thread."""
+    return await asyncio.shield(asyncio.wrap_future(job.future))  # a client leaving does not cancel the job
+
+
+def image_url(request: Request, token: str) -> str:
+    return str(request.url_for("image", token=token))
+
+
+def png_of(request: Request, token: str) -> bytes:
+    return request.app.state.store.get(token) or b""
+
+
+def error_body(request: Request, status: int, field_name: str, message: str) -> dict:
+    """Our error shape, or OpenAI's under /v1 (its clients read ``error.message``)."""
+    if request.url.path.startswith("/v1/"):
+        return {"error": {"message": f"{field_name}: {message}", "type": "invalid_request_error",
+                          "param": field_name, "code": status}}
+    return {"detail": f"{field_name}: {message}", "field": field_name}

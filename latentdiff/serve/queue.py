@@ -1,0 +1,206 @@
+"""A bounded job queue with one generation worker thread, per-job progress and cancel, and the in-memory, bounded
+store of finished PNGs the API links to.
+
+The CPU is the bottleneck, so one worker runs one ``Pipeline.generate`` at a time; at most ``max_waiting`` jobs
+wait behind it, and ``submit`` refuses the next one at once (``QueueFull``, with a Retry-After estimate) instead of
+letting requests pile up in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from latentdiff.images import png_bytes, to_pil
+
+PREVIEW_MAX_PIXELS = 256 * 256  # without a preview decoder, previews are decoded by the autoencoder up to this size
+
+
+class QueueFull(Exception):
+    """More jobs than the queue holds; ``retry_after`` seconds is a guess of when one slot frees."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy (queue full); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Cancelled(Exception):
+    """Raised inside the sampler's callback when a running job is cancelled."""
+
+
+@dataclass
+class Job:
+    """One generation: the keywords of ``Pipeline.generate``, what its PNGs record, and its state."""
+
+    kwargs: dict  # Pipeline.generate keywords (prompt, steps, sampler, image, mask, ...)
+    parameters: dict  # written into every PNG's ``parameters`` chunk (per image: + prompt, index)
+    total: int  # sampler steps the job runs (progress denominator)
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    state: str = "queued"  # queued -> running -> done | failed | cancelled
+    step: int = 0  # sampler steps done
+    preview: bytes | None = None  # the latest preview, PNG
+    error: str = ""  # what went wrong (failed)
+    images: list = field(default_factory=list)  # store tokens of the PNGs (done)
+    created: float = field(default_factory=time.time)
+    started: float = 0.0
+    finished: float = 0.0
+    cancel_requested: bool = False
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
+    version: int = 0  # bumped on every change, for event streams
+
+    def status(self) -> dict:
+        """What the API says about the job (no image bytes)."""
+        return {"id": self.id, "state": self.state, "step": self.step, "total": self.total, "error": self.error,
+                "images": list(self.images), "parameters": self.parameters}
+
+
+class ImageStore:
+    """Finished PNGs by random token (a capability URL), the oldest dropped beyond ``max_images`` or ``max_bytes``."""
+
+    def __init__(self, max_images: int = 256, max_bytes: int = 256 * 2**20):
+        self.max_images, self.max_bytes = max_images, max_bytes
+        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str:
+        token = secrets.token_urlsafe(16)
+        with self._lock:
+            self._items[token] = data
+            self._bytes += len(data)
+            while len(self._items) > 1 and (len(self._items) > self.max_images or self._bytes > self.max_bytes):
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+        return token
+
+    def get(self, token: str) -> bytes | None:
+        with self._lock:
+            return self._items.get(token)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class JobQueue:
+    """``max_waiting`` queued jobs at most, run one at a time by one worker thread over ``pipe``."""
+
+    def __init__(self, pipe, store: ImageStore, max_waiting: int = 4, keep_jobs: int = 256, previews: int = 8):
+        self.pipe, self.store = pipe, store
+        self.max_waiting, self.keep_jobs, self.previews = max_waiting, keep_jobs, previews
+        self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()  # recent jobs, by id
+        self.current: Job | None = None
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._seconds_per_step = 0.05  # running estimate, for Retry-After
+        self._stop = False
+        self._worker = threading.Thread(target=self._run, name="latentdiff-generate", daemon=True)
+        self._worker.start()
+
+    # -- the API side ------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``, or raise ``QueueFull`` at once."""
+        with self._cond:
+            if len(self._waiting) + (self.current is not None) > self.max_waiting:  # the worker's job, and waiting
+                ahead = sum(j.total for j in self._waiting) + (self.current.total if self.current else 0)
+                raise QueueFull(max(1, round(ahead * self._seconds_per_step / max(len(self._waiting), 1))))
+            self._waiting.append(job)
+            self.jobs[job.id] = job
+            finished = [i for i, j in self.jobs.items() if j.state in ("done", "failed", "cancelled")]
+            for i in finished[:max(0, len(self.jobs) - self.keep_jobs)]:
+                del self.jobs[i]
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """A queued job is dropped; a running one stops at its next sampler step."""
+        with self._cond:
+            job.cancel_requested = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            for job in list(self._waiting):
+                self._finish(job, "cancelled")
+            self._waiting.clear()
+            if self.current is not None:
+                self.current.cancel_requested = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+
+    # -- the worker ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job = self.current = self._waiting.popleft()
+                job.state, job.started, job.version = "running", time.time(), job.version + 1
+            try:
+                images = self.pipe.generate(**job.kwargs, callback=self._callback(job))
+                self._store(job, images)
+                self._finish(job, "done")
+            except Cancelled:
+                self._finish(job, "cancelled")
+            except Exception as e:  # noqa: BLE001 -- a failed job reports its error; the worker keeps serving
+                job.error = " ".join(str(e).split()) or type(e).__name__
+                self._finish(job, "failed")
+            finally:
+                with self._cond:
+                    self.current = None
+                if job.step:
+                    took = (job.finished - job.started) / job.step
+                    self._seconds_per_step = 0.8 * self._seconds_per_step + 0.2 * took
+
+    def _callback(self, job: Job):
+        every = max(1, job.total // self.previews) if self.previews else 0
+
+        def report(info: dict) -> None:
+            if job.cancel_requested or self._stop:
+                raise Cancelled
+            job.step = min(job.step + 1, job.total)
+            if every and (info["i"] % every == 0 or job.step == job.total):
+                job.preview = self._preview(info["denoised"])
+            job.version += 1
+
+        return report
+
+    def _preview(self, denoised) -> bytes | None:
+        """The current estimate, small: the preview decoder's image, else the autoencoder's for small images."""
+        decoder = self.pipe.preview_decoder
+        if decoder is None:
+            factor = self.pipe.autoencoder.factor
+            if denoised.shape[-1] * denoised.shape[-2] * factor * factor > PREVIEW_MAX_PIXELS:
+                return None
+            decoder = self.pipe.autoencoder.decode
+        import torch
+
+        with torch.no_grad():
+            image = to_pil(decoder(denoised[:1].float()))[0]
+        return png_bytes(image)
+
+    def _store(self, job: Job, images: list[Image.Image]) -> None:
+        prompts = job.kwargs["prompt"] if isinstance(job.kwargs["prompt"], list) else [job.kwargs["prompt"]]
+        per_prompt = len(images) // len(prompts)
+        for i, image in enumerate(images):
+            params = {**job.parameters, "prompt": prompts[i // per_prompt], "index": i}
+            job.images.append(self.store.put(png_bytes(image, params)))
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state, job.finished, job.version = state, time.time(), job.version + 1
+        if not job.future.done():
+            job.future.set_result(job)
