@@ -2,6 +2,7 @@
 default model; the queue (429, cancel, progress events), limits, bad input, the API key."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -139,7 +140,8 @@ def test_openai_generate_b64_and_url_and_edit(server):
 
 
 def test_own_api_events_carry_previews_then_the_result(server):
-    status, job, _ = call(f"{server}/api/generate", "POST", {"prompt": "a red square", "steps": 8, "seed": 2})
+    status, job, _ = call(f"{server}/api/generate", "POST", {"prompt": "a red square", "steps": 8, "seed": 2,
+                                                             "previews": True})
     assert status == 202, job
     events = []
     with urllib.request.urlopen(f"{server}/api/jobs/{job['id']}/events", timeout=60) as r:
@@ -198,6 +200,14 @@ def test_malformed_uploads_and_the_server_keeps_serving(server):
     with socket.create_connection((host, int(port)), timeout=30) as s:  # a huge body announced: refused unread
         s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100000000\r\n\r\n")
+        assert s.recv(1000).split(b"\r\n")[0].endswith(b"413 Request Entity Too Large")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # chunked, no length: counted as it comes
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b'{"prompt": "' + b"x" * 50_000
+        with contextlib.suppress(OSError):  # the server may stop reading once it has answered
+            for _ in range(60):
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         assert s.recv(1000).split(b"\r\n")[0].endswith(b"413 Request Entity Too Large")
     boundary = "b0undary"
     form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"

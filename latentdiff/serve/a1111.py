@@ -89,6 +89,8 @@ def router() -> APIRouter:
                  "job_count": queue.waiting() + (job is not None), "sampling_step": job.step if job else 0,
                  "sampling_steps": job.total if job else 0, "job": job.id if job else ""}
         image = None
+        if job is not None and not skip_current_image:
+            job.watched = True  # previews from now on
         if job is not None and job.preview is not None and not skip_current_image:
             image = base64.b64encode(job.preview).decode()
         return {"progress": job.step / job.total if job else 0.0, "eta_relative": 0.0, "state": state,

@@ -50,7 +50,8 @@ class ServeConfig:
 def _body_model() -> type[BaseModel]:
     """The own API's request: ``GenerationInput``'s fields, images as base64 strings; unknown fields refused."""
     hints = typing.get_type_hints(GenerationInput)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(GenerationInput)
+    fields = {f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(GenerationInput)
               if f.name not in ("image", "mask")}
     return create_model("GenerateBody", __config__=ConfigDict(extra="forbid"), **fields,
                         image=(str | None, None),  # base64 PNG/JPEG (or a data: URL): img2img, inpainting with mask
@@ -157,6 +158,7 @@ async def _event_stream(request: Request, job: Job):
     """``progress`` events while the job runs (``preview``: a PNG data URL, when it changed), then one of
     ``done`` / ``failed`` / ``cancelled`` with the job's status."""
     seen, preview = -1, None
+    job.watched = True  # previews from now on
     while True:
         if await request.is_disconnected():
             return
@@ -174,7 +176,8 @@ async def _event_stream(request: Request, job: Job):
 
 
 class _BodyLimit:
-    """Pure ASGI: a request body over ``max_bytes`` is answered 413 (Content-Length, or counted while streaming)."""
+    """Pure ASGI: a request body over ``max_bytes`` is answered 413, by its Content-Length before it is read, or
+    counted while it streams in (chunked): then the app sees the client leave and whatever it answers is dropped."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -182,22 +185,30 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
         too_big = JSONResponse({"detail": f"body: the request is larger than {self.max_bytes} bytes", "field": "body"},
                                413)
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await too_big(scope, receive, send)
-        seen = 0
+        seen, refused = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise BadInput("body", f"the request is larger than {self.max_bytes} bytes", 413)
+                refused = True
+                await too_big(scope, receive, send)
+                return {"type": "http.disconnect"}
             return message
 
-        return await self.app(scope, counted, send)
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+
+        return await self.app(scope, counted, unless_refused)
 
 
 def _add_auth(app: FastAPI, key: str) -> None:

@@ -41,7 +41,7 @@ class Limits:
     max_batch: int = 8  # images per request
     max_prompt_chars: int = 2000  # prompt and negative prompt, each
     max_upload_bytes: int = 8 * 2**20  # one uploaded image (decoded from base64), bytes
-    max_upload_pixels: int = 4096 * 4096  # one uploaded image, pixels (read from its header, before decoding)
+    max_upload_pixels: int = 1024 * 1024  # one uploaded image, pixels (read from its header, before decoding)
 
     def request_bytes(self) -> int:
         """The most bytes a request body may hold: two uploads in base64, plus the rest."""
@@ -65,6 +65,7 @@ class GenerationInput:
     image: Image.Image | None = None  # img2img / inpainting
     mask: Image.Image | None = None  # white repaints, black keeps (same size as image)
     strength: float | None = None
+    previews: bool = False  # make preview images while sampling (they cost a decode each)
 
 
 def b64_image(text: str, field: str, limits: Limits) -> Image.Image:
@@ -139,7 +140,7 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
             raise BadInput("strength", f"strength {strength:g} of {use.steps} steps runs no step: raise it")
     elif inp.mask is not None:
         raise BadInput("mask", "a mask needs an image to inpaint")
-    return Job(kwargs=kwargs, parameters=params, total=total)
+    return Job(kwargs=kwargs, parameters=params, total=total, watched=inp.previews)
 
 
 def _size(pipe, inp: GenerationInput, limits: Limits) -> tuple[int, int]:

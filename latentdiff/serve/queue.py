@@ -51,6 +51,7 @@ class Job:
     started: float = 0.0
     finished: float = 0.0
     cancel_requested: bool = False
+    watched: bool = False  # someone wants previews (asked for them, follows the events, polls A1111 progress)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
     version: int = 0  # bumped on every change, for event streams
 
@@ -107,8 +108,8 @@ class JobQueue:
         """Queue ``job``, or raise ``QueueFull`` at once."""
         with self._cond:
             if len(self._waiting) + (self.current is not None) > self.max_waiting:  # the worker's job, and waiting
-                ahead = sum(j.total for j in self._waiting) + (self.current.total if self.current else 0)
-                raise QueueFull(max(1, round(ahead * self._seconds_per_step / max(len(self._waiting), 1))))
+                left = self.current.total - self.current.step if self.current else 1  # a slot frees when it ends
+                raise QueueFull(max(1, round(left * self._seconds_per_step)))
             self._waiting.append(job)
             self.jobs[job.id] = job
             finished = [i for i, j in self.jobs.items() if j.state in ("done", "failed", "cancelled")]
@@ -173,7 +174,7 @@ class JobQueue:
             if job.cancel_requested or self._stop:
                 raise Cancelled
             job.step = min(job.step + 1, job.total)
-            if every and (info["i"] % every == 0 or job.step == job.total):
+            if every and job.watched and (info["i"] % every == 0 or job.step == job.total):
                 job.preview = self._preview(info["denoised"])
             job.version += 1
 
@@ -201,6 +202,7 @@ class JobQueue:
             job.images.append(self.store.put(png_bytes(image, params)))
 
     def _finish(self, job: Job, state: str) -> None:
+        job.kwargs.pop("image", None), job.kwargs.pop("mask", None)  # kept jobs hold no decoded uploads
         job.state, job.finished, job.version = state, time.time(), job.version + 1
         if not job.future.done():
             job.future.set_result(job)
