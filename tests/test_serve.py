@@ -161,6 +161,9 @@ def test_own_api_events_carry_previews_then_the_result(server):
 @pytest.mark.parametrize("path, body, field, code", [
     ("/api/generate", {"prompt": "x", "steps": "many"}, "steps", 422),
     ("/api/generate", {"prompt": "x", "sampler": "no_such_sampler"}, "sampler", 400),
+    ("/api/generate", {"prompt": "x", "schedule": "wobbly"}, "schedule", 400),
+    ("/api/generate", {"prompt": "x", "guidance": float("nan")}, "guidance", 400),
+    ("/api/generate", {"prompt": "x", "strength": 0.5}, "strength", 400),
     ("/api/generate", {"prompt": "x", "width": 30}, "width", 400),
     ("/api/generate", {"prompt": "x", "width": 4096}, "width", 400),
     ("/api/generate", {"prompt": "x", "steps": 51}, "steps", 400),
@@ -253,15 +256,42 @@ def test_queue_is_bounded_cancels_and_drains(pipe):
         assert answer["state"] == "done"
 
 
-def test_running_job_stops_on_cancel(pipe):
+def test_running_job_reports_progress_and_stops_on_interrupt(pipe):
+    webuiapi = pytest.importorskip("webuiapi")
     with running(pipe, ServeConfig()) as (url, app):
         _, job, _ = call(f"{url}/api/generate", "POST", {"prompt": "x", "steps": 50, "num_images": 4})
         live = app.state.queue.jobs[job["id"]]
-        while live.step < 1:
+        api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1")
+        progress = api.get_progress()  # asks for previews from now on
+        while live.preview is None and live.state == "running":
             time.sleep(0.01)
-        call(f"{url}/api/jobs/{job['id']}/cancel", "POST")
+        progress = api.get_progress()
+        assert progress["state"]["job"] == live.id and 0 < progress["progress"] < 1, progress
+        assert progress["state"]["sampling_steps"] == 50
+        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (32, 32)
+        api.interrupt()
         live.future.result(timeout=60)
         assert live.state == "cancelled" and live.step < 50 and not live.images
+        assert api.get_progress()["state"]["job_count"] == 0
+
+
+class Failing(Gated):
+    """The pipeline, failing inside generate() for the prompt "boom" (an error only the work finds)."""
+
+    def generate(self, *args, **kw):
+        if kw.get("prompt") == "boom":
+            raise RuntimeError("sampling gave non-finite latents")
+        return self._pipe.generate(*args, **kw)
+
+
+def test_a_failed_job_reports_its_error_and_the_worker_goes_on(pipe):
+    with running(Failing(pipe), ServeConfig()) as (url, _):
+        _, answer, _ = call(f"{url}/api/generate?wait=true", "POST", {"prompt": "boom", "steps": 2})
+        assert answer["state"] == "failed" and "non-finite" in answer["error"]
+        status, answer, _ = call(f"{url}/sdapi/v1/txt2img", "POST", {"prompt": "boom", "width": 32, "height": 32})
+        assert status == 500 and "non-finite" in answer["detail"]
+        _, answer, _ = call(f"{url}/api/generate?wait=true", "POST", {"prompt": "fine", "steps": 2})
+        assert answer["state"] == "done"
 
 
 def test_api_key_is_asked_of_every_api(pipe):
@@ -280,6 +310,20 @@ def test_api_key_is_asked_of_every_api(pipe):
         assert len(client.images.generate(prompt="x", size="32x32", extra_body={"steps": 2}).data) == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).images.generate(prompt="x")
+
+
+def test_any_model_folder_is_served_with_its_own_size_rules(tmp_path):
+    from _tiny import tiny_model_folder
+
+    pipe = latentdiff.load(tiny_model_folder(tmp_path / "tiny", size=16))  # factor-2 autoencoder, 2-level U-Net
+    with running(pipe, ServeConfig()) as (url, _):
+        info = call(f"{url}/api/info")[1]
+        assert (info["model"], info["default_size"], info["size_multiple"]) == ("tiny", 16, 4)
+        status, answer, _ = call(f"{url}/api/generate", "POST", {"prompt": "x", "width": 18})
+        assert status == 400 and answer["field"] == "width" and "multiples of 4" in answer["detail"], answer
+        _, answer, _ = call(f"{url}/api/generate?wait=true", "POST", {"prompt": "x", "width": 24, "steps": 3})
+        assert answer["state"] == "done" and answer["parameters"]["width"] == 24
+        assert Image.open(io.BytesIO(call(answer["images"][0])[1])).size == (24, 16)
 
 
 def test_serve_command_parses():

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from latentdiff.diffusion.sampling import get_sampler
+from latentdiff.diffusion.schedules import GRIDS
 from latentdiff.edit_inputs import edit_strength, read_image, read_mask
 from latentdiff.serve.queue import Job
 
@@ -116,12 +118,17 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
     if inp.steps is not None and not 1 <= inp.steps <= limits.max_steps:
         raise BadInput("steps", f"must be between 1 and {limits.max_steps}, got {inp.steps}")
     height, width = _size(pipe, inp, limits)
+    if inp.sampler is not None:
+        try:
+            get_sampler(inp.sampler)
+        except ValueError as e:
+            raise BadInput("sampler", str(e)) from None
+    if inp.schedule is not None and inp.schedule not in GRIDS:
+        raise BadInput("schedule", f"unknown sigma grid {inp.schedule!r}: expected one of {', '.join(sorted(GRIDS))}")
     try:
         use = pipe.settings(sampler=inp.sampler, steps=inp.steps, guidance=inp.guidance, schedule=inp.schedule)
-    except (ValueError, TypeError) as e:
-        field = "sampler" if "sampler" in str(e) else "schedule" if "grid" in str(e) or "schedule" in str(e) \
-            else "guidance" if "guidance" in str(e) else "steps"
-        raise BadInput(field, str(e)) from None
+    except (ValueError, TypeError) as e:  # what is left: the guidance scale (finite)
+        raise BadInput("guidance", str(e)) from None
     if use.steps > limits.max_steps:
         raise BadInput("steps", f"the model's default {use.steps} steps exceed the limit {limits.max_steps}")
     seed = secrets.randbelow(2**32) if inp.seed is None or inp.seed == -1 else inp.seed
@@ -138,9 +145,15 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
         total = min(int(use.steps * strength), use.steps)
         if total < 1:
             raise BadInput("strength", f"strength {strength:g} of {use.steps} steps runs no step: raise it")
-    elif inp.mask is not None:
-        raise BadInput("mask", "a mask needs an image to inpaint")
-    return Job(kwargs=kwargs, parameters=params, total=total, watched=inp.previews)
+    elif inp.mask is not None or inp.strength is not None:
+        name = "mask" if inp.mask is not None else "strength"
+        raise BadInput(name, f"{name} edits an image: give the image too")
+    try:  # the memory the request needs, against what is available; how many batches it runs in
+        batch = pipe.batch_size(inp.num_images, height, width)
+    except MemoryError as e:
+        raise BadInput("num_images", str(e), 413) from None
+    batches = -(-inp.num_images // batch)
+    return Job(kwargs=kwargs, parameters=params, total=total * batches, batches=batches, watched=inp.previews)
 
 
 def _size(pipe, inp: GenerationInput, limits: Limits) -> tuple[int, int]:

@@ -40,7 +40,8 @@ class Job:
 
     kwargs: dict  # Pipeline.generate keywords (prompt, steps, sampler, image, mask, ...)
     parameters: dict  # written into every PNG's ``parameters`` chunk (per image: + prompt, index)
-    total: int  # sampler steps the job runs (progress denominator)
+    total: int  # sampler steps the job runs, all its batches together (progress denominator)
+    batches: int = 1  # Pipeline.generate's batches (each runs the whole grid)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: str = "queued"  # queued -> running -> done | failed | cancelled
     step: int = 0  # sampler steps done
@@ -151,30 +152,34 @@ class JobQueue:
                     return
                 job = self.current = self._waiting.popleft()
                 job.state, job.started, job.version = "running", time.time(), job.version + 1
+            state = "done"
             try:
-                images = self.pipe.generate(**job.kwargs, callback=self._callback(job))
-                self._store(job, images)
-                self._finish(job, "done")
+                self._store(job, self.pipe.generate(**job.kwargs, callback=self._callback(job)))
             except Cancelled:
-                self._finish(job, "cancelled")
+                state = "cancelled"
             except Exception as e:  # noqa: BLE001 -- a failed job reports its error; the worker keeps serving
-                job.error = " ".join(str(e).split()) or type(e).__name__
-                self._finish(job, "failed")
-            finally:
-                with self._cond:
-                    self.current = None
-                if job.step:
-                    took = (job.finished - job.started) / job.step
-                    self._seconds_per_step = 0.8 * self._seconds_per_step + 0.2 * took
+                job.error, state = " ".join(str(e).split()) or type(e).__name__, "failed"
+            with self._cond:
+                self.current = None  # before the job is seen finished, so progress never shows it after
+            self._finish(job, state)
+            if job.step:
+                took = (job.finished - job.started) / job.step
+                self._seconds_per_step = 0.8 * self._seconds_per_step + 0.2 * took
 
     def _callback(self, job: Job):
-        every = max(1, job.total // self.previews) if self.previews else 0
+        per_batch = job.total // job.batches
+        every = max(1, per_batch // self.previews) if self.previews else 0
+        batch = {"base": 0, "last": -1}
 
         def report(info: dict) -> None:
             if job.cancel_requested or self._stop:
                 raise Cancelled
-            job.step = min(job.step + 1, job.total)
-            if every and job.watched and (info["i"] % every == 0 or job.step == job.total):
+            i = info["i"]  # the step within this batch's grid
+            if i <= batch["last"]:  # the next batch began
+                batch["base"] += per_batch
+            batch["last"] = i
+            job.step = min(batch["base"] + i + 1, job.total)
+            if every and job.watched and (i % every == 0 or i + 1 == per_batch):
                 job.preview = self._preview(info["denoised"])
             job.version += 1
 
