@@ -331,3 +331,12 @@ def test_serve_command_parses():
 
     args = build_parser().parse_args(["serve", "--port", "8000", "--max-steps", "30", "--queue-size", "0"])
     assert args.port == 8000 and args.max_steps == 30 and args.queue_size == 0 and args.model == "default"
+
+
+def test_serve_command_refuses_bad_limits_before_loading(capsys):
+    from latentdiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--max-steps", "0", "--model", "/nonexistent"])
+    assert exit_info.value.code == 2 and "--max-steps must be positive" in capsys.readouterr().err
+

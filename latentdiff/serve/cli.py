@@ -7,6 +7,10 @@ import os
 from latentdiff.serve.inputs import Limits
 
 API_KEY_ENV = "LATENTDIFF_API_KEY"  # the API key, when --api-key is not given
+LIMIT_HELP = {"max_side": "most pixels of width and of height", "max_pixels": "most pixels of width x height",
+              "max_steps": "most sampler steps", "max_batch": "most images", "max_prompt_chars": "longest prompt "
+              "(and negative prompt), characters", "max_upload_bytes": "largest uploaded image, bytes",
+              "max_upload_pixels": "largest uploaded image, pixels (read from its header before decoding)"}
 
 
 def add_command(sub) -> None:
@@ -24,11 +28,10 @@ def add_command(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"ask this key of every API call (default: ${API_KEY_ENV}; none: no key)")
-    p.add_argument("--queue-size", type=int, default=4, metavar="N", help="jobs waiting behind the running one")
-    defaults = Limits()
-    for name, value in defaults.__dict__.items():
+    p.add_argument("--queue-size", type=int, default=4, metavar="N", help="jobs waiting behind the running one; more are answered 429 (default 4)")
+    for name, value in Limits().__dict__.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, metavar="N",
-                       help=f"limit per request (default {value})")
+                       help=f"per request: {LIMIT_HELP[name]} (default {value})")
     p.set_defaults(func=cmd_serve)
 
 
