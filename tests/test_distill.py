@@ -18,6 +18,7 @@ from latentdiff.cli import main
 from latentdiff.components import (
     ConsistencyScalings,
     DenoiserSpec,
+    ModelFolder,
     build_denoiser,
     load_autoencoder,
     read_model_folder,
@@ -29,6 +30,8 @@ from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.parameterization import EDM, Consistency, Eps, Flow
 from latentdiff.diffusion.sampling import sample_ddim, sample_euler, sample_lcm
+from latentdiff.model_index import ModelIndex
+from latentdiff.models.families import find_preset, for_text_data
 from latentdiff.models.unet import UNetConfig
 from latentdiff.train.denoiser import save_model_folder
 from latentdiff.train.distill import (
@@ -275,3 +278,50 @@ def test_resume_is_bitwise(tiny, tmp_path):
     main([*args, "--out", str(tmp_path / "resumed"), "--steps", "4", "--resume"])
     a, b = (load_file(tmp_path / r / "model" / "denoiser" / "model.safetensors") for r in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("preset", "parameterization"), [("dit-tiny", "v"), ("mmdit-tiny", "eps")])
+def test_dit_and_mmdit_students_start_as_their_teacher(preset, parameterization):
+    """Any family with a pooled vector takes the w embedding: the student's x0 estimate is the teacher's for any w,
+    and its consistency output is x at the boundary."""
+    family, net = find_preset(preset)
+    spec = DenoiserSpec(network=family, parameterization=parameterization,
+                        **{family: for_text_data(family, net, 4, 16, 8)})
+    torch.manual_seed(0)
+    teacher = ModelFolder(ModelIndex(sample_size=64), None, build_denoiser(spec), spec, None)
+    student, _ = student_of(teacher, DistillConfig(guidance_embed_dim=32))
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 7.0], dtype=torch.float64)
+    cond = Cond(context=torch.randn(2, 5, 16), context_mask=torch.ones(2, 5, dtype=torch.bool), vector=torch.randn(2, 16))
+    base = Denoiser(student.network, teacher.denoiser.parameterization)
+    with torch.no_grad():
+        want = teacher.denoiser(x, sigma, cond)
+        for w in (1.0, 7.5):
+            torch.testing.assert_close(base(x, sigma, with_guidance_scale(cond, w, 32)), want)
+        boundary = torch.full((2,), student.sigma_min, dtype=torch.float64)
+        assert torch.equal(student(x, boundary, with_guidance_scale(cond, 3.0, 32)), x)
+
+
+def test_consistency_training_from_scratch_on_an_eps_teacher(tiny, tmp_path):
+    """--method ct: no teacher ODE, the same loss; a random start on the teacher's architecture and encoders."""
+    import latentdiff
+
+    eps = tiny_teacher(tmp_path / "eps", tiny["root"], parameterization="eps")
+    main(["distill", "--preset", "shapes-lcm-test", "--method", "ct", "--teacher", str(eps), "--cache",
+          str(tiny["cache"]), "--out", str(tmp_path / "ct"), "--set", "guidance_range=[1.0, 1.0]",
+          "--set", "guidance_embed_dim=0", "--set", "init=random", "--set", "sample_every=0"])
+    pipe = latentdiff.load(tmp_path / "ct" / "model")
+    assert pipe.index.distilled.method == "ct" and pipe.index.distilled.guidance_embed_dim == 0
+    sigmas = pipe._sigmas(pipe.settings())  # diffusers' LCM timesteps on a 10-point grid
+    torch.testing.assert_close(sigmas, schedules.lcm_sigmas(pipe.denoiser.parameterization.alphas_cumprod, 4, 10))
+    assert pipe.generate("a red circle", output="np").shape == (1, 32, 32, 3)
+
+
+def test_a_bad_teacher_fails_before_any_work_and_writes_nothing(tiny, tmp_path, capsys):
+    classes = tiny_teacher(tmp_path / "classes", tiny["root"], vector_dim=None, num_classes=2)
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--teacher", str(classes), "--cache", str(tiny["cache"]), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "is class-conditional" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["distill", "--cache", str(tiny["cache"]), "--out", str(tmp_path / "out")])
+    assert "distill needs a teacher: --teacher" in capsys.readouterr().err

@@ -204,7 +204,7 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
         raise ValueError("consistency training has no teacher ODE to take guidance from: set guidance_range = [1, 1] "
                          "and guidance_embed_dim = 0")
     text = getattr(net, "context_dim", None) is not None or getattr(net, "vector_dim", None) is not None
-    if hi != 1.0 and not text:
+    if (lo, hi) != (1.0, 1.0) and not text:
         raise ValueError(f"{name} has no text conditioning (no context_dim or vector_dim), so it has no "
                          f"classifier-free guidance to distill: set guidance_range = [1, 1]")
     if cfg.guidance_embed_dim and getattr(net, "vector_dim", None) is None:
@@ -302,11 +302,10 @@ def distill(cfg: DistillConfig) -> Path | dict:
 
         def conditions(indices: Tensor, captions: list[str]) -> tuple[Cond, Cond | None]:
             """The captions' Cond and the empty prompt's (None without guidance), one length for both."""
-            if hi == 1.0:
-                uncond = None
+            if lo == hi == 1.0:  # no guidance: the conditional estimate alone
                 cond = cache.text_cond(indices, torch.zeros(len(indices), dtype=torch.bool)) if cached_text \
                     else text_encoder(captions)
-                return cond.map(lambda t: t.to(device)), uncond
+                return cond.map(lambda t: t.to(device)), None
             if cached_text:
                 both = cache.text_cond(torch.cat([indices, indices]), torch.arange(2 * len(indices)) >= len(indices))
             else:
