@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,12 @@ def cmd_train(args) -> None:
     _print_result(train_denoiser(config_from_args(TrainConfig, TRAIN_PRESETS, args)))
 
 
+def cmd_distill(args) -> None:
+    from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig, distill
+
+    _print_result(distill(config_from_args(DistillConfig, DISTILL_PRESETS, args)))
+
+
 def _print_result(result) -> None:
     """A training command prints the folder it wrote (rank 0 only), or the dry-run report."""
     import os
@@ -359,6 +366,7 @@ def _config_commands() -> list[_Command]:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
     from latentdiff.eval.vae import VAEEvalConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
+    from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig
     from latentdiff.train.latent_stats import LatentStatsConfig
     from latentdiff.train.preview import PreviewTrainConfig
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig
@@ -402,6 +410,18 @@ def _config_commands() -> list[_Command]:
                  description="Train a denoiser on a latent cache; writes OUT/model, a model folder.",
                  flags={"cache": "latent cache folder", "out": _OUT, "steps": _STEPS, "resume": _RESUME,
                         "dry_run": _DRY}),
+        _Command("distill", cmd_distill, DistillConfig, DISTILL_PRESETS,
+                 help="distill a model into a few-step consistency student (LCM)",
+                 description="Latent consistency distillation (Luo et al. 2023) of a teacher model folder on the "
+                             "latent cache it was trained on, with its classifier-free guidance learned through a "
+                             "guidance-scale embedding; or consistency training (--method ct). Writes OUT/model, a "
+                             "model folder that generates in 1-8 steps with the 'lcm' sampler.",
+                 flags={"teacher": {"help": "the teacher's model folder ('default': the bundled model)",
+                                    "metavar": "MODEL"},
+                        "method": {"help": "lcm (distill the teacher's ODE) or ct (consistency training)",
+                                   "choices": ["lcm", "ct"]},
+                        "cache": "latent cache the teacher was trained on", "out": _OUT, "steps": _STEPS,
+                        "resume": _RESUME, "dry_run": _DRY}),
     ]
 
 
@@ -526,10 +546,16 @@ def error_line(e: BaseException) -> str:
             "rerun with --debug for the traceback and report it")
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # a library warning (e.g. steps outside a student's range) as one line
+            warnings.showwarning = _warning_line  # restored when the command ends
+            args.func(args)
     except Exception as e:  # noqa: BLE001 -- every error ends as one line (KeyboardInterrupt, SystemExit pass)
         if getattr(args, "debug", False) or os.environ.get("LATENTDIFF_DEBUG", "") not in ("", "0"):
             traceback.print_exc()

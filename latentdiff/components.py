@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
-from latentdiff.config import at_least, bounds, from_dict, one_of
+from latentdiff.config import above, at_least, bounds, from_dict, one_of
 from latentdiff.diffusion import schedules
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.parameterization import make_parameterization, takes_alphas_cumprod
+from latentdiff.diffusion.parameterization import Consistency, make_parameterization, takes_alphas_cumprod
 from latentdiff.io import (
     LoadReport,
     atomic_folder,
@@ -66,6 +66,16 @@ class NoiseSchedule:
 
 
 @dataclass
+class ConsistencyScalings:
+    """A consistency-distilled student's boundary scalings (``parameterization.Consistency``; LCM's values)."""
+
+    sigma_data: float = 0.5  # sigma_data of c_skip / c_out
+    timestep_scaling: float = 10.0  # the base's timestep is multiplied by this in c_skip / c_out
+
+    BOUNDS = bounds({"sigma_data": above(0), "timestep_scaling": above(0)})
+
+
+@dataclass
 class DenoiserSpec:
     """Everything needed to rebuild a Denoiser apart from its weights."""
 
@@ -75,13 +85,17 @@ class DenoiserSpec:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config (network = "unet")
     dit: DiTConfig = field(default_factory=DiTConfig)  # the network's config (network = "dit")
     mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)  # the network's config (network = "mmdit")
+    consistency: ConsistencyScalings | None = None  # a consistency model (`latentdiff distill`): its scalings
 
 
 def build_parameterization(spec: DenoiserSpec):
     """The spec's parameterization, with its noise schedule where it is a discrete one."""
     discrete = takes_alphas_cumprod(spec.parameterization)
     ac = spec.schedule.alphas_cumprod() if discrete else None
-    return make_parameterization(spec.parameterization, alphas_cumprod=ac)
+    base = make_parameterization(spec.parameterization, alphas_cumprod=ac)
+    if spec.consistency is None:
+        return base
+    return Consistency(base, spec.consistency.sigma_data, spec.consistency.timestep_scaling)
 
 
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:
@@ -104,7 +118,8 @@ def load_autoencoder(folder: str | Path, verbose: bool = False) -> AutoencoderKL
 
 
 def save_denoiser(folder: str | Path, denoiser: Denoiser, spec: DenoiserSpec) -> None:
-    config = {k: v for k, v in dataclasses.asdict(spec).items() if k not in FAMILIES or k == spec.network}
+    config = {k: v for k, v in dataclasses.asdict(spec).items() if (k not in FAMILIES or k == spec.network)
+              and not (k == "consistency" and v is None)}  # an ordinary denoiser's config as before
     save_component(folder, denoiser.network, {"type": "Denoiser", "config": config})  # only the used family's
 
 

@@ -7,6 +7,10 @@ Version 1::
      "scheduler": {"sampler": null, "schedule": null, "steps_offset": 0, ...},
      "generation": {"sampler": null, "steps": null, "guidance": null, "schedule": null}}
 
+Version 2 adds ``distilled`` (a few-step student of ``latentdiff distill``: method, the guidance scale its
+w-embedding is given, the step range it was distilled for; absent or null for any other model); version 1
+reads as version 2 without it.
+
 Version 0 (no ``version`` key; latentdiff before issue 14) had the same keys, all optional, except that
 the scheduler of a converted checkpoint was stored under ``sampler`` and there was no ``generation``.
 It is read as version 1; a version newer than this code is refused.
@@ -18,10 +22,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentdiff.config import COUNT, FINITE, FRACTION, Bound, above, at_least, between, bounds, from_dict
+from latentdiff.config import (
+    COUNT,
+    FINITE,
+    FRACTION,
+    Bound,
+    above,
+    at_least,
+    between,
+    bounds,
+    from_dict,
+    one_of,
+)
 from latentdiff.io import read_json, write_json
 
-VERSION = 1
+VERSION = 2
 MAX_STEPS = 10_000  # sampler steps a generation may ask for (a typo such as 1e12 is refused, not run for years)
 INDEX_FILE = "model_index.json"
 COMPONENTS = ("autoencoder", "denoiser", "text_encoder")
@@ -105,6 +120,31 @@ class SizeConditioning:
 
 
 @dataclass
+class Distilled:
+    """A few-step student (``train/distill.py``): how it was distilled and how it must be called."""
+
+    method: str = "lcm"  # "lcm" (latent consistency distillation from a teacher) or "ct" (consistency training)
+    teacher: str = ""  # the teacher's model folder, for the record
+    guidance_embed_dim: int = 0  # > 0: Fourier features of the guidance scale w follow cond.vector
+    embedded_guidance: float = 1.0  # the w the student is given (its CFG is baked in: generate with guidance 1)
+    guidance_range: tuple[float, float] = (1.0, 1.0)  # the w it was distilled for
+    steps_range: tuple[int, int] = (1, 8)  # the sampler steps it was distilled for; others work with a warning
+    grid_steps: int = 50  # points of the teacher grid it was trained on (the 'lcm' grid's original_steps)
+
+    BOUNDS = bounds({"method": one_of("lcm", "ct"), "guidance_embed_dim": between(0, 4096),
+                     "embedded_guidance": FINITE, "guidance_range": FINITE, "steps_range": between(1, MAX_STEPS),
+                     "grid_steps": between(1, MAX_STEPS)})
+
+    def steps_warning(self, steps: int) -> str | None:
+        """What to say when a generation asks for steps outside the distilled range (None inside it)."""
+        lo, hi = self.steps_range
+        if lo <= steps <= hi:
+            return None
+        return (f"this {self.method} student was distilled for {lo} to {hi} sampler steps; {steps} steps run, "
+                "but expect worse images")
+
+
+@dataclass
 class ModelIndex:
     """``model_index.json`` of a latentdiff model folder."""
 
@@ -115,6 +155,7 @@ class ModelIndex:
     size_conditioning: SizeConditioning = field(default_factory=SizeConditioning)
     scheduler: SamplerHint = field(default_factory=SamplerHint)  # a converted checkpoint's scheduler semantics
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
+    distilled: Distilled | None = None  # a few-step student's distillation (None: not distilled)
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
 
@@ -140,7 +181,7 @@ class ModelIndex:
                              "a newer latentdiff wrote it, upgrade to open it")
         if version == 0:
             data = _from_version_0(data)
-        return from_dict(cls, data, str(path))
+        return from_dict(cls, {**data, "version": VERSION}, str(path))  # an older version reads as this one
 
     def write(self, folder: str | Path) -> None:
         """Write ``folder/model_index.json`` (atomically), always at the current version."""

@@ -4,6 +4,7 @@ outpainting start from an encoded image."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.components import read_model_folder
+from latentdiff.conditioning.guidance_scale import with_guidance_scale
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
@@ -86,6 +88,8 @@ class Pipeline:
         out = {key: next((v for v in (value, getattr(self.index.generation, key), getattr(DEFAULT_GENERATION, key))
                           if v is not None), None) for key, value in asked.items()}
         out = dataclasses.asdict(from_dict(GenerationSettings, out, "generation settings"))
+        if self.index.distilled is not None and self.index.distilled.steps_warning(out["steps"]):
+            warnings.warn(self.index.distilled.steps_warning(out["steps"]), stacklevel=1)  # once
         param = self.denoiser.parameterization
         _, sampler_grid = get_sampler(out["sampler"])
         grid = out["schedule"] or param.sampling_grid(sampler_grid)
@@ -289,6 +293,8 @@ class Pipeline:
         grid_kw = {"steps_offset": hint.steps_offset} if hint.steps_offset and use.schedule == "leading" else {}
         if hint.flow_shift != 1.0 and use.schedule in FLOW_GRIDS:
             grid_kw = {"shift": hint.flow_shift}
+        if use.schedule == "lcm" and self.index.distilled is not None:  # the teacher grid the student learned
+            grid_kw = {"original_steps": self.index.distilled.grid_steps}
         return make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
 
     def _conditions(self, prompts: list[str], negatives: list[str], label, size: tuple[int, int], original_size,
@@ -303,6 +309,10 @@ class Pipeline:
         if self.size_embed_dim:
             ids = size_ids(len(prompts), *size, original_size, crop_top_left)
             cond, uncond = with_sizes(cond, ids, self.size_embed_dim), with_sizes(uncond, ids, self.size_embed_dim)
+        student = self.index.distilled
+        if student is not None and student.guidance_embed_dim:  # the scale a guidance-distilled student is given
+            w, dim = student.embedded_guidance, student.guidance_embed_dim
+            cond, uncond = with_guidance_scale(cond, w, dim), with_guidance_scale(uncond, w, dim)
         guide_cond = self.guide.encode_prompts(prompts, [], size)[0] if use.guidance_method == "autoguidance" else None
         return cond, uncond, guide_cond
 

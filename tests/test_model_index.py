@@ -15,7 +15,7 @@ from latentdiff import cli
 from latentdiff.components import DenoiserSpec, ModelFolder, build_denoiser, write_model_folder
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.images import read_parameters
-from latentdiff.model_index import GenerationSettings, ModelIndex, SamplerHint, SizeConditioning
+from latentdiff.model_index import VERSION, GenerationSettings, ModelIndex, SamplerHint, SizeConditioning
 from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from latentdiff.models.unet import UNetConfig
 from latentdiff.pipeline import load
@@ -47,7 +47,7 @@ def test_the_index_round_trips_at_the_current_version(tmp_path):
                        generation=GenerationSettings("euler", 4, 1.0, "trailing"))
     index.write(tmp_path)
     data = json.loads((tmp_path / "model_index.json").read_text())
-    assert data["version"] == 1 and data["format"] == "latentdiff" and data["generation"]["steps"] == 4
+    assert data["version"] == VERSION and data["format"] == "latentdiff" and data["generation"]["steps"] == 4
     assert ModelIndex.read(tmp_path) == index
 
 
@@ -76,10 +76,10 @@ def test_version_0_indexes_still_load(eps_model, tmp_path):
 
 
 def test_unreadable_indexes_say_why(tmp_path):
-    ModelIndex(version=2).write(tmp_path)  # write() always writes the current version
+    ModelIndex(version=VERSION + 1).write(tmp_path)  # write() always writes the current version
     data = json.loads((tmp_path / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(json.dumps({**data, "version": 2}))
-    with pytest.raises(ValueError, match="version 2; this latentdiff reads versions 0 to 1.*upgrade"):
+    (tmp_path / "model_index.json").write_text(json.dumps({**data, "version": VERSION + 1}))
+    with pytest.raises(ValueError, match=f"version {VERSION + 1}; this latentdiff reads versions 0 to {VERSION}.*upgrade"):
         ModelIndex.read(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({**data, "sample_size": "big"}))
     with pytest.raises(ValueError, match="sample_size = 'big' is not a valid int"):

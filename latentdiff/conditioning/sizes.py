@@ -39,16 +39,26 @@ def size_ids(batch: int, height: int, width: int, original_size: tuple[int, int]
 
 def with_sizes(cond: Cond, ids: Tensor, dim: int) -> Cond:
     """``cond`` with the embedded size ids appended to its pooled vector (which must be there)."""
-    if cond.vector is None:
-        raise ValueError("size conditioning joins the pooled text vector, but the text encoder gave none")
-    emb = size_embedding(ids.to(cond.vector.device), dim).to(cond.vector.dtype)
-    return replace(cond, vector=torch.cat([cond.vector, emb], dim=-1))
+    return with_vector_features(cond, lambda device: size_embedding(ids.to(device), dim), "size conditioning")
 
 
 def for_size_conditioning(config: Any, dim: int) -> Any:
     """A text-adapted network config (``families.for_text_data``) whose vector also holds ``6 * dim`` size features."""
+    return widen_vector(config, dim, NUM_IDS, "size_embed_dim", "size conditioning")
+
+
+def with_vector_features(cond: Cond, features, what: str) -> Cond:
+    """``cond`` with ``features(device)`` (B, n) appended to its pooled vector, which must be there."""
+    if cond.vector is None:
+        raise ValueError(f"{what} joins the pooled text vector, but the text encoder gave none")
+    emb = features(cond.vector.device).to(cond.vector.dtype)
+    return replace(cond, vector=torch.cat([cond.vector, emb], dim=-1))
+
+
+def widen_vector(config: Any, dim: int, count: int, key: str, what: str) -> Any:
+    """A network config whose pooled vector also holds ``count`` embeddings of ``dim`` (even) features each."""
     if dim < 2 or dim % 2:
-        raise ValueError(f"size_embed_dim must be an even number >= 2, got {dim}")
+        raise ValueError(f"{key} must be an even number >= 2, got {dim}")
     if getattr(config, "vector_dim", None) is None:
-        raise ValueError("size conditioning needs a network with a pooled vector input (vector_dim)")
-    return replace(config, vector_dim=config.vector_dim + NUM_IDS * dim)
+        raise ValueError(f"{what} needs a network with a pooled vector input (vector_dim)")
+    return replace(config, vector_dim=config.vector_dim + count * dim)

@@ -230,3 +230,51 @@ def make_parameterization(name: str, alphas_cumprod: Tensor | None = None, **kw)
     if alphas_cumprod is not None:
         raise ValueError(f"{key!r} is a continuous parameterization and takes no alphas_cumprod")
     return cls(**kw)
+
+
+class Consistency(Parameterization):
+    """A consistency model on a base parameterization (Song et al. 2023; Luo et al. 2023, LCM's scalings):
+    f(x, sigma) = c_skip_cm * x + c_out_cm * D_base(x, sigma), with, in the base's timestep tau = c_noise(sigma) -
+    c_noise(sigma_boundary) (discrete models: the training timestep, 0 at the boundary; flow: 1000 t - 1000 t_min),
+
+        c_skip_cm = sigma_data^2 / ((s tau)^2 + sigma_data^2),   c_out_cm = s tau / sqrt((s tau)^2 + sigma_data^2),
+
+    s the timestep scaling (LCM: 10, sigma_data 0.5). At the boundary (the base's sigma_min) c_skip_cm = 1 and
+    c_out_cm = 0, so f(x, sigma_min) = x exactly; below it tau is held at 0. Both fold into the base's four
+    scalings, so every sampler takes a consistency model as it takes any denoiser. At sigma = inf (pure noise,
+    x the unit noise) c_skip_cm is 0: f = c_out_cm D_base, finite.
+    """
+
+    def __init__(self, base: Parameterization, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        if isinstance(base, Consistency):
+            raise TypeError("a consistency parameterization wraps a plain one, not another consistency one")
+        self.base, self.cm_sigma_data, self.timestep_scaling = base, float(sigma_data), float(timestep_scaling)
+        self.name, self.sigma_min, self.sigma_max = base.name, base.sigma_min, base.sigma_max
+        self.alphas_cumprod, self.sigma_data, self.default_grid = base.alphas_cumprod, base.sigma_data, base.default_grid
+        self._noise_at_boundary = base.scalings(torch.tensor([base.sigma_min], dtype=torch.float64))[3]  # (1,)
+
+    def sampling_grid(self, sampler_grid: str) -> str:
+        return self.base.sampling_grid(sampler_grid)
+
+    def to_ramp(self, sigma):
+        return self.base.to_ramp(sigma)
+
+    def from_ramp(self, r):
+        return self.base.from_ramp(r)
+
+    def boundary_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip_cm, c_out_cm), float64, shaped like sigma."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        c_noise = self.base.scalings(sigma)[3]
+        tau = (c_noise - self._noise_at_boundary.to(c_noise.device)).clamp(min=0) * self.timestep_scaling
+        sd2 = self.cm_sigma_data**2
+        c_skip = torch.where(torch.isinf(sigma), torch.zeros_like(tau), sd2 / (tau**2 + sd2))
+        return c_skip, tau / (tau**2 + sd2).sqrt()
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        b_skip, b_out, c_in, c_noise = self.base.scalings(sigma)
+        c_skip, c_out = self.boundary_scalings(sigma)
+        return c_skip + c_out * b_skip, c_out * b_out, c_in, c_noise
+
+    def __repr__(self) -> str:
+        return f"Consistency({self.base!r}, sigma_data={self.cm_sigma_data:g}, timestep_scaling={self.timestep_scaling:g})"

@@ -447,10 +447,14 @@ def sample_unipc(
 
 @torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, cond: Cond | None = None, *, generator=None, callback=None) -> Tensor:
-    """Latent Consistency Model multistep sampling, Luo et al. 2023: denoise, then re-noise to sigma_next."""
+    """Latent Consistency Model multistep sampling, Luo et al. 2023: denoise, then re-noise to sigma_next.
+
+    ``denoiser`` is the consistency function (a student's boundary scalings are its parameterization's,
+    ``parameterization.Consistency``). From sigma = inf (x the unit noise) the first step is the same
+    denoise-and-re-noise, with fresh noise as every step's, not the start noise again.
+    """
     sig = _prepare(x, sigmas)
-    x, start = _start_from_noise(denoiser, x, sig, cond, callback)
-    for i in range(start, len(sig) - 1):
+    for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, _sigma_batch(x, s), cond)
         _report(callback, i, x, s, denoised)

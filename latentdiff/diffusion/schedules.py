@@ -312,7 +312,20 @@ def _grid_flow_match(n, param, shift=1.0):
 
 
 def _grid_lcm(n, param, original_steps=50):
-    return lcm_sigmas(_needs_table("lcm", param), n, original_steps)
+    if getattr(param, "alphas_cumprod", None) is not None:
+        return lcm_sigmas(param.alphas_cumprod, n, original_steps)
+    return lcm_subgrid(GRIDS["default"](original_steps, param), n)
+
+
+def lcm_subgrid(origin: Tensor, n: int) -> Tensor:
+    """LCM's n steps on any model's grid: of the grid's points (before its 0) the ones LCMScheduler picks
+    (index floor(j * N / n)), then 0; on a discrete model's trailing grid, ``lcm_sigmas``."""
+    _check_n(n)
+    points = check_sigmas(origin)[:-1]
+    if n > len(points):
+        raise ValueError(f"LCM sampling takes at most {len(points)} steps on this grid, got {n}")
+    idx = [math.floor(j * len(points) / n) for j in range(n)]
+    return _append_zero(points[idx])
 
 
 GRIDS = {

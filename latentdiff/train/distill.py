@@ -1,0 +1,370 @@
+"""Few-step students on the run engine (``train.run``): latent consistency distillation (LCD, Luo et al. 2023,
+"Latent Consistency Models") from any of our teachers, and consistency training (CT, Song et al. 2023) on the
+same loss.
+
+In sigma coordinates (x = x0 + sigma * eps; DESIGN.md), on the teacher's own grid of N points
+sigma_0 = boundary < sigma_1 < ... < sigma_{N} (its default grid, e.g. trailing timesteps 19, 39, ..., 999 of
+a 1000-step model or flow times 1/N, ..., 1, with the final 0 replaced by the teacher's sigma_min, the boundary):
+
+    x0 from the cache, eps ~ N(0, I), n ~ U{0, ..., N - k}, w ~ U(w_lo, w_hi) per sample
+    x      = x0 + sigma_{n+k} eps                               (the unit noise itself at sigma = inf)
+    x_next = D_w + sigma_n / sigma_{n+k} (x - D_w)              LCD: one DDIM step of the teacher's CFG estimate
+             D_w = D_u + w (D_c - D_u)                          (= Euler in sigma = Euler in flow time t)
+    x_next = x0 + sigma_n eps                                   CT: the same noise at the lower level
+    loss   = d(f_theta(x, sigma_{n+k}, w), f_target(x_next, sigma_n, w))   target: EMA of theta, no gradient
+
+f is the consistency function with LCM's boundary scalings (``parameterization.Consistency``: f = x at the
+boundary exactly), d pseudo-Huber sqrt(|a - b|^2 + c^2) - c per element or L2. The student is the teacher's
+network (same weights) with a guidance-scale embedding added to its pooled vector (``conditioning.guidance_scale``,
+new weights at zero); the target network is the run engine's EMA (``ema_decay``, LCM: 0.95), and it is what the
+model folder keeps. The folder's index says how to call it: the 'lcm' sampler and grid, 4 steps, guidance 1,
+the w its embedding is given, and the step range it was distilled for (``model_index.Distilled``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from latentdiff.components import (
+    ConsistencyScalings,
+    ModelFolder,
+    build_denoiser,
+    read_model_folder,
+    write_model_folder,
+)
+from latentdiff.conditioning.guidance_scale import for_guidance_embedding, with_guidance_scale
+from latentdiff.conditioning.text import TextEncoderConfig
+from latentdiff.config import COUNT, FINITE, above, at_least, between, bounds, one_of
+from latentdiff.data.cache import LatentCache
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.schedules import make_sigmas
+from latentdiff.model_index import DEFAULT_GENERATION, MAX_STEPS, Distilled, GenerationSettings
+from latentdiff.models.families import spatial_factor
+from latentdiff.models.runtime import autocast
+from latentdiff.train.common import Trainable, check_finite_params
+from latentdiff.train.denoiser import ema_parts, sample_grid
+from latentdiff.train.distributed import per_sample, sample_generators
+from latentdiff.train.run import Run, RunConfig, processes
+from latentdiff.types import Cond
+
+METHODS = ("lcm", "ct")
+
+
+@dataclass
+class DistillConfig(RunConfig):
+    """``latentdiff distill``: a few-step consistency student of a teacher model folder, on its latent cache."""
+
+    out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, samples/, and the student's model/
+    teacher: str = ""  # the teacher's model folder (ours; "default": the bundled model)
+    method: str = "lcm"  # "lcm": consistency distillation of the teacher's ODE; "ct": consistency training (no ODE)
+    init: str = "teacher"  # the student's first weights: the teacher's, or "random" (ct from scratch)
+    cache: str = ""  # the latent cache the teacher was trained on (`latentdiff cache`)
+    grid_steps: int = 50  # N: points of the teacher's own grid the student learns (LCM: 50 DDIM timesteps)
+    skip: int = 1  # k: the teacher's solver step spans k grid points (sigma_{n+k} -> sigma_n)
+    guidance_range: tuple[float, float] = (2.0, 6.0)  # w ~ U(lo, hi) per sample: the teacher's CFG scale
+    guidance: float | None = None  # the w the student is given at generation; None: the teacher's own, clamped in
+    guidance_embed_dim: int = 64  # features of w in the student's pooled vector; 0: no embedding (one w)
+    loss: str = "huber"  # "huber" (pseudo-Huber, LCM) or "l2"
+    huber_c: float = 0.001  # c of the pseudo-Huber loss
+    sigma_data: float = 0.5  # of the boundary scalings c_skip / c_out (LCM: 0.5)
+    timestep_scaling: float = 10.0  # of the boundary scalings (LCM: 10)
+    steps_range: tuple[int, int] = (1, 8)  # sampler steps the student is meant for (the index says; others warn)
+    sample_steps: int = 4  # the steps the index recommends, and the sample grids'
+    sample_guidance: float = 1.0  # CFG on top of the student in the sample grids (its w is embedded)
+    sample_schedule: str | None = "lcm"  # sigma grid of the sample grids
+    sample_prompts: tuple[str, ...] = ("a large red circle on the left", "a small blue square at the top",
+                                       "a large green triangle on the right", "a small yellow circle at the bottom")
+    cached_text: bool = True  # read a frozen pretrained text encoder's embeddings from the cache when it has them
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # latents per step
+    lr: float = 1e-4  # peak AdamW learning rate
+    warmup_steps: int = 50  # linear warm-up
+    lr_schedule: str = "constant"  # LCM: constant
+    ema_decay: float = 0.95  # the target network's EMA (LCM: 0.95); its weights are the student saved
+    sample_every: int = 500  # steps between sample grids (0 = never)
+
+    BOUNDS = bounds({"method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
+                     "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
+                     "loss": one_of("huber", "l2"), "huber_c": above(0), "sigma_data": above(0),
+                     "timestep_scaling": above(0), "steps_range": between(1, MAX_STEPS),
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0)})
+
+
+DISTILL_PRESETS: dict[str, dict] = {
+    # The bundled default model (a flow U-Net on shapes) to 1-4 steps, on the cache it was trained on
+    # (`latentdiff cache --preset shapes-default`); BENCHMARKS.md, "Few-step students".
+    "shapes-lcm": {"teacher": "default", "steps": 1000, "batch_size": 32, "lr": 2e-4, "warmup_steps": 50,
+                   "guidance_range": (2.0, 6.0), "guidance": 4.0, "sample_every": 500, "save_every": 250,
+                   "keep_last": 2},
+    "shapes-lcm-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "sample_every": 2,
+                        "save_every": 2, "grid_steps": 10, "quiet": True},
+}
+
+
+def teacher_grid(parameterization, n: int) -> Tensor:
+    """The teacher's own grid of ``n`` steps, ascending: the boundary (its sigma_min), then every point above it,
+    float64 (flow: up to sigma = inf)."""
+    sigmas = make_sigmas("default", n, parameterization)[:-1].flip(0)  # drop the final 0, ascending
+    sigmas = sigmas[sigmas > parameterization.sigma_min]
+    return torch.cat([torch.tensor([parameterization.sigma_min], dtype=torch.float64), sigmas])
+
+
+def _column(sigma: Tensor, x: Tensor) -> Tensor:
+    return sigma.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """x = x0 + sigma * noise, per sample; the noise itself where sigma = inf (the pure-noise convention)."""
+    inf = _column(torch.isinf(sigma), x0).bool()
+    return torch.where(inf, noise, x0 + _column(sigma.nan_to_num(posinf=0.0), x0) * noise)
+
+
+def solver_step(denoised: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """DDIM (eta 0) from sigma to sigma_next given the estimate D: D + sigma_next / sigma * (x - D), per sample.
+
+    In sigma coordinates this is also Euler's step (``sample_euler``) and, for a flow model, Euler's in flow time;
+    from sigma = inf (x the unit noise) it is the exact D + sigma_next * x (``sampling._start_from_noise``).
+    """
+    inf = torch.isinf(sigma)
+    ratio = torch.where(inf, sigma_next, sigma_next / sigma.where(~inf, torch.ones_like(sigma)))
+    eps = torch.where(_column(inf, x).bool(), x, x - denoised)  # x - D is sigma * eps_hat; at inf x is eps itself
+    return denoised + _column(ratio, x) * eps
+
+
+def guided(teacher: Denoiser, x: Tensor, sigma: Tensor, cond: Cond, uncond: Cond | None, w: Tensor) -> Tensor:
+    """The teacher's classifier-free-guided estimate D_u + w (D_c - D_u), one w per sample, cond and uncond in one
+    batch (uncond None: the conditional estimate alone)."""
+    if uncond is None:
+        return teacher(x, sigma, cond)
+    both = teacher(torch.cat([x, x]), torch.cat([sigma, sigma]), cond.cat(uncond))
+    d_cond, d_uncond = both.chunk(2)
+    return d_uncond + _column(w, x) * (d_cond - d_uncond)
+
+
+def distance(a: Tensor, b: Tensor, kind: str = "huber", c: float = 0.001) -> Tensor:
+    """Per-sample mean of pseudo-Huber sqrt((a - b)^2 + c^2) - c (LCM) or of (a - b)^2."""
+    d = (a.float() - b.float()) ** 2
+    if kind == "huber":
+        d = (d + c * c).sqrt() - c
+    return d.flatten(1).mean(1)
+
+
+def consistency_loss(student: Denoiser, target: Denoiser, x: Tensor, sigma: Tensor, x_next: Tensor,
+                     sigma_next: Tensor, cond: Cond, kind: str = "huber", c: float = 0.001) -> Tensor:
+    """d(f_student(x, sigma), f_target(x_next, sigma_next)) per sample, the target without gradient: the loss of
+    both LCD (x_next from the teacher's solver step) and CT (x_next from the same noise)."""
+    with torch.no_grad():
+        want = target(x_next, sigma_next, cond)
+    return distance(student(x, sigma, cond), want, kind, c)
+
+
+def widen_from(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy the teacher's weights into the student; a student tensor with more input columns (the pooled-vector
+    projection that also reads the guidance-scale features) gets the teacher's columns first, zeros after.
+    Returns the names of the widened tensors."""
+    want, have = student.state_dict(), teacher.state_dict()
+    if want.keys() != have.keys():
+        raise ValueError(f"student and teacher differ in tensors: {sorted(set(want) ^ set(have))[:5]}")
+    widened = []
+    for name, t in have.items():
+        s = want[name]
+        if s.shape != t.shape:
+            if s.ndim != 2 or s.shape[0] != t.shape[0] or s.shape[1] < t.shape[1]:
+                raise ValueError(f"{name}: the student's {tuple(s.shape)} cannot take the teacher's {tuple(t.shape)}")
+            t = torch.cat([t, t.new_zeros(t.shape[0], s.shape[1] - t.shape[1])], dim=1)
+            widened.append(name)
+        want[name] = t.clone()
+    student.load_state_dict(want, strict=True)
+    return widened
+
+
+def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) -> None:
+    """Refuse, before any work, a teacher (or settings) the method cannot take, saying which and why."""
+    name, net = f"teacher {cfg.teacher}", getattr(teacher.spec, teacher.spec.network)
+    lo, hi = cfg.guidance_range
+    if teacher.spec.consistency is not None or teacher.index.distilled is not None:
+        raise ValueError(f"{name} is already a consistency student: distill from the model it was distilled from")
+    if teacher.index.class_names:
+        raise ValueError(f"{name} is class-conditional: distill reads the cache's captions and conditions on text; "
+                         "class-conditional teachers are not supported")
+    if teacher.index.size_conditioning.embed_dim:
+        raise ValueError(f"{name} takes SDXL size conditioning, which distill does not pass: not supported")
+    if getattr(net, "concat_channels", 0):
+        raise ValueError(f"{name} takes {net.concat_channels} concat channels (inpainting / low-res input), which "
+                         "the latent cache does not hold: not supported")
+    if not lo <= hi:
+        raise ValueError(f"guidance_range {cfg.guidance_range} must be (lo, hi) with lo <= hi")
+    if cfg.method == "ct" and ((lo, hi) != (1.0, 1.0) or cfg.guidance_embed_dim):
+        raise ValueError("consistency training has no teacher ODE to take guidance from: set guidance_range = [1, 1] "
+                         "and guidance_embed_dim = 0")
+    text = getattr(net, "context_dim", None) is not None or getattr(net, "vector_dim", None) is not None
+    if (lo, hi) != (1.0, 1.0) and not text:
+        raise ValueError(f"{name} has no text conditioning (no context_dim or vector_dim), so it has no "
+                         f"classifier-free guidance to distill: set guidance_range = [1, 1]")
+    if cfg.guidance_embed_dim and getattr(net, "vector_dim", None) is None:
+        raise ValueError(f"{name}'s network has no pooled-vector input to take the guidance-scale embedding: set "
+                         "guidance_embed_dim = 0 and one guidance scale (guidance_range = [w, w])")
+    if not cfg.guidance_embed_dim and lo != hi:
+        raise ValueError("without a guidance-scale embedding (guidance_embed_dim = 0) the student learns one w: set "
+                         f"guidance_range = [w, w], not {list(cfg.guidance_range)}")
+    if cfg.guidance is not None and not lo <= cfg.guidance <= hi:
+        raise ValueError(f"guidance {cfg.guidance} lies outside the distilled guidance_range {list(cfg.guidance_range)}")
+    if cfg.skip >= cfg.grid_steps:
+        raise ValueError(f"skip {cfg.skip} must be smaller than grid_steps {cfg.grid_steps}")
+    lo_steps, hi_steps = cfg.steps_range
+    if not lo_steps <= cfg.sample_steps <= hi_steps or hi_steps > cfg.grid_steps:
+        raise ValueError(f"steps_range {list(cfg.steps_range)} must hold sample_steps {cfg.sample_steps} and stay "
+                         f"within grid_steps {cfg.grid_steps}")
+    channels = cache.bucket_shapes[0][0]
+    if channels != net.in_channels:
+        raise ValueError(f"the cache {cfg.cache} holds {channels}-channel latents but {name} takes {net.in_channels}: "
+                         "use the cache the teacher was trained on")
+    cache.check_divisible(spatial_factor(teacher.spec.network, net))
+
+
+def student_of(teacher: ModelFolder, cfg: DistillConfig) -> tuple[Denoiser, object]:
+    """The student (the teacher's network, widened for the w embedding, with the boundary scalings) and its spec."""
+    spec = dataclasses.replace(teacher.spec, consistency=ConsistencyScalings(cfg.sigma_data, cfg.timestep_scaling))
+    if cfg.guidance_embed_dim:
+        family = spec.network
+        spec = dataclasses.replace(spec, **{family: for_guidance_embedding(getattr(spec, family),
+                                                                             cfg.guidance_embed_dim)})
+    student = build_denoiser(spec)
+    if cfg.init == "random":  # consistency training from scratch: only the teacher's architecture and encoders
+        return student, spec
+    widened = widen_from(student.network, teacher.denoiser.network)
+    if len(widened) != (1 if cfg.guidance_embed_dim else 0):
+        raise ValueError(f"expected one widened pooled-vector projection, got {widened}")
+    return student, spec
+
+
+def student_index(teacher: ModelFolder, cfg: DistillConfig):
+    """The student's model index: the teacher's, with the LCM sampler, its steps, guidance 1 and ``Distilled``."""
+    lo, hi = cfg.guidance_range
+    w = cfg.guidance
+    if w is None:
+        w = min(max(teacher.index.generation.guidance or DEFAULT_GENERATION.guidance, lo), hi)
+    generation = GenerationSettings(sampler="lcm", steps=cfg.sample_steps, guidance=1.0, schedule="lcm",
+                                    guidance_method="cfg", pag_scale=0.0)
+    return dataclasses.replace(teacher.index, generation=generation, distilled=Distilled(
+        method=cfg.method, teacher=str(cfg.teacher), guidance_embed_dim=cfg.guidance_embed_dim,
+        embedded_guidance=float(w), guidance_range=(float(lo), float(hi)), steps_range=tuple(cfg.steps_range),
+        grid_steps=cfg.grid_steps))
+
+
+def load_teacher(path: str) -> ModelFolder:
+    """The teacher's model folder ("default": the bundled model, checked against its manifest)."""
+    if not path:
+        raise ValueError("distill needs a teacher: --teacher MODEL_FOLDER (or 'default', the bundled model)")
+    if path == "default":
+        from latentdiff.default import verify
+
+        path = str(verify())
+    folder = read_model_folder(path)
+    for p in folder.denoiser.parameters():
+        p.requires_grad_(False)
+    folder.text_encoder.requires_grad_(False)
+    return folder
+
+
+def distill(cfg: DistillConfig) -> Path | dict:
+    """Distill ``cfg.teacher`` into a few-step student; write ``cfg.out/model`` (a model folder) and return it.
+    With ``cfg.dry_run`` it returns the dry-run report instead and writes nothing."""
+    with processes(cfg) as ctx:
+        # Setup: the teacher, checked with the cache before any work.
+        run = Run(cfg, ctx)
+        teacher, cache = load_teacher(cfg.teacher), LatentCache(cfg.cache)
+        check_teacher(teacher, cfg, cache)
+        device, main = ctx.device, ctx.is_main
+        grid = teacher_grid(teacher.denoiser.parameterization, cfg.grid_steps)  # (M,), ascending from the boundary
+        te_cfg = getattr(teacher.text_encoder, "config", None)
+        cached_text = cfg.cached_text and isinstance(te_cfg, TextEncoderConfig) and cache.uses_text(te_cfg)
+        text_encoder, ae = teacher.text_encoder.to(device), teacher.autoencoder
+        t_den = teacher.denoiser.to(device)
+        lo, hi = cfg.guidance_range
+        index = student_index(teacher, cfg)
+
+        # Build: the student from the teacher; the engine's EMA of it is the target network.
+        run.seed()
+        student, spec = student_of(teacher, cfg)
+        model = Trainable(student.network, None)
+        run.build(model)
+        param = student.parameterization
+        if main and not cfg.quiet:
+            print(f"distill ({cfg.method}) {cfg.teacher}: {teacher.spec.network} ({param.name}), {len(grid)} grid "
+                  f"points, skip {cfg.skip}, w in [{lo:g}, {hi:g}]; {len(cache)} cached latents", file=sys.stderr)
+
+        def conditions(indices: Tensor, captions: list[str]) -> tuple[Cond, Cond | None]:
+            """The captions' Cond and the empty prompt's (None without guidance), one length for both."""
+            if lo == hi == 1.0:  # no guidance: the conditional estimate alone
+                cond = cache.text_cond(indices, torch.zeros(len(indices), dtype=torch.bool)) if cached_text \
+                    else text_encoder(captions)
+                return cond.map(lambda t: t.to(device)), None
+            if cached_text:
+                both = cache.text_cond(torch.cat([indices, indices]), torch.arange(2 * len(indices)) >= len(indices))
+            else:
+                both = text_encoder(captions + [""] * len(captions))
+            n = len(captions)
+            return both.map(lambda t: t[:n].to(device)), both.map(lambda t: t[n:].to(device))
+
+        # Loop.
+        with run.guard():
+            for step in run.steps():
+                idx, chunks = run.batch(cache, step)
+
+                def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
+                    """Per-sample consistency losses of these global-batch positions, each from its own generator."""
+                    gens = sample_generators(cfg.seed, step, positions)
+                    drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
+                    x0 = ae.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
+                    noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g)).to(device)
+                    n = per_sample(gens, lambda g: torch.randint(cfg.skip, len(grid), (1,), generator=g))
+                    w = per_sample(gens, lambda g: lo + (hi - lo) * torch.rand(1, generator=g, dtype=torch.float64))
+                    sigma, sigma_next, w = grid[n].to(device), grid[n - cfg.skip].to(device), w.to(device)
+                    with autocast(cfg.precision, device), torch.no_grad():
+                        cond, uncond = conditions(idx[positions], [c[0] for _, c in drawn])
+                    x = noised(x0, noise, sigma)
+                    with autocast(cfg.precision, device):
+                        if cfg.method == "ct":
+                            x_next = noised(x0, noise, sigma_next)
+                        else:
+                            with torch.no_grad():
+                                x_next = solver_step(guided(t_den, x, sigma, cond, uncond, w), x, sigma, sigma_next)
+                        s_cond = with_guidance_scale(cond, w, cfg.guidance_embed_dim) if cfg.guidance_embed_dim \
+                            else cond
+                        target = Denoiser(run.ema.module.network, param)
+                        return consistency_loss(student, target, x, sigma, x_next, sigma_next, s_cond, cfg.loss,
+                                                cfg.huber_c)
+
+                loss, grad_norm = run.step(step, chunks, loss_fn)
+                run.log(step, loss, grad_norm)
+                run.samples(step, lambda pipe, k: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{k:07d}.png"),
+                            target=lambda ema: _pipeline(ema, param, teacher, index))
+                run.save(step)
+        if cfg.dry_run:
+            return run.dry_run_report()
+
+        # Save: the last training checkpoint, then the student's model folder (the target network's weights).
+        ema = run.finish()
+        folder = run.folder / "model"
+        if main:
+            ema_student, text = ema_parts(ema, teacher.text_encoder, student)  # on the CPU
+            check_finite_params(ema_student.network)
+            write_model_folder(folder, ModelFolder(index, ae, ema_student, spec, text))
+            if not cfg.quiet:
+                print(f"student written to {folder}", file=sys.stderr)
+        ctx.barrier()
+        return folder
+
+
+def _pipeline(ema: Trainable, param, teacher: ModelFolder, index):
+    """A Pipeline of the target network with the student's index, what the sample grids draw with."""
+    from latentdiff.pipeline import Pipeline
+
+    return Pipeline(teacher.autoencoder, Denoiser(ema.network, param), teacher.text_encoder, index)
