@@ -331,3 +331,40 @@ def test_lora_for_another_model_refused_before_any_change(sd, tmp_path):
         pipe.load_lora(tmp_path / "other.safetensors")
     assert not pipe.loras
     _within_1_255(_images01(pipe.generate(PROMPT, **OURS)), sd["base"])
+
+
+# ------------------------------------------------------------------------------- training and the command line
+
+
+def test_train_lora_on_the_default_model_and_generate_with_it(tmp_path, capsys):
+    """train-lora on the bundled model (3 steps on a tiny cache of its own autoencoder) writes a LoRA file whose
+    adapters are the run's, which generate --lora FILE:WEIGHT attaches; the model's own weights stay as they were."""
+    from latentdiff.cli import main
+    from latentdiff.default import verify
+    from latentdiff.images import read_parameters
+
+    model = verify()
+    main(["cache", "--autoencoder", str(model / "autoencoder"), "--out", str(tmp_path / "cache"),
+          "--set", "num_images=8", "--set", "image_size=32"])
+    main(["train-lora", "--preset", "shapes-test", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+          "--set", "lr=0.05"])
+    path = tmp_path / "run" / "lora.safetensors"
+    assert str(path) in capsys.readouterr().out
+    meta = read_lora_metadata(path)
+    assert meta["rank"] == 2 and meta["family"] == "unet" and meta["base_model"] == "default"
+    pipe = latentdiff.load()
+    before = _state(pipe.denoiser.network)
+    plain = pipe.generate("a large red circle on the left", steps=4, seed=1, output="np")
+    lora = pipe.load_lora(path)
+    assert all(layer.up.abs().max() > 0 for x in lora.loras for layer in x.layers)  # trained away from 0
+    tuned = pipe.generate("a large red circle on the left", steps=4, seed=1, output="np")
+    assert not np.array_equal(plain, tuned)
+    pipe.unload_loras()
+    assert all(torch.equal(pipe.denoiser.network.state_dict()[k], before[k]) for k in before)
+    out = tmp_path / "img.png"
+    main(["generate", "a large red circle on the left", "--steps", "4", "--seed", "1", "--lora", f"{path}:0.5",
+          "-o", str(out)])
+    assert read_parameters(out)["loras"] == [f"{path.resolve()}:0.5"]
+    with pytest.raises(SystemExit):  # a missing file: one error line before the model loads
+        main(["generate", "x", "--lora", str(tmp_path / "nope.safetensors:0.5"), "-o", str(tmp_path / "x.png")])
+    assert "no file" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
