@@ -172,6 +172,32 @@ def test_refusals_name_the_keys_and_change_nothing(tmp_path):
     assert not any(isinstance(m, (LoRALinear, LoRAConv2d)) for m in net.modules())
 
 
+def test_kohya_sdxl_names_in_the_original_layout(tmp_path):
+    """SDXL kohya files name U-Net layers in the original layout (``lora_unet_input_blocks_4_1_...``): mapped through
+    the key-map table onto the same layers as the diffusers-named file."""
+    from latentdiff.interop.keymaps import unet_rules
+    from latentdiff.models.unet import UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                          head_dim=8, context_dim=32, norm_groups=8, transformer_depth=(1, 2))).eval()
+    x, sigma, cond = _inputs(net)
+    lora = _randomize(LoRA.create(net, rank=2, targets=("attention", "conv"))).attach(net)
+    expected = net(x, sigma, cond)
+    lora.detach()
+    original = {r.ours[0].removesuffix(".weight"): r.original.removesuffix(".weight") for r in unet_rules(net.config)}
+    kohya = {}
+    for n, layer in zip(lora.names, lora.layers):
+        name = "lora_unet_" + original[n].replace(".", "_")
+        kohya.update({f"{name}.lora_down.weight": layer.down.detach(), f"{name}.lora_up.weight": layer.up.detach(),
+                      f"{name}.alpha": torch.tensor(2.0)})
+    assert any("input_blocks" in k for k in kohya) and any("output_blocks" in k for k in kohya)
+    save_file(kohya, tmp_path / "sdxl_kohya.safetensors")
+    loaded = lora_for_model(tmp_path / "sdxl_kohya.safetensors", net).attach()
+    assert sorted(loaded.loras[0].names) == sorted(lora.names)
+    torch.testing.assert_close(net(x, sigma, cond), expected, atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------- parity with diffusers
 
 KW = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 16, "width": 16}
