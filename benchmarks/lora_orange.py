@@ -5,7 +5,8 @@
 Scores the model without and with the LoRA (weight 1) on two prompt sets, with one standard error: prompts whose
 first object has the new colour (``shapes.extra_color_prompts``, judged with the extended palette
 ``shapes.ALL_COLORS``), and the held-out prompts without it (``shapes.heldout_prompts``, judged as always). The
-model's own generation settings, seeds 0.. per prompt set. Prints one markdown row per (model, prompt set).
+model's own generation settings, seeds 0.. per prompt set. Prints one markdown row per (model, prompt set), after
+the ceiling the frozen autoencoder sets: its round trip of the new-colour prompts' rendered scenes, judged alike.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import time
 
 import torch
 
+from latentdiff.data.judge import score
 from latentdiff.data.shapes import ALL_COLORS, extra_color_prompts, heldout_prompts
-from latentdiff.eval.judging import score_prompts, stderr
+from latentdiff.eval.judging import render_prompts, score_prompts, stderr
+from latentdiff.images import to_uint8
 from latentdiff.pipeline import load
 
 
@@ -35,6 +38,14 @@ def main() -> None:
     keys = ("color", "shape", "size", "position", "all_correct")
     print(f"model {args.model}, LoRA {args.lora}, {args.prompts} prompts per set, the model's generation settings\n")
     print("| model | prompts | " + " | ".join(keys) + " | s / image |\n|" + "---|" * (len(keys) + 3))
+    prompts, colors = sets[f"{args.color} (new word)"]
+    with torch.no_grad():
+        images = render_prompts(prompts, pipe.default_size)
+        trip = to_uint8(pipe.autoencoder.decode(pipe.autoencoder.encode(images)))
+    scores = score(list(trip), [s for _, s in prompts], colors)
+    cells = [f"{scores[k]:.3f} +- {stderr(scores[k], len(prompts)):.3f}" for k in keys]
+    print(f"| autoencoder round trip (ceiling) | {args.color} (rendered scenes) | " + " | ".join(cells) + " | |",
+          flush=True)
     lora = None
     for label in ("base", "base + LoRA"):
         if label != "base":
