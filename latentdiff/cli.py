@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import os
 import sys
 import traceback
@@ -121,6 +122,9 @@ class GenerateConfig:
     outpaint: tuple = _opt((), "outpainting: pixels to add around the image, e.g. left=32,right=32 (sides left, top, "
                            "right, bottom; multiples of the autoencoder's factor) or 32 for all four",
                            metavar="SIDE=PX,...", to_config=_outpaint_flag)
+    loras: tuple = _opt((), "attach a LoRA file (ours, diffusers / PEFT, kohya) at a strength (default 1); repeat "
+                        "for several", flags=("--lora",), action="append", metavar="FILE[:WEIGHT]",
+                        to_config=lambda v: {"loras": tuple(v)})
     paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
                             "image's own back", flags=("--no-paste-back",), const=False)
 
@@ -197,6 +201,10 @@ def cmd_distill(args) -> None:
     from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig, distill
 
     _print_result(distill(config_from_args(DistillConfig, DISTILL_PRESETS, args)))
+def cmd_train_lora(args) -> None:
+    from latentdiff.train.lora import LORA_PRESETS, LoRATrainConfig, train_lora
+
+    _print_result(train_lora(config_from_args(LoRATrainConfig, LORA_PRESETS, args)))
 
 
 def _print_result(result) -> None:
@@ -234,7 +242,10 @@ def cmd_generate(args) -> None:
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
+    loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
@@ -243,11 +254,28 @@ def cmd_generate(args) -> None:
               "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
               **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]},
-              **_edit_parameters(cfg)}
+              **_edit_parameters(cfg), **({"loras": [f"{Path(p).resolve()}:{w:g}" for p, w in loras]} if loras else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
     for path in save_images(images, out, params, grid=cfg.grid, per_image=per_image):
         print(path)
+
+
+def _lora_flag(spec: str) -> tuple[str, float]:
+    """``--lora FILE[:WEIGHT]`` -> (file, weight); the file must exist."""
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            path = spec
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--lora {spec}: no file {path} (expected FILE or FILE:WEIGHT, e.g. "
+                                "style.safetensors:0.8)")
+    if not math.isfinite(weight):
+        raise ValueError(f"--lora {spec}: the weight must be a finite number")
+    return path, weight
 
 
 def _generate_options(cfg: GenerateConfig) -> dict:
@@ -368,6 +396,7 @@ def _config_commands() -> list[_Command]:
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
     from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig
     from latentdiff.train.latent_stats import LatentStatsConfig
+    from latentdiff.train.lora import LORA_PRESETS, LoRATrainConfig
     from latentdiff.train.preview import PreviewTrainConfig
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig
 
@@ -421,6 +450,13 @@ def _config_commands() -> list[_Command]:
                         "method": {"help": "lcm (distill the teacher's ODE) or ct (consistency training)",
                                    "choices": ["lcm", "ct"]},
                         "cache": "latent cache the teacher was trained on", "out": _OUT, "steps": _STEPS,
+                        "resume": _RESUME, "dry_run": _DRY}),
+        _Command("train-lora", cmd_train_lora, LoRATrainConfig, LORA_PRESETS,
+                 help="train a LoRA for a frozen model's denoiser",
+                 description="Train low-rank adapters for a frozen model's denoiser on a latent cache made with its "
+                             "autoencoder; writes OUT/lora.safetensors (load it with generate --lora).",
+                 flags={"model": "base model: a model folder, a diffusers folder, or 'default'",
+                        "cache": "latent cache folder", "out": _OUT, "rank": "LoRA rank", "steps": _STEPS,
                         "resume": _RESUME, "dry_run": _DRY}),
     ]
 

@@ -34,6 +34,7 @@ from latentdiff.model_index import (
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.layers import perturbed_self_attention
+from latentdiff.models.lora import LoRASet
 from latentdiff.models.runtime import autocast, available_memory, feature_width
 from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
 from latentdiff.types import Cond
@@ -61,6 +62,23 @@ class Pipeline:
         self.guide = guide  # a weaker model of the same data (autoguidance), e.g. an early checkpoint of the run
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
+        self.loras: list = []  # LoRASets attached by load_lora, in order
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
+        """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
+        layers to a CLIP text encoder, at strength ``weight``; several may be attached. Returns it: change its
+        ``weight`` or ``enabled``, ``merge()`` it into the weights, ``detach()`` it. A file whose layers or shapes
+        do not fit this model is refused before anything changes."""
+        from latentdiff.interop.lora import lora_for_model
+
+        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name).attach()
+        self.loras.append(lora)
+        return lora
+
+    def unload_loras(self) -> None:
+        """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again)."""
+        while self.loras:
+            self.loras.pop().detach()
 
     @property
     def default_size(self) -> int:

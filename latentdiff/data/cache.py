@@ -61,6 +61,7 @@ class CacheConfig:
     split: str = "train"  # shapes: "train" or "heldout"
     seed: int = 0  # shapes: data set seed
     attribute_dropout: float = 0.0  # shapes: chance a caption's object leaves out its size, colour or shape word
+    extra_colors: tuple[str, ...] = ()  # shapes: colours beyond the default vocabulary (data.shapes.EXTRA_COLORS)
     batch_size: int = 64  # images encoded per batch
     shard_size: int = 8192  # items per shard file
     class_folders: bool = False  # folder: each subfolder is a class (integer labels + class names are cached)
@@ -85,6 +86,8 @@ CACHE_PRESETS: dict[str, dict] = {
     "shapes-demo-minilm": {"image_size": 32, "num_images": 10000,
                            "text_encoder": {"kind": "pretrained", "path": "minilm", "max_length": 32}},
     "shapes-test": {"num_images": 64, "shard_size": 40},
+    # The bundled model's data plus a colour it never saw (orange), for `train-lora --preset shapes-orange`.
+    "shapes-orange": {"image_size": 32, "num_images": 8000, "seed": 1, "extra_colors": ("orange",)},
 }
 
 
@@ -278,7 +281,7 @@ def open_source(cfg: CacheConfig) -> tuple[object, list[str] | None]:
 
     if cfg.data == "shapes":
         return ShapesDataset(cfg.num_images, size=cfg.image_size, seed=cfg.seed, split=cfg.split,
-                             attribute_dropout=cfg.attribute_dropout), None
+                             attribute_dropout=cfg.attribute_dropout, extra_colors=cfg.extra_colors), None
     if is_tar_source(cfg.data):
         if cfg.class_folders:
             raise ValueError("class_folders is for image folders; tar shards carry labels in .cls members")

@@ -103,10 +103,17 @@ def _label_components(mask: np.ndarray) -> np.ndarray:
     return dense.reshape(h, w) + (values[0] != 0)  # 0 stays background, components become 1..n
 
 
-def _unmix(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
+def _palette(colors: dict[str, tuple[int, int, int]] | None) -> tuple[tuple[str, ...], np.ndarray]:
+    """Names and (K, 3) RGB of the colours a judge reads (default: the data set's COLORS)."""
+    if colors is None:
+        return _COLOR_NAMES, _PALETTE
+    return tuple(colors), np.array(list(colors.values()), np.float64)
+
+
+def _unmix(pixels: np.ndarray, background: np.ndarray, palette: np.ndarray = _PALETTE) -> np.ndarray:
     """Per pixel, alpha in pixel = background + alpha * (colour - background) for the best-fitting named colour."""
     offset = pixels - background  # (H, W, 3)
-    direction = _PALETTE - background  # (K, 3)
+    direction = palette - background  # (K, 3)
     norm2 = np.maximum((direction**2).sum(-1), 1e-6)  # (K,)
     alpha = np.clip(offset @ direction.T / norm2, 0.0, 1.0)  # (H, W, K)
     residual = ((offset[..., None, :] - alpha[..., None] * direction) ** 2).sum(-1)  # (H, W, K)
@@ -124,8 +131,10 @@ def _position(x: float, y: float) -> str:
     return "top" if dy < 0 else "bottom"
 
 
-def detect(image) -> tuple[str, list[Detection]]:
-    """Background name and the objects found in one image."""
+def detect(image, colors: dict[str, tuple[int, int, int]] | None = None) -> tuple[str, list[Detection]]:
+    """Background name and the objects found in one image; ``colors``: the named colours to read (default
+    COLORS; e.g. ``shapes.ALL_COLORS`` to read the extra colours too)."""
+    names, palette = _palette(colors)
     pixels = _as_uint8_image(image)
     h, w, _ = pixels.shape
     if min(h, w) < 16:
@@ -141,7 +150,7 @@ def detect(image) -> tuple[str, list[Detection]]:
     background = np.median(border, axis=0)
     background_name = _BACKGROUND_NAMES[int(((_BACKGROUND_PALETTE - background) ** 2).sum(-1).argmin())]
 
-    alpha = _unmix(pixels, background)  # (H, W) in [0, 1]
+    alpha = _unmix(pixels, background, palette)  # (H, W) in [0, 1]
     labels = _label_components(alpha >= 0.5)
     # Grow each component by one pixel so its soft edge (alpha < 0.5) counts toward its area and extent.
     padded = np.pad(labels, 1)
@@ -177,7 +186,7 @@ def detect(image) -> tuple[str, list[Detection]]:
         # Colour: mean of the object's most opaque pixels, nearest named colour.
         core = a >= max(0.5, np.quantile(a[core_mask], 0.5))
         rgb = pixels[core].mean(0)
-        color = _COLOR_NAMES[int(((_PALETTE - rgb) ** 2).sum(-1).argmin())]
+        color = names[int(((palette - rgb) ** 2).sum(-1).argmin())]
         # Size: half-size of the shape whose area this is, relative to the canvas side.
         half = np.sqrt(area / (4 * SHAPE_PROTOTYPES[shape][0])) / np.sqrt(canvas)
         size = "small" if half < SIZE_THRESHOLD else "large"
@@ -197,9 +206,10 @@ def detect(image) -> tuple[str, list[Detection]]:
     return background_name, detections
 
 
-def judge(image) -> Scene:
-    """Read a Scene back from an image: uint8 (H, W, 3), float tensor (3, H, W) in [-1, 1], or PIL."""
-    background, detections = detect(image)
+def judge(image, colors: dict[str, tuple[int, int, int]] | None = None) -> Scene:
+    """Read a Scene back from an image: uint8 (H, W, 3), float tensor (3, H, W) in [-1, 1], or PIL (``colors``:
+    as ``detect``)."""
+    background, detections = detect(image, colors)
     return Scene(tuple(d.as_object() for d in detections), background)
 
 
@@ -222,7 +232,7 @@ def _match(target: tuple[ShapeObject, ...], predicted: tuple[ShapeObject, ...]) 
     return pairs
 
 
-def score(images, scenes) -> dict:
+def score(images, scenes, colors: dict[str, tuple[int, int, int]] | None = None) -> dict:
     """Judge images against target scenes; per-attribute accuracy in [0, 1], plus n.
 
     color / shape / size / position: share of target objects (with that attribute stated) read correctly,
@@ -230,6 +240,7 @@ def score(images, scenes) -> dict:
     background: share of images (with a stated background) read correctly; all_correct: share of images
     right on everything stated; objects_correct: share of target objects right on every stated attribute
     (per-object accuracy, for scenes of several objects). Attributes a target leaves unstated (None) are not scored.
+    ``colors``: the named colours the judge reads (default COLORS).
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         images = list(images)
@@ -242,7 +253,7 @@ def score(images, scenes) -> dict:
     totals = {a: 0 for a in _ATTRIBUTES}
     count_hits = background_hits = background_total = all_hits = objects_hits = objects_total = 0
     for image, target in zip(images, scenes):
-        predicted = judge(image)
+        predicted = judge(image, colors)
         right = len(predicted.objects) == len(target.objects)
         count_hits += right
         if target.background is not None:

@@ -25,6 +25,12 @@ COLORS: dict[str, tuple[int, int, int]] = {  # object colours, well apart in RGB
     "purple": (170, 50, 220),
     "cyan": (40, 200, 220),
 }
+# Colours outside the vocabulary above, never in the default data: a data set, prompt set or judge uses them only
+# when asked (``extra_colors``), e.g. to teach a trained model a new colour word with a LoRA.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {
+    "orange": (250, 130, 20),  # between red and yellow (~100 from each)
+}
+ALL_COLORS = {**COLORS, **EXTRA_COLORS}
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {  # disjoint from COLORS, so never an object's colour
@@ -70,12 +76,12 @@ class ShapeObject:
     """One object; a field is None only in a parsed prompt that leaves it unstated."""
 
     shape: str | None  # one of SHAPES
-    color: str | None  # a key of COLORS
+    color: str | None  # a key of COLORS (or EXTRA_COLORS)
     size: str | None = None  # one of SIZES
     position: str | None = None  # one of POSITIONS
 
     def __post_init__(self):
-        for name, vocab in (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", POSITIONS)):
+        for name, vocab in (("shape", SHAPES), ("color", ALL_COLORS), ("size", SIZES), ("position", POSITIONS)):
             value = getattr(self, name)
             if value is not None and value not in vocab:
                 raise ValueError(f"unknown {name} {value!r}: expected one of {sorted(vocab)}")
@@ -161,26 +167,37 @@ def _place(scene: Scene, rng: np.random.Generator, tries: int = 16) -> list[tupl
     return anchors
 
 
-def _pairs(split: str) -> list[tuple[str, str]]:
-    """(color, shape) pairs an object may take in a split (held-out objects draw from the held-out ones)."""
+def check_extra_colors(extra_colors) -> tuple[str, ...]:
+    """Names of EXTRA_COLORS, checked."""
+    extra = tuple(extra_colors)
+    unknown = [c for c in extra if c not in EXTRA_COLORS]
+    if unknown:
+        raise ValueError(f"unknown extra colours {unknown}: expected some of {sorted(EXTRA_COLORS)}")
+    return extra
+
+
+def _pairs(split: str, extra_colors: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(color, shape) pairs an object may take in a split (held-out objects draw from the held-out ones); extra
+    colours join the training pairs with every shape."""
     if split == "train":
-        return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+        return [(c, s) for c in (*COLORS, *extra_colors) for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
     if split == "heldout":
         return sorted(HELDOUT_PAIRS)
     raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 3,
-                 n_objects: int | None = None) -> Scene:
+                 n_objects: int | None = None, extra_colors: tuple[str, ...] = ()) -> Scene:
     """A random scene; train scenes avoid HELDOUT_PAIRS, held-out scenes contain at least one of them.
 
-    The number of objects is uniform in 1..max_objects, or exactly n_objects when given.
+    The number of objects is uniform in 1..max_objects, or exactly n_objects when given; ``extra_colors`` (names
+    of EXTRA_COLORS) join the colours objects may take (none: the default data, draw for draw).
     """
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects must be in 1..3, got {max_objects}")
     if n_objects is not None and not 1 <= n_objects <= 3:
         raise ValueError(f"n_objects must be in 1..3, got {n_objects}")
-    train_pairs, own_pairs = _pairs("train"), _pairs(split)
+    train_pairs, own_pairs = _pairs("train", extra_colors), _pairs(split, extra_colors)
     n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
     while True:  # rejection sampling of a layout; a few tries at most
         objects: list[ShapeObject] = []
@@ -228,7 +245,7 @@ def render(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4) ->
         coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[
             ..., None
         ]  # (H, W, 1)
-        image = image * (1 - coverage) + np.asarray(COLORS[o.color], np.float64) * coverage
+        image = image * (1 - coverage) + np.asarray(ALL_COLORS[o.color], np.float64) * coverage
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -341,7 +358,7 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
 
 _COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3}
 _SHAPE_WORDS = {s: s for s in SHAPES} | {s + "s": s for s in SHAPES}
-_COLOR_WORDS = {c: c for c in COLORS} | {"violet": "purple"}
+_COLOR_WORDS = {c: c for c in ALL_COLORS} | {"violet": "purple"}
 _SIZE_WORDS = {"small": "small", "large": "large", "big": "large", "tiny": "small"}
 _POSITION_WORDS = {p: p for p in POSITIONS} | {"centre": "center", "middle": "center"}
 _BACKGROUND_WORDS = {b: b for b in BACKGROUNDS} | {"grey": "gray"}
@@ -408,7 +425,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """n shape images; item i depends only on (seed, split, i), whatever the access order."""
 
     def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", max_objects: int = 3,
-                 phrasing: str = "mixed", attribute_dropout: float = 0.0):
+                 phrasing: str = "mixed", attribute_dropout: float = 0.0, extra_colors: tuple[str, ...] = ()):
         if not 0 <= attribute_dropout <= 1:
             raise ValueError(f"attribute_dropout is a probability in [0, 1], got {attribute_dropout}")
         if phrasing not in PHRASINGS:
@@ -421,6 +438,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.n, self.size, self.seed, self.split, self.max_objects = n, size, seed, split, max_objects
         self.phrasing = phrasing  # captions: half template words, half paraphrases by default
         self.attribute_dropout = attribute_dropout  # chance an object's phrase leaves out one attribute word
+        self.extra_colors = check_extra_colors(extra_colors)  # colours beyond the default vocabulary (EXTRA_COLORS)
 
     def __len__(self) -> int:
         return self.n
@@ -431,7 +449,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.n} items")
         index %= self.n
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        scene = sample_scene(rng, self.split, self.max_objects)
+        scene = sample_scene(rng, self.split, self.max_objects, extra_colors=self.extra_colors)
         image = render(scene, self.size, seed=int(rng.integers(2**31)))
         words = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])  # images apart from words
         text = caption(scene, words, phrasing=self.phrasing, attribute_dropout=self.attribute_dropout)
@@ -463,3 +481,20 @@ def train_prompts(n: int = 16, seed: int = 0, phrasing: str = "template", object
                   ) -> list[tuple[str, Scene]]:
     """Prompts drawn like the training captions, as the in-distribution reference."""
     return _prompts("train", n, seed, phrasing, objects)
+
+
+def extra_color_prompts(n: int = 16, seed: int = 0, color: str = "orange", phrasing: str = "template",
+                        objects: int = 1) -> list[tuple[str, Scene]]:
+    """Prompts whose first object has an extra colour (EXTRA_COLORS, never in the default data): what a LoRA that
+    teaches that colour is scored on (judge with ``colors=ALL_COLORS``). The scenes are train_prompts' with that
+    object recoloured."""
+    check_extra_colors((color,))
+    stream = [seed, 2, 1_000_003 + 7 * (objects - 1)]
+    rng, words = np.random.default_rng(stream), np.random.default_rng(stream + [1])
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng, "train", n_objects=objects)
+        first, *rest = scene.objects
+        scene = Scene((ShapeObject(first.shape, color, first.size, first.position), *rest), scene.background)
+        out.append((caption(scene, words, background=True, phrasing=phrasing), scene))
+    return out

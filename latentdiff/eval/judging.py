@@ -26,14 +26,16 @@ SUITES = {
 
 
 def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
-                  seed: int, batch: int = 16, schedule: str | None = None, **options) -> tuple[dict, list]:
-    """Generate one image per (caption, scene) prompt and score it with the judge against the scene."""
+                  seed: int, batch: int = 16, schedule: str | None = None, colors: dict | None = None,
+                  **options) -> tuple[dict, list]:
+    """Generate one image per (caption, scene) prompt and score it with the judge against the scene (``colors``:
+    the named colours the judge reads; default the data set's)."""
     images = []
     for start in range(0, len(prompts), batch):
         chunk = [c for c, _ in prompts[start:start + batch]]
         images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
                                 schedule=schedule, **options)
-    scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
+    scores = score([np.asarray(im) for im in images], [s for _, s in prompts], colors)
     return scores, images
 
 

@@ -218,16 +218,9 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
 
             def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
                 """Per-sample losses of these global-batch positions, each drawn from its own generator."""
-                gens = sample_generators(cfg.seed, step, positions)
-                drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
-                x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
-                drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
-                captions = ["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())]
-                sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
-                noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
-                if cfg.offset_noise:
-                    off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
-                    noise = noise + cfg.offset_noise * off[:, :, None, None]
+                gens, x0, captions, drop, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step,
+                                                                      idx, positions)
+                x0 = x0.to(device)
                 with autocast(cfg.precision, device):
                     cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                         else text_encoder(captions)
@@ -259,6 +252,25 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
             print(f"model written to {folder}", file=sys.stderr)
     ctx.barrier()
     return folder
+
+
+def draw_samples(cfg: RunConfig, cache: LatentCache, autoencoder, sigma_sampler, step: int, idx: Tensor,
+                 positions: Tensor) -> tuple[list[torch.Generator], Tensor, list[str], Tensor, Tensor, Tensor]:
+    """What a denoising loss needs for these global-batch positions, each drawn from its own generator in this
+    order: the posterior sample (normalized latents x0), caption dropout, sigma, noise (plus ``offset_noise``).
+    Returns (the generators, x0, captions ("" where dropped), the dropout flags, sigma, noise); the loops draw
+    their further per-sample numbers (labels) from the same generators afterwards."""
+    gens = sample_generators(cfg.seed, step, positions)
+    drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
+    x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn]))
+    drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
+    captions = ["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())]
+    sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
+    noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+    if cfg.offset_noise:
+        off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
+        noise = noise + cfg.offset_noise * off[:, :, None, None]
+    return gens, x0, captions, drop, sigma, noise
 
 
 def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache, text_dim: int,

@@ -1,0 +1,65 @@
+"""Does a LoRA teach a model a colour word it never saw, and leave the rest alone?
+
+    python benchmarks/lora_orange.py LORA [--model default] [--color orange] [--prompts 128] [--threads 1]
+
+Scores the model without and with the LoRA (weight 1) on two prompt sets, with one standard error: prompts whose
+first object has the new colour (``shapes.extra_color_prompts``, judged with the extended palette
+``shapes.ALL_COLORS``), and the held-out prompts without it (``shapes.heldout_prompts``, judged as always). The
+model's own generation settings, seeds 0.. per prompt set. Prints one markdown row per (model, prompt set), after
+the ceiling the frozen autoencoder sets: its round trip of the new-colour prompts' rendered scenes, judged alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from latentdiff.data.judge import score
+from latentdiff.data.shapes import ALL_COLORS, extra_color_prompts, heldout_prompts
+from latentdiff.eval.judging import render_prompts, score_prompts, stderr
+from latentdiff.images import to_uint8
+from latentdiff.pipeline import load
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("lora")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--color", default="orange")
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load(args.model)
+    sets = {f"{args.color} (new word)": (extra_color_prompts(args.prompts, color=args.color), ALL_COLORS),
+            "heldout (without it)": (heldout_prompts(args.prompts), None)}
+    keys = ("color", "shape", "size", "position", "all_correct")
+    print(f"model {args.model}, LoRA {args.lora}, {args.prompts} prompts per set, the model's generation settings\n")
+    print("| model | prompts | " + " | ".join(keys) + " | s / image |\n|" + "---|" * (len(keys) + 3))
+    prompts, colors = sets[f"{args.color} (new word)"]
+    with torch.no_grad():
+        images = render_prompts(prompts, pipe.default_size)
+        trip = to_uint8(pipe.autoencoder.decode(pipe.autoencoder.encode(images)))
+    scores = score(list(trip), [s for _, s in prompts], colors)
+    cells = [f"{scores[k]:.3f} +- {stderr(scores[k], len(prompts)):.3f}" for k in keys]
+    print(f"| autoencoder round trip (ceiling) | {args.color} (rendered scenes) | " + " | ".join(cells) + " | |",
+          flush=True)
+    lora = None
+    for label in ("base", "base + LoRA"):
+        if label != "base":
+            lora = pipe.load_lora(args.lora)
+        for name, (prompts, colors) in sets.items():
+            t = time.perf_counter()
+            scores, _ = score_prompts(pipe, prompts, steps=None, sampler=None, guidance=None, seed=0, batch=64,
+                                      colors=colors)
+            seconds = (time.perf_counter() - t) / len(prompts)
+            cells = [f"{scores[k]:.3f} +- {stderr(scores[k], len(prompts)):.3f}" for k in keys]
+            print(f"| {label} | {name} | " + " | ".join(cells) + f" | {seconds:.3f} |", flush=True)
+    if lora is not None:
+        pipe.unload_loras()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""LoRA fine-tuning of a frozen model's denoiser on a latent cache, on the run engine (``train.run``): setup ->
+build -> loop (loss, step, EMA, log, samples, checkpoint) -> save ``RUN/lora.safetensors``.
+
+Only the adapters train (``models/lora.py``); the network, its text encoder and its autoencoder stay frozen. The
+loss is the model's own denoising loss (its parameterization, the same per-sample random streams as ``train``),
+so a LoRA teaches the model new captions (a new colour word) the way its training taught it the old ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from latentdiff.components import ModelFolder, read_model_folder
+from latentdiff.config import COUNT, FINITE, FRACTION, above, at_least, between, bounds, one_of
+from latentdiff.data.cache import LatentCache
+from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
+from latentdiff.io import file_digest
+from latentdiff.model_index import MAX_STEPS
+from latentdiff.models.families import family_of
+from latentdiff.models.lora import LoRA, save_lora
+from latentdiff.models.runtime import autocast
+from latentdiff.train.denoiser import draw_samples, sample_grid
+from latentdiff.train.distributed import Context
+from latentdiff.train.run import Run, RunConfig, processes
+
+
+@dataclass
+class LoRATrainConfig(RunConfig):
+    """``latentdiff train-lora``: LoRA adapters for a frozen model's denoiser, trained on a latent cache (the keys
+    every run shares: ``train.run.RunConfig``)."""
+
+    out: str = "runs/lora"  # run folder: checkpoints/, metrics.jsonl, samples/, and lora.safetensors
+    model: str = "default"  # the frozen base model: a latentdiff model folder, a diffusers folder, or "default"
+    cache: str = "runs/cache"  # latent cache made with the base model's autoencoder (`latentdiff cache`)
+    rank: int = 8  # LoRA rank
+    alpha: float = 0.0  # LoRA alpha (scale = alpha / rank); 0: alpha = rank, a scale of 1
+    targets: tuple[str, ...] = ("attention",)  # layer patterns or groups (attention, conv, ff), e.g. ["attention", "conv"]
+    sigma_sampler: str = ""  # training noise levels: "discrete", "lognormal", "logitnormal"; "": discrete for models
+    # with a discrete noise schedule, else logitnormal
+    sigma_sampler_args: dict = field(default_factory=dict)  # e.g. logitnormal {mean = -0.5, std = 1.0}
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (keeps CFG working)
+    offset_noise: float = 0.0  # offset-noise strength (0 = off)
+    steps: int = 500  # optimizer steps
+    batch_size: int = 32  # latents per step
+    lr: float = 1e-3  # peak AdamW learning rate (LoRAs take larger rates than full training)
+    warmup_steps: int = 20  # linear warm-up
+    ema_decay: float = 0.0  # EMA of the adapters (0: the trained adapters themselves are saved)
+    sample_every: int = 0  # steps between sample grids (0 = never)
+    sample_prompts: tuple[str, ...] = ("a large red circle on the left", "a small blue square at the top")
+    sample_steps: int = 20  # sampler steps for the grids
+    sample_guidance: float = 4.0  # CFG scale for the grids
+    sample_schedule: str | None = None  # sigma grid for the sample grids; None: the model's own
+    save_every: int = 250  # steps between checkpoints
+
+    BOUNDS = bounds({"rank": between(1, 4096), "alpha": at_least(0), "caption_dropout": FRACTION,
+                     "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0),
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "lr": above(0),
+                     "steps": COUNT})
+
+
+LORA_PRESETS: dict[str, dict] = {
+    "shapes-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "save_every": 2, "rank": 2,
+                    "quiet": True, "tensorboard": False},
+    # The bundled default model taught a colour it never saw ("orange"; BENCHMARKS.md, "LoRA: a new colour word").
+    "shapes-orange": {"steps": 600, "batch_size": 32, "lr": 2e-3, "rank": 8, "targets": ("attention", "conv"),
+                      "save_every": 200},
+}
+
+
+def train_lora(cfg: LoRATrainConfig) -> Path | dict:
+    """Train a LoRA for ``cfg.model``'s denoiser on ``cfg.cache``; write ``cfg.out/lora.safetensors`` and return it
+    (with ``cfg.dry_run``: the dry-run report, nothing written). DDP under torchrun; FSDP is refused (adapters are
+    small, and their layers run inside the frozen network's)."""
+    if cfg.distributed.strategy == "fsdp":
+        raise ValueError("train-lora trains small adapters: use distributed.strategy = 'ddp', not 'fsdp'")
+    with processes(cfg) as ctx:
+        return _train_lora(cfg, ctx)
+
+
+def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
+    # Setup: the frozen base model and the cache its autoencoder made.
+    run = Run(cfg, ctx)
+    model_path = model_folder(cfg.model)
+    base = open_base(model_path)
+    cache = LatentCache(cfg.cache)
+    check_cache(cache, base, model_path, cfg)
+    denoiser, text_encoder, autoencoder = base.denoiser, base.text_encoder, base.autoencoder
+    network = denoiser.network.requires_grad_(False).eval().to(ctx.device)
+    text_encoder.requires_grad_(False).eval().to(ctx.device)
+    param = denoiser.parameterization
+    sampler_name = cfg.sigma_sampler or ("discrete" if getattr(param, "alphas_cumprod", None) is not None
+                                         else "logitnormal")
+    sigma_sampler = make_sigma_sampler(sampler_name, param, **cfg.sigma_sampler_args)
+
+    # Build: the adapters are the trained module; the EMA copy rides along, switched off but for the samples.
+    run.seed()
+    lora = LoRA.create(network, cfg.rank, cfg.alpha or None, cfg.targets, family=family_of(network),
+                       name=Path(cfg.out).name)
+    run.build(lora)
+    lora.attach(network)
+    ema_lora = run.ema.module
+    ema_lora.enabled = False
+    ema_lora.attach(network)
+    if ctx.is_main and not cfg.quiet:
+        n = sum(p.numel() for p in lora.parameters())
+        print(f"LoRA rank {cfg.rank} on {len(lora.names)} layers of {cfg.model}'s {family_of(network)} "
+              f"({n / 1e6:.3f}M trained parameters, sigma sampler {sampler_name}); {len(cache)} cached latents",
+              file=sys.stderr)
+
+    def pipeline(_ema):
+        from latentdiff.pipeline import Pipeline
+
+        return Pipeline(autoencoder, denoiser, text_encoder, base.index)
+
+    # Loop.
+    with run.guard():
+        for step in run.steps():
+            idx, chunks = run.batch(cache, step)
+
+            def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
+                """Per-sample losses of these global-batch positions (the frozen text encoder runs without grad)."""
+                _, x0, captions, _, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step, idx,
+                                                                positions)
+                with torch.no_grad():
+                    cond = text_encoder(captions).map(lambda t: t.to(ctx.device))
+                with autocast(cfg.precision, ctx.device):
+                    return denoising_loss(denoiser, x0.to(ctx.device), sigma, cond, noise=noise.to(ctx.device))
+
+            loss, grad_norm = run.step(step, chunks, loss_fn)
+            run.log(step, loss, grad_norm)
+            with swapped(lora, ema_lora):  # the sample grids show the adapters that will be saved
+                run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{n:07d}.png"),
+                            target=pipeline)
+            run.save(step)
+    if cfg.dry_run:
+        return run.dry_run_report()
+
+    # Save: the last training checkpoint, then the adapters (the EMA's, when there is one) as a LoRA file.
+    ema = run.finish()
+    path = run.folder / "lora.safetensors"
+    if ctx.is_main:
+        save_lora(path, ema, {"base_model": cfg.model, "steps": cfg.steps, "cache": str(cfg.cache)})
+        if not cfg.quiet:
+            print(f"LoRA written to {path}", file=sys.stderr)
+    ctx.barrier()
+    return path
+
+
+@contextmanager
+def swapped(active: LoRA, other: LoRA):
+    """Within the block ``other`` is on and ``active`` off; after it, the other way round again."""
+    active.enabled, other.enabled = False, True
+    try:
+        yield
+    finally:
+        active.enabled, other.enabled = True, False
+
+
+def model_folder(path: str) -> Path:
+    """``path``, or the bundled default model's folder (checked against its manifest) for "default"."""
+    if path == "default":
+        from latentdiff.default import verify
+
+        return verify()
+    return Path(path)
+
+
+def open_base(folder: Path) -> ModelFolder:
+    """The frozen base model: a latentdiff model folder, or a diffusers folder / single file (through ``interop``)."""
+    if (folder / "model_index.json").is_file() and not (folder / "unet").is_dir() \
+            and not (folder / "transformer").is_dir():
+        return read_model_folder(folder)
+    from latentdiff.interop import open_model
+
+    return open_model(folder)
+
+
+def check_cache(cache: LatentCache, base: ModelFolder, folder: Path, cfg: LoRATrainConfig) -> None:
+    """The cache's latents must be the base model's: same channels, and (when the cache names its autoencoder and
+    the model is one of our folders) the same autoencoder weights."""
+    channels = cache.info["latent_shape"][0]
+    want = base.autoencoder.config.latent_channels
+    if channels != want:
+        raise ValueError(f"the cache {cfg.cache} holds {channels}-channel latents; {cfg.model}'s autoencoder makes "
+                         f"{want}: cache the data with the model's autoencoder")
+    made_by, model_ae = cache.autoencoder_path, folder / "autoencoder" / "model.safetensors"
+    if made_by and (Path(made_by) / "model.safetensors").is_file() and model_ae.is_file() and \
+            file_digest(Path(made_by) / "model.safetensors") != file_digest(model_ae):
+        raise ValueError(f"the cache {cfg.cache} was made by the autoencoder {made_by}, not {cfg.model}'s: cache the "
+                         f"data with --autoencoder {model_ae.parent}")
