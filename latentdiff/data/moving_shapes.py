@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .buckets import batch_indices
 from .judge import detect
 from .shapes import BACKGROUNDS, COLORS, SHAPES, SIZE_RADIUS, SIZES, paint, parse_caption, to_tensor
 
@@ -198,3 +199,31 @@ def validate_clips(n: int = 120, frames: int = 8, size: int = 32, seed: int = 0)
     rng = np.random.default_rng(seed)
     clips = [sample_clip(rng) for _ in range(n)]
     return score_clips([render_clip(c, frames, size, seed=seed + i) for i, c in enumerate(clips)], clips)
+
+
+class ClipLatents:
+    """``n`` moving-shapes clips encoded frame by frame with an autoencoder (posterior mode), held in memory:
+    ``latents`` (n, C, F, h, w) normalized, ``captions``, ``clips``; the data order is ``batch_indices``'s."""
+
+    bucketed = False  # the run engine's batch split: one global batch of equal items
+
+    def __init__(self, autoencoder, n: int, frames: int = 8, size: int = 32, seed: int = 0, batch: int = 64):
+        if n < 1:
+            raise ValueError(f"the clip set needs at least one clip, got {n}")
+        rng = np.random.default_rng(seed)
+        self.clips = [sample_clip(rng) for _ in range(n)]
+        self.captions = [clip_caption(c) for c in self.clips]
+        pixels = torch.stack([clip_tensor(render_clip(c, frames, size, seed=seed * 1_000_003 + i))
+                              for i, c in enumerate(self.clips)])  # (n, 3, F, H, W)
+        flat = pixels.transpose(1, 2).reshape(n * frames, 3, size, size)  # (n*F, 3, H, W): every frame an image
+        param = next(autoencoder.parameters())
+        with torch.no_grad():
+            z = torch.cat([autoencoder.encode(flat[i:i + batch].to(param.device, param.dtype)).float().cpu()
+                           for i in range(0, len(flat), batch)])  # (n*F, C, h, w)
+        self.latents = z.reshape(n, frames, *z.shape[1:]).transpose(1, 2).contiguous()  # (n, C, F, h, w)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def batch_indices(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        return batch_indices(step, batch_size, len(self), seed)
