@@ -174,13 +174,14 @@ def judge_clip(frames) -> ClipReading:
 def score_clips(clips_frames, clips: list[Clip]) -> dict:
     """Judge clips against their truth: ``frame_accuracy`` (frames whose object has the right shape, colour and
     background), ``motion_accuracy`` (the right motion read from the track), ``clip_accuracy`` (both, every
-    frame), ``end_color_accuracy`` (recolouring clips whose last frame has the end colour), and n."""
+    frame), n, and ``by_motion`` (motion accuracy per true motion)."""
     clips_frames, clips = list(clips_frames), list(clips)
     if len(clips_frames) != len(clips):
         raise ValueError(f"got {len(clips_frames)} clips but {len(clips)} truths")
     if not clips:
         raise ValueError("score_clips needs at least one clip")
     frame_hits = frame_total = motion_hits = clip_hits = 0
+    by_motion = {m: [0, 0] for m in MOTIONS}  # motion -> [right, clips]
     for frames, truth in zip(clips_frames, clips):
         reading = judge_clip(frames)
         n = len(reading.frames)
@@ -188,10 +189,13 @@ def score_clips(clips_frames, clips: list[Clip]) -> dict:
         frame_hits += sum(right)
         frame_total += n
         motion_hits += reading.motion == truth.motion
+        by_motion[truth.motion][0] += reading.motion == truth.motion
+        by_motion[truth.motion][1] += 1
         clip_hits += reading.motion == truth.motion and all(right)
     n = len(clips)
     return {"frame_accuracy": frame_hits / frame_total, "motion_accuracy": motion_hits / n,
-            "clip_accuracy": clip_hits / n, "n": n}
+            "clip_accuracy": clip_hits / n, "n": n,
+            "by_motion": {m: right / total for m, (right, total) in by_motion.items() if total}}
 
 
 def validate_clips(n: int = 120, frames: int = 8, size: int = 32, seed: int = 0) -> dict:
