@@ -91,3 +91,12 @@ def test_cli_writes_gif_and_frame_grid(video_model, image_model, tmp_path, capsy
         main(["generate", PROMPT, "--model", str(image_model), "--frames", "3", "-o", str(tmp_path / "x.png")])
     assert "no temporal layers" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.gif").exists()
+
+
+def test_train_video_resumes_bitwise(image_model, tmp_path):
+    straight = _train(image_model, tmp_path / "a", "--set", "steps=4")
+    _train(image_model, tmp_path / "b", "--set", "steps=2")  # a checkpoint at step 2
+    resumed = _train(image_model, tmp_path / "b", "--set", "steps=4", "--resume")
+    a = read_model_folder(straight).denoiser.network.state_dict()
+    b = read_model_folder(resumed).denoiser.network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
