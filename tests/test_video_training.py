@@ -62,6 +62,9 @@ def test_generate_clips_in_every_output(video_model):
     assert z.shape == (1, 4, 3, 8, 8)
     again = pipe.generate(PROMPT, steps=2, frames=3, output="latent")
     torch.testing.assert_close(z, again, rtol=0, atol=0)  # same seed, same clip
+    for method in ({"guidance_method": "apg"}, {"pag_scale": 1.0}):  # guidance is shape-generic
+        z = pipe.generate(PROMPT, steps=2, frames=3, output="latent", **method)
+        assert z.shape == (1, 4, 3, 8, 8) and torch.isfinite(z).all()
 
 
 def test_bad_frames_are_refused(image_model, video_model, capsys):
