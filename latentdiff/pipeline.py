@@ -296,7 +296,7 @@ class Pipeline:
         network = getattr(self.denoiser, "network", None)
         if network is None or family_of(network) != "video_unet":
             if frames is not None:
-                raise ValueError(f"frames={frames} asked, but this model ({self.name}) is an image model: its denoiser has no "
+                raise ValueError(f"frames={frames} asked, but {self.name!r} is an image model: its denoiser has no "
                                  "temporal layers (make a video model with `latentdiff train-video`)")
             return None
         most = network.config.max_frames
