@@ -125,6 +125,9 @@ class GenerateConfig:
     loras: tuple = _opt((), "attach a LoRA file (ours, diffusers / PEFT, kohya) at a strength (default 1); repeat "
                         "for several", flags=("--lora",), action="append", metavar="FILE[:WEIGHT]",
                         to_config=lambda v: {"loras": tuple(v)})
+    frames: int | None = _opt(None, "video models (`latentdiff train-video`): frames per clip (default: the model's "
+                              "clip length); writes OUT with .gif (animated, numbered when several) and OUT, the "
+                              "frames as a grid, one row per clip", metavar="N")
     paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
                             "image's own back", flags=("--no-paste-back",), const=False)
 
@@ -216,6 +219,12 @@ def _print_result(result) -> None:
     print(json.dumps(result, indent=2) if isinstance(result, dict) else result)
 
 
+def cmd_train_video(args) -> None:
+    from latentdiff.train.video import VIDEO_PRESETS, VideoTrainConfig, train_video
+
+    _print_result(train_video(config_from_args(VideoTrainConfig, VIDEO_PRESETS, args)))
+
+
 def cmd_posthoc_ema(args) -> None:
     from latentdiff.train.posthoc_export import export
 
@@ -230,7 +239,7 @@ def cmd_export_checkpoint(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from latentdiff.pipeline import load, save_images
+    from latentdiff.pipeline import load, save_clips, save_images
 
     cfg = config_from_args(GenerateConfig, {}, args)
     prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
@@ -248,8 +257,9 @@ def cmd_generate(args) -> None:
         pipe.load_lora(path, weight)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
-    images = pipe.generate(prompts, **dataclasses.asdict(use), **options)
-    w, h = images[0].size
+    images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames)
+    clips = isinstance(images[0], list)  # a video model's clips, each a list of frames
+    w, h = images[0][0].size if clips else images[0].size
     params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
               "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
@@ -257,7 +267,9 @@ def cmd_generate(args) -> None:
               **_edit_parameters(cfg), **({"loras": [f"{Path(p).resolve()}:{w:g}" for p, w in loras]} if loras else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
-    for path in save_images(images, out, params, grid=cfg.grid, per_image=per_image):
+    saved = save_clips(images, out, params, per_image) if clips else \
+        save_images(images, out, params, grid=cfg.grid, per_image=per_image)
+    for path in saved:
         print(path)
 
 
@@ -399,6 +411,7 @@ def _config_commands() -> list[_Command]:
     from latentdiff.train.lora import LORA_PRESETS, LoRATrainConfig
     from latentdiff.train.preview import PreviewTrainConfig
     from latentdiff.train.vae import VAE_PRESETS, VAETrainConfig
+    from latentdiff.train.video import VIDEO_PRESETS, VideoTrainConfig
 
     ae_dir, images = "autoencoder folder (train-vae's OUT/autoencoder)", "'shapes', 'skimage' or a folder of images"
     extractor = {"help": "rFID feature space (auto: the shapes net for shapes data, else Inception)",
@@ -458,6 +471,13 @@ def _config_commands() -> list[_Command]:
                  flags={"model": "base model: a model folder, a diffusers folder, or 'default'",
                         "cache": "latent cache folder", "out": _OUT, "rank": "LoRA rank", "steps": _STEPS,
                         "resume": _RESUME, "dry_run": _DRY}),
+        _Command("train-video", cmd_train_video, VideoTrainConfig, VIDEO_PRESETS,
+                 help="inflate an image U-Net to video and train it on moving-shapes clips",
+                 description="Add zero-initialized temporal layers to an image model's U-Net (by default the "
+                             "bundled one) and train them (train=all: everything) on the built-in moving-shapes "
+                             "clips; writes OUT/model, a video model folder (`generate --frames N`).",
+                 flags={"model": "image model folder to inflate ('default': the bundled model)", "out": _OUT,
+                        "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
     ]
 
 

@@ -59,6 +59,16 @@ def png_bytes(image: Image.Image, parameters: dict | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def save_gif(frames: list[Image.Image], path: str | Path, fps: float = 8.0) -> Path:
+    """Save frames as an animated GIF (looping) atomically."""
+    if not frames:
+        raise ValueError("an animated GIF needs at least one frame")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
 def read_parameters(path) -> dict | None:
     """The generation parameters a PNG written by :func:`save_png` carries (a path or a binary file), or None."""
     with Image.open(path) as im:

@@ -103,11 +103,13 @@ class GenerateRequest:
     preview_every: int = 1  # sampler steps between previews
     strength: float | None = None  # editing: the share of the steps run from the noised image (None: 0.8 or 1)
     outpaint: tuple[int, int, int, int] | None = None  # outpainting: pixels added (left, top, right, bottom)
+    frames: int | None = None  # a video model's frames per clip (None: its clip length)
 
     BOUNDS = bounds({"height": COUNT, "width": COUNT, "num_images": COUNT, "seed": between(-2**63, 2**64 - 1),
                      "guidance_rescale": FRACTION, "guidance_interval": Bound(0, finite=False),
                      "dynamic_threshold": between(0, 1, hi_open=True), "preview_every": COUNT,
-                     "strength": Bound(0, 1, lo_open=True), "outpaint": at_least(0)})
+                     "strength": Bound(0, 1, lo_open=True), "outpaint": at_least(0),
+                     "frames": COUNT})
 
 
 @dataclass
@@ -156,10 +158,11 @@ class ModelIndex:
     scheduler: SamplerHint = field(default_factory=SamplerHint)  # a converted checkpoint's scheduler semantics
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
     distilled: Distilled | None = None  # a few-step student's distillation (None: not distilled)
+    frames: int | None = None  # a video model's clip length (what `generate --frames` defaults to); None: images
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
 
-    BOUNDS = bounds({"sample_size": COUNT})
+    BOUNDS = bounds({"sample_size": COUNT, "frames": COUNT})
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelIndex:

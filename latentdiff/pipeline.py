@@ -214,7 +214,7 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True):
+                 paste_back: bool = True, frames: int | None = None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -244,6 +244,10 @@ class Pipeline:
         ``outpaint=(left, top, right, bottom)`` pixels inpaints a border added around the image. Without
         ``height`` / ``width`` the output is the image's size (plus the border).
 
+        Video (a model from ``latentdiff train-video``): ``frames`` per clip (None: the model's clip length); each
+        clip comes back as a list of frames ("pil"), an array (F, H, W, 3) ("np"), or a frame axis after the
+        channels ((B, C, F, ...) for "pt" and "latent"). An image model refuses ``frames``.
+
         Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
         inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
         are made in batches of at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one
@@ -255,7 +259,8 @@ class Pipeline:
         from_dict(GenerateRequest, {"height": height, "width": width, "num_images": num_images, "seed": seed,
                                     "guidance_rescale": guidance_rescale, "guidance_interval": guidance_interval,
                                     "dynamic_threshold": dynamic_threshold, "preview_every": preview_every,
-                                    "strength": strength, "outpaint": outpaint}, "generate")
+                                    "strength": strength, "outpaint": outpaint, "frames": frames}, "generate")
+        frames = self.clip_length(frames, edited=image is not None or mask is not None or outpaint is not None)
         self.image_size(height, width)  # the sizes asked for are multiples of the factor
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
@@ -264,10 +269,12 @@ class Pipeline:
                             guidance_method=guidance_method, pag_scale=pag_scale)
         n = len(prompts) * num_images
         factor = self.autoencoder.factor
-        shape = (n, self.autoencoder.latent_channels, height // factor, width // factor)
+        shape = (n, self.autoencoder.latent_channels, *([frames] if frames else []), height // factor, width // factor)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        batch = self.batch_size(n, height, width, tiled, output, next(self.denoiser.parameters()).device)
+        per = frames or 1  # images per sample: a clip's frames
+        batch = max(1, self.batch_size(n * per, height, width, tiled, output,
+                                       next(self.denoiser.parameters()).device) // per)
         sample_fn, _ = get_sampler(use.sampler)
         sigmas = self._sigmas(use)
         if edit is not None:
@@ -304,6 +311,23 @@ class Pipeline:
         if output in ("latent", "pt"):
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
+
+    def clip_length(self, frames: int | None, edited: bool = False) -> int | None:
+        """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,
+        which refuses ``frames`` (its denoiser has no temporal layers)."""
+        network = getattr(self.denoiser, "network", None)
+        if network is None or family_of(network) != "video_unet":
+            if frames is not None:
+                raise ValueError(f"frames={frames} asked, but {self.name!r} is an image model: its denoiser has no "
+                                 "temporal layers (make a video model with `latentdiff train-video`)")
+            return None
+        most = network.config.max_frames
+        frames = frames if frames is not None else (self.index.frames or most)
+        if not 1 <= frames <= most:
+            raise ValueError(f"frames={frames}: this video model makes 1 to {most} frames per clip")
+        if edited:
+            raise ValueError("a video model takes no image, mask or outpaint (no video editing yet)")
+        return frames
 
     def _sigmas(self, use: GenerationSettings) -> Tensor:
         """The sigma grid of a generation: the settings' grid and steps, with the scheduler hint's offset or shift."""
@@ -366,6 +390,13 @@ class Pipeline:
                               "scale or precision fp32")
         if output == "latent":
             return z
+        if z.ndim == 5:  # clips (B, C, F, h, w): every frame decoded as an image, then grouped back
+            B, _, frames = z.shape[:3]
+            images = self._decoded(z.transpose(1, 2).flatten(0, 1), use, output, tiled, precision)
+            if output == "pil":
+                return [images[i * frames:(i + 1) * frames] for i in range(B)]
+            images = images.reshape(B, frames, *images.shape[1:])  # (B, F, ...)
+            return images.transpose(1, 2) if output == "pt" else images  # pt: (B, 3, F, H, W); np: (B, F, H, W, 3)
         images = decode_latents(self.autoencoder, z, tiled=tiled, precision=precision, tile=self.tile,
                                 overlap=self.tile_overlap)
         config = self.autoencoder.config
@@ -465,8 +496,25 @@ def _is_diffusers(folder: Path) -> bool:
     return is_diffusers_folder(folder)
 
 
+def save_clips(clips: list[list[Image.Image]], path: str | Path, parameters: dict,
+               per_clip: list[dict] | None = None) -> list[Path]:
+    """Write clips as animated GIFs (``path`` with .gif; numbered when several) and one PNG grid of their frames,
+    a row per clip, carrying ``parameters`` (and each key of ``per_clip`` once, or the list of its values)."""
+    from latentdiff.images import save_gif
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gifs = [path.with_suffix(".gif")] if len(clips) == 1 else \
+        [path.with_name(f"{path.stem}_{i:03d}.gif") for i in range(len(clips))]
+    written = [save_gif(clip, gif) for clip, gif in zip(clips, gifs)]
+    frames = [f for clip in clips for f in clip]
+    grid = save_images(frames, path, {**parameters, "frames": len(clips[0])}, grid=True,
+                       per_image=[d for d in per_clip for _ in clips[0]] if per_clip else None, ncols=len(clips[0]))
+    return written + grid
+
+
 def save_images(images: list[Image.Image], path: str | Path, parameters: dict, grid: bool = False,
-                per_image: list[dict] | None = None) -> list[Path]:
+                per_image: list[dict] | None = None, ncols: int | None = None) -> list[Path]:
     """Write images as PNGs carrying ``parameters``: one file, numbered files, or one grid.
 
     ``per_image`` (one dict per image, e.g. its prompt) goes into that image's PNG; a grid carries each key
@@ -482,7 +530,7 @@ def save_images(images: list[Image.Image], path: str | Path, parameters: dict, g
     if grid or len(images) == 1:
         shared = {k: [d[k] for d in own] for k in own[0]}
         shared = {k: v[0] if all(x == v[0] for x in v) else v for k, v in shared.items()}
-        image = make_grid(images) if len(images) > 1 else images[0]
+        image = make_grid(images, ncols) if len(images) > 1 else images[0]
         return [save_png(image, path, {**parameters, **shared})]
     return [save_png(im, path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), {**parameters, **own[i], "index": i})
             for i, im in enumerate(images)]

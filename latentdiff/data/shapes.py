@@ -235,18 +235,23 @@ def render(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4) ->
     if len(set(positions)) != len(positions):
         raise ValueError(f"objects must sit in distinct positions, got {positions}")
     rng = np.random.default_rng(seed)  # the jitter depends on the seed only, not on the size
+    image = np.empty((size, size, 3), np.float64)
+    image[:] = BACKGROUNDS[scene.background]
+    for o, centre in zip(scene.objects, _place(scene, rng)):
+        image = paint(image, o.shape, o.color, centre, SIZE_RADIUS[o.size], supersample)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def paint(image: np.ndarray, shape: str, color: str, centre: tuple[float, float], radius: float,
+          supersample: int = 4) -> np.ndarray:
+    """A float (H, W, 3) canvas with one antialiased shape of half-size ``radius`` (canvas fractions) drawn on."""
+    size = image.shape[0]
     fine = size * supersample
     coords = (np.arange(fine) + 0.5) / fine
     x, y = np.meshgrid(coords, coords)
-    image = np.empty((size, size, 3), np.float64)
-    image[:] = BACKGROUNDS[scene.background]
-    for o, (cx, cy) in zip(scene.objects, _place(scene, rng)):
-        mask = _inside(o.shape, x, y, cx, cy, SIZE_RADIUS[o.size])
-        coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[
-            ..., None
-        ]  # (H, W, 1)
-        image = image * (1 - coverage) + np.asarray(ALL_COLORS[o.color], np.float64) * coverage
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    mask = _inside(shape, x, y, *centre, radius)
+    coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[..., None]  # (H, W, 1)
+    return image * (1 - coverage) + np.asarray(ALL_COLORS[color], np.float64) * coverage
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

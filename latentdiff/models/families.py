@@ -18,12 +18,15 @@ from .mmdit import PRESETS as MMDIT_PRESETS
 from .mmdit import MMDiT
 from .unet import PRESETS as UNET_PRESETS
 from .unet import UNet
+from .video_unet import PRESETS as VIDEO_PRESETS
+from .video_unet import VideoUNet
 
 # family name (also the DenoiserSpec field holding its config) -> (network class, presets)
 FAMILIES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "unet": (UNet, UNET_PRESETS),
     "dit": (DiT, DIT_PRESETS),
     "mmdit": (MMDiT, MMDIT_PRESETS),
+    "video_unet": (VideoUNet, VIDEO_PRESETS),  # inflated from a U-Net (models/video_unet.py), no presets
 }
 
 _clash = set(UNET_PRESETS) & set(DIT_PRESETS) | set(UNET_PRESETS) & set(MMDIT_PRESETS) | set(DIT_PRESETS) & set(MMDIT_PRESETS)
@@ -60,12 +63,13 @@ def for_text_data(family: str, config: Any, channels: int, text_dim: int, latent
 
 def family_of(network: nn.Module) -> str | None:
     """The family name of a network instance (None for a network of no family here)."""
-    return next((family for family, (cls, _) in FAMILIES.items() if isinstance(network, cls)), None)
+    exact = next((family for family, (cls, _) in FAMILIES.items() if type(network) is cls), None)
+    return exact or next((family for family, (cls, _) in FAMILIES.items() if isinstance(network, cls)), None)
 
 
 def spatial_factor(family: str, config: Any) -> int:
     """What the latent's height and width must be multiples of: the U-Net's downsampling, a DiT's patch."""
-    return 2 ** (len(config.channel_mult) - 1) if family == "unet" else config.patch_size
+    return 2 ** (len(config.channel_mult) - 1) if family in ("unet", "video_unet") else config.patch_size
 
 
 def for_class_data(family: str, config: Any, num_classes: int) -> Any:

@@ -11,6 +11,7 @@ for a class embedding; ``concat`` is joined to the input channels; ``control`` h
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import torch
@@ -394,7 +395,22 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
+        return self._forward(x, c_noise, cond)
+
+    def mixing_sites(self) -> list[int]:
+        """Channel width at each point where ``_forward``'s ``between`` is called, in call order."""
+        width = lambda resnet: resnet.conv2.out_channels
+        down = [width(r) for block in self.down_blocks for r in block.resnets]
+        up = [width(r) for block in self.up_blocks for r in block.resnets]
+        return down + [width(self.mid_block.resnets[0])] + up
+
+    def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None) -> Tensor:
+        """The forward pass; ``between(h, site)``, if given, transforms the features after each resnet (and its
+        attention) on the way down and up, and after the middle's first resnet and attention (the video U-Net's
+        temporal layers: ``models/video_unet.py``); sites are numbered in call order (``mixing_sites``)."""
         cfg = self.config
+        site = itertools.count()
+        mix = (lambda h: between(h, next(site))) if between is not None else (lambda h: h)
         cond = cond if cond is not None else Cond()
         B, _, H, W = x.shape
         f = 2 ** (len(cfg.channel_mult) - 1)
@@ -422,6 +438,7 @@ class UNet(nn.Module):
                 h = self._run(resnet, h, emb)
                 if attn is not None:
                     h = self._run(attn, h, context, mask)
+                h = mix(h)
                 skips.append(h)
             for down in getattr(block, "downsamplers", ()):
                 h = down(h)  # (B, c, H/2, W/2)
@@ -445,6 +462,7 @@ class UNet(nn.Module):
         h = self._run(self.mid_block.resnets[0], h, emb)
         for attn in getattr(self.mid_block, "attentions", ()):
             h = self._run(attn, h, context, mask)
+        h = mix(h)
         h = self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
@@ -457,6 +475,7 @@ class UNet(nn.Module):
                 h = self._run(resnet, h, emb)
                 if attn is not None:
                     h = self._run(attn, h, context, mask)
+                h = mix(h)
             for up in getattr(block, "upsamplers", ()):
                 h = up(h)  # (B, c, 2h, 2w)
 

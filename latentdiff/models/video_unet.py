@@ -1,0 +1,130 @@
+"""The video U-Net: our image U-Net with temporal layers between its blocks (Blattmann et al. 2023, "Align your
+Latents"; Guo et al. 2023, AnimateDiff).
+
+Latents are ``(B, C, F, h, w)`` outside; the spatial layers see ``(B*F, C, h, w)`` (every frame an image, with its
+clip's conditioning), and after each resnet (and its attention) a ``TemporalBlock`` mixes the frames at every
+position: a temporal convolution (kernel 3 over frames) and temporal self-attention (with sinusoidal frame
+positions and, when the U-Net has a pooled vector, that vector added to the queries, so motion words reach the
+temporal layers). Both end in zero-initialized projections, so an image model inflated to video
+(``inflate``) starts as the image model frame by frame. The spatial parameters keep the image U-Net's names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..types import Cond
+from .layers import Attention, group_norm, timestep_embedding, zero_module
+from .unet import UNet, UNetConfig
+
+
+@dataclass
+class VideoUNetConfig(UNetConfig):
+    """A ``UNetConfig`` plus the temporal layers."""
+
+    max_frames: int = 16  # most frames per clip the model accepts
+    temporal_conv: bool = True  # temporal convolution (kernel 3 over frames) in every temporal block
+    temporal_attention: bool = True  # temporal self-attention in every temporal block
+    temporal_head_dim: int = 24  # channels per temporal attention head
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
+        if not (self.temporal_conv or self.temporal_attention):
+            raise ValueError("a video U-Net needs temporal_conv or temporal_attention (or both)")
+
+
+class TemporalBlock(nn.Module):
+    """Temporal convolution then temporal self-attention, each residual with a zero-initialized output."""
+
+    def __init__(self, channels: int, cfg: VideoUNetConfig):
+        super().__init__()
+        if cfg.temporal_conv:
+            self.conv_norm = group_norm(channels, cfg.norm_groups, cfg.norm_eps)
+            self.conv = zero_module(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+        if cfg.temporal_attention:
+            if channels % cfg.temporal_head_dim:
+                raise ValueError(f"hidden size {channels} must be divisible by temporal_head_dim "
+                                 f"{cfg.temporal_head_dim}")
+            self.norm = nn.LayerNorm(channels, eps=cfg.norm_eps)
+            self.attn = Attention(channels, None, channels // cfg.temporal_head_dim, cfg.temporal_head_dim)
+            zero_module(self.attn.to_out[0])
+            if cfg.vector_dim is not None:
+                self.vector_proj = nn.Linear(cfg.vector_dim, channels)
+
+    def forward(self, h: Tensor, frames: int, vector: Tensor | None) -> Tensor:
+        """h (B*F, C, H, W) with frames F, vector (B, D) or None -> (B*F, C, H, W)."""
+        BF, C, H, W = h.shape
+        B = BF // frames
+        x = h.reshape(B, frames, C, H, W).transpose(1, 2)  # (B, C, F, H, W)
+        if hasattr(self, "conv"):
+            x = x + self.conv(F.silu(self.conv_norm(x)))  # (B, C, F, H, W)
+        if hasattr(self, "attn"):
+            tokens = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, frames, C)  # (BHW, F, C)
+            pos = timestep_embedding(torch.arange(frames, device=h.device, dtype=torch.float32), C)  # (F, C)
+            q = self.norm(tokens) + pos.to(tokens.dtype)
+            if hasattr(self, "vector_proj") and vector is not None:
+                q = q + self.vector_proj(vector.to(q.dtype)).repeat_interleave(H * W, dim=0)[:, None]  # (BHW, 1, C)
+            tokens = tokens + self.attn(q)  # (BHW, F, C)
+            x = tokens.reshape(B, H, W, frames, C).permute(0, 4, 3, 1, 2)  # (B, C, F, H, W)
+        return x.transpose(1, 2).reshape(BF, C, H, W)
+
+
+class VideoUNet(UNet):
+    """The latent U-Net with temporal layers: x (B, C, F, h, w), c_noise (B,) -> (B, C_out, F, h, w)."""
+
+    def __init__(self, config: VideoUNetConfig):
+        if not isinstance(config, VideoUNetConfig):
+            raise TypeError(f"VideoUNet needs a VideoUNetConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self.temporal = nn.ModuleList([TemporalBlock(c, config) for c in self.mixing_sites()])
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"a video U-Net takes latents (B, C, F, h, w), got shape {tuple(x.shape)}")
+        B, C, frames, H, W = x.shape
+        if not 1 <= frames <= cfg.max_frames:
+            raise ValueError(f"{frames} frames asked, but this model takes 1 to {cfg.max_frames} frames per clip")
+        cond = cond if cond is not None else Cond()
+        if cond.concat is not None or cond.control is not None:
+            raise ValueError("a video U-Net takes no cond.concat or cond.control (no video inpainting or "
+                             "ControlNet yet)")
+        c_noise = c_noise.expand(B) if c_noise.ndim == 0 else c_noise
+        if c_noise.shape != (B,):
+            raise ValueError(f"c_noise must have shape (B,) = ({B},), got {tuple(c_noise.shape)}")
+        frames_first = x.transpose(1, 2).reshape(B * frames, C, H, W)  # (B*F, C, h, w): every frame an image
+        vector = cond.vector if cfg.vector_dim is not None else None
+
+        def between(h: Tensor, site: int) -> Tensor:
+            return self._run(self.temporal[site], h, frames, vector)
+
+        out = self._forward(frames_first, c_noise.repeat_interleave(frames), cond.repeat(frames), between)
+        return out.reshape(B, frames, -1, H, W).transpose(1, 2)  # (B, C_out, F, h, w)
+
+    def temporal_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the temporal layers (what ``train-video`` trains by default)."""
+        return list(self.temporal.parameters())
+
+
+def inflate(unet: UNet, **temporal) -> VideoUNet:
+    """An image U-Net as a video U-Net with fresh temporal layers (``VideoUNetConfig`` fields in ``temporal``);
+    the spatial weights are the image model's, so at init the video model is the image model frame by frame."""
+    if isinstance(unet, VideoUNet):
+        raise TypeError("this U-Net already has temporal layers")
+    fields = {f.name: getattr(unet.config, f.name) for f in dataclasses.fields(UNetConfig)}
+    video = VideoUNet(VideoUNetConfig(**fields, **temporal))
+    missing, unexpected = video.load_state_dict(unet.state_dict(), strict=False)
+    fresh = [k for k in missing if not k.startswith("temporal.")]
+    if fresh or unexpected:
+        raise RuntimeError(f"inflating the U-Net left spatial tensors unset {fresh} or unused {unexpected}")
+    return video.to(next(unet.parameters()).dtype)
+
+
+PRESETS: dict[str, VideoUNetConfig] = {}  # video models are inflated from image models (``inflate``)

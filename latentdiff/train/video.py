@@ -1,0 +1,184 @@
+"""Video training on the run engine (``train.run``): an image model inflated to video (``models/video_unet.py``),
+its temporal layers (or everything) trained on moving-shapes clips encoded frame by frame with its autoencoder.
+
+setup (image model, clips encoded) -> build (inflate, freeze) -> loop (loss, step, EMA, log, samples, checkpoint)
+-> save a model folder whose denoiser is a ``video_unet`` and whose index says its clip length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from latentdiff.components import DenoiserSpec, ModelFolder, read_model_folder, write_model_folder
+from latentdiff.config import FINITE, FRACTION, at_least, between, bounds, one_of
+from latentdiff.data.moving_shapes import ClipLatents
+from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
+from latentdiff.model_index import MAX_STEPS
+from latentdiff.models.families import family_of
+from latentdiff.models.runtime import autocast
+from latentdiff.models.video_unet import inflate
+from latentdiff.train.common import Trainable, check_finite_params
+from latentdiff.train.denoiser import ema_parts
+from latentdiff.train.distributed import Context, per_sample, sample_generators
+from latentdiff.train.run import Run, RunConfig, processes
+
+
+@dataclass
+class VideoTrainConfig(RunConfig):
+    """``latentdiff train-video``: an image U-Net inflated to video, trained on moving-shapes clips (the keys every
+    run shares: ``train.run.RunConfig``)."""
+
+    out: str = "runs/video"  # run folder: checkpoints/, metrics.jsonl, samples/, and the final model/
+    model: str = "default"  # the image model folder to inflate ("default": the bundled one); its U-Net and autoencoder
+    frames: int = 8  # frames per clip
+    clips: int = 1024  # moving-shapes clips rendered and encoded (in memory) before training
+    train: str = "temporal"  # "temporal": only the new temporal layers (image weights frozen); "all": everything
+    max_frames: int = 16  # most frames the video model will accept
+    temporal_conv: bool = True  # temporal convolutions in the temporal blocks
+    temporal_attention: bool = True  # temporal self-attention in the temporal blocks
+    temporal_head_dim: int = 24  # channels per temporal attention head
+    sigma_sampler: str = "logitnormal"  # training noise levels: "lognormal" (EDM), "logitnormal" (SD3, flow)
+    sigma_sampler_args: dict = field(default_factory=dict)  # e.g. logitnormal {mean = 0.0, std = 1.0}
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 8  # clips per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = 50  # linear warm-up
+    ema_decay: float = 0.995  # EMA of weights: the weights saved at the end
+    sample_every: int = 500  # steps between sample grids (0 = never)
+    save_every: int = 500  # steps between checkpoints
+    sample_prompts: tuple[str, ...] = ("a small red circle moving to the right on a black background",
+                                       "a large blue square moving up on a gray background",
+                                       "a yellow triangle growing on a white background",
+                                       "a small green circle turning purple on a black background")
+    sample_steps: int = 20  # sampler steps for the grids
+    sample_guidance: float = 4.0  # CFG scale for the grids
+
+    BOUNDS = bounds({"frames": between(2, 64), "clips": at_least(1), "train": one_of("temporal", "all"),
+                     "max_frames": between(2, 64), "temporal_head_dim": at_least(1),
+                     "sigma_sampler": one_of("lognormal", "logitnormal"), "caption_dropout": FRACTION,
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE})
+
+
+VIDEO_PRESETS: dict[str, dict] = {
+    # The bundled default model's U-Net inflated; its temporal layers trained on 8-frame clips of 32 pixels.
+    "moving-shapes": {},
+    "moving-shapes-test": {"steps": 3, "batch_size": 2, "clips": 4, "frames": 4, "warmup_steps": 1, "log_every": 1,
+                           "sample_every": 2, "save_every": 2, "sample_steps": 2, "quiet": True},
+}
+
+
+def train_video(cfg: VideoTrainConfig) -> Path | dict:
+    """Inflate ``cfg.model``'s U-Net and train it on moving-shapes clips; write ``cfg.out/model`` and return it
+    (with ``cfg.dry_run``: the dry-run report, nothing written)."""
+    if cfg.frames > cfg.max_frames:
+        raise ValueError(f"frames ({cfg.frames}) must be at most max_frames ({cfg.max_frames})")
+    with processes(cfg) as ctx:
+        return _train_video(cfg, ctx)
+
+
+def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
+    # Setup: the image model, and the clips encoded with its autoencoder.
+    run = Run(cfg, ctx)
+    image = read_model_folder(image_model_path(cfg.model))
+    if family_of(image.denoiser.network) != "unet":
+        raise ValueError(f"{cfg.model} has a {family_of(image.denoiser.network)} denoiser: train-video inflates "
+                         "U-Net models (latentdiff train with a U-Net preset makes one)")
+    size = image.index.sample_size
+    data = ClipLatents(image.autoencoder, cfg.clips, cfg.frames, size, seed=cfg.seed)
+    main, device = ctx.is_main, ctx.device
+
+    # Build: the inflated U-Net (spatial weights the image model's), frozen except its temporal layers.
+    run.seed()
+    network = inflate(image.denoiser.network, max_frames=cfg.max_frames, temporal_conv=cfg.temporal_conv,
+                      temporal_attention=cfg.temporal_attention, temporal_head_dim=cfg.temporal_head_dim)
+    denoiser = Denoiser(network, image.denoiser.parameterization)
+    text_encoder = image.text_encoder
+    everything = cfg.train == "all"
+    joint = everything and any(True for _ in text_encoder.parameters())  # a hashed encoder has weights to train
+    model = Trainable(network, text_encoder if joint else None)
+    trained = list(model.parameters()) if everything else network.temporal_parameters()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    run.build(model, params=trained)
+    text_encoder.to(device)
+    sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
+    if main and not cfg.quiet:
+        print(f"video U-Net from {cfg.model}: {sum(p.numel() for p in trained) / 1e6:.2f}M trained parameters "
+              f"({cfg.train}); {len(data)} clips of {cfg.frames} frames at {size} px", file=sys.stderr)
+
+    # Loop.
+    with run.guard():
+        for step in run.steps():
+            idx, chunks = run.batch(data, step)
+
+            def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
+                """Per-clip losses of these global-batch positions, each drawn from its own generator."""
+                gens = sample_generators(cfg.seed, step, positions)
+                rows = idx[positions]
+                x0 = data.latents[rows].to(device)  # (b, C, F, h, w)
+                drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
+                captions = ["" if d else data.captions[i] for i, d in zip(rows.tolist(), drop.tolist())]
+                sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
+                noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+                with autocast(cfg.precision, device):
+                    return denoising_loss(denoiser, x0, sigma, text_encoder(captions), noise=noise.to(device))
+
+            loss, grad_norm = run.step(step, chunks, loss_fn)
+            run.log(step, loss, grad_norm)
+            run.samples(step, lambda folder, n: sample_clips(folder, cfg, run.folder / "samples" / f"step_{n:07d}"),
+                        target=lambda ema: _folder(ema, image, denoiser, cfg))
+            run.save(step)
+    if cfg.dry_run:
+        return run.dry_run_report()
+
+    # Save: the last checkpoint, then the model folder with the EMA weights.
+    ema = run.finish()
+    folder = run.folder / "model"
+    if main:
+        video = _folder(ema, image, denoiser, cfg)
+        check_finite_params(video.denoiser.network)
+        write_model_folder(folder, video)
+        if not cfg.quiet:
+            print(f"video model written to {folder}", file=sys.stderr)
+    ctx.barrier()
+    return folder
+
+
+def image_model_path(model: str) -> Path:
+    """The image model folder to inflate: a path, or "default" for the bundled model (checked first)."""
+    if model == "default":
+        from latentdiff.default import verify
+
+        return Path(verify())
+    return Path(model)
+
+
+def _folder(ema: Trainable, image: ModelFolder, denoiser: Denoiser, cfg: VideoTrainConfig) -> ModelFolder:
+    """The video model folder of the EMA weights: the image model's autoencoder, a ``video_unet`` denoiser."""
+    ema_denoiser, text_encoder = ema_parts(ema, image.text_encoder, denoiser)
+    spec = DenoiserSpec(network="video_unet", parameterization=image.spec.parameterization,
+                        schedule=image.spec.schedule, video_unet=ema_denoiser.network.config)
+    index = dataclasses.replace(image.index, frames=cfg.frames)
+    return ModelFolder(index, image.autoencoder, ema_denoiser.eval(), spec, text_encoder.eval())
+
+
+def sample_clips(folder: ModelFolder, cfg: VideoTrainConfig, path: Path) -> None:
+    """The sample prompts as clips: one row of frames per prompt (``path``.png)."""
+    from latentdiff.images import make_grid, save_png
+    from latentdiff.pipeline import Pipeline
+
+    pipe = Pipeline(folder.autoencoder, folder.denoiser, folder.text_encoder, folder.index)
+    clips = pipe.generate(list(cfg.sample_prompts), frames=cfg.frames, steps=cfg.sample_steps,
+                          guidance=cfg.sample_guidance, seed=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid([f for clip in clips for f in clip], ncols=cfg.frames), path.with_suffix(".png"))

@@ -1,0 +1,127 @@
+"""Video: the inflated U-Net starts as the image model frame by frame; moving-shapes clips, captions and judge."""
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff.components import DenoiserSpec, build_denoiser
+from latentdiff.data.moving_shapes import (
+    MOTIONS,
+    Clip,
+    clip_caption,
+    clip_tensor,
+    judge_clip,
+    parse_clip_caption,
+    render_clip,
+    sample_clip,
+    validate_clips,
+)
+from latentdiff.diffusion.sampling import sample_dpmpp_2m, sample_euler
+from latentdiff.diffusion.schedules import flow_sigmas
+from latentdiff.models.families import family_of
+from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.models.video_unet import VideoUNet, VideoUNetConfig, inflate
+from latentdiff.types import Cond
+
+TINY = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_levels=(1,), head_dim=8, context_dim=12, vector_dim=6, norm_groups=8)
+
+
+def _image_unet() -> UNet:
+    torch.manual_seed(0)
+    unet = UNet(TINY).eval()
+    with torch.no_grad():  # non-trivial outputs everywhere (conv_out is not zero-initialized here anyway)
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return unet
+
+
+def _cond(B: int) -> Cond:
+    return Cond(context=torch.randn(B, 5, 12), vector=torch.randn(B, 6))
+
+
+@pytest.mark.parametrize("temporal", [{}, {"temporal_conv": False}, {"temporal_attention": False}])
+def test_inflated_unet_is_the_image_model_per_frame(temporal):
+    unet = _image_unet()
+    video = inflate(unet, temporal_head_dim=8, **temporal).eval()
+    x, c, cond = torch.randn(2, 4, 5, 8, 8), torch.rand(2), _cond(2)
+    with torch.no_grad():
+        out = video(x, c, cond)  # (B, C, F, h, w)
+        frames = torch.stack([unet(x[:, :, f], c, cond) for f in range(5)], dim=2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, frames, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_layers_mix_frames_once_trained():
+    video = inflate(_image_unet(), temporal_head_dim=8).eval()
+    with torch.no_grad():
+        for p in video.temporal_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, c, cond = torch.randn(1, 4, 4, 8, 8), torch.rand(1), _cond(1)
+    x2 = x.clone()
+    x2[:, :, 3] += 1.0  # change the last frame only
+    with torch.no_grad():
+        a, b = video(x, c, cond), video(x2, c, cond)
+    assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4  # the first frame sees the last
+
+
+def test_temporal_parameters_are_only_the_new_layers():
+    unet = _image_unet()
+    video = inflate(unet, temporal_head_dim=8)
+    temporal = {id(p) for p in video.temporal_parameters()}
+    names = [n for n, p in video.named_parameters() if id(p) in temporal]
+    assert names and all(n.startswith("temporal.") for n in names)
+    spatial = {n for n, _ in video.named_parameters()} - set(names)
+    assert spatial == {n for n, _ in unet.named_parameters()}
+
+
+def test_video_unet_refuses_bad_input():
+    video = inflate(_image_unet(), temporal_head_dim=8, max_frames=4)
+    with pytest.raises(ValueError, match=r"\(B, C, F, h, w\)"):
+        video(torch.randn(1, 4, 8, 8), torch.rand(1), _cond(1))
+    with pytest.raises(ValueError, match="1 to 4 frames"):
+        video(torch.randn(1, 4, 5, 8, 8), torch.rand(1), _cond(1))
+    with pytest.raises(TypeError, match="already has temporal layers"):
+        inflate(video)
+    with pytest.raises(ValueError, match="temporal_conv or temporal_attention"):
+        VideoUNetConfig(temporal_conv=False, temporal_attention=False)
+
+
+def test_samplers_run_on_video_latents_and_the_family_is_known():
+    spec = DenoiserSpec(network="video_unet", parameterization="flow",
+                        video_unet=VideoUNetConfig(**TINY.__dict__, temporal_head_dim=8))
+    denoiser = build_denoiser(spec).eval()
+    assert isinstance(denoiser.network, VideoUNet) and family_of(denoiser.network) == "video_unet"
+    assert family_of(UNet(TINY)) == "unet"
+    noise = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = flow_sigmas(3)
+    with torch.no_grad():
+        for sampler in (sample_euler, sample_dpmpp_2m):
+            z = sampler(denoiser, noise, sigmas, _cond(2))
+            assert z.shape == noise.shape and torch.isfinite(z).all()
+
+
+def test_judge_reads_rendered_clips():
+    result = validate_clips(n=60, seed=3)
+    assert result["frame_accuracy"] == 1.0 and result["motion_accuracy"] == 1.0, result
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_each_motion_is_read(motion):
+    clip = Clip("square", "red", "gray", motion, "small", "blue" if motion == "recolor" else None)
+    frames = render_clip(clip, frames=8, size=32, seed=1)
+    assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
+    assert judge_clip(frames).motion == motion
+    assert judge_clip(clip_tensor(frames)).motion == motion  # (3, F, H, W) in [-1, 1] too
+
+
+def test_captions_parse_back():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        clip = sample_clip(rng)
+        assert parse_clip_caption(clip_caption(clip)) == clip
+    assert clip_caption(Clip("circle", "red", "black", "right")) == \
+        "a small red circle moving to the right on a black background"
+    assert parse_clip_caption("a red circle on a black background") is None  # no motion
+    assert parse_clip_caption("a red circle moving up and growing on a black background") is None  # two
+    assert parse_clip_caption("a red circle turning red on a black background") is None

@@ -1,0 +1,105 @@
+"""train-video on the run engine, video generation (Pipeline.generate(frames=N), `generate --frames`), bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.components import read_model_folder
+from latentdiff.images import read_parameters
+from latentdiff.pipeline import load
+from tests._tiny import tiny_model_folder
+
+PROMPT = "a small red circle moving to the right on a black background"
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("image") / "model")
+
+
+def _train(image_model, out, *extra):
+    main(["train-video", "--preset", "moving-shapes-test", "--out", str(out), "--set", f"model={image_model}",
+          "--set", "temporal_head_dim=8", *extra])
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def video_model(image_model, tmp_path_factory):
+    return _train(image_model, tmp_path_factory.mktemp("video") / "run")
+
+
+def test_train_video_trains_only_the_temporal_layers(image_model, video_model):
+    image, video = read_model_folder(image_model), read_model_folder(video_model)
+    assert video.spec.network == "video_unet" and video.index.frames == 4
+    spatial = image.denoiser.network.state_dict()
+    state = video.denoiser.network.state_dict()
+    assert set(state) - set(spatial) and all(k.startswith("temporal.") for k in set(state) - set(spatial))
+    for k, v in spatial.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)  # frozen image weights
+    zero_init = [k for k in state if k.endswith(("conv.weight", "to_out.0.weight"))]
+    assert zero_init and any(state[k].abs().max() > 0 for k in zero_init)  # the temporal layers moved
+    assert (video_model.parent / "samples" / "step_0000002.png").is_file()
+
+
+def test_train_video_all_trains_the_image_weights_too(image_model, tmp_path):
+    folder = _train(image_model, tmp_path / "run", "--set", "train=all")
+    spatial = read_model_folder(image_model).denoiser.network.state_dict()
+    state = read_model_folder(folder).denoiser.network.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in spatial.items())
+
+
+def test_generate_clips_in_every_output(video_model):
+    pipe = load(video_model)
+    clips = pipe.generate([PROMPT, "a blue square growing on a gray background"], steps=2)
+    assert len(clips) == 2 and all(len(c) == 4 and c[0].size == (16, 16) for c in clips)  # the model's 4 frames
+    arr = pipe.generate(PROMPT, steps=2, frames=3, output="np", num_images=2)
+    assert arr.shape == (2, 3, 16, 16, 3) and arr.dtype == np.uint8
+    pt = pipe.generate(PROMPT, steps=2, frames=3, output="pt")
+    assert pt.shape == (1, 3, 3, 16, 16)
+    z = pipe.generate(PROMPT, steps=2, frames=3, output="latent")
+    assert z.shape == (1, 4, 3, 8, 8)
+    again = pipe.generate(PROMPT, steps=2, frames=3, output="latent")
+    torch.testing.assert_close(z, again, rtol=0, atol=0)  # same seed, same clip
+    for method in ({"guidance_method": "apg"}, {"pag_scale": 1.0}):  # guidance is shape-generic
+        z = pipe.generate(PROMPT, steps=2, frames=3, output="latent", **method)
+        assert z.shape == (1, 4, 3, 8, 8) and torch.isfinite(z).all()
+
+
+def test_bad_frames_are_refused(image_model, video_model, capsys):
+    with pytest.raises(ValueError, match="image model: its denoiser has no temporal layers"):
+        load(image_model).generate(PROMPT, frames=4)
+    pipe = load(video_model)
+    with pytest.raises(ValueError, match="1 to 16 frames"):
+        pipe.generate(PROMPT, frames=17)
+    with pytest.raises(ValueError, match="frames"):
+        pipe.generate(PROMPT, frames=0)
+    with pytest.raises(ValueError, match="no video editing"):
+        pipe.generate(PROMPT, frames=2, image=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(SystemExit):
+        main(["train-video", "--preset", "moving-shapes-test", "--set", "frames=20", "--set", "dry_run=true"])
+    assert "frames (20) must be at most max_frames (16)" in capsys.readouterr().err
+
+
+def test_cli_writes_gif_and_frame_grid(video_model, image_model, tmp_path, capsys):
+    out = tmp_path / "clip.png"
+    main(["generate", PROMPT, "--model", str(video_model), "--frames", "3", "--steps", "2", "-o", str(out)])
+    gif = Image.open(tmp_path / "clip.gif")
+    assert gif.n_frames == 3 and gif.size == (16, 16)
+    grid = Image.open(out)
+    assert grid.size == (3 * 18 + 2, 18 + 2)  # one row of 3 frames, 2-pixel padding
+    assert read_parameters(out)["frames"] == 3 and read_parameters(out)["prompt"] == PROMPT
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--model", str(image_model), "--frames", "3", "-o", str(tmp_path / "x.png")])
+    assert "no temporal layers" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.gif").exists()
+
+
+def test_train_video_resumes_bitwise(image_model, tmp_path):
+    straight = _train(image_model, tmp_path / "a", "--set", "steps=4")
+    _train(image_model, tmp_path / "b", "--set", "steps=2")  # a checkpoint at step 2
+    resumed = _train(image_model, tmp_path / "b", "--set", "steps=4", "--resume")
+    a = read_model_folder(straight).denoiser.network.state_dict()
+    b = read_model_folder(resumed).denoiser.network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
