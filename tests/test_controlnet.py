@@ -4,6 +4,8 @@ control_guidance_start/end) on a tiny random-weight SD folder."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,78 @@ def test_controlnet_matches_diffusers(sd_with_controlnets, case):
     plain = pipe.generate("a red circle", steps=4, sampler="euler", schedule="leading", guidance=3.0, seed=7,
                           height=16, width=16, output="pt")
     assert np.abs(_images01(plain) - expected).max() > 0.05  # the ControlNets matter at this size
+
+
+# ----------------------------------------------------------------------------------------- condition maps
+
+
+def test_condition_maps_on_a_known_scene():
+    from latentdiff.data.control_maps import control_map, layout_labels, sobel_edges
+    from latentdiff.data.shapes import Scene, ShapeObject, object_coverage, render, to_tensor
+
+    scene = Scene((ShapeObject("square", "red", "large", "left"), ShapeObject("circle", "blue", "small", "right")),
+                  "white")
+    size, seed = 64, 3
+    image = to_tensor(render(scene, size, seed))
+    (_, _, square), (_, (cx, cy), circle) = object_coverage(scene, size, seed)
+    inside = (torch.from_numpy(square) + torch.from_numpy(circle)) >= 0.5
+    # Edges: every edge pixel lies within two pixels of an object's boundary (antialiasing, the 3x3 kernel), and
+    # every pixel on the square's rim is an edge.
+    edges = sobel_edges(image)
+    pool = lambda m, k: torch.nn.functional.max_pool2d(m[None, None].float(), k, 1, k // 2)[0, 0] > 0
+    boundary = pool(inside, 5) & pool(~inside, 5)  # within 2 pixels of both sides
+    assert edges.any() and not (edges & ~boundary).any()
+    square_rim = (torch.from_numpy(square) >= 0.5) & pool(~inside, 3)
+    assert square_rim.sum() > 40 and edges[square_rim].all()
+    # Layout: label 1 on the square, 2 on the circle, 0 elsewhere; its map paints them in the palette.
+    labels = layout_labels(scene, size, seed)
+    assert labels[int(cy * size), int(cx * size)] == 2 and set(np.unique(labels)) == {0, 1, 2}
+    assert (labels == 1).sum() == (square >= 0.5).sum()
+    rgb = control_map("layout", image, scene, seed)
+    assert rgb.shape == (3, size, size) and rgb.dtype == torch.uint8
+    assert tuple(rgb[:, int(cy * size), int(cx * size)].tolist()) == (255, 128, 0)
+    # Depth: background 0, the large square nearer (brighter) at its centre than the small circle at its own.
+    depth = control_map("depth", image, scene, seed)[0]
+    assert depth[0, 0] == 0 and depth[int(cy * size), int(cx * size)] > 100
+    with pytest.raises(ValueError, match="unknown control kind 'pose'"):
+        control_map("pose", image, scene, seed)
+    with pytest.raises(ValueError, match="drawn from a shapes scene"):
+        control_map("layout", image)
+
+
+# ----------------------------------------------------------------------------------------- CLI end to end
+
+
+def test_cache_train_generate_end_to_end(tiny_pipe, tmp_path, capsys):
+    from latentdiff.cli import main
+    from latentdiff.components import load_autoencoder
+    from latentdiff.data.cache import LatentCache, build_cache
+    from latentdiff.data.shapes import ShapesDataset
+
+    ae = load_autoencoder(tiny_pipe / "autoencoder")
+    cache = build_cache(ae, ShapesDataset(8, size=16, seed=0), tmp_path / "cache", quiet=True, control="layout",
+                        source={"autoencoder": str(tiny_pipe / "autoencoder")})
+    loaded = LatentCache(cache)
+    assert loaded.control_kind == "layout" and loaded.control.shape == (8, 3, 16, 16)
+    with pytest.raises(SystemExit):  # a cache of other maps than asked for
+        main(["train-controlnet", "--model", str(tiny_pipe), "--cache", str(cache), "--control", "edges",
+              "--out", str(tmp_path / "bad"), "--preset", "shapes-test"])
+    assert "stores 'layout' maps" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    main(["train-controlnet", "--model", str(tiny_pipe), "--cache", str(cache), "--out", str(tmp_path / "run"),
+          "--preset", "shapes-test"])
+    folder = tmp_path / "run" / "controlnet"
+    assert capsys.readouterr().out.strip() == str(folder)
+    net, report = load_controlnet(folder)
+    assert report.ok and net.config.control_kind == "layout"
+    control = tmp_path / "layout.png"
+    Image.fromarray(loaded.control[0].permute(1, 2, 0).numpy()).save(control)
+    main(["generate", "a red circle", "--model", str(tiny_pipe), "--steps", "2", "--control", str(control),
+          "--controlnet", str(folder), "--control-scale", "0.5", "--control-end", "0.5", "-o", str(tmp_path / "o.png")])
+    assert (tmp_path / "o.png").is_file()
+    recorded = json.loads(Image.open(tmp_path / "o.png").text["parameters"])["controlnets"]
+    assert recorded == [{"control": str(control.resolve()), "controlnet": str(folder.resolve()), "scale": 0.5,
+                         "start": 0.0, "end": 0.5}]
+    with pytest.raises(SystemExit):  # unpaired flags are refused before the model loads
+        main(["generate", "a red circle", "--model", str(tiny_pipe), "--control", str(control),
+              "-o", str(tmp_path / "p.png")])
+    assert "give them in pairs" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
