@@ -116,6 +116,10 @@ def test_save_load_round_trip_and_another_base_model(parts, tmp_path):
     other = UNetConfig(**{**TINY.__dict__, "model_channels": 32})
     with pytest.raises(ValueError, match="model_channels 16 vs the model's 32"):
         check_compatible(net, other)
+    from latentdiff.models.dit import DiTConfig
+
+    with pytest.raises(ValueError, match="needs a U-Net denoiser; this model's is a DiTConfig"):
+        check_compatible(net, DiTConfig())
     with pytest.raises(ValueError, match="the control image has shape"):
         net(x, torch.zeros(2), cond, torch.rand(2, 3, 16, 16))
 
