@@ -102,14 +102,15 @@ class Pipeline:
 
     def add_controlnet(self, controlnet, *, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> ControlNet:
         """Add a ControlNet (Zhang et al. 2023; a folder from ``latentdiff train-controlnet``, a diffusers
-        ``ControlNetModel`` folder, or a ``ControlNet``) that every ``generate(control=...)`` call then uses: its
+        ``ControlNetModel`` folder, an original single file (``control_*.safetensors``), or a ``ControlNet``) that every ``generate(control=...)`` call then uses: its
         residuals times ``scale``, for the steps between ``start`` and ``end`` (fractions of the run). Several add
         up. One built for another base model is refused here, naming what differs."""
         name = str(controlnet) if not isinstance(controlnet, ControlNet) else "the ControlNet"
         if not isinstance(controlnet, ControlNet):
             from latentdiff.interop.controlnet import open_controlnet
 
-            controlnet, report = open_controlnet(controlnet)
+            controlnet, report = open_controlnet(controlnet, getattr(getattr(self.denoiser, "network", None),
+                                                                     "config", None))
             print(f"{name}: {report}")
         check_compatible(controlnet, getattr(getattr(self.denoiser, "network", None), "config", None), name)
         if controlnet.config.factor != self.autoencoder.factor:

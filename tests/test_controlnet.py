@@ -297,3 +297,37 @@ def test_cache_train_generate_end_to_end(tiny_pipe, tmp_path, capsys):
         main(["generate", "a red circle", "--model", str(tiny_pipe), "--control", str(control),
               "-o", str(tmp_path / "p.png")])
     assert "give them in pairs" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_original_single_file_controlnet_matches_diffusers_converter(sd_with_controlnets, tmp_path):
+    """Our table for lllyasviel's layout (cldm.py names) against diffusers' own converter (convert_from_ckpt): a
+    diffusers ControlNetModel written in the original layout by our table converts back, by diffusers, to the same
+    tensors, and loads into our ControlNet (built for the base model it is added to) with the same tensors."""
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint
+
+    from latentdiff.interop.controlnet import controlnet_config_from_diffusers, open_controlnet
+    from latentdiff.interop.keymaps import KeyMap, controlnet_rules
+    from latentdiff.io import write_safetensors
+
+    folder, ref, _, _, _ = sd_with_controlnets
+    cn = diffusers_mod.ControlNetModel.from_unet(ref.unet)  # diffusers' default (16, 32, 96, 256) embedding
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.normal_(0, 0.1)
+    expected = cn.state_dict()
+    table = KeyMap(controlnet_rules(controlnet_config_from_diffusers(dict(cn.config)), 6),
+                   original_prefix="control_model.")
+    original, absent = table.to_original(expected)
+    assert not absent
+    back = convert_ldm_unet_checkpoint(dict(original), dict(cn.config), controlnet=True)
+    assert back.keys() == expected.keys() and all(torch.equal(back[k], expected[k]) for k in expected)
+    write_safetensors(tmp_path / "control_tiny.safetensors", original)
+    pipe = latentdiff.load(folder)
+    net, report = open_controlnet(tmp_path / "control_tiny.safetensors", pipe.denoiser.network.config)
+    assert report.ok and net.config.conditioning_embedding_channels == (16, 32, 96, 256)
+    assert all(torch.equal(net.state_dict()[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="brings control images down by 8"):  # this VAE's factor is 2
+        pipe.add_controlnet(tmp_path / "control_tiny.safetensors")
+    with pytest.raises(ValueError, match="no config"):
+        open_controlnet(tmp_path / "control_tiny.safetensors")

@@ -1,19 +1,25 @@
-"""ControlNets from disk: our folders (``save_controlnet``) and diffusers ``ControlNetModel`` folders.
+"""ControlNets from disk: our folders (``save_controlnet``), diffusers ``ControlNetModel`` folders, and the original
+single files (lllyasviel's ``control_*.safetensors`` / ``.pth``, ``cldm.py`` names, ``control_model.`` prefix or none).
 
 A diffusers ControlNet folder is ``config.json`` (``_class_name: ControlNetModel``) + ``diffusion_pytorch_model
 .safetensors`` (or ``.bin``). Our ControlNet carries diffusers' parameter names, so the state dict loads as it is
 (the key map is the identity; ``ControlNetModel.time_proj`` has no parameters); only the config is translated, through
 the U-Net's translation (the encoder half of ``UNet2DConditionModel``'s config) plus the control image's embedding.
+A single file holds no config: it is built for the base model it is added to (``base``, the U-Net's config) with the
+control image's embedding read off the ``input_hint_block`` shapes, and mapped by ``keymaps.controlnet_rules``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from latentdiff.interop.diffusers_folder import WEIGHT_NAMES, _require, unet_config_from_diffusers
-from latentdiff.interop.files import read_state_file
+from latentdiff.interop.files import SAFETENSORS, TORCH_FILES, read_state_file
+from latentdiff.interop.keymaps import KeyMap, controlnet_rules
 from latentdiff.io import CONFIG_NAME, LoadReport, load_state_strict, read_json, reading
-from latentdiff.models.controlnet import ControlNet, ControlNetConfig, load_controlnet
+from latentdiff.models.controlnet import ControlNet, ControlNetConfig, for_unet, load_controlnet
+from latentdiff.models.unet import UNetConfig
 
 DIFFUSERS_CLASS = "ControlNetModel"
 
@@ -53,9 +59,48 @@ def read_diffusers_controlnet(folder: str | Path) -> tuple[ControlNet, LoadRepor
     return controlnet.eval(), report
 
 
-def open_controlnet(path: str | Path) -> tuple[ControlNet, LoadReport]:
-    """A ControlNet folder, ours (``latentdiff train-controlnet``) or diffusers' (``ControlNetModel``)."""
+ORIGINAL_PREFIX = "control_model."
+
+
+def read_original_controlnet(path: str | Path, base: UNetConfig) -> tuple[ControlNet, LoadReport]:
+    """An original-layout ControlNet file, built for the base U-Net ``base``; every tensor used, shapes checked."""
+    if not isinstance(base, UNetConfig):
+        raise ValueError(f"{path}: a ControlNet needs a U-Net denoiser; this model's is a {type(base).__name__}")  # noqa: TRY004
+    state = read_state_file(path)
+    prefix = ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in state) else ""
+    hint = sorted(int(k[len(prefix) + 17:].split(".")[0]) for k in state
+                  if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight"))
+    if not hint:
+        raise ValueError(f"{path} is not a ControlNet checkpoint (no input_hint_block): give a ControlNet file, a "
+                         "diffusers ControlNetModel folder or a folder from `latentdiff train-controlnet`")
+    widths = [state[f"{prefix}input_hint_block.{i}.weight"].shape[0] for i in hint[:-1]]  # conv_in, blocks
+    hint_channels = state[f"{prefix}input_hint_block.0.weight"].shape[1]
+    cfg = dataclasses.replace(for_unet(base, 2 ** (len(widths[1::2])), conditioning_channels=hint_channels),
+                              conditioning_embedding_channels=(widths[0], *widths[2::2]))
+    table = KeyMap(controlnet_rules(cfg, len(hint) - 2), original_prefix=prefix)
+    ours, absent, _ = table.to_ours(state)
+    unused = sorted(set(state) - table.original_keys())
+    if absent or unused:
+        raise ValueError(f"{path} does not fit a ControlNet of this model's U-Net: {len(absent)} tensor(s) missing "
+                         f"(e.g. {absent[:2]}), {len(unused)} unused (e.g. {unused[:2]}); it was made for another "
+                         "base model")
+    controlnet = ControlNet(cfg)
+    try:
+        report = load_state_strict(controlnet, ours, "controlnet")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; it was made for another base model") from e
+    return controlnet.eval(), report
+
+
+def open_controlnet(path: str | Path, base: UNetConfig | None = None) -> tuple[ControlNet, LoadReport]:
+    """A ControlNet folder, ours (``latentdiff train-controlnet``) or diffusers' (``ControlNetModel``), or an original
+    single file (``base``: the U-Net config of the model it is for)."""
     folder = Path(path)
+    if folder.is_file() or folder.suffix.lower() in SAFETENSORS + TORCH_FILES:
+        if base is None:
+            raise ValueError(f"{folder}: a single-file ControlNet holds no config; add it to a model "
+                             "(Pipeline.add_controlnet), which supplies its U-Net's")
+        return read_original_controlnet(folder, base)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a ControlNet folder (no {CONFIG_NAME}): give the folder that "
                                 "`latentdiff train-controlnet` wrote, or a diffusers ControlNetModel folder")
