@@ -285,6 +285,11 @@ def test_cache_train_generate_end_to_end(tiny_pipe, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(folder)
     net, report = load_controlnet(folder)
     assert report.ok and net.config.control_kind == "layout"
+    main(["export-checkpoint", str(tmp_path / "run" / "checkpoints" / "step_0000003"), "-o", str(tmp_path / "last")])
+    exported, _ = load_controlnet(tmp_path / "last")  # the last checkpoint's EMA is what the run wrote
+    assert exported.config == net.config
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), net.state_dict().values()))
+    capsys.readouterr()
     control = tmp_path / "layout.png"
     Image.fromarray(loaded.control[0].permute(1, 2, 0).numpy()).save(control)
     main(["generate", "a red circle", "--model", str(tiny_pipe), "--steps", "2", "--control", str(control),

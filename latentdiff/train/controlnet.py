@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from latentdiff.components import read_model_folder
-from latentdiff.config import FRACTION, bounds, one_of
+from latentdiff.config import FRACTION, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
 from latentdiff.data.control_maps import CONTROL_KINDS
 from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
-from latentdiff.io import atomic_folder
+from latentdiff.io import atomic_folder, load_state_strict, read_json
 from latentdiff.models.controlnet import ControlNet, for_unet, save_controlnet
 from latentdiff.models.runtime import autocast
 from latentdiff.models.unet import UNet
@@ -161,3 +161,17 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
             print(f"controlnet written to {folder}", file=sys.stderr)
     ctx.barrier()
     return folder
+
+
+def export_controlnet_checkpoint(checkpoint: Path, ema_state: dict[str, Tensor], out: str | Path) -> Path:
+    """A train-controlnet checkpoint's EMA weights as a ControlNet folder (``latentdiff export-checkpoint``), built
+    from the run config it holds (its base model and cache must still be in place); works while the run trains."""
+    cfg = from_dict(ControlNetTrainConfig, read_json(checkpoint / "state.json", f"{checkpoint} is not a checkpoint")
+                    ["config"], f"{checkpoint}/state.json")
+    model = read_model_folder(cfg.model)
+    kind = cfg.control or read_json(Path(cfg.cache) / "cache.json", "the run's cache is gone").get("control") or ""
+    controlnet = ControlNet(for_unet(model.denoiser.network.config, model.autoencoder.factor, kind))
+    load_state_strict(controlnet, ema_state, f"{checkpoint.name} EMA")
+    with atomic_folder(out) as tmp:
+        save_controlnet(tmp, controlnet.eval())
+    return Path(out)
