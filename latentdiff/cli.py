@@ -126,7 +126,8 @@ class GenerateConfig:
                            "its size differs); repeat together with --controlnet, one per ControlNet",
                            flags=("--control",), action="append", metavar="FILE", to_config=lambda v: {"controls": tuple(v)})
     controlnets: tuple = _opt((), "ControlNet folder (train-controlnet's OUT/controlnet, or a diffusers "
-                              "ControlNetModel folder) for the --control of the same position",
+                              "ControlNetModel folder) or original control_*.safetensors file, for the --control "
+                              "of the same position",
                               flags=("--controlnet",), action="append", metavar="DIR",
                               to_config=lambda v: {"controlnets": tuple(v)})
     control_scales: tuple = _opt((), "ControlNet strength (default 1; once for all, or once per --controlnet)",
