@@ -9,9 +9,14 @@ ControlNet's kind of map is drawn from a scene (``data.control_maps``) and three
 - "prompt only": no ControlNet (the base model's own score);
 - "prompt + map": the map of the prompt's own scene: the judge's scores against the scene, and the IoU of the
   generated object's pixels (those far from the background colour) with the map's silhouette;
-- "map moves it": the map of another prompt's scene (its shape, size and place) with this prompt: the judge reads
-  against the MAP's shape, size and position and the PROMPT's colour and background; "prompt's place" is how often
-  the object still sits where the prompt said instead (lower is better control).
+- "unplaced prompt": the prompt without size and position ("a red circle on a black background"), no ControlNet:
+  where the base model puts the object by itself (the judge reads against the scene: chance level for size and
+  position);
+- "unplaced + map": the same prompt with the scene's map: does the object land where the map puts it, at its size
+  and with its shape;
+- "map moves it": the map of another prompt's scene (its shape, size and place) with the full prompt: the judge
+  reads against the MAP's shape, size and position and the PROMPT's colour and background; "prompt's place" is how
+  often the object still sits where the prompt said instead (a conflict; lower is stronger control).
 
 Prints one markdown row per (split, mode), each score +- one standard error, and seconds per image.
 """
@@ -42,6 +47,12 @@ from latentdiff.pipeline import load
 def _foreground(image: np.ndarray, background: str) -> np.ndarray:
     """Pixels far (> 80 in some channel) from the background colour: the generated objects."""
     return np.abs(image.astype(float) - np.asarray(BACKGROUNDS[background], float)).max(-1) > 80
+
+
+def _unplaced(scene: Scene) -> str:
+    """A prompt naming the object's colour and shape and the background, not its size or place."""
+    (o,) = scene.objects
+    return f"a {o.color} {o.shape} on a {scene.background} background"
 
 
 def _moved(prompt: Scene, layout: Scene) -> Scene:
@@ -79,19 +90,21 @@ def main() -> None:
         maps = [control_map(kind, to_tensor(render(s, size, seed=i)), s, i).permute(1, 2, 0).numpy()
                 for i, s in enumerate(scenes)]
         others = [(i + 1) % n for i in range(n)]  # the map of the next prompt's scene
-        for mode in ("prompt only", "prompt + map", "map moves it"):
-            pipe.controlnets[:] = [] if mode == "prompt only" else controls
+        for mode in ("prompt only", "prompt + map", "unplaced prompt", "unplaced + map", "map moves it"):
+            mapped = mode not in ("prompt only", "unplaced prompt")
+            pipe.controlnets[:] = controls if mapped else []
             t = time.perf_counter()
             images = []
             for i, (caption, _) in enumerate(prompts):
-                control = None if mode == "prompt only" else maps[others[i] if mode == "map moves it" else i]
+                caption = _unplaced(scenes[i]) if mode.startswith("unplaced") else caption
+                control = maps[others[i] if mode == "map moves it" else i] if mapped else None
                 images.append(np.asarray(pipe.generate(caption, steps=use.steps, sampler=use.sampler,
                                                        guidance=use.guidance, seed=args.seed + i, control=control)[0]))
             seconds = (time.perf_counter() - t) / n
             targets = [_moved(scenes[i], scenes[others[i]]) for i in range(n)] if mode == "map moves it" else scenes
             s = score(images, targets)
             iou, kept = "", ""
-            if mode != "prompt only":
+            if mapped:
                 silhouettes = [maps[others[i] if mode == "map moves it" else i].max(-1) > 0 for i in range(n)]
                 fg = [_foreground(im, sc.background) for im, sc in zip(images, scenes)]
                 ious = [(a & b).sum() / max((a | b).sum(), 1) for a, b in zip(fg, silhouettes)]

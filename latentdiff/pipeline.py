@@ -102,9 +102,10 @@ class Pipeline:
 
     def add_controlnet(self, controlnet, *, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> ControlNet:
         """Add a ControlNet (Zhang et al. 2023; a folder from ``latentdiff train-controlnet``, a diffusers
-        ``ControlNetModel`` folder, an original single file (``control_*.safetensors``), or a ``ControlNet``) that every ``generate(control=...)`` call then uses: its
-        residuals times ``scale``, for the steps between ``start`` and ``end`` (fractions of the run). Several add
-        up. One built for another base model is refused here, naming what differs."""
+        ``ControlNetModel`` folder, an original single file (``control_*.safetensors``), or a ``ControlNet``) that
+        every ``generate(control=...)`` call then uses: its residuals times ``scale``, for the steps between ``start``
+        and ``end`` (fractions of the run). Several add up. One built for another base model is refused here,
+        naming what differs; it is moved to the denoiser's device and dtype."""
         name = str(controlnet) if not isinstance(controlnet, ControlNet) else "the ControlNet"
         if not isinstance(controlnet, ControlNet):
             from latentdiff.interop.controlnet import open_controlnet
@@ -117,8 +118,8 @@ class Pipeline:
             raise ValueError(f"{name} brings control images down by {controlnet.config.factor}, this model's "
                              f"autoencoder by {self.autoencoder.factor}: it was built for another base model")
         param = next(self.denoiser.parameters())
-        control = Control(controlnet.to(param.device).eval(), None, float(scale), float(start), float(end))
-        self.controlnets.append(control)
+        controlnet = controlnet.to(param.device, param.dtype).eval()
+        self.controlnets.append(Control(controlnet, None, float(scale), float(start), float(end)))
         return controlnet
 
     def _controlled(self, control, size: tuple[int, int]) -> list[Control]:
