@@ -130,6 +130,23 @@ class GenerateConfig:
                               "frames as a grid, one row per clip", metavar="N")
     paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
                             "image's own back", flags=("--no-paste-back",), const=False)
+    controls: tuple = _opt((), "ControlNet: a control image (edges, layout or depth map; resized to the output if "
+                           "its size differs); repeat together with --controlnet, one per ControlNet",
+                           flags=("--control",), action="append", metavar="FILE", to_config=lambda v: {"controls": tuple(v)})
+    controlnets: tuple = _opt((), "ControlNet folder (train-controlnet's OUT/controlnet, or a diffusers "
+                              "ControlNetModel folder) or original control_*.safetensors file, for the --control "
+                              "of the same position",
+                              flags=("--controlnet",), action="append", metavar="DIR",
+                              to_config=lambda v: {"controlnets": tuple(v)})
+    control_scales: tuple = _opt((), "ControlNet strength (default 1; once for all, or once per --controlnet)",
+                                 flags=("--control-scale",), action="append", type=float, metavar="S",
+                                 to_config=lambda v: {"control_scales": tuple(v)})
+    control_starts: tuple = _opt((), "fraction of the steps where the ControlNet starts acting (default 0; once for "
+                                 "all, or once per --controlnet)", flags=("--control-start",), action="append",
+                                 type=float, metavar="A", to_config=lambda v: {"control_starts": tuple(v)})
+    control_ends: tuple = _opt((), "fraction of the steps where it stops (default 1; once for all, or once per "
+                               "--controlnet)", flags=("--control-end",), action="append", type=float, metavar="B",
+                               to_config=lambda v: {"control_ends": tuple(v)})
 
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
@@ -210,6 +227,17 @@ def cmd_train_lora(args) -> None:
     _print_result(train_lora(config_from_args(LoRATrainConfig, LORA_PRESETS, args)))
 
 
+def cmd_train_controlnet(args) -> None:
+    from latentdiff.train.controlnet import CONTROLNET_PRESETS, ControlNetTrainConfig, train_controlnet
+
+    cfg = config_from_args(ControlNetTrainConfig, CONTROLNET_PRESETS, args)
+    if cfg.model == "default":
+        from latentdiff.default import verify
+
+        cfg = dataclasses.replace(cfg, model=str(verify()))
+    _print_result(train_controlnet(cfg))
+
+
 def _print_result(result) -> None:
     """A training command prints the folder it wrote (rank 0 only), or the dry-run report."""
     import os
@@ -252,9 +280,12 @@ def cmd_generate(args) -> None:
         raise ValueError(f"output {out} must end in .png")
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
+    controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
     pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     for path, weight in loras:
         pipe.load_lora(path, weight)
+    for folder, kw in controlnets:
+        pipe.add_controlnet(folder, **kw)  # one built for another base model is refused here
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames)
@@ -264,7 +295,9 @@ def cmd_generate(args) -> None:
               "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
               **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]},
-              **_edit_parameters(cfg), **({"loras": [f"{Path(p).resolve()}:{w:g}" for p, w in loras]} if loras else {})}
+              **_edit_parameters(cfg), **({"loras": [f"{Path(p).resolve()}:{w:g}" for p, w in loras]} if loras else {}),
+              **({"controlnets": [{"control": str(Path(c).resolve()), "controlnet": str(Path(f).resolve()), **kw}
+                                  for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
     saved = save_clips(images, out, params, per_image) if clips else \
@@ -301,6 +334,10 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
                "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision}
+    if cfg.controls:
+        from latentdiff.edit_inputs import read_image
+
+        options["control"] = [read_image(c) for c in cfg.controls]
     if cfg.image:
         from latentdiff.edit_inputs import read_image, read_mask
 
@@ -319,6 +356,24 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                        preview=lambda step, image: print(save_png(image, folder / f"step_{step:03d}.png"),
                                                          file=sys.stderr))
     return options
+
+
+def _controlnet_args(cfg: GenerateConfig) -> list[tuple[str, dict]]:
+    """(folder, scale / start / end) of each --controlnet, checked against the --control images (read here)."""
+    if len(cfg.controls) != len(cfg.controlnets):
+        raise ValueError(f"{len(cfg.controls)} --control image(s) for {len(cfg.controlnets)} --controlnet folder(s): "
+                         "give them in pairs, --control FILE --controlnet DIR")
+    n, out = len(cfg.controlnets), []
+    for name in ("control_scales", "control_starts", "control_ends"):
+        values = getattr(cfg, name)
+        if values and (not n or len(values) not in (1, n)):
+            raise ValueError(f"--{name[:-1].replace('_', '-')} given {len(values)} times for {n} ControlNet(s): give "
+                             "it once for all, or once per --controlnet")
+    for i, folder in enumerate(cfg.controlnets):
+        pick = lambda values, default, i=i: values[i if len(values) > 1 else 0] if values else default
+        out.append((folder, {"scale": pick(cfg.control_scales, 1.0), "start": pick(cfg.control_starts, 0.0),
+                             "end": pick(cfg.control_ends, 1.0)}))
+    return out
 
 
 def _edit_parameters(cfg: GenerateConfig) -> dict:
@@ -405,6 +460,7 @@ class _Command(typing.NamedTuple):
 def _config_commands() -> list[_Command]:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
     from latentdiff.eval.vae import VAEEvalConfig
+    from latentdiff.train.controlnet import CONTROLNET_PRESETS, ControlNetTrainConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
     from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig
     from latentdiff.train.latent_stats import LatentStatsConfig
@@ -478,6 +534,15 @@ def _config_commands() -> list[_Command]:
                              "clips; writes OUT/model, a video model folder (`generate --frames N`).",
                  flags={"model": "image model folder to inflate ('default': the bundled model)", "out": _OUT,
                         "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
+        _Command("train-controlnet", cmd_train_controlnet, ControlNetTrainConfig, CONTROLNET_PRESETS,
+                 help="train a ControlNet (edges, layout or depth maps) for a model",
+                 description="Train a ControlNet for a model folder (its denoiser frozen) on a latent cache that "
+                             "stores condition maps (`latentdiff cache --set control=edges`); writes "
+                             "OUT/controlnet, for `generate --control FILE --controlnet OUT/controlnet`.",
+                 flags={"model": "base model folder (default: the bundled model)", "cache": "latent cache folder "
+                        "with condition maps", "control": {"help": "condition map (default: the cache's)",
+                                                           "choices": ["edges", "layout", "depth"]},
+                        "out": _OUT, "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
     ]
 
 

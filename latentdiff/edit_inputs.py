@@ -214,6 +214,18 @@ def prepare_edit(image, *, mask=None, outpaint=None, strength: float | None = No
     return Edit(pixels, keep, strength, paste_back, paste_mask(keep, factor) if keep is not None else None)
 
 
+def read_control(image, size: tuple[int, int], channels: int = 3) -> Tensor:
+    """A ControlNet's control image as (1, channels, H, W) in [0, 1] (diffusers' control images are not normalized
+    to [-1, 1]) at the output ``size`` (height, width): any input ``read_image`` takes, resized when its size differs
+    (said on stderr; refused when that would stretch it, as for an edit's image); one channel: its luminance."""
+    pixels = (_fit(read_image(image), size, "control image", "the requested size", "bicubic") + 1) / 2
+    if channels == 3:
+        return pixels
+    if channels == 1:
+        return (pixels * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    raise ValueError(f"a ControlNet that reads {channels}-channel control images cannot take an RGB image")
+
+
 def _blur(x: Tensor, passes: int = 1) -> Tensor:
     """``passes`` [1, 2, 1] x [1, 2, 1] / 16 binomial blurs of (B, 1, H, W), edges replicated."""
     kernel = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)

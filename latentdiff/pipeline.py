@@ -18,11 +18,12 @@ from latentdiff.conditioning.labels import null_label, resolve_labels, with_labe
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
 from latentdiff.diffusion import guidance as guidance_lib
+from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
-from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit
+from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
@@ -32,6 +33,7 @@ from latentdiff.model_index import (
     ModelIndex,
 )
 from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.controlnet import ControlNet, check_compatible
 from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
@@ -63,6 +65,7 @@ class Pipeline:
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
+        self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
         """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
@@ -119,17 +122,56 @@ class Pipeline:
                              "guide/, or Pipeline.guide set to one")
         return GenerationSettings(**out)
 
-    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, guide_cond: Cond | None, **cfg_options):
-        """The guided denoiser of one batch: CFG (with its options), APG or autoguidance, then PAG."""
+    def add_controlnet(self, controlnet, *, scale: float = 1.0, start: float = 0.0, end: float = 1.0) -> ControlNet:
+        """Add a ControlNet (Zhang et al. 2023; a folder from ``latentdiff train-controlnet``, a diffusers
+        ``ControlNetModel`` folder, an original single file (``control_*.safetensors``), or a ``ControlNet``) that
+        every ``generate(control=...)`` call then uses: its residuals times ``scale``, for the steps between ``start``
+        and ``end`` (fractions of the run). Several add up. One built for another base model is refused here,
+        naming what differs; it is moved to the denoiser's device and dtype."""
+        name = str(controlnet) if not isinstance(controlnet, ControlNet) else "the ControlNet"
+        if not isinstance(controlnet, ControlNet):
+            from latentdiff.interop.controlnet import open_controlnet
+
+            controlnet, report = open_controlnet(controlnet, getattr(getattr(self.denoiser, "network", None),
+                                                                     "config", None))
+            print(f"{name}: {report}")
+        check_compatible(controlnet, getattr(getattr(self.denoiser, "network", None), "config", None), name)
+        if controlnet.config.factor != self.autoencoder.factor:
+            raise ValueError(f"{name} brings control images down by {controlnet.config.factor}, this model's "
+                             f"autoencoder by {self.autoencoder.factor}: it was built for another base model")
+        param = next(self.denoiser.parameters())
+        controlnet = controlnet.to(param.device, param.dtype).eval()
+        self.controlnets.append(Control(controlnet, None, float(scale), float(start), float(end)))
+        return controlnet
+
+    def _controlled(self, control, size: tuple[int, int]) -> list[Control]:
+        """The added ControlNets with their control images (one per ControlNet, at the output size)."""
+        if control is None:
+            if self.controlnets:
+                raise ValueError(f"{len(self.controlnets)} ControlNet(s) added but no control image given: pass "
+                                 "control= one image per ControlNet (--control FILE)")
+            return []
+        images = list(control) if isinstance(control, (list, tuple)) else [control]
+        if len(images) != len(self.controlnets):
+            raise ValueError(f"{len(images)} control image(s) for {len(self.controlnets)} ControlNet(s): add one "
+                             "ControlNet per control image (Pipeline.add_controlnet, --controlnet DIR)")
+        return [dataclasses.replace(c, image=read_control(im, size, c.net.config.conditioning_channels))
+                for c, im in zip(self.controlnets, images)]
+
+    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, guide_cond: Cond | None,
+                base: Denoiser | None = None, **cfg_options):
+        """The guided denoiser of one batch: CFG (with its options), APG or autoguidance, then PAG, around ``base``
+        (default: the model's denoiser; a ``ControlledDenoiser`` with ControlNets)."""
+        base = self.denoiser if base is None else base
         if use.guidance_method == "apg":
-            denoiser = guidance_lib.apg(self.denoiser, use.guidance, uncond)
+            denoiser = guidance_lib.apg(base, use.guidance, uncond)
         elif use.guidance_method == "autoguidance":
             def guide(x, sigma, cond=None):  # the guide reads the prompts through its own text encoder
                 return self.guide.denoiser(x, sigma, guide_cond)
 
-            denoiser = guidance_lib.autoguidance(self.denoiser, guide, use.guidance)
+            denoiser = guidance_lib.autoguidance(base, guide, use.guidance)
         else:
-            denoiser = guidance_lib.cfg(self.denoiser, use.guidance, uncond, **cfg_options)
+            denoiser = guidance_lib.cfg(base, use.guidance, uncond, **cfg_options)
         if use.pag_scale:
             denoiser = guidance_lib.pag(denoiser, use.pag_scale, perturbed_self_attention)
         return denoiser
@@ -214,7 +256,7 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True, frames: int | None = None):
+                 paste_back: bool = True, frames: int | None = None, control=None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -247,6 +289,8 @@ class Pipeline:
         Video (a model from ``latentdiff train-video``): ``frames`` per clip (None: the model's clip length); each
         clip comes back as a list of frames ("pil"), an array (F, H, W, 3) ("np"), or a frame axis after the
         channels ((B, C, F, ...) for "pt" and "latent"). An image model refuses ``frames``.
+        ControlNets (``add_controlnet``; ``diffusion/control.py``): ``control`` is one control image per added
+        ControlNet (any image ``read_image`` takes; a size other than the output's is resized, and said).
 
         Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
         inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
@@ -265,6 +309,7 @@ class Pipeline:
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
+        controls = self._controlled(control, (height, width))
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
         n = len(prompts) * num_images
@@ -279,6 +324,7 @@ class Pipeline:
         sigmas = self._sigmas(use)
         if edit is not None:
             sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
+        base = ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
                                                     crop_top_left, use)
 
@@ -297,12 +343,12 @@ class Pipeline:
         for start in range(0, n, batch):
             pick = (lambda c, r=rows[start:start + batch]: c.map(lambda t: t[r]) if c is not None else None)
             x = self._start(latents[start:start + batch], sigmas, edit, z0, keep)
-            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), rescale=guidance_rescale,
+            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), base, rescale=guidance_rescale,
                                     interval=guidance_interval, threshold=dynamic_threshold)
             if keep is not None:  # inpainting: x0_hat is the image's latent outside the mask
                 denoiser = keep_known(denoiser, z0, keep)
             # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
-            convs = [self.denoiser] + ([self.preview_decoder] if preview is not None else [])
+            convs = [self.denoiser, *(c.net for c in controls)] + ([self.preview_decoder] if preview is not None else [])
             with autocast(self.precision, x.device, *convs):
                 z = sample_fn(denoiser, x, sigmas, pick(cond), generator=generator, callback=callback, **final)
             if keep is not None:  # exactly the image's latent where nothing is repainted, whatever the rounding

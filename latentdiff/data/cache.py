@@ -8,6 +8,8 @@ Layout of a cache folder::
                                and vector (N, D) when a frozen text encoder's embeddings are cached;
                                size_ids (N, 6) int64 for folders / tar shards: original (h, w), crop
                                (top, left), target (h, w), SDXL's size conditioning
+                               control (N, 3, H, W) uint8 with ``control`` set: each image's condition map
+                               (``data/control_maps.py``: edges, layout, depth), for ControlNet training
     shard_00000.json           captions, attributes (scenes), source keys of the same N items
     text_empty.safetensors     the empty prompt's embedding (caption dropout), when text is cached
 
@@ -36,6 +38,7 @@ from torch import Tensor
 from latentdiff.conditioning.text import TextEncoderConfig
 from latentdiff.config import COUNT, FRACTION, IMAGE_SIDE, at_least, bounds, one_of
 from latentdiff.data.buckets import BucketBatches, batch_indices, make_buckets, most_square, nearest_bucket
+from latentdiff.data.control_maps import CONTROL_KINDS, control_map
 from latentdiff.data.folder import (
     MISSING_CAPTION_CHOICES,
     cover_and_crop,
@@ -72,11 +75,13 @@ class CacheConfig:
     bucket_step: int = 0  # bucket sides are multiples of this; 0 = autoencoder factor x 8 (fits 4-level U-Nets)
     bucket_max_aspect: float = 4.0  # the widest (and tallest) bucket's aspect ratio
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # "pretrained": cache its embeddings
+    control: str = ""  # also store each image's condition map for train-controlnet: "edges", "layout", "depth"
 
     BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "split": one_of("train", "heldout"),
                      "attribute_dropout": FRACTION, "batch_size": COUNT,
                      "shard_size": COUNT, "missing_caption": one_of(*MISSING_CAPTION_CHOICES), "min_size": COUNT,
-                     "bucket_area": at_least(0), "bucket_step": at_least(0), "bucket_max_aspect": at_least(1)})
+                     "bucket_area": at_least(0), "bucket_step": at_least(0), "bucket_max_aspect": at_least(1),
+                     "control": one_of("", *CONTROL_KINDS)})
 
 
 CACHE_PRESETS: dict[str, dict] = {
@@ -100,7 +105,7 @@ class _BucketWriter:
 
     def __init__(self, size: tuple[int, int]):
         self.size = size
-        self.pending: list[tuple[Tensor, dict, int | None]] = []  # (image, meta, label) not yet encoded
+        self.pending: list[tuple[Tensor, dict, int | None, Tensor | None]] = []  # (image, meta, label, control map)
         self.encoded: list[dict[str, Tensor]] = []  # per item: mean, logvar (+ label, context, vector)
         self.meta: list[dict] = []
         self.shards: list[str] = []
@@ -117,16 +122,17 @@ class _CacheBuilder:
         self.writers: dict[tuple[int, int], _BucketWriter] = {}
         self.num_shards = 0
 
-    def add(self, size: tuple[int, int], image: Tensor, meta: dict, label: int | None) -> None:
+    def add(self, size: tuple[int, int], image: Tensor, meta: dict, label: int | None,
+            control: Tensor | None = None) -> None:
         writer = self.writers.setdefault(size, _BucketWriter(size))
-        writer.pending.append((image, meta, label))
+        writer.pending.append((image, meta, label, control))
         writer.count += 1
         if len(writer.pending) == self.batch_size:
             self._encode(writer)
 
     @torch.no_grad()
     def _encode(self, writer: _BucketWriter) -> None:
-        images, metas, labels = zip(*writer.pending)
+        images, metas, labels, controls = zip(*writer.pending)
         writer.pending = []
         posterior = self.autoencoder.encode_posterior(torch.stack(images))
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()
@@ -135,6 +141,9 @@ class _CacheBuilder:
         if labels[0] is not None:
             for row, label in zip(rows, labels):
                 row["label"] = torch.tensor(label, dtype=torch.long)
+        if controls[0] is not None:
+            for row, control in zip(rows, controls):
+                row["control"] = control
         if "crop_top_left" in metas[0]:  # SDXL's size ids: original (h, w), crop (top, left), target (h, w)
             for row, meta in zip(rows, metas):
                 row["size_ids"] = torch.tensor([*meta["original_size"], *meta["crop_top_left"], *writer.size])
@@ -222,12 +231,14 @@ def _items(dataset) -> tuple[Iterator[dict], int | None]:
 def build_cache(autoencoder, dataset: Iterable[dict], out: str | Path, batch_size: int = 64, shard_size: int = 8192,
                 source: dict | None = None, quiet: bool = False, *, image_size: int | None = None,
                 buckets: list[tuple[int, int]] | None = None, text_encoder=None,
-                class_names: list[str] | None = None) -> Path:
+                class_names: list[str] | None = None, control: str = "") -> Path:
     """Encode ``dataset`` into a cache folder, atomically.
 
     Items are dicts with ``image`` (a tensor at its final size, or a PIL image to resize-crop to
     ``image_size`` or to its nearest bucket), ``caption``, and optionally ``scene``, ``label``, ``key``.
-    With ``text_encoder`` (a frozen one), each caption's token embeddings are cached too.
+    With ``text_encoder`` (a frozen one), each caption's token embeddings are cached too; with ``control`` (a kind of
+    ``data/control_maps.py``), each image's condition map (layout and depth need items with ``scene`` and
+    ``render_seed``, as the shapes set gives).
     """
     from tqdm import tqdm
 
@@ -247,7 +258,9 @@ def build_cache(autoencoder, dataset: Iterable[dict], out: str | Path, batch_siz
                 has_labels = label is not None
             elif has_labels != (label is not None):
                 raise ValueError(f"item {item.get('key')!r}: either every item has a label or none does")
-            builder.add(*_prepared(item, buckets, image_size), label)
+            size, image, meta = _prepared(item, buckets, image_size)
+            cmap = control_map(control, image, item.get("scene"), item.get("render_seed")) if control else None
+            builder.add(size, image, meta, label, cmap)
             progress.update(1)
         progress.close()
         writers = builder.finish()
@@ -262,7 +275,7 @@ def build_cache(autoencoder, dataset: Iterable[dict], out: str | Path, batch_siz
             "format": "latentdiff-latent-cache", "version": 2, "num_items": sum(w.count for w in writers),
             "shards": [s for w in writers for s in w.shards], "latent_shape": writers[square].latent_shape,
             "bucketed": buckets is not None, "buckets": info_buckets, "class_names": class_names,
-            "labels": bool(has_labels), "source": source or {}, "text": None,
+            "labels": bool(has_labels), "source": source or {}, "text": None, "control": control or None,
         }
         if text_encoder is not None:
             (empty,) = text_rows(text_encoder, [""])
@@ -296,6 +309,11 @@ def cache_dataset(cfg: CacheConfig, quiet: bool = False) -> Path:
     from latentdiff.components import load_autoencoder
     from latentdiff.conditioning.text import build_text_encoder
 
+    if cfg.control in ("layout", "depth") and cfg.data != "shapes":
+        raise ValueError(f"control = {cfg.control!r} is drawn from shapes scenes: use data = \"shapes\", or control = "
+                         "\"edges\", which any image gives")
+    if cfg.control and cfg.buckets:
+        raise ValueError("control maps are stored at one square image size: set buckets = false")
     autoencoder = load_autoencoder(cfg.autoencoder)
     f = autoencoder.factor
     if cfg.image_size % f:
@@ -315,7 +333,7 @@ def cache_dataset(cfg: CacheConfig, quiet: bool = False) -> Path:
               "seed": cfg.seed, "image_size": cfg.image_size}
     return build_cache(autoencoder, dataset, cfg.out, cfg.batch_size, cfg.shard_size, source=source, quiet=quiet,
                        image_size=cfg.image_size, buckets=buckets, text_encoder=text_encoder,
-                       class_names=class_names)
+                       class_names=class_names, control=cfg.control)
 
 
 class LatentCache:
@@ -357,6 +375,8 @@ class LatentCache:
         self.captions = [m["caption"] for m in self.meta]
         self.labels = torch.cat(extra["label"]) if "label" in extra else None  # (N,)
         self.size_ids = torch.cat(extra["size_ids"]) if "size_ids" in extra else None  # (N, 6), data.folder/tars
+        self.control_kind = self.info.get("control")  # the condition maps' kind, when the cache stores them
+        self.control = torch.cat(extra["control"]) if "control" in extra else None  # (N, 3, H, W) uint8
         self._load_text(extra)
         self._samplers: dict[tuple, BucketBatches] = {}
 

@@ -223,8 +223,10 @@ def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: in
 # --- rendering ----------------------------------------------------------------------------------------
 
 
-def render(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4) -> np.ndarray:
-    """Draw a scene as a uint8 (size, size, 3) image; seed fixes the jitter; supersample antialiases."""
+def object_coverage(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4
+                    ) -> list[tuple[ShapeObject, tuple[float, float], np.ndarray]]:
+    """Each object of a scene as ``render`` draws it: (object, centre (x, y) in canvas fractions, the share of each
+    pixel it covers, float (size, size) in [0, 1]); seed fixes the jitter, as in ``render``."""
     if not scene.complete:
         raise ValueError(f"cannot render a scene with unstated attributes: {scene}")
     if size < 16:
@@ -235,23 +237,38 @@ def render(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4) ->
     if len(set(positions)) != len(positions):
         raise ValueError(f"objects must sit in distinct positions, got {positions}")
     rng = np.random.default_rng(seed)  # the jitter depends on the seed only, not on the size
+    return [(o, centre, coverage(o.shape, centre, SIZE_RADIUS[o.size], size, supersample))
+            for o, centre in zip(scene.objects, _place(scene, rng))]
+
+
+def render(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4) -> np.ndarray:
+    """Draw a scene as a uint8 (size, size, 3) image; seed fixes the jitter; supersample antialiases."""
+    objects = object_coverage(scene, size, seed, supersample)
     image = np.empty((size, size, 3), np.float64)
     image[:] = BACKGROUNDS[scene.background]
-    for o, centre in zip(scene.objects, _place(scene, rng)):
-        image = paint(image, o.shape, o.color, centre, SIZE_RADIUS[o.size], supersample)
+    for o, _, share in objects:
+        image = _blend(image, share, o.color)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def coverage(shape: str, centre: tuple[float, float], radius: float, size: int, supersample: int = 4) -> np.ndarray:
+    """The share of each pixel of a (size, size) canvas that one shape of half-size ``radius`` covers."""
+    fine = size * supersample
+    coords = (np.arange(fine) + 0.5) / fine
+    x, y = np.meshgrid(coords, coords)
+    mask = _inside(shape, x, y, *centre, radius)
+    return mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
 def paint(image: np.ndarray, shape: str, color: str, centre: tuple[float, float], radius: float,
           supersample: int = 4) -> np.ndarray:
     """A float (H, W, 3) canvas with one antialiased shape of half-size ``radius`` (canvas fractions) drawn on."""
-    size = image.shape[0]
-    fine = size * supersample
-    coords = (np.arange(fine) + 0.5) / fine
-    x, y = np.meshgrid(coords, coords)
-    mask = _inside(shape, x, y, *centre, radius)
-    coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))[..., None]  # (H, W, 1)
-    return image * (1 - coverage) + np.asarray(ALL_COLORS[color], np.float64) * coverage
+    return _blend(image, coverage(shape, centre, radius, image.shape[0], supersample), color)
+
+
+def _blend(image: np.ndarray, share: np.ndarray, color: str) -> np.ndarray:
+    share = share[..., None]  # (H, W, 1)
+    return image * (1 - share) + np.asarray(ALL_COLORS[color], np.float64) * share
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -449,16 +466,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> dict:
-        """dict(image=(3, H, W) float in [-1, 1], caption=str, scene=Scene)."""
+        """dict(image=(3, H, W) float in [-1, 1], caption=str, scene=Scene, render_seed=int (``render``'s seed))."""
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
         index %= self.n
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
         scene = sample_scene(rng, self.split, self.max_objects, extra_colors=self.extra_colors)
-        image = render(scene, self.size, seed=int(rng.integers(2**31)))
+        render_seed = int(rng.integers(2**31))
+        image = render(scene, self.size, seed=render_seed)
         words = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])  # images apart from words
         text = caption(scene, words, phrasing=self.phrasing, attribute_dropout=self.attribute_dropout)
-        return {"image": to_tensor(image), "caption": text, "scene": scene}
+        return {"image": to_tensor(image), "caption": text, "scene": scene, "render_seed": render_seed}
 
 
 def _prompts(split: str, n: int, seed: int, phrasing: str, objects: int) -> list[tuple[str, Scene]]:

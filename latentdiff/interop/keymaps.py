@@ -212,6 +212,22 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
     return rules
 
 
+def controlnet_rules(cfg: UNetConfig, embedding_convs: int) -> list[Rule]:
+    """The original ControlNet table (lllyasviel's ``cldm.py``, names without ``control_model.``): the U-Net's encoder
+    rows, ``input_hint_block`` (convolutions at even indices, SiLUs between: conv_in, ``embedding_convs`` blocks,
+    conv_out), ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    decoder = ("up_blocks.", "conv_norm_out.", "conv_out.")
+    rules = [r for r in unet_rules(cfg) if not r.ours[0].startswith(decoder)]
+    rules += _params("input_hint_block.0", "controlnet_cond_embedding.conv_in")
+    for k in range(embedding_convs):
+        rules += _params(f"input_hint_block.{2 * (k + 1)}", f"controlnet_cond_embedding.blocks.{k}")
+    rules += _params(f"input_hint_block.{2 * (embedding_convs + 1)}", "controlnet_cond_embedding.conv_out")
+    skips = 1 + len(cfg.channel_mult) * (cfg.num_res_blocks + 1) - 1  # conv_in, the resnets, the downsamplers
+    for n in range(skips):
+        rules += _params(f"zero_convs.{n}.0", f"controlnet_down_blocks.{n}")
+    return rules + _params("middle_block_out.0", "controlnet_mid_block")
+
+
 # ---------------------------------------------------------------------------------------------
 # Autoencoder: ldm/modules/diffusionmodules/model.py <-> diffusers AutoencoderKL
 

@@ -241,6 +241,10 @@ class Transformer2D(nn.Module):
         return x + h
 
 
+def _same(h: Tensor) -> Tensor:
+    return h
+
+
 class UNetBlock(nn.Module):
     """One level of the U-Net: ``resnets``, optional ``attentions``, optional ``downsamplers``/``upsamplers``."""
 
@@ -257,23 +261,19 @@ class UNetBlock(nn.Module):
             self.upsamplers = nn.ModuleList([resample])
 
 
-class UNet(nn.Module):
-    """Latent-diffusion U-Net with cross-attention, Rombach et al. 2022 (Ronneberger et al. 2015, Ho et al. 2020)."""
+class UNetEncoder(nn.Module):
+    """The U-Net's first half: embeddings, input convolution, down path and middle block.
+
+    ``UNet`` adds the up path to it; ``models/controlnet.py``'s ControlNet is a trainable copy of it.
+    """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         cfg = self.config = replace(config)  # own copy, so presets are never mutated through a model
         self.gradient_checkpointing = cfg.gradient_checkpointing
-        chans = [cfg.model_channels * m for m in cfg.channel_mult]
+        self.chans = chans = [cfg.model_channels * m for m in cfg.channel_mult]
         levels = len(chans)
         temb_dim = 4 * cfg.model_channels
-        g, eps = cfg.norm_groups, cfg.norm_eps
-
-        def resnet(c_in: int, c_out: int) -> ResnetBlock2D:
-            return ResnetBlock2D(c_in, c_out, temb_dim, g, eps, cfg.dropout)
-
-        def attention(c: int, level: int) -> Transformer2D:
-            return Transformer2D(c, cfg.heads_at(c), cfg.depth_at(level), cfg.context_dim, cfg)
 
         # Embeddings of noise level, labels and vectors, summed into one (B, temb_dim) vector.
         self.time_embedding = TimestepEmbedding(cfg.model_channels, temb_dim)
@@ -285,41 +285,34 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, chans[0], 3, padding=1)
 
         # Down path: every resnet (+attention) output and every downsampler output is a skip.
-        down, skip_chans, c_in = [], [chans[0]], chans[0]
+        down, self.skip_chans, c_in = [], [chans[0]], chans[0]
         for i, c in enumerate(chans):
             resnets, attns = [], []
             for j in range(cfg.num_res_blocks):
-                resnets.append(resnet(c_in if j == 0 else c, c))
+                resnets.append(self._resnet(c_in if j == 0 else c, c))
                 if i in cfg.attention_levels:
-                    attns.append(attention(c, i))
-                skip_chans.append(c)
+                    attns.append(self._attention(c, i))
+                self.skip_chans.append(c)
             last = i == levels - 1
             down.append(UNetBlock(resnets, attns, None if last else Downsample2D(c)))
             if not last:
-                skip_chans.append(c)
+                self.skip_chans.append(c)
             c_in = c
         self.down_blocks = nn.ModuleList(down)
 
         self.mid_block = UNetBlock(
-            [resnet(chans[-1], chans[-1]), resnet(chans[-1], chans[-1])],
-            [attention(chans[-1], levels - 1)] if cfg.mid_attention else None,
+            [self._resnet(chans[-1], chans[-1]), self._resnet(chans[-1], chans[-1])],
+            [self._attention(chans[-1], levels - 1)] if cfg.mid_attention else None,
             None,
         )
 
-        # Up path, lowest resolution first: each resnet eats one skip (concatenated on channels).
-        up, c_in = [], chans[-1]
-        for i, c in reversed(list(enumerate(chans))):
-            resnets, attns = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                resnets.append(resnet(c_in + skip_chans.pop(), c))
-                if i in cfg.attention_levels:
-                    attns.append(attention(c, i))
-                c_in = c
-            up.append(UNetBlock(resnets, attns, None if i == 0 else Upsample2D(c)))
-        self.up_blocks = nn.ModuleList(up)
+    def _resnet(self, c_in: int, c_out: int) -> ResnetBlock2D:
+        cfg = self.config
+        return ResnetBlock2D(c_in, c_out, 4 * cfg.model_channels, cfg.norm_groups, cfg.norm_eps, cfg.dropout)
 
-        self.conv_norm_out = group_norm(chans[0], g, eps)
-        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+    def _attention(self, c: int, level: int) -> Transformer2D:
+        cfg = self.config
+        return Transformer2D(c, cfg.heads_at(c), cfg.depth_at(level), cfg.context_dim, cfg)
 
     def _run(self, module: nn.Module, *args):
         """Call a block, recomputing it in backward when gradient checkpointing is on."""
@@ -393,6 +386,62 @@ class UNet(nn.Module):
             )
         return context, mask
 
+    def _check_size(self, x: Tensor) -> None:
+        f = 2 ** (len(self.config.channel_mult) - 1)
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(
+                f"latent size {x.shape[-2]}x{x.shape[-1]} must be divisible by {f} (2 ** (levels - 1)): pad or crop it"
+            )
+
+    def _down(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same
+              ) -> tuple[Tensor, list[Tensor]]:
+        """The down path from conv_in's output: (lowest-resolution features, skips); ``mix`` transforms the features
+        after each resnet and its attention (the video U-Net's temporal layers)."""
+        skips = [h]
+        for block in self.down_blocks:
+            attns = getattr(block, "attentions", [None] * len(block.resnets))
+            for resnet, attn in zip(block.resnets, attns):
+                h = self._run(resnet, h, emb)
+                if attn is not None:
+                    h = self._run(attn, h, context, mask)
+                h = mix(h)
+                skips.append(h)
+            for down in getattr(block, "downsamplers", ()):
+                h = down(h)  # (B, c, H/2, W/2)
+                skips.append(h)
+        return h, skips
+
+    def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same) -> Tensor:
+        h = self._run(self.mid_block.resnets[0], h, emb)
+        for attn in getattr(self.mid_block, "attentions", ()):
+            h = self._run(attn, h, context, mask)
+        h = mix(h)
+        return self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
+
+
+class UNet(UNetEncoder):
+    """Latent-diffusion U-Net with cross-attention, Rombach et al. 2022 (Ronneberger et al. 2015, Ho et al. 2020)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        cfg, chans = self.config, self.chans
+        skip_chans = list(self.skip_chans)
+
+        # Up path, lowest resolution first: each resnet eats one skip (concatenated on channels).
+        up, c_in = [], chans[-1]
+        for i, c in reversed(list(enumerate(chans))):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                resnets.append(self._resnet(c_in + skip_chans.pop(), c))
+                if i in cfg.attention_levels:
+                    attns.append(self._attention(c, i))
+                c_in = c
+            up.append(UNetBlock(resnets, attns, None if i == 0 else Upsample2D(c)))
+        self.up_blocks = nn.ModuleList(up)
+
+        self.conv_norm_out = group_norm(chans[0], cfg.norm_groups, cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
         return self._forward(x, c_noise, cond)
@@ -410,14 +459,10 @@ class UNet(nn.Module):
         temporal layers: ``models/video_unet.py``); sites are numbered in call order (``mixing_sites``)."""
         cfg = self.config
         site = itertools.count()
-        mix = (lambda h: between(h, next(site))) if between is not None else (lambda h: h)
+        mix = (lambda h: between(h, next(site))) if between is not None else _same
         cond = cond if cond is not None else Cond()
         B, _, H, W = x.shape
-        f = 2 ** (len(cfg.channel_mult) - 1)
-        if H % f or W % f:
-            raise ValueError(
-                f"latent size {H}x{W} must be divisible by {f} (2 ** (levels - 1)): pad or crop it"
-            )
+        self._check_size(x)
         if cond.concat is not None:
             if cond.concat.shape != (B, cfg.concat_channels, H, W):
                 raise ValueError(
@@ -430,40 +475,17 @@ class UNet(nn.Module):
         context, mask = self._check_context(cond, B)
 
         # Down.
-        h = self.conv_in(x)  # (B, c0, H, W)
-        skips = [h]
-        for block in self.down_blocks:
-            attns = getattr(block, "attentions", [None] * len(block.resnets))
-            for resnet, attn in zip(block.resnets, attns):
-                h = self._run(resnet, h, emb)
-                if attn is not None:
-                    h = self._run(attn, h, context, mask)
-                h = mix(h)
-                skips.append(h)
-            for down in getattr(block, "downsamplers", ()):
-                h = down(h)  # (B, c, H/2, W/2)
-                skips.append(h)
+        h, skips = self._down(self.conv_in(x), emb, context, mask, mix)  # conv_in: (B, c0, H, W)
 
-        # ControlNet residuals: one per skip, then one for the middle.
+        # ControlNet residuals (diffusers' down_block_additional_residuals, then mid_block_additional_residual):
+        # one added to each skip, the last to the middle block's output.
         control = cond.control
         if control is not None:
-            if len(control) != len(skips) + 1:
-                raise ValueError(
-                    f"cond.control has {len(control)} residuals, this UNet needs {len(skips) + 1}"
-                )
-            for k, (s, r) in enumerate(zip(skips, control)):
-                if r.shape != s.shape:
-                    raise ValueError(
-                        f"cond.control[{k}] has shape {tuple(r.shape)}, the skip it adds to has {tuple(s.shape)}"
-                    )
+            _check_control(control, skips + [h])
             skips = [s + r for s, r in zip(skips, control)]
 
         # Middle.
-        h = self._run(self.mid_block.resnets[0], h, emb)
-        for attn in getattr(self.mid_block, "attentions", ()):
-            h = self._run(attn, h, context, mask)
-        h = mix(h)
-        h = self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
+        h = self._middle(h, emb, context, mask, mix)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
 
@@ -480,3 +502,13 @@ class UNet(nn.Module):
                 h = up(h)  # (B, c, 2h, 2w)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+
+
+def _check_control(control: list[Tensor], targets: list[Tensor]) -> None:
+    """ControlNet residuals must match the skips and the middle block's output (the middle keeps its input's shape)."""
+    if len(control) != len(targets):
+        raise ValueError(f"cond.control has {len(control)} residuals, this UNet needs {len(targets)}")
+    for k, (t, r) in enumerate(zip(targets, control)):
+        if r.shape != t.shape:
+            what = "the middle block's output" if k == len(targets) - 1 else "the skip it adds to"
+            raise ValueError(f"cond.control[{k}] has shape {tuple(r.shape)}, {what} has {tuple(t.shape)}")

@@ -52,7 +52,8 @@ def export(run_dir: str | Path, sigma_rel: float, out: str | Path, step: int | N
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, template: str | Path | None = None) -> Path:
-    """``latentdiff export-checkpoint``: a denoiser checkpoint's EMA weights as a loadable model folder.
+    """``latentdiff export-checkpoint``: a denoiser checkpoint's EMA weights as a loadable model folder (a
+    train-controlnet checkpoint's: a ControlNet folder).
 
     ``checkpoint`` is a ``step_XXXXXXX`` folder (or a run folder: its latest checkpoint). The configs come from
     the run config the checkpoint holds (its cache and autoencoder must still be in place), or, with
@@ -66,6 +67,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, template: str | P
 
     folder = find_checkpoint(Path(checkpoint))
     state = load_file(folder / "ema.safetensors")
+    if any(k.startswith("controlnet_cond_embedding.") for k in state):  # a train-controlnet run
+        from latentdiff.train.controlnet import export_controlnet_checkpoint
+
+        return export_controlnet_checkpoint(folder, state, out)
     if not any(k.startswith("network.") for k in state):
         raise ValueError(f"{folder} is not a denoiser checkpoint (its EMA has no network.* tensors)")
     if template is None:
