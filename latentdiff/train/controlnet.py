@@ -143,9 +143,7 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
                     controlled = ControlledDenoiser(denoiser, [Control(controlnet, image)])
                     return denoising_loss(controlled, x0, sigma, cond, noise=noise.to(device))
 
-            loss, grad_norm = run.step(step, chunks, loss_fn)
-            run.log(step, loss, grad_norm)
-            run.save(step)
+            run.advance(step, chunks, loss_fn)
     if cfg.dry_run:
         return run.dry_run_report()
 

@@ -235,11 +235,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
                         cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
                     return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting, noise=noise.to(device))
 
-            loss, grad_norm = run.step(step, chunks, loss_fn)
-            run.log(step, loss, grad_norm)
-            run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{n:07d}.png"),
-                        target=pipeline)
-            run.save(step)
+            run.advance(step, chunks, loss_fn, lambda pipe, n: sample_grid(pipe, cfg, run.sample_path(n)), pipeline)
     if cfg.dry_run:
         return run.dry_run_report()
 

@@ -342,11 +342,8 @@ def distill(cfg: DistillConfig) -> Path | dict:
                         return consistency_loss(student, target, x, sigma, x_next, sigma_next, s_cond, cfg.loss,
                                                 cfg.huber_c)
 
-                loss, grad_norm = run.step(step, chunks, loss_fn)
-                run.log(step, loss, grad_norm)
-                run.samples(step, lambda pipe, k: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{k:07d}.png"),
-                            target=lambda ema: _pipeline(ema, param, teacher, index))
-                run.save(step)
+                run.advance(step, chunks, loss_fn, lambda pipe, k: sample_grid(pipe, cfg, run.sample_path(k)),
+                            lambda ema: _pipeline(ema, param, teacher, index))
         if cfg.dry_run:
             return run.dry_run_report()
 

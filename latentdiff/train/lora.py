@@ -135,8 +135,7 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
             loss, grad_norm = run.step(step, chunks, loss_fn)
             run.log(step, loss, grad_norm)
             with swapped(lora, ema_lora):  # the sample grids show the adapters that will be saved
-                run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.folder / "samples" / f"step_{n:07d}.png"),
-                            target=pipeline)
+                run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.sample_path(n)), target=pipeline)
             run.save(step)
     if cfg.dry_run:
         return run.dry_run_report()

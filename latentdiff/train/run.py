@@ -16,6 +16,7 @@ to bottom (setup -> build -> loop -> loss -> step -> EMA -> log -> save) on top 
                 run.log(step, loss, grad_norm)         # every log_every steps
                 run.samples(step, draw)                # every sample_every steps, and the callbacks
                 run.save(step)                         # post-hoc EMA snapshots, checkpoints; SIGTERM exits here
+                # (run.advance(step, chunks, loss_fn, draw) is these four in a row)
         if cfg.dry_run:
             return run.dry_run_report()
         ema = run.finish()                             # the last checkpoint; the EMA module, whole, on rank 0
@@ -293,6 +294,22 @@ class Run:
             if self.stop_now:
                 self._close_log()
                 raise SystemExit(preempted_message(folder, n))
+
+    def advance(self, step: int, chunks: list[Tensor], loss_fn: Callable[[Tensor], Tensor],
+                draw: Callable[[Any, int], None] | None = None, target: Callable[[nn.Module], Any] | None = None
+                ) -> tuple[float, float | None]:
+        """``step``, ``log``, ``samples`` (when ``draw`` is given) and ``save`` in a row: a loop with nothing of its
+        own between them. Returns ``step``'s (loss, grad_norm)."""
+        loss, grad_norm = self.step(step, chunks, loss_fn)
+        self.log(step, loss, grad_norm)
+        if draw is not None:
+            self.samples(step, draw, target)
+        self.save(step)
+        return loss, grad_norm
+
+    def sample_path(self, n: int, suffix: str = ".png") -> Path:
+        """Where the sample grid of step ``n`` goes: ``folder/samples/step_{n:07d}`` + suffix."""
+        return self.folder / "samples" / f"step_{n:07d}{suffix}"
 
     def dry_run_report(self) -> dict:
         """What the dry run measured (or the out-of-memory error it met), printed as JSON on rank 0."""

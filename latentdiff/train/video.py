@@ -133,11 +133,8 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
                 with autocast(cfg.precision, device):
                     return denoising_loss(denoiser, x0, sigma, text_encoder(captions), noise=noise.to(device))
 
-            loss, grad_norm = run.step(step, chunks, loss_fn)
-            run.log(step, loss, grad_norm)
-            run.samples(step, lambda folder, n: sample_clips(folder, cfg, run.folder / "samples" / f"step_{n:07d}"),
-                        target=lambda ema: _folder(ema, image, denoiser, cfg))
-            run.save(step)
+            run.advance(step, chunks, loss_fn, lambda folder, n: sample_clips(folder, cfg, run.sample_path(n, "")),
+                        lambda ema: _folder(ema, image, denoiser, cfg))
     if cfg.dry_run:
         return run.dry_run_report()
 
