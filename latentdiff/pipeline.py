@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -25,6 +26,7 @@ from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
     GUIDANCE_METHODS,
+    INPAINT,
     GenerateRequest,
     GenerationSettings,
     ModelIndex,
@@ -74,6 +76,16 @@ class Pipeline:
     def size_embed_dim(self) -> int:
         """> 0: the denoiser takes SDXL-style size ids (conditioning.sizes)."""
         return self.index.size_conditioning.embed_dim
+
+    @property
+    def concat_inputs(self) -> str | None:
+        """What the denoiser takes in its concat channels: None, or "inpaint" (the mask and the masked image's
+        latents, SD inpainting's layout): the index's word, else read from the channel count (latent channels + 1
+        concat channels is that layout)."""
+        if self.index.concat is not None:
+            return self.index.concat
+        channels = getattr(getattr(getattr(self.denoiser, "network", None), "config", None), "concat_channels", 0)
+        return INPAINT if channels and channels == self.autoencoder.latent_channels + 1 else None
 
     def settings(self, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                  schedule: str | None = None, guidance_method: str | None = None,
@@ -238,6 +250,7 @@ class Pipeline:
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
+        inpaint_model = self._check_concat_inputs(edit)
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
         n = len(prompts) * num_images
@@ -259,6 +272,10 @@ class Pipeline:
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
+        if inpaint_model:  # the model sees the mask: no latent blending (as diffusers' 9-channel pipeline)
+            concat, keep = self._inpaint_inputs(edit, tiled, latents.device), None
+            cond, uncond, guide_cond = (c if c is None else dataclasses.replace(c, concat=concat.expand(
+                len(prompts), -1, -1, -1)) for c in (cond, uncond, guide_cond))
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         hint = self.index.scheduler
@@ -306,16 +323,40 @@ class Pipeline:
         guide_cond = self.guide.encode_prompts(prompts, [], size)[0] if use.guidance_method == "autoguidance" else None
         return cond, uncond, guide_cond
 
-    def _encode_edit(self, edit: Edit, tiled: bool | None, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """The edit's image as normalized latents (1, C, h, w) on ``device`` and its latent mask (None: img2img)."""
+    def _encode(self, pixels: Tensor, tiled: bool | None, device: torch.device) -> Tensor:
+        """Pixels (1, 3, H, W) in [-1, 1] as normalized latents (1, C, h, w) on ``device``."""
         param = next(self.autoencoder.parameters())
         factor = self.autoencoder.factor
-        z0 = encode_image(self.autoencoder, edit.pixels.to(param.device, param.dtype), tiled=tiled,
-                          tile=self.tile * factor, overlap=self.tile_overlap * factor).float().to(device)
-        _refuse_non_finite(z0, "encoding the image gave non-finite latents: the autoencoder's weights or its latent "
-                               "scale are damaged; use another autoencoder")
-        keep = latent_mask(edit.mask, factor).to(device) if edit.mask is not None else None
+        z = encode_image(self.autoencoder, pixels.to(param.device, param.dtype), tiled=tiled,
+                         tile=self.tile * factor, overlap=self.tile_overlap * factor).float().to(device)
+        _refuse_non_finite(z, "encoding the image gave non-finite latents: the autoencoder's weights or its latent "
+                              "scale are damaged; use another autoencoder")
+        return z
+
+    def _encode_edit(self, edit: Edit, tiled: bool | None, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The edit's image as normalized latents (1, C, h, w) on ``device`` and its latent mask (None: img2img)."""
+        z0 = self._encode(edit.pixels, tiled, device)
+        keep = latent_mask(edit.mask, self.autoencoder.factor).to(device) if edit.mask is not None else None
         return z0, keep
+
+    def _check_concat_inputs(self, edit: Edit | None) -> bool:
+        """True for an inpainting denoiser, which needs an image and a mask (as diffusers' inpainting pipeline
+        does); an error before any work when they are missing."""
+        if self.concat_inputs is None:
+            return False
+        if edit is None or edit.mask is None:
+            raise ValueError(f"{self.name} is an inpainting model (its denoiser takes the mask and the masked "
+                             "image's latents): pass image= and mask= (--image FILE --mask FILE) or outpaint=; an "
+                             "all-white mask repaints everything (text-to-image)")
+        return True
+
+    def _inpaint_inputs(self, edit: Edit, tiled: bool | None, device: torch.device) -> Tensor:
+        """An inpainting denoiser's concat channels (1, 1 + C, h, w), SD inpainting's layout: the pixel mask at
+        latent size (nearest, as diffusers), then the latents of the image with the repainted pixels zeroed
+        (``image * (mask < 0.5)``, in [-1, 1])."""
+        masked = self._encode(edit.pixels * (edit.mask < 0.5), tiled, device)
+        mask = F.interpolate(edit.mask, size=masked.shape[-2:]).to(device)
+        return torch.cat([mask, masked], dim=1)
 
     def _start(self, noise: Tensor, sigmas: Tensor, edit: Edit | None, z0: Tensor | None,
                keep: Tensor | None) -> Tensor:
