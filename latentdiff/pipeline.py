@@ -87,6 +87,14 @@ class Pipeline:
         channels = getattr(getattr(getattr(self.denoiser, "network", None), "config", None), "concat_channels", 0)
         return INPAINT if channels and channels == self.autoencoder.latent_channels + 1 else None
 
+    def blank_canvas(self, height: int | None = None, width: int | None = None) -> dict:
+        """``generate`` arguments for text-to-image on an inpainting model: a blank image under an all-white mask
+        (what its fully masked training samples were); {} for any other model."""
+        if self.concat_inputs != INPAINT:
+            return {}
+        height, width = self.image_size(height, width)
+        return {"image": torch.zeros(1, 3, height, width), "mask": torch.ones(1, 1, height, width)}
+
     def settings(self, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                  schedule: str | None = None, guidance_method: str | None = None,
                  pag_scale: float | None = None) -> GenerationSettings:

@@ -32,7 +32,7 @@ def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sample
     for start in range(0, len(prompts), batch):
         chunk = [c for c, _ in prompts[start:start + batch]]
         images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
-                                schedule=schedule, **options)
+                                schedule=schedule, **pipe.blank_canvas(), **options)
     scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
     return scores, images
 

@@ -117,7 +117,8 @@ def generate(pipe, prompts: list[str], *, steps: int, sampler: str, guidance: fl
     for start in range(0, len(prompts), batch_size):
         extra = {} if labels is None else {"label": labels[start:start + batch_size]}
         out.append(pipe.generate(prompts[start:start + batch_size], steps=steps, sampler=sampler,
-                                 guidance=guidance, seed=seed + start, output="pt", **extra).clamp(-1, 1))
+                                 guidance=guidance, seed=seed + start, output="pt", **pipe.blank_canvas(),
+                                 **extra).clamp(-1, 1))
     return torch.cat(out)
 
 

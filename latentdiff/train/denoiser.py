@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentdiff.components import (
@@ -29,12 +30,14 @@ from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import COUNT, FINITE, FRACTION, at_least, between, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
+from latentdiff.data.masks import random_mask
+from latentdiff.data.shapes import object_boxes
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.diffusion.parameterization import ALIASES, PARAMETERIZATIONS
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import load_state_strict, read_json
-from latentdiff.model_index import MAX_STEPS, ModelIndex, SizeConditioning
+from latentdiff.model_index import INPAINT, MAX_STEPS, ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import Trainable, check_finite_params
@@ -83,13 +86,16 @@ class TrainConfig(RunConfig):
     label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
     size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
     size_embed_dim: int = 64  # sinusoidal features per size id (SDXL: 256)
+    inpaint: bool = False  # an inpainting model: the U-Net also sees a random mask + the masked image's latents
+    inpaint_full: float = 0.25  # inpaint: share of samples fully masked (text-to-image)
+    inpaint_objects: float = 0.5  # inpaint: of the others, share masked on one object's box (shapes scenes)
 
     BOUNDS = bounds({"parameterization": one_of(*PARAMETERIZATIONS, *ALIASES), "min_snr_gamma": at_least(0),
                      "sigma_sampler": one_of("discrete", "lognormal", "logitnormal"),
                      "edm_weighting": at_least(0), "offset_noise": at_least(0), "caption_dropout": FRACTION,
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "eval_every": at_least(0),
                      "eval_samples": COUNT, "judge_every": at_least(0), "judge_prompts": COUNT, "label_dropout": FRACTION,
-                     "size_embed_dim": between(2, 4096)})
+                     "size_embed_dim": between(2, 4096), "inpaint_full": FRACTION, "inpaint_objects": FRACTION})
 
 
 # Rectified flow with logit-normal timesteps (as SD3), sampled on the flow grid: on the demo's latents it
@@ -126,6 +132,10 @@ TRAIN_PRESETS["shapes-default"] = {**_DEMO, "steps": 6000, "warmup_steps": 200, 
                                    "save_every": 500, "keep_last": 20, "sample_every": 1000, "judge_every": 500,
                                    "judge_prompts": 64}
 TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
+# An inpainting model (ARCHITECTURE.md, "Inpainting and concat models"): the demo's recipe, the U-Net also given a
+# random mask and the masked image's latents (a quarter of the samples fully masked: text-to-image too).
+TRAIN_PRESETS["shapes-inpaint"] = {**_DEMO, "inpaint": True}
+TRAIN_PRESETS["shapes-inpaint-test"] = {**TRAIN_PRESETS["shapes-test"], "inpaint": True}
 
 
 def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> Path | dict:
@@ -200,6 +210,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
     text_encoder.to(device)
     sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
     weighting = loss_weighting(cfg, denoiser.parameterization)
+    coder = copy.deepcopy(autoencoder).to(device) if cfg.inpaint and device.type != "cpu" else autoencoder
     if main and not cfg.quiet:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}"
@@ -228,6 +239,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
                 if cfg.offset_noise:
                     off = per_sample(gens, lambda g: torch.randn(1, x0.shape[1], generator=g))
                     noise = noise + cfg.offset_noise * off[:, :, None, None]
+                concat = inpaint_inputs(coder, x0, gens, idx[positions], cache, cfg) if cfg.inpaint else None
                 with autocast(cfg.precision, device):
                     cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                         else text_encoder(captions)
@@ -237,6 +249,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
                         cond = with_labels(cond, y.to(device))
                     if cfg.size_conditioning:
                         cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
+                    cond = dataclasses.replace(cond, concat=concat) if concat is not None else cond
                     return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting, noise=noise.to(device))
 
             loss, grad_norm = run.step(step, chunks, loss_fn)
@@ -275,8 +288,30 @@ def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache
     if cfg.size_conditioning:
         check_size_conditioning(cache, class_names)
         network_cfg = for_size_conditioning(network_cfg, cfg.size_embed_dim)
+    if cfg.inpaint:  # SD inpainting's layout: the mask (1) and the masked image's latents (C) join the input
+        if family != "unet":
+            raise ValueError(f"inpaint needs a U-Net (its input takes concat channels); {cfg.model} is a {family}: "
+                             "pick a U-Net preset such as shapes-demo")
+        network_cfg = dataclasses.replace(network_cfg, concat_channels=cache.info["latent_shape"][0] + 1)
     return DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
+
+
+@torch.no_grad()
+def inpaint_inputs(coder, x0: Tensor, gens: list[torch.Generator], indices: Tensor, cache: LatentCache,
+                   cfg: TrainConfig) -> Tensor:
+    """The concat channels of inpainting training, in the layout ``Pipeline`` gives an inpainting model: per sample
+    a random mask (``data.masks.random_mask``; the shapes scenes' object boxes where the cache has them), the mask
+    at latent size (nearest), and the latents of the image with the masked pixels zeroed. The cache holds latents,
+    not images, so the image is ``coder``'s (the run's autoencoder's) decoding of x0 (ARCHITECTURE.md, "Inpainting
+    and concat models")."""
+    pixels = coder.decode(x0).clamp(-1, 1)  # (B, 3, H, W)
+    height, width = pixels.shape[-2:]
+    boxes = [object_boxes(cache.meta[i].get("scene")) for i in indices.tolist()]
+    mask = torch.cat([random_mask(g, height, width, b, full=cfg.inpaint_full, objects=cfg.inpaint_objects)
+                      for g, b in zip(gens, boxes)]).to(pixels.device)
+    masked = coder.encode(pixels * (mask < 0.5))  # (B, C, h, w)
+    return torch.cat([F.interpolate(mask, size=masked.shape[-2:]), masked], dim=1)
 
 
 def model_from_checkpoint(folder: Path) -> ModelFolder:
@@ -299,7 +334,7 @@ def model_from_checkpoint(folder: Path) -> ModelFolder:
                       load_file(folder / "ema.safetensors"), f"{folder.name} EMA")
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
     size_dim = cfg.size_embed_dim if cfg.size_conditioning else 0
-    return ModelFolder(_index(image_size, class_names, size_dim), autoencoder, denoiser.eval(), spec,
+    return ModelFolder(_index(image_size, class_names, size_dim, denoiser), autoencoder, denoiser.eval(), spec,
                        text_encoder.eval())
 
 
@@ -307,12 +342,13 @@ def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_si
               class_names: list[str] | None = None, size_embed_dim: int = 0):
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim))
+    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim, denoiser))
 
 
-def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int) -> ModelIndex:
+def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int, denoiser: Denoiser) -> ModelIndex:
+    concat = getattr(getattr(denoiser.network, "config", None), "concat_channels", 0)
     return ModelIndex(sample_size=image_size, class_names=class_names,
-                      size_conditioning=SizeConditioning(size_embed_dim))
+                      size_conditioning=SizeConditioning(size_embed_dim), concat=INPAINT if concat else None)
 
 
 def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -> None:
@@ -338,7 +374,7 @@ def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module,
                       autoencoder, cache_image_size: int, class_names: list[str] | None = None,
                       size_embed_dim: int = 0) -> Path:
     """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
-    index = _index(cache_image_size, class_names, size_embed_dim)
+    index = _index(cache_image_size, class_names, size_embed_dim, denoiser)
     return write_model_folder(folder, ModelFolder(index, autoencoder, denoiser, spec, text_encoder))
 
 
@@ -349,6 +385,6 @@ def sample_grid(pipe, cfg: TrainConfig, path: Path) -> None:
         labels = list(range(min(8, len(pipe.class_names))))
         prompts = [""] * len(labels)
     images = pipe.generate(prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
-                           schedule=cfg.sample_schedule, label=labels)
+                           schedule=cfg.sample_schedule, label=labels, **pipe.blank_canvas())
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)
