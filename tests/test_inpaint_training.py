@@ -81,3 +81,57 @@ def test_inpaint_needs_a_unet(cache, tmp_path, capsys):
               "--set", "model=dit-tiny"])
     assert "inpaint needs a U-Net" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_init_from_a_text_to_image_model_starts_as_that_model(cache, tmp_path):
+    """``init=FOLDER``: the inpainting U-Net starts with the text-to-image model's weights and zero weights on its
+    concat channels, so it denoises exactly as that model did, whatever the mask (SD inpainting's start)."""
+    import dataclasses
+
+    from latentdiff.components import build_denoiser, load_denoiser
+    from latentdiff.train.denoiser import init_from_model
+
+    main(["train", "--preset", "shapes-test", "--cache", str(cache), "--out", str(tmp_path / "plain")])
+    plain = tmp_path / "plain" / "model"
+    source, spec = load_denoiser(plain / "denoiser")
+    channels = spec.unet.in_channels
+    inpaint = build_denoiser(dataclasses.replace(spec, unet=dataclasses.replace(spec.unet, concat_channels=channels + 1)))
+    init_from_model(inpaint.network, None, str(plain), "eps")
+    assert not inpaint.network.conv_in.weight[:, channels:].any()
+    cond = latentdiff.load(plain).text_encoder(["a red circle", "a blue square"])
+    x, sigma = torch.randn(2, channels, 8, 8), torch.tensor([0.5, 3.0])
+    concat = torch.randn(2, channels + 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(inpaint(x, sigma, dataclasses.replace(cond, concat=concat)), source(x, sigma, cond),
+                              atol=1e-5)
+    # Through the command; a source of another parameterization is refused by name.
+    main(["train", "--preset", "shapes-inpaint-test", "--cache", str(cache), "--out", str(tmp_path / "inp"),
+          "--set", f"init={plain}"])
+    assert (tmp_path / "inp" / "model" / "model_index.json").is_file()
+    with pytest.raises(ValueError, match="is a eps model; this run trains flow"):
+        init_from_model(inpaint.network, None, str(plain), "flow")
+
+
+def test_inpaint_compare_benchmark_on_tiny_models(cache, tmp_path):
+    """benchmarks/inpaint_compare.py's measurement, on a 3-step inpainting model and a random text-to-image one."""
+    import sys
+
+    from _tiny import REPO, tiny_model_folder
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from inpaint_compare import cases, evaluate, psnr_outside
+
+    main(["train", "--preset", "shapes-inpaint-test", "--cache", str(cache), "--out", str(tmp_path / "run")])
+    cases_ = cases(3, 32)
+    for caption, image, mask, target in cases_:
+        assert len(target.objects) == 1 and target.objects[0].color in caption and image.shape == (32, 32, 3)
+        assert 0 < (mask > 0).mean() < 0.5
+    image, mask = cases_[0][1], cases_[0][2]
+    assert psnr_outside(image, image, mask) == float("inf")
+    off = np.where(mask[..., None] == 0, image.astype(int) - 5 * (image > 127) + 5 * (image <= 127), 0)
+    assert psnr_outside(off.astype(np.uint8), image, mask) == pytest.approx(10 * np.log10(255 ** 2 / 25))
+    blend = latentdiff.load(tiny_model_folder(tmp_path / "t2i", size=32))
+    for pipe, method in ((blend, "latent blending"), (latentdiff.load(tmp_path / "run" / "model"), "own concat inputs")):
+        r = evaluate(pipe, cases_, steps=2, t2i_prompts=2)
+        assert r["method"] == method and r["n"] == 3 and np.isfinite(r["psnr_outside"])
+        assert 0 <= r["objects_correct"] <= 1 and 0 <= r["t2i_objects_correct"] <= 1

@@ -23,6 +23,8 @@ from latentdiff.components import (
     NoiseSchedule,
     build_denoiser,
     load_autoencoder,
+    load_denoiser,
+    load_text_encoder,
     write_model_folder,
 )
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
@@ -89,6 +91,7 @@ class TrainConfig(RunConfig):
     inpaint: bool = False  # an inpainting model: the U-Net also sees a random mask + the masked image's latents
     inpaint_full: float = 0.25  # inpaint: share of samples fully masked (text-to-image)
     inpaint_objects: float = 0.5  # inpaint: of the others, share masked on one object's box (shapes scenes)
+    init: str | None = None  # a model folder whose denoiser (and hashed text encoder) weights start this run
 
     BOUNDS = bounds({"parameterization": one_of(*PARAMETERIZATIONS, *ALIASES), "min_snr_gamma": at_least(0),
                      "sigma_sampler": one_of("discrete", "lognormal", "logitnormal"),
@@ -205,6 +208,8 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
         spec, **{family: dataclasses.replace(network_cfg, gradient_checkpointing=cfg.gradient_checkpointing)}))
     cache.check_divisible(spatial_factor(family, network_cfg))  # every bucket's latents fit the network
     cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
+    if cfg.init:
+        init_from_model(denoiser.network, text_encoder if joint else None, cfg.init, cfg.parameterization)
     model = Trainable(denoiser.network, text_encoder if joint else None)
     run.build(model, params=[p for p in model.parameters() if p.requires_grad])
     text_encoder.to(device)
@@ -295,6 +300,26 @@ def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache
         network_cfg = dataclasses.replace(network_cfg, concat_channels=cache.info["latent_shape"][0] + 1)
     return DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
+
+
+@torch.no_grad()
+def init_from_model(network: nn.Module, text_encoder: nn.Module | None, folder: str, parameterization: str) -> None:
+    """Start from a model folder's denoiser (and, for a jointly trained one, its text encoder): every tensor must
+    match by name and shape, except the U-Net's input convolution, whose extra (concat) input channels start at
+    zero, so the model starts as the one it came from (SD inpainting's start from SD, Rombach et al. 2022)."""
+    source, spec = load_denoiser(Path(folder) / "denoiser")
+    if ALIASES.get(parameterization, parameterization) != ALIASES.get(spec.parameterization, spec.parameterization):
+        raise ValueError(f"init={folder} is a {spec.parameterization} model; this run trains {parameterization}: "
+                         f"set parameterization = {spec.parameterization!r}")
+    state = source.network.state_dict()
+    own, old = network.state_dict().get("conv_in.weight"), state.get("conv_in.weight")
+    if own is not None and old is not None and own.shape[1] > old.shape[1] and own.shape[0] == old.shape[0]:
+        state["conv_in.weight"] = torch.cat([old, old.new_zeros(old.shape[0], own.shape[1] - old.shape[1],
+                                                                *old.shape[2:])], dim=1)
+    load_state_strict(network, state, f"{folder}/denoiser (init)")
+    if text_encoder is not None:
+        load_state_strict(text_encoder, load_text_encoder(Path(folder) / "text_encoder").state_dict(),
+                          f"{folder}/text_encoder (init)")
 
 
 @torch.no_grad()
