@@ -37,7 +37,8 @@ MAX_STEPS = 10_000  # sampler steps a generation may ask for (a typo such as 1e1
 INDEX_FILE = "model_index.json"
 COMPONENTS = ("autoencoder", "denoiser", "text_encoder")
 INPAINT = "inpaint"  # concat inputs of an inpainting denoiser: the mask (1) and the masked image's latents (C)
-CONCAT_INPUTS = (INPAINT,)  # what a denoiser's concat channels (``Cond.concat``) may carry
+LOW_RES = "low_res"  # concat inputs of a super-resolution denoiser: the low-res image (conditioning/concat.py)
+CONCAT_INPUTS = (INPAINT, LOW_RES)  # what a denoiser's concat channels (``Cond.concat``) may carry
 
 
 @dataclass
@@ -128,11 +129,13 @@ class ModelIndex:
     size_conditioning: SizeConditioning = field(default_factory=SizeConditioning)
     scheduler: SamplerHint = field(default_factory=SamplerHint)  # a converted checkpoint's scheduler semantics
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
-    concat: str | None = None  # what the denoiser's concat channels carry: None, or "inpaint" (SD inpainting's layout)
+    concat: str | None = None  # what the denoiser's concat channels carry: None, "inpaint" (SD inpainting's layout)
+    # or "low_res" (super-resolution, LDM's layout)
+    upscale: int = 1  # a super-resolution model: output side / low-res input side
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
 
-    BOUNDS = bounds({"sample_size": COUNT, "concat": one_of(*CONCAT_INPUTS)})
+    BOUNDS = bounds({"sample_size": COUNT, "concat": one_of(*CONCAT_INPUTS), "upscale": COUNT})
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelIndex:

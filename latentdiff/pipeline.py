@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.components import read_model_folder
+from latentdiff.conditioning.concat import inpaint_concat, low_res_concat
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
@@ -21,12 +21,13 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
-from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit
+from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_image
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
     GUIDANCE_METHODS,
     INPAINT,
+    LOW_RES,
     GenerateRequest,
     GenerationSettings,
     ModelIndex,
@@ -212,7 +213,7 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True):
+                 paste_back: bool = True, low_res=None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -241,6 +242,10 @@ class Pipeline:
         default strength 1) and, with ``paste_back``, its pixels pasted back outside the mask after decoding;
         ``outpaint=(left, top, right, bottom)`` pixels inpaints a border added around the image. Without
         ``height`` / ``width`` the output is the image's size (plus the border).
+        Concat-conditioned models (``concat_inputs``, ``conditioning/concat.py``): an inpainting model (SD's
+        9-channel layout) is given the mask and the masked image's latents instead of latent blending, and needs
+        ``image`` and ``mask`` (``blank_canvas()`` for text-to-image); a super-resolution model needs ``low_res``
+        (an image as ``image`` takes) and makes it ``index.upscale`` times larger.
 
         Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
         inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
@@ -258,7 +263,9 @@ class Pipeline:
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
-        inpaint_model = self._check_concat_inputs(edit)
+        concat_kind = self._check_concat_inputs(edit, low_res)
+        if concat_kind == LOW_RES:  # the output is the low-res image's size times the model's upscale factor
+            low_res, (height, width) = self._low_res_input(low_res, height, width)
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
         n = len(prompts) * num_images
@@ -280,8 +287,9 @@ class Pipeline:
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
-        if inpaint_model:  # the model sees the mask: no latent blending (as diffusers' 9-channel pipeline)
-            concat, keep = self._inpaint_inputs(edit, tiled, latents.device), None
+        if concat_kind is not None:  # an inpainting model sees the mask: no latent blending (as diffusers' 9-channel)
+            concat, keep = (self._inpaint_inputs(edit, tiled, latents.device), None) if concat_kind == INPAINT else \
+                (low_res_concat(low_res.to(latents.device), factor // self.index.upscale), keep)
             cond, uncond, guide_cond = (c if c is None else dataclasses.replace(c, concat=concat.expand(
                 len(prompts), -1, -1, -1)) for c in (cond, uncond, guide_cond))
         if preview is not None:
@@ -347,24 +355,38 @@ class Pipeline:
         keep = latent_mask(edit.mask, self.autoencoder.factor).to(device) if edit.mask is not None else None
         return z0, keep
 
-    def _check_concat_inputs(self, edit: Edit | None) -> bool:
-        """True for an inpainting denoiser, which needs an image and a mask (as diffusers' inpainting pipeline
-        does); an error before any work when they are missing."""
-        if self.concat_inputs is None:
-            return False
-        if edit is None or edit.mask is None:
+    def _check_concat_inputs(self, edit: Edit | None, low_res) -> str | None:
+        """What the denoiser's concat channels carry (``concat_inputs``), after checking that the call gives it:
+        an inpainting model needs an image and a mask (as diffusers' inpainting pipeline does), a super-resolution
+        model its low-res image and no edit; an error before any work otherwise."""
+        kind = self.concat_inputs
+        if low_res is not None and kind != LOW_RES:
+            raise ValueError(f"low_res given, but {self.name} is not a super-resolution model (train one with "
+                             "`latentdiff train --preset shapes-sr`)")
+        if kind == INPAINT and (edit is None or edit.mask is None):
             raise ValueError(f"{self.name} is an inpainting model (its denoiser takes the mask and the masked "
                              "image's latents): pass image= and mask= (--image FILE --mask FILE) or outpaint=; an "
                              "all-white mask repaints everything (text-to-image)")
-        return True
+        if kind == LOW_RES and (low_res is None or edit is not None):
+            raise ValueError(f"{self.name} is a super-resolution model: pass low_res= the image to upscale "
+                             "(`latentdiff upscale IN.png`, or generate --upscale FILE), and no image / mask")
+        return kind
+
+    def _low_res_input(self, low_res, height: int | None, width: int | None) -> tuple[Tensor, tuple[int, int]]:
+        """A super-resolution model's input (1, 3, h, w) in [-1, 1] and the output size: (h, w) x the upscale."""
+        image = read_image(low_res)
+        size = (image.shape[-2] * self.index.upscale, image.shape[-1] * self.index.upscale)
+        if (height, width) != size and (height, width) != (self.default_size, self.default_size):
+            raise ValueError(f"this model upscales by {self.index.upscale}: a {image.shape[-1]}x{image.shape[-2]} "
+                             f"image gives {size[1]}x{size[0]}, not the {width}x{height} asked for")
+        return image, self.image_size(*size)
 
     def _inpaint_inputs(self, edit: Edit, tiled: bool | None, device: torch.device) -> Tensor:
         """An inpainting denoiser's concat channels (1, 1 + C, h, w), SD inpainting's layout: the pixel mask at
         latent size (nearest, as diffusers), then the latents of the image with the repainted pixels zeroed
         (``image * (mask < 0.5)``, in [-1, 1])."""
         masked = self._encode(edit.pixels * (edit.mask < 0.5), tiled, device)
-        mask = F.interpolate(edit.mask, size=masked.shape[-2:]).to(device)
-        return torch.cat([mask, masked], dim=1)
+        return inpaint_concat(edit.mask.to(device), masked)
 
     def _start(self, noise: Tensor, sigmas: Tensor, edit: Edit | None, z0: Tensor | None,
                keep: Tensor | None) -> Tensor:
