@@ -23,6 +23,16 @@ def cache(tmp_path_factory):
     return make_tiny_cache(tmp_path_factory.mktemp("inpaint"))
 
 
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    """A 3-step inpainting model from the command, and the Conds its loss received."""
+    out = tmp_path_factory.mktemp("inpaint_run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        seen = record_train_conds(mp)
+        main(["train", "--preset", "shapes-inpaint-test", "--cache", str(cache), "--out", str(out)])
+    return out / "model", seen
+
+
 def test_object_boxes_hold_their_objects():
     """Wherever the jitter puts an object, its box covers every pixel the object paints."""
     data = ShapesDataset(40, size=32, seed=3)
@@ -45,14 +55,12 @@ def test_random_masks_mix_full_object_and_box_masks():
     assert all(0 < m.mean() < 1 for m in masks if not m.all())
 
 
-def test_train_inpaint_cli_end_to_end(cache, tmp_path, monkeypatch):
-    seen = record_train_conds(monkeypatch)
-    main(["train", "--preset", "shapes-inpaint-test", "--cache", str(cache), "--out", str(tmp_path / "run")])
+def test_train_inpaint_cli_end_to_end(trained, tmp_path):
+    folder, seen = trained
     # What the network was trained on: (mask, masked latents) of SD inpainting's layout, masks 0 / 1.
     concat = seen[0].concat
     assert concat is not None and concat.shape[1:] == (9, 8, 8)
     assert set(concat[:, 0].unique().tolist()) <= {0.0, 1.0}
-    folder = tmp_path / "run" / "model"
     assert ModelIndex.read(folder).concat == "inpaint"
     pipe = latentdiff.load(folder)
     assert pipe.concat_inputs == "inpaint" and pipe.denoiser.network.config.concat_channels == 9
@@ -112,7 +120,7 @@ def test_init_from_a_text_to_image_model_starts_as_that_model(cache, tmp_path):
         init_from_model(inpaint.network, None, str(plain), "flow")
 
 
-def test_inpaint_compare_benchmark_on_tiny_models(cache, tmp_path):
+def test_inpaint_compare_benchmark_on_tiny_models(trained, tmp_path):
     """benchmarks/inpaint_compare.py's measurement, on a 3-step inpainting model and a random text-to-image one."""
     import sys
 
@@ -121,7 +129,6 @@ def test_inpaint_compare_benchmark_on_tiny_models(cache, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from inpaint_compare import cases, evaluate, psnr_outside
 
-    main(["train", "--preset", "shapes-inpaint-test", "--cache", str(cache), "--out", str(tmp_path / "run")])
     cases_ = cases(3, 32)
     for caption, image, mask, target in cases_:
         assert len(target.objects) == 1 and target.objects[0].color in caption and image.shape == (32, 32, 3)
@@ -131,7 +138,7 @@ def test_inpaint_compare_benchmark_on_tiny_models(cache, tmp_path):
     off = np.where(mask[..., None] == 0, image.astype(int) - 5 * (image > 127) + 5 * (image <= 127), 0)
     assert psnr_outside(off.astype(np.uint8), image, mask) == pytest.approx(10 * np.log10(255 ** 2 / 25))
     blend = latentdiff.load(tiny_model_folder(tmp_path / "t2i", size=32))
-    for pipe, method in ((blend, "latent blending"), (latentdiff.load(tmp_path / "run" / "model"), "own concat inputs")):
+    for pipe, method in ((blend, "latent blending"), (latentdiff.load(trained[0]), "own concat inputs")):
         r = evaluate(pipe, cases_, steps=2, t2i_prompts=2)
         assert r["method"] == method and r["n"] == 3 and np.isfinite(r["psnr_outside"])
         assert 0 <= r["objects_correct"] <= 1 and 0 <= r["t2i_objects_correct"] <= 1
