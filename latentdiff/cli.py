@@ -147,6 +147,8 @@ class GenerateConfig:
     control_ends: tuple = _opt((), "fraction of the steps where it stops (default 1; once for all, or once per "
                                "--controlnet)", flags=("--control-end",), action="append", type=float, metavar="B",
                                to_config=lambda v: {"control_ends": tuple(v)})
+    upscale: str = _opt("", "a super-resolution model's low-resolution input; the output is its size times the "
+                        "model's upscale factor (`latentdiff upscale IN.png` says the same)", metavar="FILE")
 
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
@@ -270,7 +272,7 @@ def cmd_generate(args) -> None:
     from latentdiff.pipeline import load, save_clips, save_images
 
     cfg = config_from_args(GenerateConfig, {}, args)
-    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels else [])
+    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels or cfg.upscale else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
     if len(cfg.labels) > 1 and len(prompts) == 1:
@@ -345,6 +347,12 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                        strength=cfg.strength, outpaint=tuple(cfg.outpaint) or None, paste_back=cfg.paste_back)
     elif cfg.mask or cfg.outpaint or cfg.strength is not None:
         raise ValueError("--mask, --outpaint and --strength edit an image: give it with --image FILE")
+    if cfg.upscale:
+        if cfg.image:
+            raise ValueError("--upscale and --image: a super-resolution model takes its low-res image only")
+        from latentdiff.edit_inputs import read_image
+
+        options["low_res"] = read_image(cfg.upscale)
     if cfg.preview_every:
         if not cfg.preview_dir:
             raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
@@ -377,7 +385,10 @@ def _controlnet_args(cfg: GenerateConfig) -> list[tuple[str, dict]]:
 
 
 def _edit_parameters(cfg: GenerateConfig) -> dict:
-    """What a PNG records of an edit: the image and mask files, the strength used, the outpainting border."""
+    """What a PNG records of an edit: the image and mask files, the strength used, the outpainting border; the
+    low-res input of an upscale."""
+    if cfg.upscale:
+        return {"upscale": str(Path(cfg.upscale).resolve())}
     if not cfg.image:
         return {}
     from latentdiff.edit_inputs import edit_strength
@@ -391,6 +402,15 @@ def _edit_parameters(cfg: GenerateConfig) -> dict:
     if (cfg.mask or cfg.outpaint) and not cfg.paste_back:
         out["paste_back"] = False
     return out
+
+
+def cmd_upscale(args) -> None:
+    """``latentdiff upscale IN.png -o OUT.png --model DIR``: ``generate --upscale IN.png`` with its options."""
+    argv = ["generate", args.prompt, "--upscale", args.image, "-o", args.out, "--model", args.model,
+            "--seed", str(args.seed)]
+    for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--guidance", args.guidance)):
+        argv += [flag, str(value)] if value is not None else []
+    cmd_generate(build_parser().parse_args(argv))
 
 
 def cmd_eval_vae(args) -> None:
@@ -596,6 +616,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, GenerateConfig, {f.name: dict(f.metadata) for f in dataclasses.fields(GenerateConfig)
                                      if f.metadata}, show_defaults=True)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("upscale", help="upscale an image with a super-resolution model",
+                       description="Upscale an image with a super-resolution model (train --preset shapes-sr); "
+                                   "the same as generate --upscale IN.png.")
+    p.add_argument("image", help="the low-resolution image")
+    p.add_argument("-o", "--out", required=True, help="output .png")
+    p.add_argument("--model", required=True, help="super-resolution model folder")
+    p.add_argument("--prompt", default="", help="what the image shows (optional)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommendation)")
+    p.add_argument("--sampler", default=None, help="sampler or alias (default: the model's recommendation)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",
                        description="Read a latentdiff folder, a diffusers SD/SDXL folder or a single-file SD "

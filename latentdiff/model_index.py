@@ -40,6 +40,9 @@ VERSION = 2
 MAX_STEPS = 10_000  # sampler steps a generation may ask for (a typo such as 1e12 is refused, not run for years)
 INDEX_FILE = "model_index.json"
 COMPONENTS = ("autoencoder", "denoiser", "text_encoder")
+INPAINT = "inpaint"  # concat inputs of an inpainting denoiser: the mask (1) and the masked image's latents (C)
+LOW_RES = "low_res"  # concat inputs of a super-resolution denoiser: the low-res image (conditioning/concat.py)
+CONCAT_INPUTS = (INPAINT, LOW_RES)  # what a denoiser's concat channels (``Cond.concat``) may carry
 
 
 @dataclass
@@ -159,10 +162,13 @@ class ModelIndex:
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
     distilled: Distilled | None = None  # a few-step student's distillation (None: not distilled)
     frames: int | None = None  # a video model's clip length (what `generate --frames` defaults to); None: images
+    concat: str | None = None  # what the denoiser's concat channels carry: None, "inpaint" (SD inpainting's layout)
+    # or "low_res" (super-resolution, LDM's layout)
+    upscale: int = 1  # a super-resolution model: output side / low-res input side
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
 
-    BOUNDS = bounds({"sample_size": COUNT, "frames": COUNT})
+    BOUNDS = bounds({"sample_size": COUNT, "frames": COUNT, "concat": one_of(*CONCAT_INPUTS), "upscale": COUNT})
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelIndex:
@@ -197,3 +203,15 @@ def _from_version_0(data: dict) -> dict:
     if "sampler" in data:
         data["scheduler"] = data.pop("sampler")
     return data
+
+
+def split_input_channels(in_channels: int, out_channels: int, where: str) -> tuple[int, int, str | None]:
+    """A U-Net's input channels as (latent channels, concat channels, what the concat carries): text-to-image
+    (in = out) as it is; SD inpainting's in = 2 out + 1 (noisy latents, the mask, the masked image's latents) as
+    ``(out, out + 1, "inpaint")``; any other layout (depth, the x4 upscaler) refused by name."""
+    if in_channels == out_channels:
+        return in_channels, 0, None
+    if in_channels == 2 * out_channels + 1:
+        return out_channels, out_channels + 1, INPAINT
+    raise ValueError(f"{where}: {in_channels} input channels and {out_channels} output channels (a depth or upscale "
+                     f"U-Net?); only text-to-image U-Nets (in = out) and inpainting U-Nets (in = 2 out + 1) load here")

@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.components import read_model_folder
+from latentdiff.conditioning.concat import inpaint_concat, low_res_concat
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
@@ -23,11 +24,13 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
 from latentdiff.diffusion.schedules import make_sigmas
-from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control
+from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control, read_image
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
     GUIDANCE_METHODS,
+    INPAINT,
+    LOW_RES,
     GenerateRequest,
     GenerationSettings,
     ModelIndex,
@@ -97,6 +100,24 @@ class Pipeline:
     def size_embed_dim(self) -> int:
         """> 0: the denoiser takes SDXL-style size ids (conditioning.sizes)."""
         return self.index.size_conditioning.embed_dim
+
+    @property
+    def concat_inputs(self) -> str | None:
+        """What the denoiser takes in its concat channels: None, or "inpaint" (the mask and the masked image's
+        latents, SD inpainting's layout): the index's word, else read from the channel count (latent channels + 1
+        concat channels is that layout)."""
+        if self.index.concat is not None:
+            return self.index.concat
+        channels = getattr(getattr(getattr(self.denoiser, "network", None), "config", None), "concat_channels", 0)
+        return INPAINT if channels and channels == self.autoencoder.latent_channels + 1 else None
+
+    def blank_canvas(self, height: int | None = None, width: int | None = None) -> dict:
+        """``generate`` arguments for text-to-image on an inpainting model: a blank image under an all-white mask
+        (what its fully masked training samples were); {} for any other model."""
+        if self.concat_inputs != INPAINT:
+            return {}
+        height, width = self.image_size(height, width)
+        return {"image": torch.zeros(1, 3, height, width), "mask": torch.ones(1, 1, height, width)}
 
     def settings(self, *, sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                  schedule: str | None = None, guidance_method: str | None = None,
@@ -256,7 +277,7 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True, frames: int | None = None, control=None):
+                 paste_back: bool = True, frames: int | None = None, control=None, low_res=None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -285,6 +306,10 @@ class Pipeline:
         default strength 1) and, with ``paste_back``, its pixels pasted back outside the mask after decoding;
         ``outpaint=(left, top, right, bottom)`` pixels inpaints a border added around the image. Without
         ``height`` / ``width`` the output is the image's size (plus the border).
+        Concat-conditioned models (``concat_inputs``, ``conditioning/concat.py``): an inpainting model (SD's
+        9-channel layout) is given the mask and the masked image's latents instead of latent blending, and needs
+        ``image`` and ``mask`` (``blank_canvas()`` for text-to-image); a super-resolution model needs ``low_res``
+        (an image as ``image`` takes) and makes it ``index.upscale`` times larger.
 
         Video (a model from ``latentdiff train-video``): ``frames`` per clip (None: the model's clip length); each
         clip comes back as a list of frames ("pil"), an array (F, H, W, 3) ("np"), or a frame axis after the
@@ -298,17 +323,18 @@ class Pipeline:
         batch at a time). A non-finite latent or image is an error naming the likely cause, never a black image.
         """
         prompts, negatives = _prompt_lists(prompt, negative_prompt, label)
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        from_dict(GenerateRequest, {"height": height, "width": width, "num_images": num_images, "seed": seed,
-                                    "guidance_rescale": guidance_rescale, "guidance_interval": guidance_interval,
-                                    "dynamic_threshold": dynamic_threshold, "preview_every": preview_every,
-                                    "strength": strength, "outpaint": outpaint, "frames": frames}, "generate")
+        _check_request(output, height=height, width=width, num_images=num_images, seed=seed,
+                       guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+                       dynamic_threshold=dynamic_threshold, preview_every=preview_every, strength=strength,
+                       outpaint=outpaint, frames=frames)
         frames = self.clip_length(frames, edited=image is not None or mask is not None or outpaint is not None)
         self.image_size(height, width)  # the sizes asked for are multiples of the factor
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
+        concat_kind = self._check_concat_inputs(edit, low_res)
+        if concat_kind == LOW_RES:  # the output is the low-res image's size times the model's upscale factor
+            low_res, (height, width) = self._low_res_input(low_res, height, width)
         controls = self._controlled(control, (height, width))
         use = self.settings(sampler=sampler, steps=steps, guidance=guidance, schedule=schedule,
                             guidance_method=guidance_method, pag_scale=pag_scale)
@@ -334,6 +360,11 @@ class Pipeline:
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
+        if concat_kind is not None:  # an inpainting model sees the mask: no latent blending (as diffusers' 9-channel)
+            concat, keep = (self._inpaint_inputs(edit, tiled, latents.device), None) if concat_kind == INPAINT else \
+                (low_res_concat(low_res.to(latents.device), factor // self.index.upscale), keep)
+            cond, uncond, guide_cond = (c if c is None else dataclasses.replace(c, concat=concat.expand(
+                len(prompts), -1, -1, -1)) for c in (cond, uncond, guide_cond))
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         hint = self.index.scheduler
@@ -404,16 +435,54 @@ class Pipeline:
         guide_cond = self.guide.encode_prompts(prompts, [], size)[0] if use.guidance_method == "autoguidance" else None
         return cond, uncond, guide_cond
 
-    def _encode_edit(self, edit: Edit, tiled: bool | None, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """The edit's image as normalized latents (1, C, h, w) on ``device`` and its latent mask (None: img2img)."""
+    def _encode(self, pixels: Tensor, tiled: bool | None, device: torch.device) -> Tensor:
+        """Pixels (1, 3, H, W) in [-1, 1] as normalized latents (1, C, h, w) on ``device``."""
         param = next(self.autoencoder.parameters())
         factor = self.autoencoder.factor
-        z0 = encode_image(self.autoencoder, edit.pixels.to(param.device, param.dtype), tiled=tiled,
-                          tile=self.tile * factor, overlap=self.tile_overlap * factor).float().to(device)
-        _refuse_non_finite(z0, "encoding the image gave non-finite latents: the autoencoder's weights or its latent "
-                               "scale are damaged; use another autoencoder")
-        keep = latent_mask(edit.mask, factor).to(device) if edit.mask is not None else None
+        z = encode_image(self.autoencoder, pixels.to(param.device, param.dtype), tiled=tiled,
+                         tile=self.tile * factor, overlap=self.tile_overlap * factor).float().to(device)
+        _refuse_non_finite(z, "encoding the image gave non-finite latents: the autoencoder's weights or its latent "
+                              "scale are damaged; use another autoencoder")
+        return z
+
+    def _encode_edit(self, edit: Edit, tiled: bool | None, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The edit's image as normalized latents (1, C, h, w) on ``device`` and its latent mask (None: img2img)."""
+        z0 = self._encode(edit.pixels, tiled, device)
+        keep = latent_mask(edit.mask, self.autoencoder.factor).to(device) if edit.mask is not None else None
         return z0, keep
+
+    def _check_concat_inputs(self, edit: Edit | None, low_res) -> str | None:
+        """What the denoiser's concat channels carry (``concat_inputs``), after checking that the call gives it:
+        an inpainting model needs an image and a mask (as diffusers' inpainting pipeline does), a super-resolution
+        model its low-res image and no edit; an error before any work otherwise."""
+        kind = self.concat_inputs
+        if low_res is not None and kind != LOW_RES:
+            raise ValueError(f"low_res given, but {self.name} is not a super-resolution model (train one with "
+                             "`latentdiff train --preset shapes-sr`)")
+        if kind == INPAINT and (edit is None or edit.mask is None):
+            raise ValueError(f"{self.name} is an inpainting model (its denoiser takes the mask and the masked "
+                             "image's latents): pass image= and mask= (--image FILE --mask FILE) or outpaint=; an "
+                             "all-white mask repaints everything (text-to-image)")
+        if kind == LOW_RES and (low_res is None or edit is not None):
+            raise ValueError(f"{self.name} is a super-resolution model: pass low_res= the image to upscale "
+                             "(`latentdiff upscale IN.png`, or generate --upscale FILE), and no image / mask")
+        return kind
+
+    def _low_res_input(self, low_res, height: int | None, width: int | None) -> tuple[Tensor, tuple[int, int]]:
+        """A super-resolution model's input (1, 3, h, w) in [-1, 1] and the output size: (h, w) x the upscale."""
+        image = read_image(low_res)
+        size = (image.shape[-2] * self.index.upscale, image.shape[-1] * self.index.upscale)
+        if (height, width) != size and (height, width) != (self.default_size, self.default_size):
+            raise ValueError(f"this model upscales by {self.index.upscale}: a {image.shape[-1]}x{image.shape[-2]} "
+                             f"image gives {size[1]}x{size[0]}, not the {width}x{height} asked for")
+        return image, self.image_size(*size)
+
+    def _inpaint_inputs(self, edit: Edit, tiled: bool | None, device: torch.device) -> Tensor:
+        """An inpainting denoiser's concat channels (1, 1 + C, h, w), SD inpainting's layout: the pixel mask at
+        latent size (nearest, as diffusers), then the latents of the image with the repainted pixels zeroed
+        (``image * (mask < 0.5)``, in [-1, 1])."""
+        masked = self._encode(edit.pixels * (edit.mask < 0.5), tiled, device)
+        return inpaint_concat(edit.mask.to(device), masked)
 
     def _start(self, noise: Tensor, sigmas: Tensor, edit: Edit | None, z0: Tensor | None,
                keep: Tensor | None) -> Tensor:
@@ -478,6 +547,13 @@ class Pipeline:
         labels = resolve_labels(label, self.class_names, n)
         null = torch.full_like(labels, null_label(self.class_names))
         return with_labels(cond, labels), with_labels(uncond, null)
+
+
+def _check_request(output: str, **values) -> None:
+    """``generate``'s plain arguments against ``GenerateRequest``'s bounds, and the output kind."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    from_dict(GenerateRequest, values, "generate")
 
 
 def _prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None, label) -> tuple[list, list]:

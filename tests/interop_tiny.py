@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+# What the shapes of a tiny SD 1 file cannot tell (real SD files get these from the family).
+SD1_OVERRIDES = {"unet": {"num_heads": 2, "norm_groups": 8}, "vae": {"norm_groups": 4},
+                 "text_encoder_0": {"num_attention_heads": 4}}
 
 def write_tokenizer(folder: Path, pad: str = "<|endoftext|>") -> Path:
     """A CLIP BPE tokenizer over single characters; the special tokens take the highest ids, as in CLIP."""

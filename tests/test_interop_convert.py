@@ -28,10 +28,7 @@ from latentdiff.types import Cond
 diffusers = pytest.importorskip("diffusers", reason="diffusers reopens the folders we write")
 pytest.importorskip("transformers", reason="the SD text encoders are transformers CLIP models")
 
-from interop_tiny import one_thread, tiny_sd_pipeline
-
-SD1_OVERRIDES = {"unet": {"num_heads": 2, "norm_groups": 8}, "vae": {"norm_groups": 4},
-                 "text_encoder_0": {"num_attention_heads": 4}}
+from interop_tiny import SD1_OVERRIDES, one_thread, tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)

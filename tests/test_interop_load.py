@@ -273,13 +273,15 @@ def test_unsupported_family_names_what_was_detected(tmp_path, keys, detected):
         read_single_file(path, tokenizer=tmp_path)
 
 
-def test_inpainting_file_names_its_channels(sd_folder, tmp_path):
+def test_upscale_file_names_its_channels(sd_folder, tmp_path):
+    """7 input channels (the x4 upscaler's latents + low-res RGB) are refused by name; 9 (inpainting) load
+    (tests/test_inpaint_model.py)."""
     state = to_original_state(open_model(sd_folder))
     w = state["model.diffusion_model.input_blocks.0.0.weight"]
-    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 9, *w.shape[2:])
-    path = tmp_path / "inpaint.safetensors"
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 7, *w.shape[2:])
+    path = tmp_path / "upscale.safetensors"
     write_safetensors(path, state)
-    with pytest.raises(UnsupportedCheckpoint, match="sd1 with 9 input channels"):
+    with pytest.raises(UnsupportedCheckpoint, match="sd1: 7 input channels and 4 output channels"):
         read_single_file(path, tokenizer=sd_folder)
 
 

@@ -7,6 +7,7 @@ at any resolution. Objects sit in distinct position regions, at least GAP apart.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -221,6 +222,20 @@ def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: in
 
 
 # --- rendering ----------------------------------------------------------------------------------------
+
+
+def object_boxes(scene: Scene | dict | None) -> list[tuple[float, float, float, float]]:
+    """Per object, the box (x0, y0, x1, y1) in canvas fractions it lies in wherever the jitter puts it (a scene,
+    or a scene as the latent cache stores it: a dict); [] for no scene or objects without position and size."""
+    if scene is None:
+        return []
+    objects = scene["objects"] if isinstance(scene, dict) else [dataclasses.asdict(o) for o in scene.objects]
+    boxes = []
+    for o in objects:
+        if o.get("position") in ANCHORS and o.get("size") in SIZE_RADIUS:
+            (cx, cy), r = ANCHORS[o["position"]], SIZE_RADIUS[o["size"]] + JITTER
+            boxes.append((cx - r, cy - r, cx + r, cy + r))
+    return boxes
 
 
 def object_coverage(scene: Scene, size: int = 64, seed: int = 0, supersample: int = 4

@@ -25,6 +25,13 @@ SUITES = {
 }
 
 
+def canvas(pipe) -> dict:
+    """What text-to-image needs on this pipeline: for an inpainting model a blank image under a white mask
+    (``Pipeline.blank_canvas``), else nothing (also for stand-ins that are not Pipelines)."""
+    blank = getattr(pipe, "blank_canvas", None)
+    return blank() if blank is not None else {}
+
+
 def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sampler: str, guidance: float,
                   seed: int, batch: int = 16, schedule: str | None = None, colors: dict | None = None,
                   **options) -> tuple[dict, list]:
@@ -34,7 +41,7 @@ def score_prompts(pipe, prompts: list[tuple[str, object]], *, steps: int, sample
     for start in range(0, len(prompts), batch):
         chunk = [c for c, _ in prompts[start:start + batch]]
         images += pipe.generate(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + start,
-                                schedule=schedule, **options)
+                                schedule=schedule, **canvas(pipe), **options)
     scores = score([np.asarray(im) for im in images], [s for _, s in prompts], colors)
     return scores, images
 

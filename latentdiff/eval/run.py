@@ -43,6 +43,7 @@ from latentdiff.eval.folders import (
     reference_features,
     sample_size,
 )
+from latentdiff.eval.judging import canvas
 from latentdiff.eval.memorization import memorization
 from latentdiff.images import to_pil
 from latentdiff.io import append_jsonl, write_json
@@ -117,7 +118,8 @@ def generate(pipe, prompts: list[str], *, steps: int, sampler: str, guidance: fl
     for start in range(0, len(prompts), batch_size):
         extra = {} if labels is None else {"label": labels[start:start + batch_size]}
         out.append(pipe.generate(prompts[start:start + batch_size], steps=steps, sampler=sampler,
-                                 guidance=guidance, seed=seed + start, output="pt", **extra).clamp(-1, 1))
+                                 guidance=guidance, seed=seed + start, output="pt", **canvas(pipe),
+                                 **extra).clamp(-1, 1))
     return torch.cat(out)
 
 

@@ -14,6 +14,7 @@ from latentdiff.components import read_model_folder
 from latentdiff.conditioning.clip import SDTextEncoder
 from latentdiff.interop.common import SDModel, save_latentdiff
 from latentdiff.interop.diffusers_folder import (
+    INPAINT_PIPELINE,
     SD3_PIPELINE,
     is_diffusers_folder,
     mmdit_config_to_diffusers,
@@ -24,6 +25,7 @@ from latentdiff.interop.diffusers_folder import (
 )
 from latentdiff.interop.single_file import read_single_file
 from latentdiff.io import atomic_folder, write_json, write_safetensors
+from latentdiff.model_index import INPAINT
 
 FORMATS = ("latentdiff", "diffusers")
 
@@ -127,7 +129,12 @@ def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
         write_safetensors(tmp / "vae" / "diffusion_pytorch_model.safetensors", model.autoencoder.state_dict(),
                           metadata={"format": "pt"})
         write_json(tmp / "scheduler" / "scheduler_config.json", schedule_to_diffusers(model.spec, model.hint))
-        index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        if model.index.concat == INPAINT:
+            if sdxl:
+                raise ValueError("an SDXL inpainting model cannot be exported to a diffusers folder here")
+            pipeline = INPAINT_PIPELINE
+        index = {"_class_name": pipeline,
                  "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
                  "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
         if isinstance(text, SDTextEncoder):

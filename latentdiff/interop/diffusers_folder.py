@@ -24,13 +24,14 @@ from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
 from latentdiff.io import read_json, reads_file
-from latentdiff.model_index import ModelIndex
+from latentdiff.model_index import INPAINT, ModelIndex, split_input_channels
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 
 SD3_PIPELINE = "StableDiffusion3Pipeline"
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", SD3_PIPELINE}
+INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", INPAINT_PIPELINE, SD3_PIPELINE}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETAS = {  # diffusers beta_schedule -> (our name, the (beta_start, beta_end) our schedule function uses)
     "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
@@ -102,9 +103,7 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
         raise ValueError(f"{where}: up_block_types {up} do not mirror down_block_types {down}")
     if not isinstance(d.get("layers_per_block", 2), int):
         raise ValueError(f"{where}: per-level layers_per_block {d['layers_per_block']} is not supported")  # noqa: TRY004 (a config value)
-    if d["in_channels"] != d["out_channels"]:
-        raise ValueError(f"{where}: in_channels {d['in_channels']} != out_channels {d['out_channels']} "
-                         "(an inpainting or upscaling U-Net); only text-to-image U-Nets load here")
+    in_channels, concat_channels, _ = split_input_channels(d["in_channels"], d["out_channels"], where)
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
     attended = sorted(set(attn) | {len(boc) - 1})
@@ -129,7 +128,7 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
         raise ValueError(f"{where}: per-level cross_attention_dim is not supported")  # noqa: TRY004
     vector_dim = d.get("projection_class_embeddings_input_dim") if d.get("addition_embed_type") else None
     return UNetConfig(
-        in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=boc[0],
+        in_channels=in_channels, concat_channels=concat_channels, out_channels=d["out_channels"], model_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
         attention_levels=attn, mid_attention=True, num_heads=num_heads, head_dim=head_dim,
         context_dim=context, transformer_depth=depth, use_linear_projection=d.get("use_linear_projection", False),
@@ -141,8 +140,9 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict:
     """UNetConfig -> diffusers UNet2DConditionModel config (the inverse of unet_config_from_diffusers)."""
-    if cfg.concat_channels:
-        raise ValueError("a U-Net with concat channels has no plain diffusers text-to-image counterpart")
+    if cfg.concat_channels not in (0, cfg.in_channels + 1):
+        raise ValueError(f"a U-Net with {cfg.concat_channels} concat channels has no diffusers counterpart (an "
+                         f"inpainting U-Net has {cfg.in_channels + 1})")
     levels = len(cfg.channel_mult)
     boc = [cfg.model_channels * m for m in cfg.channel_mult]
     heads = [cfg.heads_at(c) if (i in cfg.attention_levels or i == levels - 1) else cfg.heads_at(boc[-1])
@@ -151,7 +151,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) ->
         raise ValueError("a U-Net without mid attention has no diffusers UNet2DConditionModel counterpart")
     d = {
         "_class_name": "UNet2DConditionModel", "sample_size": sample_size,
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "block_out_channels": boc,
+        "in_channels": cfg.in_channels + cfg.concat_channels, "out_channels": cfg.out_channels, "block_out_channels": boc,
         "layers_per_block": cfg.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D"
                              for i in range(levels)],
@@ -384,8 +384,13 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     # SD 1.x conditions on OpenAI's CLIP (quick_gelu), SD 2.x on OpenCLIP (gelu).
     act = text_cfg.encoders[0].hf_config.get("hidden_act", "quick_gelu")
     family = "sdxl" if cls == "StableDiffusionXLPipeline" else ("sd1" if act == "quick_gelu" else "sd2")
-    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint), autoencoder=vae,
-                   denoiser=denoiser, spec=spec, text_encoder=text, reports=[unet_report, vae_report, text_report])
+    concat = INPAINT if unet_cfg.concat_channels else None
+    if concat and cls != INPAINT_PIPELINE:
+        raise ValueError(f"{folder}: a {cls} whose U-Net has {unet_d['in_channels']} input channels: an inpainting "
+                         f"U-Net belongs in a {INPAINT_PIPELINE}")
+    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint, concat=concat),
+                   autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text,
+                   reports=[unet_report, vae_report, text_report])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from latentdiff.interop.keymaps import (
     vae_rules,
 )
 from latentdiff.io import LoadReport
-from latentdiff.model_index import ModelIndex
+from latentdiff.model_index import INPAINT, ModelIndex, split_input_channels
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.mmdit import MMDiTConfig
@@ -123,11 +123,15 @@ def detect_family(state: dict[str, Tensor]) -> Detection:
                                     "U-Net-only files are not supported")
     conv_in = state.get(UNET + "input_blocks.0.0.weight")
     conv_out = state.get(UNET + "out.2.weight")
+    notes = []
     if conv_in is not None and conv_out is not None and conv_in.shape[1] != conv_out.shape[0]:
-        raise UnsupportedCheckpoint(f"detected {family} with {conv_in.shape[1]} input channels and "
-                                    f"{conv_out.shape[0]} output channels (an inpainting / depth / upscale "
-                                    "model); only text-to-image models are supported")
-    return Detection(family)
+        try:
+            split_input_channels(conv_in.shape[1], conv_out.shape[0], f"detected {family}")
+        except ValueError as e:
+            raise UnsupportedCheckpoint(str(e)) from None
+        notes.append(f"an inpainting U-Net ({conv_in.shape[1]} input channels: latents, mask, masked-image latents)"
+                     + ("; SD 2 inpainting is eps-prediction: pass prediction='eps'" if family == "sd2" else ""))
+    return Detection(family, notes)
 
 
 def _detect_sd3(state: dict[str, Tensor]) -> Detection:
@@ -179,8 +183,11 @@ def infer_unet_config(state: dict[str, Tensor], family: str, overrides: dict | N
     proj = next((k for k in state if k.startswith(p) and k.endswith("proj_in.weight")), None)
     to_k = next((k for k in state if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
     heads = {"num_heads": 8, "head_dim": None} if family == "sd1" else {"num_heads": 8, "head_dim": 64}
+    in_channels, concat_channels, _ = split_input_channels(conv_in.shape[1], state[p + "out.2.weight"].shape[0],
+                                                           "unet")
     kw = dict(
-        in_channels=conv_in.shape[1], out_channels=state[p + "out.2.weight"].shape[0], model_channels=mc,
+        in_channels=in_channels, concat_channels=concat_channels, out_channels=state[p + "out.2.weight"].shape[0],
+        model_channels=mc,
         channel_mult=tuple(c // mc for c in chans), num_res_blocks=nrb, attention_levels=tuple(attn),
         mid_attention=bool(mid_blocks), context_dim=state[to_k].shape[1] if to_k else None,
         transformer_depth=depths[0] if len(set(depths)) == 1 else tuple(depths),
@@ -405,7 +412,9 @@ def convert_single_file(state: dict[str, Tensor], tokenizers: list | None = None
     hint = SamplerHint(sampler="plms", schedule="leading", steps_offset=1, vp_init=True,
                        final_sigma=float(vp_sigma_table(spec.schedule.alphas_cumprod())[0]))
     size = {"sd1": 512, "sd2": 768 if prediction == "v" else 512, "sdxl": 1024}[family]
-    return SDModel(index=ModelIndex(family=family, sample_size=size, scheduler=hint), autoencoder=vae,
+    index = ModelIndex(family=family, sample_size=size, scheduler=hint,
+                       concat=INPAINT if unet_cfg.concat_channels else None)
+    return SDModel(index=index, autoencoder=vae,
                    denoiser=denoiser, spec=spec, text_encoder=text, reports=[unet_report, vae_report, text_report], notes=notes)
 
 

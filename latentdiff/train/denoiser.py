@@ -22,19 +22,30 @@ from latentdiff.components import (
     NoiseSchedule,
     build_denoiser,
     load_autoencoder,
+    load_denoiser,
+    load_text_encoder,
     write_model_folder,
+)
+from latentdiff.conditioning.concat import (
+    downsample,
+    inpaint_concat,
+    low_res_channels,
+    low_res_concat,
+    low_res_factor,
 )
 from latentdiff.conditioning.labels import class_names_of, drop_labels, with_labels
 from latentdiff.conditioning.sizes import for_size_conditioning, with_sizes
 from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
 from latentdiff.config import COUNT, FINITE, FRACTION, at_least, between, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
+from latentdiff.data.masks import random_mask
+from latentdiff.data.shapes import ShapesDataset, object_boxes
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import denoising_loss, edm_weight, make_sigma_sampler, min_snr_weight
 from latentdiff.diffusion.parameterization import ALIASES, PARAMETERIZATIONS
 from latentdiff.images import make_grid, save_png
 from latentdiff.io import load_state_strict, read_json
-from latentdiff.model_index import MAX_STEPS, ModelIndex, SizeConditioning
+from latentdiff.model_index import INPAINT, LOW_RES, MAX_STEPS, ModelIndex, SizeConditioning
 from latentdiff.models.families import find_preset, for_class_data, for_text_data, spatial_factor
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import Trainable, check_finite_params
@@ -83,13 +94,19 @@ class TrainConfig(RunConfig):
     label_dropout: float = 0.1  # probability of the null class instead of the label (for CFG over classes)
     size_conditioning: bool = False  # SDXL micro-conditioning: original size, crop, target size join the pooled vector
     size_embed_dim: int = 64  # sinusoidal features per size id (SDXL: 256)
+    inpaint: bool = False  # an inpainting model: the U-Net also sees a random mask + the masked image's latents
+    inpaint_full: float = 0.25  # inpaint: share of samples fully masked (text-to-image)
+    inpaint_objects: float = 0.5  # inpaint: of the others, share masked on one object's box (shapes scenes)
+    init: str | None = None  # a model folder whose denoiser (and hashed text encoder) weights start this run
+    upscale: int = 0  # > 0: a super-resolution model, this many times larger than its low-res input (conditioning/concat.py)
 
     BOUNDS = bounds({"parameterization": one_of(*PARAMETERIZATIONS, *ALIASES), "min_snr_gamma": at_least(0),
                      "sigma_sampler": one_of("discrete", "lognormal", "logitnormal"),
                      "edm_weighting": at_least(0), "offset_noise": at_least(0), "caption_dropout": FRACTION,
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "eval_every": at_least(0),
                      "eval_samples": COUNT, "judge_every": at_least(0), "judge_prompts": COUNT, "label_dropout": FRACTION,
-                     "size_embed_dim": between(2, 4096)})
+                     "size_embed_dim": between(2, 4096), "inpaint_full": FRACTION, "inpaint_objects": FRACTION,
+                     "upscale": at_least(0)})
 
 
 # Rectified flow with logit-normal timesteps (as SD3), sampled on the flow grid: on the demo's latents it
@@ -129,6 +146,14 @@ TRAIN_PRESETS["shapes-default"] = {**_DEMO, "steps": 4000, "warmup_steps": 200, 
                                    "save_every": 500, "keep_last": 20, "sample_every": 1000, "judge_every": 500,
                                    "judge_prompts": 64}
 TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
+# An inpainting model (ARCHITECTURE.md, "Inpainting and concat models"): the demo's recipe, the U-Net also given a
+# random mask and the masked image's latents (a quarter of the samples fully masked: text-to-image too).
+TRAIN_PRESETS["shapes-inpaint"] = {**_DEMO, "inpaint": True}
+TRAIN_PRESETS["shapes-inpaint-test"] = {**TRAIN_PRESETS["shapes-test"], "inpaint": True}
+# Super-resolution (ARCHITECTURE.md, "Inpainting and concat models"): 16 -> 32 pixels with the demo's recipe; the
+# 16-pixel image folded into 12 channels at the 8x8 latent's size.
+TRAIN_PRESETS["shapes-sr"] = {**_DEMO, "upscale": 2, "sample_guidance": 1.0}
+TRAIN_PRESETS["shapes-sr-test"] = {**TRAIN_PRESETS["shapes-test"], "upscale": 2}
 
 
 def train_denoiser(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> Path | dict:
@@ -192,17 +217,21 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
     joint = cfg.text_encoder.kind == "hashed"  # trained with the network (a pretrained encoder stays frozen)
     labels = cache.labels if cfg.class_labels else None  # (N,) with class folders / .cls members
     class_names = None if labels is None else class_names_of(labels, cache.class_names)
-    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names)
+    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names, autoencoder.factor)
     network_cfg = getattr(spec, family)
     denoiser = build_denoiser(dataclasses.replace(  # checkpointing is how it trains, not part of the saved spec
         spec, **{family: dataclasses.replace(network_cfg, gradient_checkpointing=cfg.gradient_checkpointing)}))
     cache.check_divisible(spatial_factor(family, network_cfg))  # every bucket's latents fit the network
     cached_text = cfg.cached_text and cache.uses_text(cfg.text_encoder)  # no text encoder in the loop
+    if cfg.init:
+        init_from_model(denoiser.network, text_encoder if joint else None, cfg.init, cfg.parameterization)
     model = Trainable(denoiser.network, text_encoder if joint else None)
     run.build(model, params=[p for p in model.parameters() if p.requires_grad])
     text_encoder.to(device)
     sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
     weighting = loss_weighting(cfg, denoiser.parameterization)
+    coder = copy.deepcopy(autoencoder).to(device) if device.type != "cpu" and (cfg.inpaint or cfg.upscale) \
+        else autoencoder  # decodes x0 for the concat inputs
     if main and not cfg.quiet:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"denoiser {cfg.model} ({cfg.parameterization}), text encoder {cfg.text_encoder.kind}"
@@ -212,7 +241,8 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
 
     def pipeline(ema: Trainable):
         """A Pipeline of the EMA weights, what the sample grids and the callbacks get."""
-        return _pipeline(*ema_parts(ema, text_encoder, denoiser), autoencoder, image_size, class_names, size_dim)
+        return _pipeline(*ema_parts(ema, text_encoder, denoiser), autoencoder, image_size, class_names, size_dim,
+                         concat_index(cfg))
 
     # Loop.
     with run.guard():
@@ -224,6 +254,8 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
                 gens, x0, captions, drop, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step,
                                                                       idx, positions)
                 x0 = x0.to(device)
+                concat = inpaint_inputs(coder, x0, gens, idx[positions], cache, cfg) if cfg.inpaint else \
+                    low_res_inputs(coder, x0, cfg.upscale) if cfg.upscale else None
                 with autocast(cfg.precision, device):
                     cond = cache.text_cond(idx[positions], drop).map(lambda t: t.to(device)) if cached_text \
                         else text_encoder(captions)
@@ -233,6 +265,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
                         cond = with_labels(cond, y.to(device))
                     if cfg.size_conditioning:
                         cond = with_sizes(cond, cache.size_ids[idx[positions]], cfg.size_embed_dim)
+                    cond = dataclasses.replace(cond, concat=concat) if concat is not None else cond
                     return denoising_loss(denoiser, x0, sigma, cond, weighting=weighting, noise=noise.to(device))
 
             run.advance(step, chunks, loss_fn, lambda pipe, n: sample_grid(pipe, cfg, run.sample_path(n)), pipeline)
@@ -246,7 +279,7 @@ def _train_denoiser(cfg: TrainConfig, ctx: Context, callbacks: list[Callback]) -
         ema_denoiser, ema_text_encoder = ema_parts(ema, text_encoder, denoiser)
         check_finite_params(ema_denoiser.network)
         save_model_folder(folder, ema_denoiser, ema_text_encoder, spec, autoencoder, image_size,
-                          class_names=class_names, size_embed_dim=size_dim)
+                          class_names=class_names, size_embed_dim=size_dim, concat=concat_index(cfg))
         if not cfg.quiet:
             print(f"model written to {folder}", file=sys.stderr)
     ctx.barrier()
@@ -273,7 +306,7 @@ def draw_samples(cfg: RunConfig, cache: LatentCache, autoencoder, sigma_sampler,
 
 
 def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache, text_dim: int,
-                  class_names: list[str] | None) -> DenoiserSpec:
+                  class_names: list[str] | None, factor: int) -> DenoiserSpec:
     """The network preset fitted to the data: the cache's latent channels and size, the text encoder's width,
     the classes of a class-conditional cache, size conditioning; with the parameterization and schedule."""
     network_cfg = for_text_data(family, network_cfg, cache.info["latent_shape"][0], text_dim,
@@ -286,8 +319,55 @@ def denoiser_spec(cfg: TrainConfig, family: str, network_cfg, cache: LatentCache
     if cfg.size_conditioning:
         check_size_conditioning(cache, class_names)
         network_cfg = for_size_conditioning(network_cfg, cfg.size_embed_dim)
+    concat = concat_channels(cfg, family, cache.info["latent_shape"][0], factor)
+    if concat:
+        network_cfg = dataclasses.replace(network_cfg, concat_channels=concat)
     return DenoiserSpec(network=family, parameterization=cfg.parameterization, schedule=cfg.schedule,
                         **{family: network_cfg})
+
+
+@torch.no_grad()
+def init_from_model(network: nn.Module, text_encoder: nn.Module | None, folder: str, parameterization: str) -> None:
+    """Start from a model folder's denoiser (and, for a jointly trained one, its text encoder): every tensor must
+    match by name and shape, except the U-Net's input convolution, whose extra (concat) input channels start at
+    zero, so the model starts as the one it came from (SD inpainting's start from SD, Rombach et al. 2022)."""
+    source, spec = load_denoiser(Path(folder) / "denoiser")
+    if ALIASES.get(parameterization, parameterization) != ALIASES.get(spec.parameterization, spec.parameterization):
+        raise ValueError(f"init={folder} is a {spec.parameterization} model; this run trains {parameterization}: "
+                         f"set parameterization = {spec.parameterization!r}")
+    state = source.network.state_dict()
+    own, old = network.state_dict().get("conv_in.weight"), state.get("conv_in.weight")
+    if own is not None and old is not None and own.shape[1] > old.shape[1] and own.shape[0] == old.shape[0]:
+        state["conv_in.weight"] = torch.cat([old, old.new_zeros(old.shape[0], own.shape[1] - old.shape[1],
+                                                                *old.shape[2:])], dim=1)
+    load_state_strict(network, state, f"{folder}/denoiser (init)")
+    if text_encoder is not None:
+        load_state_strict(text_encoder, load_text_encoder(Path(folder) / "text_encoder").state_dict(),
+                          f"{folder}/text_encoder (init)")
+
+
+@torch.no_grad()
+def inpaint_inputs(coder, x0: Tensor, gens: list[torch.Generator], indices: Tensor, cache: LatentCache,
+                   cfg: TrainConfig) -> Tensor:
+    """The concat channels of inpainting training, in the layout ``Pipeline`` gives an inpainting model: per sample
+    a random mask (``data.masks.random_mask``; the shapes scenes' object boxes where the cache has them), the mask
+    at latent size (nearest), and the latents of the image with the masked pixels zeroed. The cache holds latents,
+    not images, so the image is ``coder``'s (the run's autoencoder's) decoding of x0 (ARCHITECTURE.md, "Inpainting
+    and concat models")."""
+    pixels = coder.decode(x0).clamp(-1, 1)  # (B, 3, H, W)
+    height, width = pixels.shape[-2:]
+    boxes = [object_boxes(cache.meta[i].get("scene")) for i in indices.tolist()]
+    mask = torch.cat([random_mask(g, height, width, b, full=cfg.inpaint_full, objects=cfg.inpaint_objects)
+                      for g, b in zip(gens, boxes)]).to(pixels.device)
+    return inpaint_concat(mask, coder.encode(pixels * (mask < 0.5)))
+
+
+@torch.no_grad()
+def low_res_inputs(coder, x0: Tensor, upscale: int) -> Tensor:
+    """The concat channels of super-resolution training: the image (``coder``'s decoding of x0, as for
+    inpainting) downsampled by ``upscale`` and folded to the latent's size (``conditioning/concat.py``)."""
+    pixels = coder.decode(x0).clamp(-1, 1)
+    return low_res_concat(downsample(pixels, upscale), low_res_factor(coder.factor, upscale))
 
 
 def model_from_checkpoint(folder: Path) -> ModelFolder:
@@ -303,27 +383,51 @@ def model_from_checkpoint(folder: Path) -> ModelFolder:
     text_encoder = build_text_encoder(cfg.text_encoder)
     labels = cache.labels if cfg.class_labels else None
     class_names = None if labels is None else class_names_of(labels, cache.class_names)
-    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names)
+    spec = denoiser_spec(cfg, family, network_cfg, cache, text_encoder.dim, class_names, autoencoder.factor)
     denoiser = build_denoiser(spec)
     joint = cfg.text_encoder.kind == "hashed"
     load_state_strict(Trainable(denoiser.network, text_encoder if joint else None),
                       load_file(folder / "ema.safetensors"), f"{folder.name} EMA")
     image_size = cache.info["latent_shape"][1] * autoencoder.factor
     size_dim = cfg.size_embed_dim if cfg.size_conditioning else 0
-    return ModelFolder(_index(image_size, class_names, size_dim), autoencoder, denoiser.eval(), spec,
+    return ModelFolder(_index(image_size, class_names, size_dim, **concat_index(cfg)), autoencoder, denoiser.eval(), spec,
                        text_encoder.eval())
 
 
 def _pipeline(denoiser: Denoiser, text_encoder: nn.Module, autoencoder, image_size: int,
-              class_names: list[str] | None = None, size_embed_dim: int = 0):
+              class_names: list[str] | None = None, size_embed_dim: int = 0, concat: dict | None = None):
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim))
+    return Pipeline(autoencoder, denoiser, text_encoder, _index(image_size, class_names, size_embed_dim,
+                                                                **(concat or {})))
 
 
-def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int) -> ModelIndex:
+def _index(image_size: int, class_names: list[str] | None, size_embed_dim: int, **concat) -> ModelIndex:
     return ModelIndex(sample_size=image_size, class_names=class_names,
-                      size_conditioning=SizeConditioning(size_embed_dim))
+                      size_conditioning=SizeConditioning(size_embed_dim), **concat)
+
+
+def concat_channels(cfg: TrainConfig, family: str, latent_channels: int, factor: int) -> int:
+    """The denoiser's concat channels: an inpainting model's mask + masked latents (1 + C), a super-resolution
+    model's folded low-res image (3 r^2, ``conditioning/concat.py``), else 0; errors before any work."""
+    if not (cfg.inpaint or cfg.upscale):
+        return 0
+    if family != "unet":
+        raise ValueError(f"{'inpaint' if cfg.inpaint else 'upscale'} needs a U-Net (its input takes concat "
+                         f"channels); {cfg.model} is a {family}: pick a U-Net preset such as shapes-demo")
+    if cfg.inpaint and cfg.upscale:
+        raise ValueError("inpaint and upscale train two different models: set one of them")
+    if cfg.upscale and (cfg.judge_every or cfg.eval_every):
+        raise ValueError("judge_every / eval_every score text-to-image, which a super-resolution model does not do: "
+                         "set them to 0 and measure it with benchmarks/sr_compare.py")
+    return latent_channels + 1 if cfg.inpaint else low_res_channels(factor, cfg.upscale)
+
+
+def concat_index(cfg: TrainConfig) -> dict:
+    """What the model index says of the denoiser's concat channels."""
+    if cfg.upscale:
+        return {"concat": LOW_RES, "upscale": cfg.upscale}
+    return {"concat": INPAINT} if cfg.inpaint else {}
 
 
 def check_size_conditioning(cache: LatentCache, class_names: list[str] | None) -> None:
@@ -347,9 +451,10 @@ def ema_parts(ema: Trainable, text_encoder: nn.Module, denoiser: Denoiser) -> tu
 
 def save_model_folder(folder: Path, denoiser: Denoiser, text_encoder: nn.Module, spec: DenoiserSpec,
                       autoencoder, cache_image_size: int, class_names: list[str] | None = None,
-                      size_embed_dim: int = 0) -> Path:
-    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json."""
-    index = _index(cache_image_size, class_names, size_embed_dim)
+                      size_embed_dim: int = 0, concat: dict | None = None) -> Path:
+    """Write a complete model folder atomically: autoencoder, denoiser, text encoder, model_index.json
+    (``concat``: ``concat_index``'s words for a concat-conditioned denoiser)."""
+    index = _index(cache_image_size, class_names, size_embed_dim, **(concat or {}))
     return write_model_folder(folder, ModelFolder(index, autoencoder, denoiser, spec, text_encoder))
 
 
@@ -359,7 +464,13 @@ def sample_grid(pipe, cfg: TrainConfig, path: Path) -> None:
     if pipe.class_names:
         labels = list(range(min(8, len(pipe.class_names))))
         prompts = [""] * len(labels)
-    images = pipe.generate(prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
-                           schedule=cfg.sample_schedule, label=labels)
+    if pipe.concat_inputs == LOW_RES:  # a super-resolution model: held-out scenes, downsampled, upscaled
+        data = ShapesDataset(len(prompts), size=pipe.default_size, seed=0, split="heldout")
+        images = [pipe.generate(data[i]["caption"], low_res=downsample(data[i]["image"][None], cfg.upscale),
+                                steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
+                                schedule=cfg.sample_schedule)[0] for i in range(len(prompts))]
+    else:
+        images = pipe.generate(prompts, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0,
+                               schedule=cfg.sample_schedule, label=labels, **pipe.blank_canvas())
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images, ncols=len(images)), path)
