@@ -311,11 +311,9 @@ class Pipeline:
         ``image`` and ``mask`` (``blank_canvas()`` for text-to-image); a super-resolution model needs ``low_res``
         (an image as ``image`` takes) and makes it ``index.upscale`` times larger.
 
-        Video (a model from ``latentdiff train-video``): ``frames`` per clip (None: the model's clip length); each
-        clip comes back as a list of frames ("pil"), an array (F, H, W, 3) ("np"), or a frame axis after the
-        channels ((B, C, F, ...) for "pt" and "latent"). An image model refuses ``frames``.
-        ControlNets (``add_controlnet``; ``diffusion/control.py``): ``control`` is one control image per added
-        ControlNet (any image ``read_image`` takes; a size other than the output's is resized, and said).
+        Video (``latentdiff train-video`` models): ``frames`` per clip (None: the model's length); a clip is a list of
+        frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
+        (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
 
         Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
         inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
