@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latentdiff.backends import BACKENDS
 from latentdiff.config import COUNT, FINITE, add_config_args, add_options, at_least, bounds, config_from_args
 from latentdiff.diffusion.schedules import GRIDS
 from latentdiff.io import check_writable
@@ -93,7 +94,12 @@ class GenerateConfig:
                              "size)")
     num_images: int = _opt(1, "images per prompt", metavar="N")
     grid: bool = _opt(False, "write one grid instead of numbered files")
-    precision: str = _opt("fp32", "denoiser precision", choices=("fp32", "bf16"))
+    precision: str | None = _opt(None, "denoiser precision (default: fp32; with --backend openvino OpenVINO's hint, "
+                                 "default bf16 where the CPU has it)", choices=("fp32", "bf16"))
+    backend: str = _opt("torch", "what runs the networks: torch, openvino (compiled per size, cached under "
+                        "$LATENTDIFF_CACHE/openvino), openvino-or-torch (torch for what OpenVINO cannot convert)",
+                        choices=BACKENDS)
+    int8: bool = _opt(False, "--backend openvino: the denoiser's weights in int8 (weight-only)")
     out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
     tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
                           "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
@@ -227,7 +233,15 @@ def cmd_generate(args) -> None:
     if out.suffix.lower() != ".png":
         raise ValueError(f"output {out} must end in .png")
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
-    pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
+    torch_backend = cfg.backend == "torch"
+    if not torch_backend:
+        from latentdiff.backends.openvino import import_openvino
+
+        import_openvino()  # a missing package is said before the model is loaded
+    pipe = load(cfg.model, precision=cfg.precision if torch_backend and cfg.precision else "fp32",
+                **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
+    if not torch_backend or cfg.int8:
+        pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options)

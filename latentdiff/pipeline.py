@@ -59,6 +59,38 @@ class Pipeline:
         self.guide = guide  # a weaker model of the same data (autoguidance), e.g. an early checkpoint of the run
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
+        self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
+
+    def to_backend(self, backend: str = "openvino", *, precision: str = "auto", int8: bool = False,
+                   cache_dir: str | Path | None = None) -> Pipeline:
+        """This pipeline with its denoiser network and autoencoder halves run by ``backend``: "openvino" (compiled
+        per shape, cached on disk: ``backends/openvino.py``), "openvino-or-torch" (a module OpenVINO cannot convert
+        runs in torch), or "torch" (this pipeline). The weights are shared and this pipeline is unchanged; the text
+        encoder and the samplers stay in torch. ``precision``: OpenVINO's hint, "auto" (bf16 where the CPU has it,
+        else fp32), "fp32" or "bf16"; ``int8``: the denoiser's weights compressed to int8 (weight-only)."""
+        from latentdiff.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            if int8:
+                raise ValueError("int8 weights need the OpenVINO backend: backend='openvino' (--backend openvino)")
+            return self
+        from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
+
+        options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",
+                   "cache_dir": cache_dir}
+        denoiser = Denoiser(OpenVINONetwork(self.denoiser.network, int8=int8, **options),
+                            self.denoiser.parameterization)
+        ae = self.autoencoder
+        ae = with_child(ae, "decoder", OpenVINOCoder(ae.decoder, "decoder", **options))
+        ae = with_child(ae, "encoder", OpenVINOCoder(ae.encoder, "encoder", **options))
+        guide = self.guide.to_backend(backend, precision=precision, int8=int8, cache_dir=cache_dir) \
+            if self.guide is not None else None
+        out = Pipeline(ae, denoiser, self.text_encoder, self.index, name=self.name,
+                       preview_decoder=self.preview_decoder, guide=guide)
+        out.backend = f"openvino {options['precision']}" + (" int8" if int8 else "")
+        return out
 
     @property
     def default_size(self) -> int:
@@ -133,6 +165,7 @@ class Pipeline:
                              f"{factor}; try {fit(height)}x{fit(width)}")
         # The latent must also fit the network: a U-Net's downsampling, a DiT's patch.
         network = getattr(self.denoiser, "network", None)
+        network = getattr(network, "wrapped", network)  # a compiled stand-in's torch network
         family = family_of(network) if network is not None else None
         net = spatial_factor(family, network.config) if family else 1
         if (height // factor) % net or (width // factor) % net:
