@@ -100,6 +100,8 @@ class GenerateConfig:
                         "$LATENTDIFF_CACHE/openvino), openvino-or-torch (torch for what OpenVINO cannot convert)",
                         choices=BACKENDS)
     int8: bool = _opt(False, "--backend openvino: the denoiser's weights in int8 (weight-only)")
+    cache_interval: int = _opt(1, "DeepCache (U-Nets, torch backend): the whole network every N steps, only its "
+                               "shallow path in between (1: off)", metavar="N")
     out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
     tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
                           "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
@@ -132,7 +134,7 @@ class GenerateConfig:
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
-                     "original_size": COUNT, "crop_top_left": at_least(0)})
+                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT})
 
 
 @dataclass
@@ -250,6 +252,8 @@ def cmd_generate(args) -> None:
               "height": h, "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve()), "num_images": cfg.num_images,
               "guidance_rescale": cfg.guidance_rescale,
               **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]},
+              **({"cache_interval": cfg.cache_interval} if cfg.cache_interval > 1 else {}),
+              **({"backend": pipe.backend} if pipe.backend != "torch" else {}),
               **_edit_parameters(cfg)}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
@@ -267,7 +271,7 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                "guidance_interval": tuple(cfg.guidance_interval) or None,
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
-               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision}
+               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision, "cache_interval": cfg.cache_interval}
     if cfg.image:
         from latentdiff.edit_inputs import read_image, read_mask
 

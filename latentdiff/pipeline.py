@@ -33,6 +33,7 @@ from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.runtime import autocast, available_memory, feature_width
+from latentdiff.models.unet import StepCache
 from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
 from latentdiff.types import Cond
 
@@ -129,17 +130,19 @@ class Pipeline:
                              "guide/, or Pipeline.guide set to one")
         return GenerationSettings(**out)
 
-    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, guide_cond: Cond | None, **cfg_options):
-        """The guided denoiser of one batch: CFG (with its options), APG or autoguidance, then PAG."""
+    def _guided(self, use: GenerationSettings, cond: Cond, uncond: Cond, guide_cond: Cond | None, base: Denoiser,
+                **cfg_options):
+        """The guided denoiser of one batch (``base``: the denoiser, maybe step-cached): CFG (with its options), APG
+        or autoguidance, then PAG."""
         if use.guidance_method == "apg":
-            denoiser = guidance_lib.apg(self.denoiser, use.guidance, uncond)
+            denoiser = guidance_lib.apg(base, use.guidance, uncond)
         elif use.guidance_method == "autoguidance":
             def guide(x, sigma, cond=None):  # the guide reads the prompts through its own text encoder
                 return self.guide.denoiser(x, sigma, guide_cond)
 
-            denoiser = guidance_lib.autoguidance(self.denoiser, guide, use.guidance)
+            denoiser = guidance_lib.autoguidance(base, guide, use.guidance)
         else:
-            denoiser = guidance_lib.cfg(self.denoiser, use.guidance, uncond, **cfg_options)
+            denoiser = guidance_lib.cfg(base, use.guidance, uncond, **cfg_options)
         if use.pag_scale:
             denoiser = guidance_lib.pag(denoiser, use.pag_scale, perturbed_self_attention)
         return denoiser
@@ -225,7 +228,7 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True):
+                 paste_back: bool = True, cache_interval: int = 1):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -255,6 +258,9 @@ class Pipeline:
         ``outpaint=(left, top, right, bottom)`` pixels inpaints a border added around the image. Without
         ``height`` / ``width`` the output is the image's size (plus the border).
 
+        ``cache_interval=N`` > 1 (U-Nets in torch): DeepCache (Ma et al. 2023), the whole network every N network
+        calls and only its shallow path in between, on the deep features of the last whole call (``unet.StepCache``).
+
         Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
         inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
         are made in batches of at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one
@@ -279,6 +285,7 @@ class Pipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         batch = self.batch_size(n, height, width, tiled, output, next(self.denoiser.parameters()).device)
+        step_cache = self._step_cache(cache_interval)
         sample_fn, _ = get_sampler(use.sampler)
         sigmas = self._sigmas(use)
         if edit is not None:
@@ -301,8 +308,8 @@ class Pipeline:
         for start in range(0, n, batch):
             pick = (lambda c, r=rows[start:start + batch]: c.map(lambda t: t[r]) if c is not None else None)
             x = self._start(latents[start:start + batch], sigmas, edit, z0, keep)
-            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), rescale=guidance_rescale,
-                                    interval=guidance_interval, threshold=dynamic_threshold)
+            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), step_cache(),
+                                    rescale=guidance_rescale, interval=guidance_interval, threshold=dynamic_threshold)
             if keep is not None:  # inpainting: x0_hat is the image's latent outside the mask
                 denoiser = keep_known(denoiser, z0, keep)
             # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
@@ -315,6 +322,14 @@ class Pipeline:
         if output in ("latent", "pt"):
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
+
+    def _step_cache(self, interval: int):
+        """A function giving each batch its denoiser: this one, or (``interval`` > 1) one whose U-Net caches its deep
+        features across steps (a fresh ``StepCache`` per batch: the pipeline's modules are not changed)."""
+        if interval == 1:
+            return lambda: self.denoiser
+        StepCache(self.denoiser.network, interval)  # checks the network and the interval before any work
+        return lambda: Denoiser(StepCache(self.denoiser.network, interval), self.denoiser.parameterization)
 
     def _sigmas(self, use: GenerationSettings) -> Tensor:
         """The sigma grid of a generation: the settings' grid and steps, with the scheduler hint's offset or shift."""

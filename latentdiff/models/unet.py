@@ -392,10 +392,9 @@ class UNet(nn.Module):
             )
         return context, mask
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
-        """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
+    def _inputs(self, x: Tensor, c_noise: Tensor, cond: Cond):
+        """Checked inputs: x with cond.concat joined, the embedding (B, temb), the context and its mask."""
         cfg = self.config
-        cond = cond if cond is not None else Cond()
         B, _, H, W = x.shape
         f = 2 ** (len(cfg.channel_mult) - 1)
         if H % f or W % f:
@@ -412,8 +411,29 @@ class UNet(nn.Module):
             raise ValueError(f"this UNet expects cond.concat with {cfg.concat_channels} channels")
         emb = self._embed(c_noise, cond, B)  # (B, temb)
         context, mask = self._check_context(cond, B)
+        return x, emb, context, mask
 
-        # Down.
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
+        return self.forward_deep_cache(x, c_noise, cond)[0]
+
+    def forward_deep_cache(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, deep: Tensor | None = None,
+                           keep_deep: bool = False) -> tuple[Tensor, Tensor | None]:
+        """DeepCache, Ma et al. 2023. Without ``deep``: the whole network, and with ``keep_deep`` also its deep
+        features (what enters the last up block's second-to-last resnet). With ``deep`` (from a neighbouring step):
+        only the shallow path, conv_in, the first down block's first resnet (+ attention), the last up block's last
+        two resnets (+ attentions) and the output head, on the cached deep features. Returns (output, deep)."""
+        cond = cond if cond is not None else Cond()
+        x, emb, context, mask = self._inputs(x, c_noise, cond)
+        if deep is not None:
+            if cond.control is not None:
+                raise ValueError("DeepCache's shallow steps cannot take ControlNet residuals (cond.control)")
+            return self._shallow(x, emb, context, mask, deep), deep
+        h, skips = self._down(x, emb, context, mask, cond.control)
+        return self._up(h, skips, emb, context, mask, keep_deep)
+
+    def _down(self, x: Tensor, emb: Tensor, context, mask, control) -> tuple[Tensor, list[Tensor]]:
+        """conv_in, the down blocks, ControlNet residuals on the skips, and the middle: (h, skips)."""
         h = self.conv_in(x)  # (B, c0, H, W)
         skips = [h]
         for block in self.down_blocks:
@@ -428,7 +448,6 @@ class UNet(nn.Module):
                 skips.append(h)
 
         # ControlNet residuals: one per skip, then one for the middle.
-        control = cond.control
         if control is not None:
             if len(control) != len(skips) + 1:
                 raise ValueError(
@@ -448,16 +467,66 @@ class UNet(nn.Module):
         h = self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
+        return h, skips
 
-        # Up.
-        for block in self.up_blocks:
+    def _up_step(self, resnet: nn.Module, attn: nn.Module | None, h: Tensor, skip: Tensor, emb: Tensor, context,
+                 mask) -> Tensor:
+        h = torch.cat([h, skip], dim=1)  # (B, c + c_skip, h, w)
+        h = self._run(resnet, h, emb)
+        return self._run(attn, h, context, mask) if attn is not None else h
+
+    def _up(self, h: Tensor, skips: list[Tensor], emb: Tensor, context, mask, keep_deep: bool = False
+            ) -> tuple[Tensor, Tensor | None]:
+        """The up blocks and the output head: (output, deep features if ``keep_deep``)."""
+        deep, last = None, len(self.up_blocks) - 1
+        for b, block in enumerate(self.up_blocks):
             attns = getattr(block, "attentions", [None] * len(block.resnets))
-            for resnet, attn in zip(block.resnets, attns):
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
-                h = self._run(resnet, h, emb)
-                if attn is not None:
-                    h = self._run(attn, h, context, mask)
+            for r, (resnet, attn) in enumerate(zip(block.resnets, attns)):
+                if keep_deep and b == last and r == len(block.resnets) - 2:
+                    deep = h  # DeepCache's cached features
+                h = self._up_step(resnet, attn, h, skips.pop(), emb, context, mask)
             for up in getattr(block, "upsamplers", ()):
                 h = up(h)  # (B, c, 2h, 2w)
+        return self.conv_out(F.silu(self.conv_norm_out(h))), deep  # (B, out_channels, H, W)
 
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+    def _shallow(self, x: Tensor, emb: Tensor, context, mask, deep: Tensor) -> Tensor:
+        """DeepCache's shallow path on cached deep features (``forward_deep_cache``)."""
+        s0 = self.conv_in(x)  # (B, c0, H, W)
+        first = self.down_blocks[0]
+        s1 = self._run(first.resnets[0], s0, emb)
+        attn = getattr(first, "attentions", [None])[0]
+        if attn is not None:
+            s1 = self._run(attn, s1, context, mask)
+        block = self.up_blocks[-1]
+        attns = getattr(block, "attentions", [None] * len(block.resnets))
+        h = deep
+        for resnet, attn, skip in zip(block.resnets[-2:], attns[-2:], (s1, s0)):
+            h = self._up_step(resnet, attn, h, skip, emb, context, mask)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class StepCache(nn.Module):
+    """DeepCache, Ma et al. 2023: a U-Net that runs whole every ``interval`` calls (the first included) and only its
+    shallow path in between, on the deep features of the last whole call. One per generation: it holds them."""
+
+    def __init__(self, unet: UNet, interval: int):
+        super().__init__()
+        if not isinstance(unet, UNet):
+            raise TypeError(f"step caching (cache_interval) works on our U-Net, not on {type(unet).__name__}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"cache_interval must be a whole number >= 1, got {interval!r}")
+        self.unet, self.interval = unet, interval
+        self.calls, self.deep = 0, None
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        full = self.calls % self.interval == 0 or self.deep is None or self.deep.shape[0] != x.shape[0]
+        self.calls += 1
+        if full:
+            out, deep = self.unet.forward_deep_cache(x, c_noise, cond, keep_deep=self.interval > 1)
+            self.deep = deep
+            return out
+        return self.unet.forward_deep_cache(x, c_noise, cond, self.deep)[0]
