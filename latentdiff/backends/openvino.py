@@ -2,9 +2,9 @@
 
 A ``Compiled`` module keeps one compiled model per set of input shapes (static shapes: the fastest CPU kernels).
 The converted model is kept on disk under ``cache_root()`` (``$LATENTDIFF_CACHE/openvino``, else
-``~/.cache/latentdiff/openvino``) in a folder named by a hash of the weights, the input shapes, the precision hint,
-int8 and the OpenVINO version, so changed weights, shapes or another OpenVINO never reuse a stale model; OpenVINO's
-own compiled blob sits beside it (``CACHE_DIR``). ``OpenVINONetwork`` stands in for a denoiser network
+``~/.cache/latentdiff/openvino``) in a folder named by a hash of the weights, the input shapes, int8 and the OpenVINO
+version, so changed weights, shapes or another OpenVINO never reuse a stale model; OpenVINO's own compiled blobs sit
+inside, one folder per precision hint (``CACHE_DIR``, which OpenVINO keys by model, device and settings). ``OpenVINONetwork`` stands in for a denoiser network
 (``network(x, c_noise, cond)``), ``OpenVINODecoder`` / ``OpenVINOEncoder`` for the autoencoder's halves.
 """
 
@@ -103,11 +103,12 @@ class Compiled:
         return torch.from_numpy(result.copy()).to(inputs[0].device)
 
     def folder(self, key: tuple) -> Path:
-        """The cache folder of one input signature: a hash of weights, shapes, precision, int8 and versions."""
+        """The cache folder of one input signature: a hash of weights, shapes, int8 and versions (the converted model
+        does not depend on the precision hint; the compiled blobs inside, one folder per hint, do)."""
         if self._digest is None:
             self._digest = weights_digest(self.module)
-        what = {"weights": self._digest, "inputs": [list(map(str, k)) for k in key], "precision": self.precision,
-                "int8": self.int8, "openvino": openvino_version(), "format": FORMAT}
+        what = {"weights": self._digest, "inputs": [list(map(str, k)) for k in key], "int8": self.int8,
+                "openvino": openvino_version(), "format": FORMAT}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
         return self.cache_dir / f"{self.name}-{digest}"
 
@@ -126,10 +127,10 @@ class Compiled:
             with atomic_folder(folder) as tmp:
                 self.ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
                 write_json(Path(tmp) / "meta.json", {"openvino": openvino_version(), "name": self.name,
-                                                     "precision": self.precision, "int8": self.int8,
+                                                     "int8": self.int8,
                                                      "inputs": [list(map(str, k)) for k in key]})
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.precision], "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(folder / "compiled")}
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(folder / f"compiled-{self.precision}")}
         return self.core.compile_model(model, "CPU", config)
 
     def _convert(self, inputs: tuple[Tensor, ...]):
