@@ -85,7 +85,7 @@ def test_disk_cache_reused_and_rebuilt_for_another_version(cache, monkeypatch):
     assert ov_backend.weights_digest(other) != ov_backend.weights_digest(net)
 
 
-def test_pipeline_backend_matches_torch_and_int8_is_close(model, cache):
+def test_pipeline_backend_matches_torch(model, cache):
     pipe = load(model)
     fast = pipe.to_backend("openvino", precision="fp32", cache_dir=cache)
     assert pipe.backend == "torch" and fast.backend == "openvino fp32"
@@ -93,10 +93,6 @@ def test_pipeline_backend_matches_torch_and_int8_is_close(model, cache):
     want = pipe.generate("a red circle", steps=4, output="pt")
     got = fast.generate("a red circle", steps=4, output="pt")
     assert (got - want).abs().max() < 1e-3
-    int8 = pipe.to_backend("openvino", precision="fp32", int8=True, cache_dir=cache)
-    assert int8.backend == "openvino fp32 int8"
-    err = (int8.generate("a red circle", steps=4, output="pt") - want).abs().max()
-    assert 0 < err < 0.1  # weights changed, images barely (pixels in [-1, 1])
     with pytest.raises(ValueError, match="int8 weights need the OpenVINO backend"):
         pipe.to_backend("torch", int8=True)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -142,3 +138,14 @@ def test_cli_generate_with_openvino(model, cache, tmp_path):
     want = load(model).generate("a red circle", steps=3, output="np")[0].astype(np.int16)
     got = np.asarray(Image.open(tmp_path / "ov.png"), dtype=np.int16)
     assert np.abs(got - want).max() <= 1
+
+
+def test_cli_int8_is_close_to_fp32(model, tmp_path):
+    """int8 weights through the CLI, in a subprocess: nncf, once used, leaves this process crashing on a later
+    in-process SIGTERM (tests/test_run_engine.py), so it is kept out of the test process."""
+    run = cli(["generate", "a red circle", "--model", str(model), "--steps", "3", "--backend", "openvino",
+               "--precision", "fp32", "--int8", "-o", "int8.png"], tmp_path, LATENTDIFF_CACHE=str(tmp_path / "c"))
+    assert run.returncode == 0, run.stderr
+    want = load(model).generate("a red circle", steps=3, output="np")[0].astype(np.int16)
+    got = np.asarray(Image.open(tmp_path / "int8.png"), dtype=np.int16)
+    assert np.abs(got - want).max() <= 13  # 0.1 on [-1, 1]: weights changed, images barely
