@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latentdiff.backends import BACKENDS
 from latentdiff.config import COUNT, FINITE, add_config_args, add_options, at_least, bounds, config_from_args
 from latentdiff.diffusion.schedules import GRIDS
 from latentdiff.io import check_writable
@@ -95,7 +96,14 @@ class GenerateConfig:
                              "size)")
     num_images: int = _opt(1, "images per prompt", metavar="N")
     grid: bool = _opt(False, "write one grid instead of numbered files")
-    precision: str = _opt("fp32", "denoiser precision", choices=("fp32", "bf16"))
+    precision: str | None = _opt(None, "denoiser precision (default: fp32; with --backend openvino OpenVINO's hint, "
+                                 "default bf16 where the CPU has it)", choices=("fp32", "bf16"))
+    backend: str = _opt("torch", "what runs the networks: torch, openvino (compiled per size, cached under "
+                        "$LATENTDIFF_CACHE/openvino), openvino-or-torch (torch for what OpenVINO cannot convert)",
+                        choices=BACKENDS)
+    int8: bool = _opt(False, "--backend openvino: the denoiser's weights in int8 (weight-only)")
+    cache_interval: int = _opt(1, "DeepCache (U-Nets, torch backend): the whole network every N steps, only its "
+                               "shallow path in between (1: off)", metavar="N")
     out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
     tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
                           "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
@@ -153,7 +161,7 @@ class GenerateConfig:
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
-                     "original_size": COUNT, "crop_top_left": at_least(0)})
+                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT})
 
 
 @dataclass
@@ -283,11 +291,19 @@ def cmd_generate(args) -> None:
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
-    pipe = load(cfg.model, precision=cfg.precision, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
+    torch_backend = cfg.backend == "torch"
+    if not torch_backend:
+        from latentdiff.backends.openvino import import_openvino
+
+        import_openvino()  # a missing package is said before the model is loaded
+    pipe = load(cfg.model, precision=cfg.precision if torch_backend and cfg.precision else "fp32",
+                **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     for path, weight in loras:
         pipe.load_lora(path, weight)
     for folder, kw in controlnets:
         pipe.add_controlnet(folder, **kw)  # one built for another base model is refused here
+    if not torch_backend or cfg.int8:
+        pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames)
@@ -299,7 +315,9 @@ def cmd_generate(args) -> None:
               **{k: options[k] for k in ("guidance_interval", "dynamic_threshold", "original_size") if options[k]},
               **_edit_parameters(cfg), **({"loras": [f"{Path(p).resolve()}:{w:g}" for p, w in loras]} if loras else {}),
               **({"controlnets": [{"control": str(Path(c).resolve()), "controlnet": str(Path(f).resolve()), **kw}
-                                  for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {})}
+                                  for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {}),
+              **({"cache_interval": cfg.cache_interval} if cfg.cache_interval > 1 else {}),
+              **({"backend": pipe.backend} if pipe.backend != "torch" else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
     saved = save_clips(images, out, params, per_image) if clips else \
@@ -335,7 +353,7 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                "guidance_interval": tuple(cfg.guidance_interval) or None,
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
-               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision}
+               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision, "cache_interval": cfg.cache_interval}
     if cfg.controls:
         from latentdiff.edit_inputs import read_image
 

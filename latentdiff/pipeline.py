@@ -41,6 +41,7 @@ from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
 from latentdiff.models.runtime import autocast, available_memory, feature_width
+from latentdiff.models.unet import StepCache
 from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
 from latentdiff.types import Cond
 
@@ -69,6 +70,7 @@ class Pipeline:
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
         self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
+        self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
         """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
@@ -85,6 +87,37 @@ class Pipeline:
         """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again)."""
         while self.loras:
             self.loras.pop().detach()
+
+    def to_backend(self, backend: str = "openvino", *, precision: str = "auto", int8: bool = False,
+                   cache_dir: str | Path | None = None) -> Pipeline:
+        """This pipeline with its denoiser network and autoencoder halves run by ``backend``: "openvino" (compiled
+        per shape, cached on disk: ``backends/openvino.py``), "openvino-or-torch" (a module OpenVINO cannot convert
+        runs in torch), or "torch" (this pipeline). The weights are shared and this pipeline is unchanged; the text
+        encoder and the samplers stay in torch. ``precision``: OpenVINO's hint, "auto" (bf16 where the CPU has it,
+        else fp32), "fp32" or "bf16"; ``int8``: the denoiser's weights compressed to int8 (weight-only)."""
+        from latentdiff.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torch":
+            if int8:
+                raise ValueError("int8 weights need the OpenVINO backend: backend='openvino' (--backend openvino)")
+            return self
+        from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
+
+        options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",
+                   "cache_dir": cache_dir}
+        denoiser = Denoiser(OpenVINONetwork(self.denoiser.network, int8=int8, **options),
+                            self.denoiser.parameterization)
+        ae = self.autoencoder
+        ae = with_child(ae, "decoder", OpenVINOCoder(ae.decoder, "decoder", **options))
+        ae = with_child(ae, "encoder", OpenVINOCoder(ae.encoder, "encoder", **options))
+        guide = self.guide.to_backend(backend, precision=precision, int8=int8, cache_dir=cache_dir) \
+            if self.guide is not None else None
+        out = Pipeline(ae, denoiser, self.text_encoder, self.index, name=self.name,
+                       preview_decoder=self.preview_decoder, guide=guide)
+        out.backend = f"openvino {options['precision']}" + (" int8" if int8 else "")
+        return out
 
     @property
     def default_size(self) -> int:
@@ -218,6 +251,7 @@ class Pipeline:
                              f"{factor}; try {fit(height)}x{fit(width)}")
         # The latent must also fit the network: a U-Net's downsampling, a DiT's patch.
         network = getattr(self.denoiser, "network", None)
+        network = getattr(network, "wrapped", network)  # a compiled stand-in's torch network
         family = family_of(network) if network is not None else None
         net = spatial_factor(family, network.config) if family else 1
         if (height // factor) % net or (width // factor) % net:
@@ -277,7 +311,8 @@ class Pipeline:
                  tiled: bool | None = None, decode_precision: str = "fp32", preview=None, preview_every: int = 1,
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
-                 paste_back: bool = True, frames: int | None = None, control=None, low_res=None):
+                 paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
+                 cache_interval: int = 1):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -314,11 +349,11 @@ class Pipeline:
         Video (``latentdiff train-video`` models): ``frames`` per clip (None: the model's length); a clip is a list of
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
+        ``cache_interval=N`` > 1 (our U-Net in torch): DeepCache (Ma et al. 2023, ``unet.StepCache``).
 
-        Before any work the options are checked (``GenerateRequest``, ``settings``, ``image_size``, the edit's
-        inputs) and the memory the request needs is estimated against what is available (``batch_size``); images
-        are made in batches of at most ``BATCH_BYTES`` working memory (``callback`` and ``preview`` then see one
-        batch at a time). A non-finite latent or image is an error naming the likely cause, never a black image.
+        Options are checked and the memory needed estimated (``batch_size``) before any work; images are made in
+        batches of at most ``BATCH_BYTES`` (``callback`` and ``preview`` see one batch at a time). A non-finite
+        latent or image is an error naming the likely cause, never a black image.
         """
         prompts, negatives = _prompt_lists(prompt, negative_prompt, label)
         _check_request(output, height=height, width=width, num_images=num_images, seed=seed,
@@ -344,6 +379,7 @@ class Pipeline:
         per = frames or 1  # images per sample: a clip's frames
         batch = max(1, self.batch_size(n * per, height, width, tiled, output,
                                        next(self.denoiser.parameters()).device) // per)
+        step_cache = self._step_cache(cache_interval, controls)
         sample_fn, _ = get_sampler(use.sampler)
         sigmas = self._sigmas(use)
         if edit is not None:
@@ -372,8 +408,8 @@ class Pipeline:
         for start in range(0, n, batch):
             pick = (lambda c, r=rows[start:start + batch]: c.map(lambda t: t[r]) if c is not None else None)
             x = self._start(latents[start:start + batch], sigmas, edit, z0, keep)
-            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), base, rescale=guidance_rescale,
-                                    interval=guidance_interval, threshold=dynamic_threshold)
+            denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), step_cache() or base,
+                                    rescale=guidance_rescale, interval=guidance_interval, threshold=dynamic_threshold)
             if keep is not None:  # inpainting: x0_hat is the image's latent outside the mask
                 denoiser = keep_known(denoiser, z0, keep)
             # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
@@ -386,6 +422,17 @@ class Pipeline:
         if output in ("latent", "pt"):
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
+
+    def _step_cache(self, interval: int, controls: list) -> object:
+        """A function giving each batch its step-cached denoiser (``interval`` > 1: a fresh ``StepCache`` per batch,
+        the pipeline's modules unchanged), or None (no caching: the batch uses the plain or controlled denoiser)."""
+        if interval == 1:
+            return lambda: None
+        if controls:
+            raise ValueError("cache_interval > 1 (DeepCache) cannot take ControlNets: its shallow steps skip the "
+                             "layers the residuals go to")
+        StepCache(self.denoiser.network, interval)  # checks the network and the interval before any work
+        return lambda: Denoiser(StepCache(self.denoiser.network, interval), self.denoiser.parameterization)
 
     def clip_length(self, frames: int | None, edited: bool = False) -> int | None:
         """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,

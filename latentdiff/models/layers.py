@@ -100,6 +100,11 @@ def perturbed_self_attention():
         _IDENTITY_SELF_ATTENTION.reset(token)
 
 
+def self_attention_perturbed() -> bool:
+    """Whether ``perturbed_self_attention`` is on here (a compiled stand-in cannot follow it, so it refuses)."""
+    return _IDENTITY_SELF_ATTENTION.get()
+
+
 class Attention(nn.Module):
     """Multi-head (self or cross) attention through scaled_dot_product_attention, Vaswani et al. 2017."""
 

@@ -453,14 +453,37 @@ class UNet(UNetEncoder):
         up = [width(r) for block in self.up_blocks for r in block.resnets]
         return down + [width(self.mid_block.resnets[0])] + up
 
-    def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None) -> Tensor:
-        """The forward pass; ``between(h, site)``, if given, transforms the features after each resnet (and its
-        attention) on the way down and up, and after the middle's first resnet and attention (the video U-Net's
-        temporal layers: ``models/video_unet.py``); sites are numbered in call order (``mixing_sites``)."""
-        cfg = self.config
-        site = itertools.count()
-        mix = (lambda h: between(h, next(site))) if between is not None else _same
+    def forward_deep_cache(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, deep: Tensor | None = None,
+                           keep_deep: bool = False) -> tuple[Tensor, Tensor | None]:
+        """DeepCache, Ma et al. 2023. Without ``deep``: the whole network, and with ``keep_deep`` also its deep
+        features (what enters the last up block's second-to-last resnet). With ``deep`` (from a neighbouring step):
+        only the shallow path, conv_in, the first down block's first resnet (+ attention), the last up block's last
+        two resnets (+ attentions) and the output head, on the cached deep features. Returns (output, deep)."""
+        if deep is None:
+            kept: dict = {} if keep_deep else None
+            return self._forward(x, c_noise, cond, kept=kept), (kept or {}).get("deep")
         cond = cond if cond is not None else Cond()
+        if cond.control is not None:
+            raise ValueError("DeepCache's shallow steps cannot take ControlNet residuals (cond.control)")
+        x, emb, context, mask = self._inputs(x, c_noise, cond)
+        s0 = self.conv_in(x)  # (B, c0, H, W)
+        first = self.down_blocks[0]
+        s1 = self._run(first.resnets[0], s0, emb)
+        attn = getattr(first, "attentions", [None])[0]
+        if attn is not None:
+            s1 = self._run(attn, s1, context, mask)
+        block = self.up_blocks[-1]
+        attns = getattr(block, "attentions", [None] * len(block.resnets))
+        h = deep
+        for resnet, attn, skip in zip(block.resnets[-2:], attns[-2:], (s1, s0)):
+            h = self._run(resnet, torch.cat([h, skip], dim=1), emb)
+            if attn is not None:
+                h = self._run(attn, h, context, mask)
+        return self.conv_out(F.silu(self.conv_norm_out(h))), deep
+
+    def _inputs(self, x: Tensor, c_noise: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Checked inputs: x with cond.concat joined, the embedding (B, temb), the context and its mask."""
+        cfg = self.config
         B, _, H, W = x.shape
         self._check_size(x)
         if cond.concat is not None:
@@ -473,6 +496,18 @@ class UNet(UNetEncoder):
             raise ValueError(f"this UNet expects cond.concat with {cfg.concat_channels} channels")
         emb = self._embed(c_noise, cond, B)  # (B, temb)
         context, mask = self._check_context(cond, B)
+        return x, emb, context, mask
+
+    def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None,
+                 kept: dict | None = None) -> Tensor:
+        """The forward pass; ``between(h, site)``, if given, transforms the features after each resnet (and its
+        attention) on the way down and up, and after the middle's first resnet and attention (the video U-Net's
+        temporal layers: ``models/video_unet.py``); sites are numbered in call order (``mixing_sites``).
+        ``kept``, if given, receives DeepCache's deep features under "deep" (``forward_deep_cache``)."""
+        site = itertools.count()
+        mix = (lambda h: between(h, next(site))) if between is not None else _same
+        cond = cond if cond is not None else Cond()
+        x, emb, context, mask = self._inputs(x, c_noise, cond)
 
         # Down.
         h, skips = self._down(self.conv_in(x), emb, context, mask, mix)  # conv_in: (B, c0, H, W)
@@ -492,7 +527,9 @@ class UNet(UNetEncoder):
         # Up.
         for block in self.up_blocks:
             attns = getattr(block, "attentions", [None] * len(block.resnets))
-            for resnet, attn in zip(block.resnets, attns):
+            for r, (resnet, attn) in enumerate(zip(block.resnets, attns)):
+                if kept is not None and block is self.up_blocks[-1] and r == len(block.resnets) - 2:
+                    kept["deep"] = h  # DeepCache's cached features
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
                 h = self._run(resnet, h, emb)
                 if attn is not None:
@@ -512,3 +549,30 @@ def _check_control(control: list[Tensor], targets: list[Tensor]) -> None:
         if r.shape != t.shape:
             what = "the middle block's output" if k == len(targets) - 1 else "the skip it adds to"
             raise ValueError(f"cond.control[{k}] has shape {tuple(r.shape)}, {what} has {tuple(t.shape)}")
+
+
+class StepCache(nn.Module):
+    """DeepCache, Ma et al. 2023: a U-Net that runs whole every ``interval`` calls (the first included) and only its
+    shallow path in between, on the deep features of the last whole call. One per generation: it holds them."""
+
+    def __init__(self, unet: UNet, interval: int):
+        super().__init__()
+        if type(unet) is not UNet:  # a video U-Net's temporal layers have no shallow path
+            raise TypeError(f"step caching (cache_interval) works on our U-Net, not on {type(unet).__name__}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"cache_interval must be a whole number >= 1, got {interval!r}")
+        self.unet, self.interval = unet, interval
+        self.calls, self.deep = 0, None
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        full = self.calls % self.interval == 0 or self.deep is None or self.deep.shape[0] != x.shape[0]
+        self.calls += 1
+        if full:
+            out, deep = self.unet.forward_deep_cache(x, c_noise, cond, keep_deep=self.interval > 1)
+            self.deep = deep
+            return out
+        return self.unet.forward_deep_cache(x, c_noise, cond, self.deep)[0]
