@@ -345,7 +345,6 @@ class Pipeline:
         9-channel layout) is given the mask and the masked image's latents instead of latent blending, and needs
         ``image`` and ``mask`` (``blank_canvas()`` for text-to-image); a super-resolution model needs ``low_res``
         (an image as ``image`` takes) and makes it ``index.upscale`` times larger.
-
         Video (``latentdiff train-video`` models): ``frames`` per clip (None: the model's length); a clip is a list of
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
@@ -379,12 +378,12 @@ class Pipeline:
         per = frames or 1  # images per sample: a clip's frames
         batch = max(1, self.batch_size(n * per, height, width, tiled, output,
                                        next(self.denoiser.parameters()).device) // per)
-        step_cache = self._step_cache(cache_interval, controls)
         sample_fn, _ = get_sampler(use.sampler)
         sigmas = self._sigmas(use)
         if edit is not None:
             sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
-        base = ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser
+        base, step_cache = (ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser,
+                            self._step_cache(cache_interval, controls))
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
                                                     crop_top_left, use)
 
