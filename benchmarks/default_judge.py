@@ -1,7 +1,7 @@
 """The judge suites on a shapes model under several guidance settings, with one standard error.
 
     python benchmarks/default_judge.py MODEL_DIR [--prompts 256] [--settings cfg:4 apg:4 cfg:4:pag1 auto:2 ...]
-        [--suites heldout heldout_paraphrase heldout_two train] [--steps 20] [--sampler dpmpp_2m] [--threads 2]
+        [--suites heldout heldout_paraphrase heldout_two train] [--steps 20] [--sampler dpmpp_2m] [--threads 2] [--seed 0]
         [--confusion]
 
 Each setting is METHOD:SCALE[:pagP]: METHOD cfg, apg or auto (autoguidance with the folder's guide/), SCALE the
@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="draws the prompts and the noise; a run's judge_every "
+                    "curve uses seed 0, so a checkpoint picked on it is scored on another seed")
     ap.add_argument("--confusion", action="store_true", help="held-out shapes asked against shapes read")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,15 +59,15 @@ def main() -> None:
         for suite in args.suites:
             t = time.perf_counter()
             scores = judge_suites(pipe, args.prompts, suites=(suite,), steps=args.steps, sampler=args.sampler,
-                                  **parse_setting(text))[suite]
+                                  seed=args.seed, **parse_setting(text))[suite]
             seconds = (time.perf_counter() - t) / args.prompts
             n = args.prompts * (2 if suite.endswith("two") else 1)
             cells = [f"{scores[k]:.3f} +- {stderr(scores[k], n if k != 'all_correct' else args.prompts):.3f}"
                      for k in keys]
             print(f"| {text} | {suite} | " + " | ".join(cells) + f" | {seconds:.3f} |", flush=True)
     if args.confusion:
-        prompts = heldout_prompts(args.prompts)
-        _, images = score_prompts(pipe, prompts, steps=args.steps, sampler=args.sampler, seed=0, batch=64,
+        prompts = heldout_prompts(args.prompts, seed=args.seed)
+        _, images = score_prompts(pipe, prompts, steps=args.steps, sampler=args.sampler, seed=args.seed, batch=64,
                                   **parse_setting(args.settings[0]))
         counts = collections.Counter()
         for image, (_, scene) in zip(images, prompts):

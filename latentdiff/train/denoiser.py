@@ -138,9 +138,9 @@ TRAIN_PRESETS["shapes-mmdit-test"] = {**TRAIN_PRESETS["shapes-test"], **_MMDIT, 
 TRAIN_PRESETS["shapes-demo-dit"] = {**_DEMO, "model": "dit-shapes"}
 # The bundled default model (latentdiff/default/README.md): the demo's recipe trained 8x as long on a larger
 # cache, with the judge suites logged every 500 steps (judge.jsonl: the curve against CPU time) and every
-# checkpoint kept (an early one is the weak guide for autoguidance). Its text encoder has no transformer
-# layer: each word's feature is its own, whatever its neighbours, which carries "triangle" over to colours it
-# was never seen with (held-out 0.91 against 0.81 at step 2000 with one layer; BENCHMARKS.md).
+# checkpoint kept (the shipped weights are the step-2500 EMA, picked on that curve). Its text encoder has no
+# transformer layer: each word's feature is its own, whatever its neighbours, which carries "triangle" over to
+# colours it was never seen with (held-out 0.91 against 0.81 at step 2000 with one layer; BENCHMARKS.md).
 TRAIN_PRESETS["shapes-default"] = {**_DEMO, "steps": 4000, "warmup_steps": 200, "ema_decay": 0.999,
                                    "text_encoder": {"dim": 128, "num_layers": 0},
                                    "save_every": 500, "keep_last": 20, "sample_every": 1000, "judge_every": 500,
