@@ -9,7 +9,7 @@ from latentdiff.cli import main
 from latentdiff.components import read_model_folder
 from latentdiff.images import read_parameters
 from latentdiff.pipeline import load
-from tests._tiny import tiny_model_folder
+from _tiny import tiny_model_folder
 
 PROMPT = "a small red circle moving to the right on a black background"
 
