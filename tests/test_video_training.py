@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_model_folder
 from PIL import Image
 
 from latentdiff.cli import main
 from latentdiff.components import read_model_folder
 from latentdiff.images import read_parameters
 from latentdiff.pipeline import load
-from _tiny import tiny_model_folder
 
 PROMPT = "a small red circle moving to the right on a black background"
 
