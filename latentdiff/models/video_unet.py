@@ -120,10 +120,9 @@ def inflate(unet: UNet, **temporal) -> VideoUNet:
         raise TypeError("this U-Net already has temporal layers")
     fields = {f.name: getattr(unet.config, f.name) for f in dataclasses.fields(UNetConfig)}
     video = VideoUNet(VideoUNetConfig(**fields, **temporal))
-    missing, unexpected = video.load_state_dict(unet.state_dict(), strict=False)
-    fresh = [k for k in missing if not k.startswith("temporal.")]
-    if fresh or unexpected:
-        raise RuntimeError(f"inflating the U-Net left spatial tensors unset {fresh} or unused {unexpected}")
+    # Strict: every spatial tensor comes from the image model, every temporal one stays as initialized.
+    temporal_state = {f"temporal.{k}": v for k, v in video.temporal.state_dict().items()}
+    video.load_state_dict({**unet.state_dict(), **temporal_state})
     return video.to(next(unet.parameters()).dtype)
 
 
