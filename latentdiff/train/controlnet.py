@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from latentdiff.components import read_model_folder
-from latentdiff.config import FRACTION, bounds, from_dict, one_of
+from latentdiff.config import FRACTION, at_least, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
 from latentdiff.data.control_maps import CONTROL_KINDS
 from latentdiff.diffusion.control import Control, ControlledDenoiser
@@ -25,7 +25,8 @@ from latentdiff.models.controlnet import ControlNet, for_unet, save_controlnet
 from latentdiff.models.runtime import autocast
 from latentdiff.models.unet import UNet
 from latentdiff.train.common import check_finite_params
-from latentdiff.train.distributed import Context, per_sample, sample_generators
+from latentdiff.train.denoiser import draw_samples
+from latentdiff.train.distributed import Context
 from latentdiff.train.run import Run, RunConfig, processes
 
 # The training noise levels the base model's parameterization calls for, unless sigma_sampler names one.
@@ -49,10 +50,11 @@ class ControlNetTrainConfig(RunConfig):
     save_every: int = 500  # steps between checkpoints
     caption_dropout: float = 0.3  # share of steps on the empty prompt: the map alone must carry the layout
     sigma_sampler: str = ""  # training noise levels; "" = the parameterization's usual one (flow: logitnormal)
+    offset_noise: float = 0.0  # offset-noise strength (0 = off), as in `train`
     copy_encoder: bool = True  # start the ControlNet from the denoiser's encoder weights (as the paper does)
 
     BOUNDS = bounds({"control": one_of("", *CONTROL_KINDS), "caption_dropout": FRACTION,
-                     "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal")})
+                     "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0)})
 
 
 CONTROLNET_PRESETS: dict[str, dict] = {
@@ -128,17 +130,13 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
 
             def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
                 """Per-sample losses of these global-batch positions, each drawn from its own generator."""
-                gens = sample_generators(cfg.seed, step, positions)
-                items = idx[positions]
-                drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
-                x0 = autoencoder.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
-                drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
-                sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
-                noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+                _, x0, captions, drop, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step, idx,
+                                                                   positions)
+                x0, items = x0.to(device), idx[positions]
                 image = cache.control[items].to(device, torch.float32) / 255  # (B, 3, H, W) in [0, 1]
                 with torch.no_grad():
                     cond = cache.text_cond(items, drop).map(lambda t: t.to(device)) if cached_text else \
-                        text_encoder(["" if d else c[0] for (_, c), d in zip(drawn, drop.tolist())])
+                        text_encoder(captions)
                 with autocast(cfg.precision, device):
                     controlled = ControlledDenoiser(denoiser, [Control(controlnet, image)])
                     return denoising_loss(controlled, x0, sigma, cond, noise=noise.to(device))
