@@ -299,7 +299,9 @@ def cmd_generate(args) -> None:
     pipe = load(cfg.model, precision=cfg.precision if torch_backend and cfg.precision else "fp32",
                 **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     for path, weight in loras:
-        pipe.load_lora(path, weight)
+        lora = pipe.load_lora(path, weight)
+        if not torch_backend or cfg.int8:
+            lora.merge()  # a compiled network takes the merged weights (and its cache key sees them)
     for folder, kw in controlnets:
         pipe.add_controlnet(folder, **kw)  # one built for another base model is refused here
     if not torch_backend or cfg.int8:

@@ -103,6 +103,13 @@ class Pipeline:
             if int8:
                 raise ValueError("int8 weights need the OpenVINO backend: backend='openvino' (--backend openvino)")
             return self
+        live = [lora_set.name for lora_set in self.loras if any(not lora.merged for lora in lora_set.loras)]
+        if live:  # an attached adapter is not in the network's state_dict, so the compiled-model cache key misses it
+            raise ValueError(f"LoRA {live} attached but not merged: merge it first (lora.merge()) so that the "
+                             f"converted weights, and the key of the cache of compiled models, include it")
+        if self.controlnets:
+            raise ValueError("ControlNets run in torch only: the compiled network takes no control residuals "
+                             "(use backend='torch')")
         from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
 
         options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",

@@ -149,3 +149,30 @@ def test_cli_int8_is_close_to_fp32(model, tmp_path):
     want = load(model).generate("a red circle", steps=3, output="np")[0].astype(np.int16)
     got = np.asarray(Image.open(tmp_path / "int8.png"), dtype=np.int16)
     assert np.abs(got - want).max() <= 13  # 0.1 on [-1, 1]: weights changed, images barely
+
+
+def test_backend_takes_loras_merged_and_refuses_controlnets(model, cache, tmp_path):
+    """An attached LoRA is not in the network's state_dict (the compiled-model cache key): to_backend asks for it
+    merged, and then the compiled network carries it; ControlNets stay in torch."""
+    from latentdiff.models.lora import LoRA, save_lora
+
+    pipe = load(model)
+    lora = LoRA.create(pipe.denoiser.network, rank=2, targets=("attention",), family="unet")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora.layers:
+            layer.up.copy_(torch.randn(layer.up.shape, generator=g) * 0.5)
+    plain = pipe.to_backend("openvino", precision="fp32", cache_dir=cache).generate("a red circle", steps=4,
+                                                                                    output="pt")
+    attached = pipe.load_lora(save_lora(tmp_path / "l.safetensors", lora))
+    with pytest.raises(ValueError, match="merge it first"):
+        pipe.to_backend("openvino", precision="fp32", cache_dir=cache)
+    want = pipe.generate("a red circle", steps=4, output="pt")
+    attached.merge()
+    got = pipe.to_backend("openvino", precision="fp32", cache_dir=cache).generate("a red circle", steps=4,
+                                                                                  output="pt")
+    assert (got - want).abs().max() < 1e-3 and (want - plain).abs().max() > 1e-2
+    pipe.unload_loras()
+    pipe.controlnets.append(object())  # what add_controlnet keeps; to_backend must refuse before using it
+    with pytest.raises(ValueError, match="ControlNets run in torch only"):
+        pipe.to_backend("openvino", cache_dir=cache)
