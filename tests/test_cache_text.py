@@ -82,3 +82,22 @@ def test_hashed_encoder_without_layers_keeps_each_word_its_own_feature():
     assert torch.equal(a[3], b[3])  # "triangle" after different colours
     assert not torch.equal(a[2], b[2])  # the colours themselves differ
     assert not any(k.startswith("layers.") for k in enc.state_dict())
+
+
+def test_phrase_pooling_binds_words_within_their_phrase_only():
+    """phrase_pool: a word also sees the mean of its phrase's words (phrases end at ',', 'and', 'with', ';'),
+    so "red" carries "left" in "a red circle on the left", but nothing from the other object's phrase."""
+    from latentdiff.conditioning.text import HashedTextEncoder
+
+    torch.manual_seed(0)
+    enc = HashedTextEncoder(TextEncoderConfig(dim=16, num_layers=0, num_heads=2, phrase_pool=True))
+    ids, _ = enc.tokenize(["a red circle on the left and a blue square, grey background with a dot"])
+    assert enc.phrase_ids(ids)[0].tolist() == [0] * 7 + [1] * 4 + [2] * 3 + [3] * 3
+    a, b, c = enc(["a red circle on the left and a blue square", "a red circle on the left and a green square",
+                   "a red circle on the right and a blue square"]).context
+    assert torch.equal(a[:7], b[:7])  # the first phrase does not see the second object's colour
+    assert not torch.equal(a[7:], b[7:])  # the second phrase does
+    assert not torch.equal(a[2], c[2])  # "red" knows where its object is
+    assert torch.equal(a[8:], c[8:])  # ... and the other phrase does not
+    plain = HashedTextEncoder(TextEncoderConfig(dim=16, num_layers=0, num_heads=2))
+    assert "phrase_projection.weight" in enc.state_dict() and "phrase_projection.weight" not in plain.state_dict()

@@ -32,6 +32,7 @@ class TextEncoderConfig:
     num_heads: int = 4  # hashed: attention heads
     max_length: int = 32  # tokens kept per prompt (hashed: words; pretrained: tokenizer tokens)
     layer: str = "last"  # pretrained: "last" or "penultimate" hidden state as context
+    phrase_pool: bool = False  # hashed: each word also gets its phrase's mean word embedding (see below)
 
     BOUNDS = bounds({"kind": one_of("hashed", "pretrained"), "dim": COUNT, "vocab_size": at_least(2),
                      "num_layers": at_least(0), "num_heads": COUNT, "max_length": COUNT,
@@ -44,7 +45,16 @@ class HashedTextEncoder(nn.Module):
     Words are lower-cased and mapped to ``vocab_size - 1`` buckets by CRC32, so any text is accepted
     and the same word always gets the same token. Token 0 is the begin token every prompt starts with,
     which is also all that the empty (unconditional) prompt holds.
+
+    ``phrase_pool`` binds words to their phrase without mixing them: a phrase ends before each separator
+    (``,``, ``;``, ``and``, ``with``), and each word's feature also gets a linear map of the mean of its
+    phrase's word embeddings. "red" in "a red circle on the left" then carries "left", which cross-attention
+    needs to put the colour on the right object of a two-object prompt, while a colour and a shape never seen
+    together still add up linearly (a transformer layer would make their pair a new feature; see the default
+    model's card).
     """
+
+    SEPARATORS = (",", ";", "and", "with")
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -58,6 +68,9 @@ class HashedTextEncoder(nn.Module):
             batch_first=True, norm_first=True,
         )
         self.layers = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        if config.phrase_pool:
+            self.phrase_projection = nn.Linear(config.dim, config.dim)
+            self._separators = [self._token(w) for w in self.SEPARATORS]
         self.final_norm = nn.LayerNorm(config.dim)
 
     @property
@@ -69,7 +82,7 @@ class HashedTextEncoder(nn.Module):
         rows = []
         for p in prompts:
             words = _WORD.findall(p.lower())[: self.config.max_length - 1]
-            rows.append([0] + [1 + zlib.crc32(w.encode()) % (self.config.vocab_size - 1) for w in words])
+            rows.append([0] + [self._token(w) for w in words])
         length = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
@@ -78,10 +91,30 @@ class HashedTextEncoder(nn.Module):
             mask[i, : len(r)] = True
         return ids, mask
 
+    def _token(self, word: str) -> int:
+        return 1 + zlib.crc32(word.encode()) % (self.config.vocab_size - 1)
+
+    def phrase_ids(self, ids: Tensor) -> Tensor:
+        """(B, L) token ids -> (B, L) phrase index: 0 from the begin token, +1 at each separator word."""
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        for token in self._separators:
+            starts |= ids == token
+        return starts.long().cumsum(1)
+
+    def _phrase_means(self, embedded: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """The mean word embedding of each token's phrase (padding excluded), (B, L, D)."""
+        phrase = self.phrase_ids(ids)
+        member = (phrase[:, :, None] == phrase[:, None, :]) & mask[:, None, :]  # (B, L, L): same phrase
+        weights = member.to(embedded.dtype)
+        return weights @ embedded / weights.sum(-1, keepdim=True)
+
     def forward(self, prompts: list[str]) -> Cond:
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.position_embedding.device), mask.to(self.position_embedding.device)
-        h = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, L, D)
+        words = self.token_embedding(ids)
+        h = words + self.position_embedding[: ids.shape[1]]  # (B, L, D)
+        if self.config.phrase_pool:
+            h = h + self.phrase_projection(self._phrase_means(words, ids, mask))
         if self.config.num_layers:  # 0 layers: each token's feature is its own word and place (no mixing)
             h = self.layers(h, src_key_padding_mask=~mask)
         h = self.final_norm(h)
