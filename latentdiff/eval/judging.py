@@ -22,6 +22,7 @@ SUITES = {
     "heldout_paraphrase": (heldout_prompts, "paraphrase", 1),
     "heldout_two": (heldout_prompts, "template", 2),
     "train": (train_prompts, "template", 1),
+    "train_two": (train_prompts, "template", 2),  # binding without held-out pairs: which colour goes where
 }
 
 
