@@ -157,6 +157,8 @@ class GenerateConfig:
                                to_config=lambda v: {"control_ends": tuple(v)})
     upscale: str = _opt("", "a super-resolution model's low-resolution input; the output is its size times the "
                         "model's upscale factor (`latentdiff upscale IN.png` says the same)", metavar="FILE")
+    noise_level: int | None = _opt(None, "SD x4 upscaler: the noise added to the --upscale image, a DDPM timestep "
+                                   "0..its max_noise_level (default: the model's, 20)", metavar="N")
 
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
@@ -372,7 +374,9 @@ def _generate_options(cfg: GenerateConfig) -> dict:
             raise ValueError("--upscale and --image: a super-resolution model takes its low-res image only")
         from latentdiff.edit_inputs import read_image
 
-        options["low_res"] = read_image(cfg.upscale)
+        options.update(low_res=read_image(cfg.upscale), noise_level=cfg.noise_level)
+    elif cfg.noise_level is not None:
+        raise ValueError("--noise-level is the noise added to an --upscale image: give it with --upscale FILE")
     if cfg.preview_every:
         if not cfg.preview_dir:
             raise ValueError("preview_every needs preview_dir: --preview-every N DIR")
@@ -408,7 +412,8 @@ def _edit_parameters(cfg: GenerateConfig) -> dict:
     """What a PNG records of an edit: the image and mask files, the strength used, the outpainting border; the
     low-res input of an upscale."""
     if cfg.upscale:
-        return {"upscale": str(Path(cfg.upscale).resolve())}
+        level = {"noise_level": cfg.noise_level} if cfg.noise_level is not None else {}
+        return {"upscale": str(Path(cfg.upscale).resolve()), **level}
     if not cfg.image:
         return {}
     from latentdiff.edit_inputs import edit_strength
@@ -428,7 +433,8 @@ def cmd_upscale(args) -> None:
     """``latentdiff upscale IN.png -o OUT.png --model DIR``: ``generate --upscale IN.png`` with its options."""
     argv = ["generate", args.prompt, "--upscale", args.image, "-o", args.out, "--model", args.model,
             "--seed", str(args.seed)]
-    for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--guidance", args.guidance)):
+    for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--guidance", args.guidance),
+                        ("--noise-level", args.noise_level)):
         argv += [flag, str(value)] if value is not None else []
     cmd_generate(build_parser().parse_args(argv))
 
@@ -638,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("upscale", help="upscale an image with a super-resolution model",
-                       description="Upscale an image with a super-resolution model (train --preset shapes-sr); "
+                       description="Upscale an image with a super-resolution model (train --preset shapes-sr, or "
+                                   "a diffusers StableDiffusionUpscalePipeline folder such as SD's x4 upscaler); "
                                    "the same as generate --upscale IN.png.")
     p.add_argument("image", help="the low-resolution image")
     p.add_argument("-o", "--out", required=True, help="output .png")
@@ -648,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler or alias (default: the model's recommendation)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--noise-level", type=int, default=None, metavar="N",
+                   help="SD x4 upscaler: the noise added to the image, 0..its max_noise_level (default: 20)")
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a latentdiff or diffusers folder",

@@ -42,27 +42,21 @@ from latentdiff.models.unet import UNetConfig
 from latentdiff.models.video_unet import VideoUNetConfig
 from latentdiff.models.vq import build_autoencoder
 
-BETA_SCHEDULES = {
-    "linear": schedules.linear_betas,
-    "scaled_linear": schedules.scaled_linear_betas,
-    "cosine": schedules.cosine_betas,
-}
-
 
 @dataclass
 class NoiseSchedule:
     """The discrete noise schedule a (VP, 1000-step) denoiser was trained with."""
 
-    betas: str = "scaled_linear"  # "linear", "scaled_linear" (SD) or "cosine"
+    betas: str = "scaled_linear"  # "linear", "scaled_linear" (SD), "cosine" or "upscaler" (SD's x4 upscaler)
     num_timesteps: int = 1000  # discrete training timesteps
     zero_terminal_snr: bool = False  # rescale so the last step is pure noise (Lin et al. 2023)
 
-    BOUNDS = bounds({"betas": one_of(*BETA_SCHEDULES), "num_timesteps": at_least(2)})
+    BOUNDS = bounds({"betas": one_of(*schedules.BETA_SCHEDULES), "num_timesteps": at_least(2)})
 
     def alphas_cumprod(self) -> torch.Tensor:
-        if self.betas not in BETA_SCHEDULES:
-            raise ValueError(f"unknown beta schedule {self.betas!r}; choose one of {sorted(BETA_SCHEDULES)}")
-        ac = schedules.alphas_cumprod(BETA_SCHEDULES[self.betas](self.num_timesteps))
+        if self.betas not in schedules.BETA_SCHEDULES:
+            raise ValueError(f"unknown beta schedule {self.betas!r}; choose one of {sorted(schedules.BETA_SCHEDULES)}")
+        ac = schedules.alphas_cumprod(schedules.BETA_SCHEDULES[self.betas](self.num_timesteps))
         return schedules.rescale_zero_terminal_snr(ac) if self.zero_terminal_snr else ac
 
 

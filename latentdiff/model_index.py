@@ -19,6 +19,7 @@ It is read as version 1; a version newer than this code is refused.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from latentdiff.config import (
     from_dict,
     one_of,
 )
+from latentdiff.diffusion.schedules import BETA_SCHEDULES, alphas_cumprod
 from latentdiff.io import read_json, write_json
 
 VERSION = 2
@@ -107,12 +109,13 @@ class GenerateRequest:
     strength: float | None = None  # editing: the share of the steps run from the noised image (None: 0.8 or 1)
     outpaint: tuple[int, int, int, int] | None = None  # outpainting: pixels added (left, top, right, bottom)
     frames: int | None = None  # a video model's frames per clip (None: its clip length)
+    noise_level: int | None = None  # an x4 upscaler's low-res noise level (None: its default; at most its maximum)
 
     BOUNDS = bounds({"height": COUNT, "width": COUNT, "num_images": COUNT, "seed": between(-2**63, 2**64 - 1),
                      "guidance_rescale": FRACTION, "guidance_interval": Bound(0, finite=False),
                      "dynamic_threshold": between(0, 1, hi_open=True), "preview_every": COUNT,
                      "strength": Bound(0, 1, lo_open=True), "outpaint": at_least(0),
-                     "frames": COUNT})
+                     "frames": COUNT, "noise_level": at_least(0)})
 
 
 @dataclass
@@ -150,6 +153,33 @@ class Distilled:
 
 
 @dataclass
+class NoiseAugmentation:
+    """A super-resolution model whose low-res input is noised before it is joined to the latent (SD's x4 upscaler;
+    noise conditioning augmentation, Ho et al. 2022 "Cascaded Diffusion Models"): the image at timestep ``level`` of
+    its own DDPM schedule, sqrt(a) x + sqrt(1 - a) eps, and ``level`` given to the denoiser as its class label."""
+
+    betas: str = "upscaler"  # beta schedule of the low-res noise (diffusers' low_res_scheduler)
+    num_timesteps: int = 1000  # its discrete timesteps
+    max_level: int = 350  # the highest noise level a generation may ask for (diffusers' max_noise_level)
+    default_level: int = 20  # the level when a generation names none (diffusers' default noise_level)
+
+    BOUNDS = bounds({"betas": one_of(*BETA_SCHEDULES), "num_timesteps": at_least(2), "max_level": at_least(0),
+                     "default_level": at_least(0)})
+
+    def level(self, asked: int | None) -> int:
+        """The noise level of a generation: ``asked``, else the default; an error outside [0, max_level]."""
+        level = self.default_level if asked is None else asked
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 0 <= level <= self.max_level:
+            raise ValueError(f"noise_level must be a whole number in [0, {self.max_level}] (this model's "
+                             f"max_noise_level), got {level!r}")
+        return int(level)
+
+    def alphas_cumprod(self):
+        """The signal fraction of each timestep of the low-res noise's schedule (float64)."""
+        return alphas_cumprod(BETA_SCHEDULES[self.betas](self.num_timesteps))
+
+
+@dataclass
 class ModelIndex:
     """``model_index.json`` of a latentdiff model folder."""
 
@@ -165,6 +195,7 @@ class ModelIndex:
     concat: str | None = None  # what the denoiser's concat channels carry: None, "inpaint" (SD inpainting's layout)
     # or "low_res" (super-resolution, LDM's layout)
     upscale: int = 1  # a super-resolution model: output side / low-res input side
+    noise_augmentation: NoiseAugmentation | None = None  # its low-res image noised, the level a class label (x4)
     format: str = "latentdiff"  # tells our folders from diffusers' (which have "_class_name")
     version: int = VERSION  # of this layout
 
@@ -208,10 +239,14 @@ def _from_version_0(data: dict) -> dict:
 def split_input_channels(in_channels: int, out_channels: int, where: str) -> tuple[int, int, str | None]:
     """A U-Net's input channels as (latent channels, concat channels, what the concat carries): text-to-image
     (in = out) as it is; SD inpainting's in = 2 out + 1 (noisy latents, the mask, the masked image's latents) as
-    ``(out, out + 1, "inpaint")``; any other layout (depth, the x4 upscaler) refused by name."""
+    ``(out, out + 1, "inpaint")``; SD's x4 upscaler's in = out + 3 (noisy latents, the low-res RGB image at the
+    latent's size) as ``(out, 3, "low_res")``; any other layout (depth) refused by name."""
     if in_channels == out_channels:
         return in_channels, 0, None
     if in_channels == 2 * out_channels + 1:
         return out_channels, out_channels + 1, INPAINT
-    raise ValueError(f"{where}: {in_channels} input channels and {out_channels} output channels (a depth or upscale "
-                     f"U-Net?); only text-to-image U-Nets (in = out) and inpainting U-Nets (in = 2 out + 1) load here")
+    if in_channels == out_channels + 3:
+        return out_channels, 3, LOW_RES
+    raise ValueError(f"{where}: {in_channels} input channels and {out_channels} output channels (a depth U-Net?); "
+                     "only text-to-image U-Nets (in = out), inpainting U-Nets (in = 2 out + 1) and x4 upscaler "
+                     "U-Nets (in = out + 3) load here")

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.components import read_model_folder
-from latentdiff.conditioning.concat import inpaint_concat, low_res_concat
+from latentdiff.conditioning.concat import inpaint_concat, low_res_concat, noise_low_res
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
@@ -251,22 +251,25 @@ class Pipeline:
         """(height, width) of a request: None is the model's sample size; each a positive multiple of the
         autoencoder's factor, or an error that suggests the nearest."""
         height, width = height or self.default_size, width or self.default_size
-        factor = self.autoencoder.factor
+        factor, net = self.size_factors()
         if height % factor or width % factor:
             fit = lambda n: max(factor, round(n / factor) * factor)
             raise ValueError(f"height and width ({height}x{width}) must be multiples of the autoencoder's factor "
                              f"{factor}; try {fit(height)}x{fit(width)}")
-        # The latent must also fit the network: a U-Net's downsampling, a DiT's patch.
-        network = getattr(self.denoiser, "network", None)
-        network = getattr(network, "wrapped", network)  # a compiled stand-in's torch network
-        family = family_of(network) if network is not None else None
-        net = spatial_factor(family, network.config) if family else 1
         if (height // factor) % net or (width // factor) % net:
             step = factor * net
             fit = lambda n: max(step, round(n / step) * step)
             raise ValueError(f"height and width ({height}x{width}) must be multiples of {step} for this model (the "
                              f"autoencoder's factor {factor} x the denoiser's {net}); try {fit(height)}x{fit(width)}")
         return height, width
+
+    def size_factors(self) -> tuple[int, int]:
+        """(the autoencoder's factor, the denoiser's: a U-Net's downsampling, a DiT's patch): an image's sides are
+        multiples of the first, its latent's of the second."""
+        network = getattr(self.denoiser, "network", None)
+        network = getattr(network, "wrapped", network)  # a compiled stand-in's torch network
+        family = family_of(network) if network is not None else None
+        return self.autoencoder.factor, spatial_factor(family, network.config) if family else 1
 
     def memory_estimate(self, height: int, width: int, tiled: bool | None = None, output: str = "pil"
                         ) -> tuple[int, int]:
@@ -319,7 +322,7 @@ class Pipeline:
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
                  paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
-                 cache_interval: int = 1):
+                 cache_interval: int = 1, noise_level: int | None = None):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -365,13 +368,13 @@ class Pipeline:
         _check_request(output, height=height, width=width, num_images=num_images, seed=seed,
                        guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
                        dynamic_threshold=dynamic_threshold, preview_every=preview_every, strength=strength,
-                       outpaint=outpaint, frames=frames)
+                       outpaint=outpaint, frames=frames, noise_level=noise_level)
         frames = self.clip_length(frames, edited=image is not None or mask is not None or outpaint is not None)
         self.image_size(height, width)  # the sizes asked for are multiples of the factor
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
                             height=height, width=width, factor=self.autoencoder.factor)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
-        concat_kind = self._check_concat_inputs(edit, low_res)
+        concat_kind = self._check_concat_inputs(edit, low_res, noise_level)
         if concat_kind == LOW_RES:  # the output is the low-res image's size times the model's upscale factor
             low_res, (height, width) = self._low_res_input(low_res, height, width)
         controls = self._controlled(control, (height, width))
@@ -397,14 +400,13 @@ class Pipeline:
         # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
         # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
         generator = torch.Generator("cpu").manual_seed(seed)
+        # Concat inputs first: a noise-augmented low-res image draws its noise before the latents (diffusers' order).
+        cond, uncond, guide_cond = self._with_concat(concat_kind, (cond, uncond, guide_cond), len(prompts), edit,
+                                                     low_res, noise_level, generator, tiled, latents)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
-        if concat_kind is not None:  # an inpainting model sees the mask: no latent blending (as diffusers' 9-channel)
-            concat, keep = (self._inpaint_inputs(edit, tiled, latents.device), None) if concat_kind == INPAINT else \
-                (low_res_concat(low_res.to(latents.device), factor // self.index.upscale), keep)
-            cond, uncond, guide_cond = (c if c is None else dataclasses.replace(c, concat=concat.expand(
-                len(prompts), -1, -1, -1)) for c in (cond, uncond, guide_cond))
+        keep = None if concat_kind == INPAINT else keep  # an inpainting model sees the mask: no latent blending
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         hint = self.index.scheduler
@@ -502,11 +504,17 @@ class Pipeline:
         keep = latent_mask(edit.mask, self.autoencoder.factor).to(device) if edit.mask is not None else None
         return z0, keep
 
-    def _check_concat_inputs(self, edit: Edit | None, low_res) -> str | None:
+    def _check_concat_inputs(self, edit: Edit | None, low_res, noise_level: int | None) -> str | None:
         """What the denoiser's concat channels carry (``concat_inputs``), after checking that the call gives it:
         an inpainting model needs an image and a mask (as diffusers' inpainting pipeline does), a super-resolution
-        model its low-res image and no edit; an error before any work otherwise."""
-        kind = self.concat_inputs
+        model its low-res image and no edit, and ``noise_level`` is for a noise-augmented one only and within its
+        range; an error before any work otherwise."""
+        kind, noise = self.concat_inputs, self.index.noise_augmentation
+        if noise_level is not None and noise is None:
+            raise ValueError(f"noise_level given, but {self.name} does not noise its low-res input (SD's x4 upscaler "
+                             "does)")
+        if noise is not None:
+            noise.level(noise_level)
         if low_res is not None and kind != LOW_RES:
             raise ValueError(f"low_res given, but {self.name} is not a super-resolution model (train one with "
                              "`latentdiff train --preset shapes-sr`)")
@@ -520,13 +528,44 @@ class Pipeline:
         return kind
 
     def _low_res_input(self, low_res, height: int | None, width: int | None) -> tuple[Tensor, tuple[int, int]]:
-        """A super-resolution model's input (1, 3, h, w) in [-1, 1] and the output size: (h, w) x the upscale."""
+        """A super-resolution model's input (1, 3, h, w) in [-1, 1] and the output size: (h, w) x the upscale; an
+        image whose output would not fit the autoencoder and the denoiser is refused, with the size that would."""
         image = read_image(low_res)
-        size = (image.shape[-2] * self.index.upscale, image.shape[-1] * self.index.upscale)
+        factor, net = self.size_factors()
+        step, (h, w) = factor * net // self.index.upscale, image.shape[-2:]
+        if h % step or w % step:
+            fit = lambda n: max(step, round(n / step) * step)
+            raise ValueError(f"a {w}x{h} low-res image does not fit this model: its sides must be multiples of {step} "
+                             f"(the output, {self.index.upscale} times larger, of the autoencoder's factor {factor} x "
+                             f"the denoiser's {net}); crop or resize it to {fit(w)}x{fit(h)}")
+        size = (h * self.index.upscale, w * self.index.upscale)
         if (height, width) != size and (height, width) != (self.default_size, self.default_size):
             raise ValueError(f"this model upscales by {self.index.upscale}: a {image.shape[-1]}x{image.shape[-2]} "
                              f"image gives {size[1]}x{size[0]}, not the {width}x{height} asked for")
         return image, self.image_size(*size)
+
+    def _with_concat(self, kind: str | None, conds: tuple, n: int, edit: Edit | None, low_res: Tensor | None,
+                     noise_level: int | None, generator: torch.Generator, tiled: bool | None,
+                     latents: Tensor | None) -> tuple:
+        """The conditions with a concat model's inputs, one row per prompt: an inpainting model's mask and masked
+        latents; a super-resolution model's low-res image at the latent's size, for a noise-augmented one (SD's x4
+        upscaler) noised to ``noise_level`` (noise from ``generator``) and that level as its class label."""
+        if kind is None:
+            return conds
+        device = latents.device if latents is not None else torch.device("cpu")
+        extra = {}
+        if kind == INPAINT:
+            concat = self._inpaint_inputs(edit, tiled, device)
+        else:
+            noise = self.index.noise_augmentation
+            if noise is not None:
+                level = noise.level(noise_level)
+                eps = torch.randn(low_res.shape, generator=generator, dtype=torch.float32)
+                low_res = noise_low_res(low_res.float(), eps, float(noise.alphas_cumprod()[level]))
+                extra["vector"] = torch.full((n,), level, dtype=torch.long, device=device)
+            concat = low_res_concat(low_res.to(device), self.autoencoder.factor // self.index.upscale)
+        extra["concat"] = concat.expand(n, -1, -1, -1)
+        return tuple(c if c is None else dataclasses.replace(c, **extra) for c in conds)
 
     def _inpaint_inputs(self, edit: Edit, tiled: bool | None, device: torch.device) -> Tensor:
         """An inpainting denoiser's concat channels (1, 1 + C, h, w), SD inpainting's layout: the pixel mask at

@@ -7,7 +7,8 @@ diffusers), then the latents of the image with the repainted pixels zeroed (``im
 Super-resolution (LDM's layout, Rombach et al. 2022, section 4.4): the low-resolution image at the latent's spatial
 size. When the low-res image is r times the latent's side (an upscale factor smaller than the autoencoder's), it is
 folded into 3 r^2 channels by space-to-depth (``pixel_unshuffle``) instead of being resized down, so no low-res pixel
-is lost; r = 1 is LDM's layout exactly. The low-res images a model trains on are its targets downsampled by
+is lost; r = 1 is LDM's layout exactly. SD's x4 upscaler (r = 1) first noises its low-res image to a level it is
+told as a class label (``noise_low_res``; ``ModelIndex.noise_augmentation``). The low-res images a model trains on are its targets downsampled by
 ``downsample`` (bicubic with antialiasing); the benchmark and ``latentdiff upscale`` users give that kind of image.
 """
 
@@ -42,6 +43,12 @@ def low_res_channels(autoencoder_factor: int, upscale: int) -> int:
 def low_res_concat(low_res: Tensor, r: int) -> Tensor:
     """(B, 3 r^2, h / r, w / r): the low-res image (B, 3, h, w) in [-1, 1] folded to the latent's size."""
     return F.pixel_unshuffle(low_res, r) if r > 1 else low_res
+
+
+def noise_low_res(low_res: Tensor, noise: Tensor, alpha_cumprod: float) -> Tensor:
+    """A low-res image noised to a timestep of a DDPM schedule: sqrt(a) x + sqrt(1 - a) eps (noise conditioning
+    augmentation, Ho et al. 2022, "Cascaded Diffusion Models"; SD's x4 upscaler, whose denoiser is told the level)."""
+    return alpha_cumprod**0.5 * low_res + (1 - alpha_cumprod) ** 0.5 * noise
 
 
 def downsample(pixels: Tensor, upscale: int) -> Tensor:

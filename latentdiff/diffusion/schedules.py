@@ -44,6 +44,16 @@ def cosine_betas(n: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return torch.tensor(betas, dtype=torch.float64)
 
 
+def upscaler_betas(n: int = 1000) -> Tensor:
+    """SD's x4 upscaler's schedule (its denoiser's and its low-res noise's): linear in sqrt from 1e-4 to 0.02."""
+    return scaled_linear_betas(n, 1e-4, 2e-2)
+
+
+# Beta schedules by name (``NoiseSchedule.betas``, ``NoiseAugmentation.betas``).
+BETA_SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "cosine": cosine_betas,
+                  "upscaler": upscaler_betas}
+
+
 def alphas_cumprod(betas: Tensor) -> Tensor:
     """Cumulative product of (1 - beta): the signal fraction a_t of each discrete timestep."""
     return torch.cumprod(1 - torch.as_tensor(betas, dtype=torch.float64), dim=0)

@@ -61,6 +61,11 @@ class SDModel(ModelFolder):
                          "step goes to alphas_cumprod[0]), as diffusers' scheduler does")
         if hint.flow_shift != 1.0:
             lines.append(f"flow grids ('flow', 'flow_match') shifted by {hint.flow_shift:g}")
+        noise = self.index.noise_augmentation
+        if noise is not None:
+            lines.append(f"super-resolution x{self.index.upscale}: the low-res image joins the latent, noised by "
+                         f"{noise.betas} betas to noise_level 0..{noise.max_level} (default {noise.default_level}), "
+                         "the level its class label")
         lines += [hint.note] if hint.note else []
         lines += [str(r) for r in self.reports] + self.notes
         return "\n".join(lines)

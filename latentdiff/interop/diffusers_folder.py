@@ -24,19 +24,22 @@ from latentdiff.diffusion.schedules import vp_sigma_table
 from latentdiff.interop.common import SamplerHint, SDModel, as_dtype, build_autoencoder, make_denoiser
 from latentdiff.interop.files import read_state_file
 from latentdiff.io import read_json, reads_file
-from latentdiff.model_index import INPAINT, ModelIndex, split_input_channels
+from latentdiff.model_index import INPAINT, LOW_RES, ModelIndex, NoiseAugmentation, split_input_channels
 from latentdiff.models.autoencoder import PRESETS as AUTOENCODER_PRESETS
 from latentdiff.models.autoencoder import AutoencoderConfig
 from latentdiff.models.unet import UNetConfig
 
 SD3_PIPELINE = "StableDiffusion3Pipeline"
 INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", INPAINT_PIPELINE, SD3_PIPELINE}
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", INPAINT_PIPELINE, UPSCALE_PIPELINE, SD3_PIPELINE}
+CONCAT_PIPELINES = {INPAINT: INPAINT_PIPELINE, LOW_RES: UPSCALE_PIPELINE}  # what a U-Net's concat inputs belong in
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-BETAS = {  # diffusers beta_schedule -> (our name, the (beta_start, beta_end) our schedule function uses)
+BETAS = {  # our beta schedule -> (diffusers' beta_schedule, the (beta_start, beta_end) it has; None: any)
     "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
+    "upscaler": ("scaled_linear", (0.0001, 0.02)),
     "linear": ("linear", (0.0001, 0.02)),
-    "squaredcos_cap_v2": ("cosine", None),
+    "cosine": ("squaredcos_cap_v2", None),
 }
 SCHEDULER_SAMPLERS = {  # diffusers scheduler class -> our sampler
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
@@ -81,7 +84,7 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
     """diffusers UNet2DConditionModel config -> UNetConfig (SD 1.x, 2.x, XL layouts)."""
     _require(d, where, {
         "act_fn": ["silu"], "resnet_time_scale_shift": ["default"], "time_embedding_type": ["positional"],
-        "only_cross_attention": [False], "dual_cross_attention": [False], "class_embed_type": [None],
+        "dual_cross_attention": [False], "class_embed_type": [None],
         "encoder_hid_dim": [None], "conv_in_kernel": [3], "conv_out_kernel": [3], "time_cond_proj_dim": [None],
         "attention_type": ["default"], "resnet_skip_time_act": [False], "resnet_out_scale_factor": [1.0, 1],
         "time_embedding_dim": [None], "timestep_post_act": [None], "center_input_sample": [False],
@@ -128,6 +131,7 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
         raise ValueError(f"{where}: per-level cross_attention_dim is not supported")  # noqa: TRY004
     vector_dim = d.get("projection_class_embeddings_input_dim") if d.get("addition_embed_type") else None
     return UNetConfig(
+        cross_only_levels=_cross_only_levels(d.get("only_cross_attention", False), attn, len(down), where),
         in_channels=in_channels, concat_channels=concat_channels, out_channels=d["out_channels"], model_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d.get("layers_per_block", 2),
         attention_levels=attn, mid_attention=True, num_heads=num_heads, head_dim=head_dim,
@@ -136,6 +140,15 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
         norm_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
         flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
     )
+
+
+def _cross_only_levels(only: bool | list, attn: tuple[int, ...], levels: int, where: str) -> tuple[int, ...]:
+    """diffusers' only_cross_attention (one bool, or one per down block; the up blocks mirror it) as the attention
+    levels whose blocks cross-attend in place of self-attention (the middle block keeps its self-attention)."""
+    only = [only] * levels if isinstance(only, bool) else list(only)
+    if len(only) != levels or any(not isinstance(x, bool) for x in only):
+        raise ValueError(f"{where}: only_cross_attention {only} must be one bool or one per down block ({levels})")
+    return tuple(i for i in attn if only[i])
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict:
@@ -167,6 +180,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) ->
     }
     if cfg.vector_dim is not None:
         d.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=cfg.vector_dim)
+    if cfg.cross_only_levels:
+        d["only_cross_attention"] = [i in cfg.cross_only_levels for i in range(levels)]
     return d
 
 
@@ -220,21 +235,10 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
     if cls == "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"{where}: a flow-matching scheduler belongs to a flow model (SD3 folders load as "
                          "StableDiffusion3Pipeline), not to a U-Net pipeline")
-    if d.get("trained_betas") is not None:
-        raise ValueError(f"{where}: explicit trained_betas are not supported")
     pred = d.get("prediction_type", "epsilon")
     if pred not in PREDICTIONS:
         raise ValueError(f"{where}: prediction_type {pred!r} is not supported ({sorted(PREDICTIONS)})")
-    beta = d.get("beta_schedule", "linear")
-    if beta not in BETAS:
-        raise ValueError(f"{where}: beta_schedule {beta!r} is not supported ({sorted(BETAS)})")
-    name, ends = BETAS[beta]
-    if ends is not None:
-        got = (d.get("beta_start", 0.0001), d.get("beta_end", 0.02))
-        if any(abs(a - b) > 1e-12 for a, b in zip(got, ends)):
-            raise ValueError(f"{where}: {beta} betas from {got[0]} to {got[1]} are not supported "
-                             f"(this schedule is {ends[0]} to {ends[1]})")
-    schedule = NoiseSchedule(betas=name, num_timesteps=d.get("num_train_timesteps", 1000),
+    schedule = NoiseSchedule(betas=_beta_schedule(d, where), num_timesteps=d.get("num_train_timesteps", 1000),
                              zero_terminal_snr=bool(d.get("rescale_betas_zero_snr", False)))
     spacing = d.get("timestep_spacing", "leading")
     if d.get("use_karras_sigmas"):
@@ -247,6 +251,23 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler/scheduler_config.js
                        vp_init=not euler_family or spacing == "leading",
                        final_sigma=_final_sigma(cls, d, schedule), note=_scheduler_note(cls, d))
     return PREDICTIONS[pred], schedule, hint
+
+
+def _beta_schedule(d: dict, where: str) -> str:
+    """Our name (``BETAS``) for a scheduler config's beta_schedule with its beta_start and beta_end."""
+    if d.get("trained_betas") is not None:
+        raise ValueError(f"{where}: explicit trained_betas are not supported")
+    beta = d.get("beta_schedule", "linear")
+    got = (d.get("beta_start", 0.0001), d.get("beta_end", 0.02))
+    kinds = {name: ends for name, (theirs, ends) in BETAS.items() if theirs == beta}
+    if not kinds:
+        raise ValueError(f"{where}: beta_schedule {beta!r} is not supported "
+                         f"({sorted({theirs for theirs, _ in BETAS.values()})})")
+    for name, ends in kinds.items():
+        if ends is None or all(abs(a - b) <= 1e-12 for a, b in zip(got, ends)):
+            return name
+    raise ValueError(f"{where}: {beta} betas from {got[0]} to {got[1]} are not supported (supported: "
+                     f"{', '.join(f'{a} to {b}' for a, b in kinds.values())})")
 
 
 def _final_sigma(cls: str, d: dict, schedule: NoiseSchedule) -> float:
@@ -278,7 +299,7 @@ def schedule_to_diffusers(spec: DenoiserSpec, hint: SamplerHint) -> dict:
     inverse = {v: k for k, v in PREDICTIONS.items()}
     if spec.parameterization not in inverse:
         raise ValueError(f"a {spec.parameterization!r} model has no diffusers discrete scheduler counterpart")
-    beta = {v[0]: (k, v[1]) for k, v in BETAS.items()}[spec.schedule.betas]
+    beta = BETAS[spec.schedule.betas]
     d = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": spec.schedule.num_timesteps,
          "beta_schedule": beta[0], "prediction_type": inverse[spec.parameterization],
          "timestep_spacing": hint.schedule if hint.schedule in ("leading", "trailing", "linspace") else "leading",
@@ -384,13 +405,39 @@ def read_diffusers(folder: str | Path, dtype: torch.dtype | None = torch.float32
     # SD 1.x conditions on OpenAI's CLIP (quick_gelu), SD 2.x on OpenCLIP (gelu).
     act = text_cfg.encoders[0].hf_config.get("hidden_act", "quick_gelu")
     family = "sdxl" if cls == "StableDiffusionXLPipeline" else ("sd1" if act == "quick_gelu" else "sd2")
-    concat = INPAINT if unet_cfg.concat_channels else None
-    if concat and cls != INPAINT_PIPELINE:
-        raise ValueError(f"{folder}: a {cls} whose U-Net has {unet_d['in_channels']} input channels: an inpainting "
-                         f"U-Net belongs in a {INPAINT_PIPELINE}")
-    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint, concat=concat),
+    concat = _concat_fields(folder, index, unet_d, unet_cfg, vae_cfg.factor)
+    return SDModel(index=ModelIndex(family=family, sample_size=sample_size, scheduler=hint, **concat),
                    autoencoder=vae, denoiser=denoiser, spec=spec, text_encoder=text,
                    reports=[unet_report, vae_report, text_report])
+
+
+def _concat_fields(folder: Path, index: dict, unet_d: dict, unet_cfg: UNetConfig, factor: int) -> dict:
+    """The model index's fields for what the U-Net's concat channels carry, checked against the pipeline class:
+    an inpainting U-Net in a StableDiffusionInpaintPipeline; an x4 upscaler's (the low-res RGB image at the latent's
+    size, noised by ``low_res_scheduler`` to the level its class embedding is given) in a
+    StableDiffusionUpscalePipeline, which upscales by the VAE's factor."""
+    cls = index["_class_name"]
+    concat = split_input_channels(unet_d["in_channels"], unet_d["out_channels"], f"{folder}/unet/config.json")[2]
+    if concat is not None and CONCAT_PIPELINES[concat] != cls or concat is None and cls in CONCAT_PIPELINES.values():
+        kind = {INPAINT: "an inpainting", LOW_RES: "an x4 upscaler", None: "a text-to-image"}[concat]
+        raise ValueError(f"{folder}: a {cls} whose U-Net has {unet_d['in_channels']} input channels: {kind} U-Net "
+                         f"belongs in a {CONCAT_PIPELINES.get(concat, 'StableDiffusionPipeline')}")
+    if concat != LOW_RES:
+        return {"concat": concat}
+    where = f"{folder}/low_res_scheduler/scheduler_config.json"
+    low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+    _require(low_res, where, {"_class_name": ["DDPMScheduler"], "rescale_betas_zero_snr": [False]})
+    steps = low_res.get("num_train_timesteps", 1000)
+    noise = NoiseAugmentation(betas=_beta_schedule(low_res, where), num_timesteps=steps,
+                              max_level=index.get("max_noise_level", 350))
+    noise.default_level = min(noise.default_level, noise.max_level)
+    if unet_cfg.num_classes is None or unet_cfg.num_classes <= noise.max_level:
+        raise ValueError(f"{folder}/unet/config.json: num_class_embeds {unet_cfg.num_classes} cannot embed the noise "
+                         f"levels 0..{noise.max_level} (max_noise_level of model_index.json)")
+    if noise.max_level >= noise.num_timesteps:
+        raise ValueError(f"{folder}/model_index.json: max_noise_level {noise.max_level} is past the low-res "
+                         f"scheduler's {noise.num_timesteps} timesteps")
+    return {"concat": LOW_RES, "upscale": factor, "noise_augmentation": noise}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,9 +126,14 @@ def detect_family(state: dict[str, Tensor]) -> Detection:
     notes = []
     if conv_in is not None and conv_out is not None and conv_in.shape[1] != conv_out.shape[0]:
         try:
-            split_input_channels(conv_in.shape[1], conv_out.shape[0], f"detected {family}")
+            kind = split_input_channels(conv_in.shape[1], conv_out.shape[0], f"detected {family}")[2]
         except ValueError as e:
             raise UnsupportedCheckpoint(str(e)) from None
+        if kind != INPAINT:  # a file holds neither the low-res noise schedule nor its highest level
+            raise UnsupportedCheckpoint(f"detected {family}: {conv_in.shape[1]} input channels and "
+                                        f"{conv_out.shape[0]} output channels, an x4 upscaler U-Net: single files of "
+                                        "it are not supported; load its diffusers folder "
+                                        "(StableDiffusionUpscalePipeline)")
         notes.append(f"an inpainting U-Net ({conv_in.shape[1]} input channels: latents, mask, masked-image latents)"
                      + ("; SD 2 inpainting is eps-prediction: pass prediction='eps'" if family == "sd2" else ""))
     return Detection(family, notes)

@@ -36,6 +36,8 @@ class UNetConfig:
     head_dim: int | None = None  # if set: channels per head, heads = level channels // head_dim (SD 2, SDXL)
     context_dim: int | None = 768  # dim of cond.context tokens; None = self-attention only
     transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per attention, or one count per level
+    cross_only_levels: tuple[int, ...] = ()  # levels whose blocks cross-attend in place of self-attention (attn1
+    # reads the context too; the middle keeps self-attention): the x4 upscaler (diffusers' only_cross_attention)
     use_linear_projection: bool = False  # proj_in/proj_out as Linear (SD 2, SDXL) instead of 1x1 conv (SD 1)
     vector_dim: int | None = None  # dim of cond.vector (pooled text, sizes...) added to the time embedding
     num_classes: int | None = None  # class-label embedding; labels come as integer cond.vector of shape (B,)
@@ -50,6 +52,7 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        self.cross_only_levels = tuple(self.cross_only_levels)
         levels = len(self.channel_mult)
         if isinstance(self.transformer_depth, (list, tuple)):
             self.transformer_depth = tuple(self.transformer_depth)
@@ -60,6 +63,11 @@ class UNetConfig:
         bad = [i for i in self.attention_levels if not 0 <= i < levels]
         if bad:
             raise ValueError(f"attention_levels {bad} out of range for {levels} levels (0..{levels - 1})")
+        bad = [i for i in self.cross_only_levels if i not in self.attention_levels]
+        if bad:
+            raise ValueError(f"cross_only_levels {bad} have no attention (attention_levels {self.attention_levels})")
+        if self.cross_only_levels and self.context_dim is None:
+            raise ValueError("cross_only_levels cross-attend to cond.context: they need a context_dim")
         if self.vector_dim is not None and self.num_classes is not None:
             raise ValueError("vector_dim and num_classes both read cond.vector: set only one of them")
         attended = set(self.attention_levels) | ({levels - 1} if self.mid_attention else set())
@@ -183,15 +191,19 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LN block: self-attention, cross-attention to the context, GEGLU MLP, Vaswani et al. 2017."""
+    """Pre-LN block: self-attention, cross-attention to the context, GEGLU MLP, Vaswani et al. 2017.
+
+    ``cross_only``: the first attention reads the context too (no self-attention; SD's x4 upscaler)."""
 
     def __init__(
-        self, dim: int, heads: int, context_dim: int | None, dropout: float = 0.0, eps: float = 1e-5
+        self, dim: int, heads: int, context_dim: int | None, dropout: float = 0.0, eps: float = 1e-5,
+        cross_only: bool = False,
     ):
         super().__init__()
         head_dim = dim // heads
+        self.cross_only = cross_only
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn1 = Attention(dim, None, heads, head_dim)
+        self.attn1 = Attention(dim, context_dim if cross_only else None, heads, head_dim)
         if context_dim is not None:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
             self.attn2 = Attention(dim, context_dim, heads, head_dim)
@@ -199,7 +211,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, HW, D)
+        if self.cross_only:
+            x = x + self.attn1(self.norm1(x), context, mask)  # (B, HW, D)
+        else:
+            x = x + self.attn1(self.norm1(x))  # (B, HW, D)
         if hasattr(self, "attn2"):
             x = x + self.attn2(self.norm2(x), context, mask)  # (B, HW, D)
         return x + self.ff(self.norm3(x))
@@ -208,7 +223,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, with a residual (diffusers Transformer2DModel)."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int | None, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int | None, cfg: UNetConfig,
+                 cross_only: bool = False):
         super().__init__()
         self.use_linear_projection = cfg.use_linear_projection
         self.norm = group_norm(channels, cfg.norm_groups, eps=1e-6)
@@ -218,7 +234,7 @@ class Transformer2D(nn.Module):
             self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [
-                BasicTransformerBlock(channels, heads, context_dim, cfg.dropout, cfg.norm_eps)
+                BasicTransformerBlock(channels, heads, context_dim, cfg.dropout, cfg.norm_eps, cross_only)
                 for _ in range(depth)
             ]
         )
@@ -302,7 +318,7 @@ class UNetEncoder(nn.Module):
 
         self.mid_block = UNetBlock(
             [self._resnet(chans[-1], chans[-1]), self._resnet(chans[-1], chans[-1])],
-            [self._attention(chans[-1], levels - 1)] if cfg.mid_attention else None,
+            [self._attention(chans[-1], levels - 1, mid=True)] if cfg.mid_attention else None,
             None,
         )
 
@@ -310,9 +326,10 @@ class UNetEncoder(nn.Module):
         cfg = self.config
         return ResnetBlock2D(c_in, c_out, 4 * cfg.model_channels, cfg.norm_groups, cfg.norm_eps, cfg.dropout)
 
-    def _attention(self, c: int, level: int) -> Transformer2D:
+    def _attention(self, c: int, level: int, mid: bool = False) -> Transformer2D:
         cfg = self.config
-        return Transformer2D(c, cfg.heads_at(c), cfg.depth_at(level), cfg.context_dim, cfg)
+        cross_only = not mid and level in cfg.cross_only_levels
+        return Transformer2D(c, cfg.heads_at(c), cfg.depth_at(level), cfg.context_dim, cfg, cross_only)
 
     def _run(self, module: nn.Module, *args):
         """Call a block, recomputing it in backward when gradient checkpointing is on."""
