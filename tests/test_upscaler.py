@@ -173,3 +173,30 @@ def test_cross_only_levels_are_checked():
     assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_k.in_features == 12
     assert unet.up_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.in_features == 12
     assert unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_k.in_features == 16
+
+
+def test_upscaler_exports_as_a_diffusers_upscale_pipeline(upscale_folder, low_res, tmp_path):
+    """convert --format diffusers writes a StableDiffusionUpscalePipeline (its low_res_scheduler and max_noise_level
+    too) that diffusers opens and runs to the same image as the original (with the original's scheduler: our export
+    writes an Euler one); a super-resolution model of another layout is refused before anything is written."""
+    convert(upscale_folder, tmp_path / "back", "diffusers")
+    orig = diffusers.StableDiffusionUpscalePipeline.from_pretrained(upscale_folder)
+    back = diffusers.StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "back", scheduler=orig.scheduler)
+    assert back.config.max_noise_level == 350
+    assert torch.equal(back.low_res_scheduler.alphas_cumprod, orig.low_res_scheduler.alphas_cumprod)
+    assert back.unet.config.only_cross_attention == [False, True, False]  # level 0 has no attention to restrict
+    kw = {"image": low_res, "num_inference_steps": 2, "noise_level": 30, "output_type": "np"}
+    for pipe in (orig, back):
+        pipe.set_progress_bar_config(disable=True)
+    a = orig("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+    b = back("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+    assert np.array_equal(a, b)
+
+    from latentdiff.interop.convert import read_our_folder, save_diffusers
+
+    convert(upscale_folder, tmp_path / "ours", "latentdiff")
+    model = read_our_folder(tmp_path / "ours")
+    model.index.noise_augmentation = None  # LDM's plain low-res concat: no diffusers pipeline takes it
+    with pytest.raises(ValueError, match="only SD's x4 upscaler layout .* has a diffusers pipeline"):
+        save_diffusers(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

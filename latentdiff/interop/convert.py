@@ -16,7 +16,9 @@ from latentdiff.interop.common import SDModel, save_latentdiff
 from latentdiff.interop.diffusers_folder import (
     INPAINT_PIPELINE,
     SD3_PIPELINE,
+    UPSCALE_PIPELINE,
     is_diffusers_folder,
+    low_res_scheduler_to_diffusers,
     mmdit_config_to_diffusers,
     read_diffusers,
     schedule_to_diffusers,
@@ -25,7 +27,7 @@ from latentdiff.interop.diffusers_folder import (
 )
 from latentdiff.interop.single_file import read_single_file
 from latentdiff.io import atomic_folder, write_json, write_safetensors
-from latentdiff.model_index import INPAINT
+from latentdiff.model_index import INPAINT, LOW_RES
 
 FORMATS = ("latentdiff", "diffusers")
 
@@ -121,6 +123,7 @@ def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
             raise ValueError("this U-Net adds a pooled vector to its time embedding the way only SDXL's text_time "
                              "embedding does in diffusers, but its text encoder is not SDXL's; cannot export")
         unet_cfg["addition_time_embed_dim"] = text.config.time_embed_dim
+    extra = _upscaler_index(model) if model.index.concat == LOW_RES else {}
     with atomic_folder(folder) as tmp:
         write_json(tmp / "unet" / "config.json", unet_cfg)
         write_safetensors(tmp / "unet" / "diffusion_pytorch_model.safetensors", model.denoiser.network.state_dict(),
@@ -134,6 +137,10 @@ def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
             if sdxl:
                 raise ValueError("an SDXL inpainting model cannot be exported to a diffusers folder here")
             pipeline = INPAINT_PIPELINE
+        if extra:
+            pipeline = UPSCALE_PIPELINE
+            write_json(tmp / "low_res_scheduler" / "scheduler_config.json",
+                       low_res_scheduler_to_diffusers(model.index.noise_augmentation))
         index = {"_class_name": pipeline,
                  "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
                  "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
@@ -146,10 +153,23 @@ def save_diffusers(model: SDModel, folder: str | Path) -> list[str]:
                          "(unet/ and vae/ open in diffusers on their own)")
         if sdxl:
             index["force_zeros_for_empty_prompt"] = text.config.zero_empty_prompt
+        elif extra:
+            index.update(extra, safety_checker=[None, None], feature_extractor=[None, None], watermarker=[None, None])
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         write_json(tmp / "model_index.json", index)
     return notes
+
+
+def _upscaler_index(model: SDModel) -> dict:
+    """An x4 upscaler's model_index.json entries (its low-res scheduler, its highest noise level). A super-resolution
+    model of another layout (no noise augmentation, or a low-res image larger than the latent) is refused."""
+    noise, text = model.index.noise_augmentation, model.text_encoder
+    if noise is None or model.index.upscale != model.autoencoder.factor or not isinstance(text, SDTextEncoder):
+        raise ValueError("only SD's x4 upscaler layout (the low-res image at the latent's size, noise-augmented, a CLIP "
+                         "text encoder) has a diffusers pipeline (StableDiffusionUpscalePipeline); write a latentdiff "
+                         "folder instead (--format latentdiff)")
+    return {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "max_noise_level": noise.max_level}
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str = "latentdiff", **kw) -> SDModel:

@@ -153,9 +153,9 @@ def _cross_only_levels(only: bool | list, attn: tuple[int, ...], levels: int, wh
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int | None = None) -> dict:
     """UNetConfig -> diffusers UNet2DConditionModel config (the inverse of unet_config_from_diffusers)."""
-    if cfg.concat_channels not in (0, cfg.in_channels + 1):
+    if cfg.concat_channels not in (0, cfg.in_channels + 1, 3):
         raise ValueError(f"a U-Net with {cfg.concat_channels} concat channels has no diffusers counterpart (an "
-                         f"inpainting U-Net has {cfg.in_channels + 1})")
+                         f"inpainting U-Net has {cfg.in_channels + 1}, an x4 upscaler's 3)")
     levels = len(cfg.channel_mult)
     boc = [cfg.model_channels * m for m in cfg.channel_mult]
     heads = [cfg.heads_at(c) if (i in cfg.attention_levels or i == levels - 1) else cfg.heads_at(boc[-1])
@@ -299,14 +299,22 @@ def schedule_to_diffusers(spec: DenoiserSpec, hint: SamplerHint) -> dict:
     inverse = {v: k for k, v in PREDICTIONS.items()}
     if spec.parameterization not in inverse:
         raise ValueError(f"a {spec.parameterization!r} model has no diffusers discrete scheduler counterpart")
-    beta = BETAS[spec.schedule.betas]
-    d = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": spec.schedule.num_timesteps,
-         "beta_schedule": beta[0], "prediction_type": inverse[spec.parameterization],
-         "timestep_spacing": hint.schedule if hint.schedule in ("leading", "trailing", "linspace") else "leading",
-         "steps_offset": hint.steps_offset, "rescale_betas_zero_snr": spec.schedule.zero_terminal_snr}
-    if beta[1] is not None:
-        d["beta_start"], d["beta_end"] = beta[1]
-    return d
+    return {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": spec.schedule.num_timesteps,
+            **_betas_to_diffusers(spec.schedule.betas), "prediction_type": inverse[spec.parameterization],
+            "timestep_spacing": hint.schedule if hint.schedule in ("leading", "trailing", "linspace") else "leading",
+            "steps_offset": hint.steps_offset, "rescale_betas_zero_snr": spec.schedule.zero_terminal_snr}
+
+
+def low_res_scheduler_to_diffusers(noise: NoiseAugmentation) -> dict:
+    """An x4 upscaler's low-res noise as the DDPMScheduler config of its ``low_res_scheduler/``."""
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": noise.num_timesteps,
+            **_betas_to_diffusers(noise.betas)}
+
+
+def _betas_to_diffusers(name: str) -> dict:
+    """A scheduler config's beta_schedule (and beta_start, beta_end) for our beta schedule ``name``."""
+    beta, ends = BETAS[name]
+    return {"beta_schedule": beta, **(dict(zip(("beta_start", "beta_end"), ends)) if ends is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------
