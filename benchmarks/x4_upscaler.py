@@ -23,38 +23,15 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}
 
 
 def build(folder: Path) -> Path:
     """The full-size random-weight upscaler folder (built once)."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    if not (folder / "model_index.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from interop_tiny import x4_upscale_pipeline
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from interop_tiny import write_tokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder.parent / f"{folder.name}_tok"))
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=128, in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), attention_head_dim=8, cross_attention_dim=1024,
-        use_linear_projection=True, only_cross_attention=(True, True, True, False), num_class_embeds=1000)
-    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
-                                  up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=4,
-                                  sample_size=256, scaling_factor=0.08333)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                                        num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
-                                        hidden_act="gelu", projection_dim=512))
-    scheduler = diffusers.DDIMScheduler(**BETAS, prediction_type="v_prediction", set_alpha_to_one=False,
-                                        steps_offset=1, clip_sample=False)
-    pipe = diffusers.StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                                    low_res_scheduler=diffusers.DDPMScheduler(**BETAS),
-                                                    scheduler=scheduler, max_noise_level=350)
-    pipe.save_pretrained(folder)
+        x4_upscale_pipeline(folder, full=True)
     return folder
 
 

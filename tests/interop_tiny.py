@@ -161,3 +161,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+UPSCALER_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}  # the x4 upscaler's
+
+
+def x4_upscale_pipeline(folder: Path, full: bool = False) -> Path:
+    """A StableDiffusionUpscalePipeline in the published x4 upscaler's layout, random weights, saved with
+    save_pretrained: 7 input channels, level 0 without attention, the attention levels cross-only except the last
+    (only_cross_attention), the noise level as a class embedding (1000), a factor-4 VAE scaled by 0.08333, an
+    OpenCLIP-style (gelu) text encoder, DDIM v-prediction and a DDPM low_res_scheduler; max_noise_level 350.
+    ``full``: the real sizes (U-Net (256, 512, 512, 1024), 23-layer 1024-wide text model); else tiny ones."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder.parent / f"{folder.name}_tok"))
+    torch.manual_seed(2)
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                                 projection_dim=512) if full else clip_config(len(tokenizer), act="gelu")
+    text_encoder = CLIPTextModel(text_config).eval()
+    levels = 4 if full else 3
+    sizes = {"block_out_channels": (256, 512, 512, 1024), "layers_per_block": 2, "cross_attention_dim": 1024,
+             "attention_head_dim": 8, "sample_size": 128} if full else \
+        {"block_out_channels": (8, 16, 16), "layers_per_block": 1, "cross_attention_dim": 32,
+         "attention_head_dim": 2, "sample_size": 8, "norm_num_groups": 8}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        in_channels=7, out_channels=4, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",), use_linear_projection=True,
+        only_cross_attention=(True,) * (levels - 1) + (False,), num_class_embeds=1000, **sizes).eval()
+    vae = tiny_vae(block_out_channels=(128, 256, 512) if full else (8, 8, 16), layers_per_block=2 if full else 1,
+                   norm_num_groups=32 if full else 4, down_block_types=("DownEncoderBlock2D",) * 3,
+                   up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333)
+    scheduler = diffusers.DDIMScheduler(**UPSCALER_BETAS, prediction_type="v_prediction", set_alpha_to_one=False,
+                                        steps_offset=1, clip_sample=False)
+    pipe = diffusers.StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                                    low_res_scheduler=diffusers.DDPMScheduler(**UPSCALER_BETAS),
+                                                    scheduler=scheduler, max_noise_level=350)
+    pipe.save_pretrained(folder)
+    return folder

@@ -20,9 +20,7 @@ from latentdiff.interop.convert import convert
 diffusers = pytest.importorskip("diffusers", reason="diffusers builds the reference pipeline")
 pytest.importorskip("transformers", reason="the SD text encoders are transformers CLIP models")
 
-from interop_tiny import clip_config, one_thread, tiny_vae, write_tokenizer
-
-UPSCALER_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}  # the real config's
+from interop_tiny import one_thread, x4_upscale_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,36 +28,9 @@ def _one_thread():
     yield from one_thread()
 
 
-def tiny_upscale_pipeline(folder):
-    """A tiny StableDiffusionUpscalePipeline in the real model's layout: 7 input channels, level 0 without attention,
-    the attention levels cross-only except the last (only_cross_attention), the noise level as a class embedding, a
-    factor-4 VAE scaled by 0.08333, an OpenCLIP-style (gelu) text encoder, DDIM v-prediction."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder.parent / f"{folder.name}_tok"))
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(clip_config(len(tokenizer), act="gelu")).eval()
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=7, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, use_linear_projection=True, only_cross_attention=(True, True, False),
-        num_class_embeds=1000, norm_num_groups=8).eval()
-    vae = tiny_vae(block_out_channels=(8, 8, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                   up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333)
-    scheduler = diffusers.DDIMScheduler(**UPSCALER_BETAS, prediction_type="v_prediction", set_alpha_to_one=False,
-                                        steps_offset=1, clip_sample=False)
-    pipe = diffusers.StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                                    low_res_scheduler=diffusers.DDPMScheduler(**UPSCALER_BETAS),
-                                                    scheduler=scheduler, max_noise_level=350)
-    pipe.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def upscale_folder(tmp_path_factory):
-    return tiny_upscale_pipeline(tmp_path_factory.mktemp("x4") / "upscaler")
+    return x4_upscale_pipeline(tmp_path_factory.mktemp("x4") / "upscaler")
 
 
 @pytest.fixture(scope="module")
