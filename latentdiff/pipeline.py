@@ -354,7 +354,7 @@ class Pipeline:
         Concat-conditioned models (``concat_inputs``, ``conditioning/concat.py``): an inpainting model (SD's
         9-channel layout) is given the mask and the masked image's latents instead of latent blending, and needs
         ``image`` and ``mask`` (``blank_canvas()`` for text-to-image); a super-resolution model needs ``low_res``
-        (an image as ``image`` takes) and makes it ``index.upscale`` times larger.
+        (an image as ``image`` takes) and makes it ``index.upscale`` times larger (SD's x4 upscaler: ``noise_level``).
         Video (``latentdiff train-video`` models): ``frames`` per clip (None: the model's length); a clip is a list of
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
@@ -536,8 +536,9 @@ class Pipeline:
         if h % step or w % step:
             fit = lambda n: max(step, round(n / step) * step)
             raise ValueError(f"a {w}x{h} low-res image does not fit this model: its sides must be multiples of {step} "
-                             f"(the output, {self.index.upscale} times larger, of the autoencoder's factor {factor} x "
-                             f"the denoiser's {net}); crop or resize it to {fit(w)}x{fit(h)}")
+                             f"(so that the output, {self.index.upscale} times larger, is a multiple of the "
+                             f"autoencoder's factor {factor} x the denoiser's {net}); crop or resize it to "
+                             f"{fit(w)}x{fit(h)}")
         size = (h * self.index.upscale, w * self.index.upscale)
         if (height, width) != size and (height, width) != (self.default_size, self.default_size):
             raise ValueError(f"this model upscales by {self.index.upscale}: a {image.shape[-1]}x{image.shape[-2]} "
