@@ -1,0 +1,132 @@
+"""IP-Adapter (Ye et al. 2023): decoupled cross-attention against its formula, the layer order against diffusers',
+the keys and values in Cond, bad inputs; files, the image encoder, the pipeline and parity with diffusers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentdiff.models.ip_adapter import IPAdapter
+from latentdiff.models.layers import Attention
+from latentdiff.models.unet import StepCache, UNet, UNetConfig
+from latentdiff.types import Cond
+
+TINY = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_levels=(0, 1), num_heads=2, context_dim=8, transformer_depth=(1, 2), norm_groups=8)
+
+
+def _randomized(adapter: IPAdapter, seed: int = 0) -> IPAdapter:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.3)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def unet_and_adapter():
+    torch.manual_seed(0)
+    unet = UNet(TINY).eval()
+    return unet, _randomized(IPAdapter.for_unet(unet, image_embed_dim=6, tokens=3))
+
+
+def _inputs(B: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(B, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0][:B]),
+            Cond(context=torch.randn(B, 5, 8, generator=g)), torch.randn(B, 6, generator=g))
+
+
+def test_decoupled_attention_is_the_formula():
+    """attn(x, c) + softmax(q k_ip^T / sqrt(d)) v_ip per head, before to_out (IP-Adapter's eq. 5)."""
+    torch.manual_seed(0)
+    attn = Attention(12, 7, heads=3, head_dim=4).eval()
+    x, c = torch.randn(2, 5, 12), torch.randn(2, 6, 7)
+    k_ip, v_ip = torch.randn(2, 4, 12), torch.randn(2, 4, 12)
+    got = attn(x, c, image_kv=(k_ip, v_ip))
+
+    def heads(t):  # (B, L, 12) -> (B, 3, L, 4)
+        return t.reshape(t.shape[0], t.shape[1], 3, 4).transpose(1, 2)
+
+    q, k, v = heads(attn.to_q(x)), heads(attn.to_k(c)), heads(attn.to_v(c))
+    text = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), -1) @ v
+    image = torch.softmax(q @ heads(k_ip).transpose(-1, -2) / math.sqrt(4), -1) @ heads(v_ip)
+    want = attn.to_out[0]((text + image).transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_order_is_diffusers_attn_processors_order():
+    """Down path, up path, then the middle: how diffusers (and IP-Adapter files) number the layers."""
+    diffusers = pytest.importorskip("diffusers")
+    from latentdiff.interop.diffusers_folder import unet_config_from_diffusers
+
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=8, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+        transformer_layers_per_block=(1, 2))
+    ours = UNet(unet_config_from_diffusers(dict(ref.config)))
+    want = [n.removesuffix(".processor") for n in ref.attn_processors if "attn2" in n]
+    assert [name for name, _ in ours.cross_attentions()] == want
+    assert want[-1].startswith("mid_block") and any(n.startswith("up_blocks") for n in want[:-1])
+
+
+def test_scale_zero_is_the_plain_unet_and_the_values_carry_the_scale(unet_and_adapter):
+    unet, adapter = unet_and_adapter
+    x, c_noise, cond, embeds = _inputs()
+    plain = unet(x, c_noise, cond)
+    kv0 = adapter(embeds, 0.0)
+    assert torch.equal(unet(x, c_noise, Cond(context=cond.context, image_kv=kv0)), plain)
+    kv1, kv_half = adapter(embeds, 1.0), adapter(embeds, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(kv1[0::2], kv_half[0::2]))  # keys do not depend on the scale
+    assert all(torch.allclose(0.5 * a, b) for a, b in zip(kv1[1::2], kv_half[1::2]))
+    with_image = unet(x, c_noise, Cond(context=cond.context, image_kv=kv1))
+    assert (with_image - plain).abs().max() > 1e-3
+    # one scale per row: row 0 at 0 is the plain row
+    per_row = unet(x, c_noise, Cond(context=cond.context, image_kv=adapter(embeds, torch.tensor([0.0, 1.0]))))
+    assert torch.equal(per_row[0], plain[0]) and torch.allclose(per_row[1], with_image[1], atol=1e-6)
+
+
+def test_image_kv_in_cond_batches_and_reaches_every_path(unet_and_adapter):
+    """Cond.cat / map / repeat carry the keys and values; DeepCache's and gradient checkpointing's paths use them."""
+    unet, adapter = unet_and_adapter
+    x, c_noise, cond, embeds = _inputs()
+    a = Cond(context=cond.context, image_kv=adapter(embeds))
+    both = a.cat(Cond(context=cond.context, image_kv=adapter(torch.zeros_like(embeds))))
+    assert len(both.image_kv) == len(a.image_kv) and both.image_kv[0].shape[0] == 4
+    assert a.repeat(3).image_kv[1].shape[0] == 6
+    with pytest.raises(ValueError, match="image_kv"):
+        a.cat(Cond(context=cond.context))
+    full = unet(x, c_noise, a)
+    cached = StepCache(unet, 1)(x, c_noise, a)
+    assert torch.allclose(cached, full, atol=1e-6)
+    ckpt = UNet(TINY)
+    ckpt.load_state_dict(unet.state_dict())
+    ckpt.gradient_checkpointing = True
+    ckpt.train()
+    adapter.zero_grad()
+    out = ckpt(x, c_noise, Cond(context=cond.context, image_kv=adapter(embeds)))
+    assert torch.allclose(out, full, atol=1e-5)
+    out.square().mean().backward()  # the adapter trains through the frozen U-Net
+    for name, p in adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_bad_keys_and_values_and_adapters_are_refused(unet_and_adapter):
+    unet, adapter = unet_and_adapter
+    x, c_noise, cond, embeds = _inputs()
+    kv = adapter(embeds)
+    with pytest.raises(ValueError, match="needs a key and a value for each of its 11 cross-attention"):
+        unet(x, c_noise, Cond(context=cond.context, image_kv=kv[:-2]))
+    bad = list(kv)
+    bad[3] = bad[3][..., :5]
+    with pytest.raises(ValueError, match=r"image_kv\[3\] has shape \(2, 3, 5\).*attn2 needs \(2, N, 32\)"):
+        unet(x, c_noise, Cond(context=cond.context, image_kv=bad))
+    with pytest.raises(ValueError, match="image embeddings have shape"):
+        adapter(torch.zeros(2, 7))
+    other = UNet(UNetConfig(**{**TINY.__dict__, "transformer_depth": 1}))
+    with pytest.raises(ValueError, match="has 11 layers, this U-Net 7 cross-attention layers"):
+        adapter.check_unet(other)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        IPAdapter.for_unet(UNet(UNetConfig(**{**TINY.__dict__, "context_dim": None})), 6)
