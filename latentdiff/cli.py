@@ -155,13 +155,21 @@ class GenerateConfig:
     control_ends: tuple = _opt((), "fraction of the steps where it stops (default 1; once for all, or once per "
                                "--controlnet)", flags=("--control-end",), action="append", type=float, metavar="B",
                                to_config=lambda v: {"control_ends": tuple(v)})
+    ip_image: str = _opt("", "IP-Adapter: the image prompt (a reference image whose look the output borrows; needs "
+                         "--ip-adapter and --image-encoder)", metavar="FILE")
+    ip_scale: float = _opt(1.0, "IP-Adapter: the image prompt's weight (0: none)", metavar="S")
+    ip_adapter: str = _opt("", "IP-Adapter weights (ip-adapter_sd15.safetensors / .bin layout, or train-ip-adapter's)",
+                           metavar="FILE")
+    image_encoder: str = _opt("", "IP-Adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder",
+                              metavar="DIR")
     upscale: str = _opt("", "a super-resolution model's low-resolution input; the output is its size times the "
                         "model's upscale factor (`latentdiff upscale IN.png` says the same)", metavar="FILE")
 
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
-                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT})
+                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT,
+                     "ip_scale": FINITE})
 
 
 @dataclass
@@ -291,6 +299,7 @@ def cmd_generate(args) -> None:
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
+    ip_image = _ip_adapter_args(cfg)  # the image prompt is read here, before the model is loaded
     torch_backend = cfg.backend == "torch"
     if not torch_backend:
         from latentdiff.backends.openvino import import_openvino
@@ -304,11 +313,14 @@ def cmd_generate(args) -> None:
             lora.merge()  # a compiled network takes the merged weights (and its cache key sees them)
     for folder, kw in controlnets:
         pipe.add_controlnet(folder, **kw)  # one built for another base model is refused here
+    if ip_image is not None:
+        pipe.load_ip_adapter(cfg.ip_adapter, image_encoder=cfg.image_encoder)  # refused here if it does not fit
     if not torch_backend or cfg.int8:
         pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
-    images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames)
+    images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames,
+                           **({"ip_image": ip_image, "ip_scale": cfg.ip_scale} if ip_image is not None else {}))
     clips = isinstance(images[0], list)  # a video model's clips, each a list of frames
     w, h = images[0][0].size if clips else images[0].size
     params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
@@ -319,6 +331,8 @@ def cmd_generate(args) -> None:
               **({"controlnets": [{"control": str(Path(c).resolve()), "controlnet": str(Path(f).resolve()), **kw}
                                   for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {}),
               **({"cache_interval": cfg.cache_interval} if cfg.cache_interval > 1 else {}),
+              **({"ip_image": str(Path(cfg.ip_image).resolve()), "ip_scale": cfg.ip_scale,
+                  "ip_adapter": str(Path(cfg.ip_adapter).resolve())} if ip_image is not None else {}),
               **({"backend": pipe.backend} if pipe.backend != "torch" else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
@@ -326,6 +340,26 @@ def cmd_generate(args) -> None:
         save_images(images, out, params, grid=cfg.grid, per_image=per_image)
     for path in saved:
         print(path)
+
+
+def _ip_adapter_args(cfg: GenerateConfig):
+    """The --ip-image read as a PIL image (None without one), after checking the IP-Adapter flags come together and
+    name existing files: all before the model is loaded."""
+    given = {"--ip-image": cfg.ip_image, "--ip-adapter": cfg.ip_adapter, "--image-encoder": cfg.image_encoder}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, v in given.items() if not v]
+    if missing:
+        raise ValueError(f"an image prompt needs --ip-image FILE --ip-adapter FILE --image-encoder DIR together; "
+                         f"missing {', '.join(missing)}")
+    if not Path(cfg.ip_adapter).is_file():
+        raise FileNotFoundError(f"--ip-adapter {cfg.ip_adapter}: no such file")
+    if not (Path(cfg.image_encoder) / "config.json").is_file():
+        raise FileNotFoundError(f"--image-encoder {cfg.image_encoder}: no config.json there (expected a "
+                                "CLIPVisionModelWithProjection folder saved by transformers)")
+    from latentdiff.conditioning.image_encoder import as_pil
+
+    return as_pil(cfg.ip_image)
 
 
 def _lora_flag(spec: str) -> tuple[str, float]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from latentdiff.components import read_model_folder
 from latentdiff.conditioning.concat import inpaint_concat, low_res_concat
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
+from latentdiff.conditioning.image_encoder import CLIPImageEncoder
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
@@ -38,6 +39,7 @@ from latentdiff.model_index import (
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.controlnet import ControlNet, check_compatible
 from latentdiff.models.families import family_of, spatial_factor
+from latentdiff.models.ip_adapter import IPAdapter
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
 from latentdiff.models.runtime import autocast, available_memory, feature_width
@@ -70,6 +72,8 @@ class Pipeline:
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
         self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
+        self.ip_adapter: IPAdapter | None = None  # load_ip_adapter's; generate(ip_image=) gives its image prompt
+        self.image_encoder: nn.Module | None = None  # the IP-Adapter's image encoder (images -> embeddings)
         self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
@@ -107,9 +111,9 @@ class Pipeline:
         if live:  # an attached adapter is not in the network's state_dict, so the compiled-model cache key misses it
             raise ValueError(f"LoRA {live} attached but not merged: merge it first (lora.merge()) so that the "
                              f"converted weights, and the key of the cache of compiled models, include it")
-        if self.controlnets:
-            raise ValueError("ControlNets run in torch only: the compiled network takes no control residuals "
-                             "(use backend='torch')")
+        if self.controlnets or self.ip_adapter is not None:
+            raise ValueError("ControlNets and IP-Adapters run in torch only: the compiled network takes no control "
+                             "residuals or image-prompt keys and values (use backend='torch')")
         from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
 
         options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",
@@ -204,6 +208,48 @@ class Pipeline:
         controlnet = controlnet.to(param.device, param.dtype).eval()
         self.controlnets.append(Control(controlnet, None, float(scale), float(start), float(end)))
         return controlnet
+
+    def load_ip_adapter(self, adapter, *, image_encoder=None) -> IPAdapter:
+        """Load an IP-Adapter (Ye et al. 2023: an IP-Adapter file in the tencent-ailab / diffusers layout, e.g.
+        ``ip-adapter_sd15.safetensors`` / ``.bin``, or an ``IPAdapter``) and its ``image_encoder`` (a transformers
+        ``CLIPVisionModelWithProjection`` folder, or a module with ``preprocess(image)``, ``embed_dim`` and
+        ``forward(pixels) -> (B, E)``); then ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One
+        made for another base model, or an encoder of another width, is refused here, naming the key and shapes;
+        this pipeline's modules are not changed (the adapter's keys and values travel in ``Cond.image_kv``)."""
+        from latentdiff.interop.ip_adapter import ip_adapter_for_unet
+
+        if image_encoder is None:
+            raise ValueError("an IP-Adapter needs the image encoder its embeddings come from: pass image_encoder= a "
+                             "CLIPVisionModelWithProjection folder (--image-encoder DIR)")
+        network = getattr(self.denoiser, "network", None)
+        if isinstance(adapter, IPAdapter):
+            adapter.check_unet(network)
+        else:
+            adapter = ip_adapter_for_unet(adapter, network)
+        encoder = image_encoder if isinstance(image_encoder, nn.Module) else CLIPImageEncoder(image_encoder)
+        if encoder.embed_dim != adapter.config.image_embed_dim:
+            raise ValueError(f"the image encoder makes {encoder.embed_dim}-wide embeddings, the IP-Adapter takes "
+                             f"{adapter.config.image_embed_dim}: use the image encoder it was trained with")
+        param = next(self.denoiser.parameters())
+        self.ip_adapter, self.image_encoder = adapter.to(param.device, param.dtype).eval(), encoder.eval()
+        return self.ip_adapter
+
+    def _with_image_prompt(self, cond: Cond, uncond: Cond, rows: int, ip_image, ip_scale: float) -> tuple[Cond, Cond]:
+        """cond and uncond with the IP-Adapter's keys and values of the image prompt; the uncond's are those of a
+        zero embedding (as diffusers' CFG does)."""
+        if ip_image is None:
+            return cond, uncond
+        if self.ip_adapter is None:
+            raise ValueError("ip_image given but no IP-Adapter loaded: Pipeline.load_ip_adapter(FILE, image_encoder=DIR)"
+                             " (--ip-adapter FILE --image-encoder DIR)")
+        if not abs(float(ip_scale)) < float("inf"):
+            raise ValueError(f"ip_scale must be a finite number, got {ip_scale}")
+        param = next(self.ip_adapter.parameters())
+        pixels = self.image_encoder.preprocess(ip_image)
+        embeds = self.image_encoder(pixels).to(param.device, param.dtype)  # (1, E)
+        embeds = embeds.expand(rows, -1)  # (rows, E): one row per prompt
+        return (dataclasses.replace(cond, image_kv=self.ip_adapter(embeds, float(ip_scale))),
+                dataclasses.replace(uncond, image_kv=self.ip_adapter(torch.zeros_like(embeds), float(ip_scale))))
 
     def _controlled(self, control, size: tuple[int, int]) -> list[Control]:
         """The added ControlNets with their control images (one per ControlNet, at the output size)."""
@@ -319,7 +365,7 @@ class Pipeline:
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
                  paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
-                 cache_interval: int = 1):
+                 cache_interval: int = 1, ip_image=None, ip_scale: float = 1.0):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -356,6 +402,7 @@ class Pipeline:
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
         ``cache_interval=N`` > 1 (our U-Net in torch): DeepCache (Ma et al. 2023, ``unet.StepCache``).
+        IP-Adapter (``load_ip_adapter``): ``ip_image`` is the image prompt, its weight ``ip_scale``.
 
         Options are checked and the memory needed estimated (``batch_size``) before any work; images are made in
         batches of at most ``BATCH_BYTES`` (``callback`` and ``preview`` see one batch at a time). A non-finite
@@ -392,7 +439,7 @@ class Pipeline:
         base, step_cache = (ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser,
                             self._step_cache(cache_interval, controls))
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
-                                                    crop_top_left, use)
+                                                    crop_top_left, use, (ip_image, ip_scale))
 
         # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
         # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
@@ -401,10 +448,8 @@ class Pipeline:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         z0, keep = self._encode_edit(edit, tiled, latents.device) if edit is not None else (None, None)
         if concat_kind is not None:  # an inpainting model sees the mask: no latent blending (as diffusers' 9-channel)
-            concat, keep = (self._inpaint_inputs(edit, tiled, latents.device), None) if concat_kind == INPAINT else \
-                (low_res_concat(low_res.to(latents.device), factor // self.index.upscale), keep)
-            cond, uncond, guide_cond = (c if c is None else dataclasses.replace(c, concat=concat.expand(
-                len(prompts), -1, -1, -1)) for c in (cond, uncond, guide_cond))
+            (cond, uncond, guide_cond), keep = self._with_concat(concat_kind, edit, low_res, tiled, latents.device,
+                                                                 keep, (cond, uncond, guide_cond), len(prompts))
         if preview is not None:
             callback = self._preview_callback(preview, preview_every, callback)
         hint = self.index.scheduler
@@ -428,6 +473,17 @@ class Pipeline:
         if output in ("latent", "pt"):
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
+
+    def _with_concat(self, kind: str, edit: Edit | None, low_res, tiled: bool | None, device: torch.device,
+                     keep: Tensor | None, conds: tuple, rows: int) -> tuple[tuple, Tensor | None]:
+        """The Conds with the concat channels a concat model takes, and the latent-blending mask it keeps (none for
+        an inpainting model: it sees the mask)."""
+        if kind == INPAINT:
+            concat, keep = self._inpaint_inputs(edit, tiled, device), None
+        else:
+            concat = low_res_concat(low_res.to(device), self.autoencoder.factor // self.index.upscale)
+        return tuple(c if c is None else dataclasses.replace(c, concat=concat.expand(rows, -1, -1, -1))
+                     for c in conds), keep
 
     def _step_cache(self, interval: int, controls: list) -> object:
         """A function giving each batch its step-cached denoiser (``interval`` > 1: a fresh ``StepCache`` per batch,
@@ -468,12 +524,14 @@ class Pipeline:
         return make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
 
     def _conditions(self, prompts: list[str], negatives: list[str], label, size: tuple[int, int], original_size,
-                    crop_top_left, use: GenerationSettings) -> tuple[Cond, Cond, Cond | None]:
-        """Conditioning, one row per prompt: prompts and negative prompts, labels, size ids, and the guide's reading
-        of the prompts. SDXL's size conditioning follows the request (passed along: the shared text encoder is not
-        changed)."""
+                    crop_top_left, use: GenerationSettings, image_prompt: tuple = (None, 1.0)
+                    ) -> tuple[Cond, Cond, Cond | None]:
+        """Conditioning, one row per prompt: prompts and negative prompts, labels, size ids, the image prompt
+        (``image_prompt`` = (image, scale), IP-Adapter) and the guide's reading of the prompts. SDXL's size
+        conditioning follows the request (passed along: the shared text encoder is not changed)."""
         cond, uncond = self.encode_prompts(prompts, negatives, size)
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
+        cond, uncond = self._with_image_prompt(cond, uncond, len(prompts), *image_prompt)
         if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
             raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
         if self.size_embed_dim:

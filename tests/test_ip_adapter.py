@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,125 @@ def test_bad_keys_and_values_and_adapters_are_refused(unet_and_adapter):
         adapter.check_unet(other)
     with pytest.raises(ValueError, match="no cross-attention"):
         IPAdapter.for_unet(UNet(UNetConfig(**{**TINY.__dict__, "context_dim": None})), 6)
+
+
+# ----------------------------------------------------------------------------------------- files, encoder, pipeline
+
+
+def _ip_state(unet, image_embed_dim: int, tokens: int = 4, seed: int = 3) -> dict:
+    """A random IP-Adapter state dict of the tencent-ailab layout for a diffusers U-Net (odd keys over attn2)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3
+    D = unet.config.cross_attention_dim
+    proj = {"proj.weight": rnd(tokens * D, image_embed_dim), "proj.bias": rnd(tokens * D),
+            "norm.weight": 1 + rnd(D), "norm.bias": rnd(D)}
+    ip, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            width = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+            ip[f"{key}.to_k_ip.weight"], ip[f"{key}.to_v_ip.weight"] = rnd(width, D), rnd(width, D)
+            key += 2
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+@pytest.fixture(scope="module")
+def sd_with_ip_adapter(tmp_path_factory):
+    diffusers_mod = pytest.importorskip("diffusers", reason="diffusers builds the reference pipeline")
+    pytest.importorskip("transformers", reason="the image encoder is a transformers CLIP vision model")
+    from interop_tiny import one_thread, tiny_sd_pipeline
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    threads = one_thread()
+    next(threads)
+    root = tmp_path_factory.mktemp("sdip")
+    folder = tiny_sd_pipeline(root / "pipe")
+    torch.manual_seed(4)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        projection_dim=16)).eval()
+    encoder.save_pretrained(root / "encoder")
+    ref = diffusers_mod.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, image_encoder=encoder)
+    state = _ip_state(ref.unet, 16)
+    torch.save(state, root / "ip-adapter.bin")
+    save_file({f"{part}.{k}": v for part, d in state.items() for k, v in d.items()}, root / "ip-adapter.safetensors")
+    ref.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter.bin", image_encoder_folder=None)
+    ref.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    yield folder, ref, root, image
+    next(threads, None)
+
+
+def test_clip_preprocessing_equals_transformers(sd_with_ip_adapter):
+    from transformers import CLIPImageProcessor
+
+    from latentdiff.conditioning.image_encoder import clip_preprocess
+
+    *_, image = sd_with_ip_adapter
+    for size in (32, 24):
+        want = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})(
+            image, return_tensors="pt").pixel_values
+        got = clip_preprocess(image, size)
+        assert got.shape == want.shape == (1, 3, size, size)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _images01(pt: torch.Tensor) -> np.ndarray:
+    return (pt / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_ip_adapter_bad_input(sd_with_ip_adapter, tmp_path):
+    import latentdiff
+    from latentdiff.interop.ip_adapter import ip_adapter_for_unet, save_ip_adapter
+
+    folder, _, root, image = sd_with_ip_adapter
+    pipe = latentdiff.load(folder)
+    with pytest.raises(ValueError, match="needs the image encoder"):
+        pipe.load_ip_adapter(root / "ip-adapter.safetensors")
+    with pytest.raises(ValueError, match="no IP-Adapter loaded"):
+        pipe.generate("a", ip_image=image, steps=1, height=16, width=16)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        pipe.load_ip_adapter(root / "ip-adapter.safetensors", image_encoder=tmp_path)
+    state = torch.load(root / "ip-adapter.bin", weights_only=True)
+    state["ip_adapter"]["3.to_v_ip.weight"] = state["ip_adapter"]["3.to_v_ip.weight"][:, :8]
+    torch.save(state, tmp_path / "narrow.bin")
+    with pytest.raises(ValueError, match=r"ip_adapter key 3.to_v_ip.weight has shape \(16, 8\), but up_blocks.1"
+                                         r".attentions.0.transformer_blocks.0.attn2 needs \(16, 32\)"):
+        pipe.load_ip_adapter(tmp_path / "narrow.bin", image_encoder=root / "encoder")
+    del state["ip_adapter"]["5.to_k_ip.weight"]
+    torch.save(state, tmp_path / "short.bin")
+    with pytest.raises(ValueError, match=r"missing \['5.to_k_ip.weight'\]"):
+        pipe.load_ip_adapter(tmp_path / "short.bin", image_encoder=root / "encoder")
+    torch.save({"image_proj": {"latents": torch.zeros(1, 16, 32)}, "ip_adapter": state["ip_adapter"]},
+               tmp_path / "plus.bin")
+    with pytest.raises(ValueError, match="'plus'"):
+        pipe.load_ip_adapter(tmp_path / "plus.bin", image_encoder=root / "encoder")
+    adapter = ip_adapter_for_unet(root / "ip-adapter.bin", pipe.denoiser.network)
+    assert pipe.ip_adapter is None  # nothing was loaded by the refused calls
+    wide = IPAdapter.for_unet(pipe.denoiser.network, 20)
+    with pytest.raises(ValueError, match="the image encoder makes 16-wide embeddings, the IP-Adapter takes 20"):
+        pipe.load_ip_adapter(wide, image_encoder=root / "encoder")
+    # our files round-trip: save -> strict load -> the same tensors
+    save_ip_adapter(adapter, tmp_path / "ours.safetensors")
+    again = ip_adapter_for_unet(tmp_path / "ours.safetensors", pipe.denoiser.network)
+    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), again.state_dict().values()))
+
+
+def test_cli_generate_with_an_image_prompt(sd_with_ip_adapter, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    folder, _, root, image = sd_with_ip_adapter
+    image.save(tmp_path / "ref.png")
+    base = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "--height", "16", "--width", "16"]
+    with pytest.raises(SystemExit):
+        main([*base, "--ip-image", str(tmp_path / "ref.png"), "-o", str(tmp_path / "x.png")])
+    assert "missing --ip-adapter, --image-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    main([*base, "--ip-image", str(tmp_path / "ref.png"), "--ip-scale", "0.6", "--ip-adapter",
+          str(root / "ip-adapter.safetensors"), "--image-encoder", str(root / "encoder"), "-o", str(tmp_path / "o.png")])
+    from latentdiff.images import read_parameters
+
+    params = read_parameters(tmp_path / "o.png")
+    assert params["ip_scale"] == 0.6 and params["ip_image"].endswith("ref.png")

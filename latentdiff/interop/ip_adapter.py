@@ -1,0 +1,126 @@
+"""IP-Adapter weight files (Ye et al. 2023; tencent-ailab/IP-Adapter, the files diffusers' ``load_ip_adapter`` reads).
+
+Layout: ``{"image_proj": {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}, "ip_adapter": {"1.to_k_ip.weight",
+"1.to_v_ip.weight", "3.to_k_ip.weight", ...}}`` in a torch file (``ip-adapter_sd15.bin``), or the same with the two
+names as key prefixes (``image_proj.proj.weight``, ``ip_adapter.1.to_k_ip.weight``) in a safetensors file. The
+layers are numbered 1, 3, 5, ... over the cross-attentions in diffusers' ``attn_processors`` order (down path, up
+path, middle; the even numbers were the self-attentions), which is ``UNet.cross_attentions``' order. We write the
+safetensors layout (``save_ip_adapter``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from latentdiff.interop.files import SAFETENSORS, TORCH_FILES, read_safetensors
+from latentdiff.io import load_state_strict, safe_torch_load, write_safetensors
+from latentdiff.models.ip_adapter import IPAdapter
+
+PARTS = ("image_proj", "ip_adapter")
+
+
+def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, Tensor]]:
+    """The file's two parts, ``{"image_proj": {...}, "ip_adapter": {...}}``; an error naming what is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IP-Adapter file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS:
+        flat = read_safetensors(path)
+        parts = {p: {k[len(p) + 1:]: v for k, v in flat.items() if k.startswith(p + ".")} for p in PARTS}
+        other = sorted(k for k in flat if not k.startswith(tuple(p + "." for p in PARTS)))
+        if other:
+            raise ValueError(f"{path}: keys outside image_proj.* and ip_adapter.*: {other[:5]}; is it an IP-Adapter "
+                             "file?")
+    elif suffix in TORCH_FILES:
+        try:
+            obj = safe_torch_load(path)
+        except ValueError as e:
+            raise ValueError(f"{path} cannot be read without executing pickled code, which latentdiff refuses; "
+                             "convert it to .safetensors with a tool you trust") from e
+        parts = {p: obj.get(p) for p in PARTS} if isinstance(obj, dict) else {}
+    else:
+        raise ValueError(f"{path}: unknown weights format {suffix!r}; expected one of "
+                         f"{', '.join(SAFETENSORS + TORCH_FILES)}")
+    for p in PARTS:
+        if not isinstance(parts.get(p), dict) or not parts[p]:
+            raise ValueError(f"{path} has no {p!r} weights: an IP-Adapter file holds 'image_proj' and 'ip_adapter' "
+                             "(the tencent-ailab / h94 layout diffusers' load_ip_adapter reads)")
+    return parts
+
+
+def _image_proj_config(parts: dict, context_dim: int, path: Path) -> tuple[int, int]:
+    """(image_embed_dim, tokens) of a plain IP-Adapter's projection; the other kinds refused by name."""
+    proj = parts["image_proj"]
+    if "latents" in proj or "proj_in.weight" in proj:
+        raise ValueError(f"{path} is an IP-Adapter 'plus' (Resampler) file, which latentdiff does not load yet: use "
+                         "a plain IP-Adapter (ip-adapter_sd15 layout: image_proj.proj + image_proj.norm)")
+    if "proj.weight" not in proj or "proj.3.weight" in proj or "perceiver_resampler.proj_in.weight" in proj:
+        raise ValueError(f"{path}: image_proj holds {sorted(proj)[:6]}, not the plain IP-Adapter projection "
+                         "(proj.weight, proj.bias, norm.weight, norm.bias): a Full / FaceID adapter is not supported")
+    out, embed = proj["proj.weight"].shape
+    if out % context_dim:
+        raise ValueError(f"{path}: image_proj.proj.weight has shape {tuple(proj['proj.weight'].shape)}; its rows "
+                         f"must be tokens x this model's context width {context_dim}: it was made for another model")
+    return embed, out // context_dim
+
+
+def ip_adapter_for_unet(path: str | Path, unet) -> IPAdapter:
+    """An ``IPAdapter`` for our ``unet`` with the file's weights, strictly: a missing, unused or mis-shaped tensor is an
+    error naming the key, its shape and what this model needs (before anything is returned)."""
+    path = Path(path)
+    parts = read_ip_adapter_file(path)
+    layers = unet.cross_attentions() if hasattr(unet, "cross_attentions") else []
+    if not layers:
+        raise ValueError(f"{path}: an IP-Adapter needs a U-Net with cross-attention; this model's denoiser is "
+                         f"{type(unet).__name__}")
+    context_dim = unet.config.context_dim
+    embed, tokens = _image_proj_config(parts, context_dim, path)
+    adapter = IPAdapter.for_unet(unet, embed, tokens)
+    state = {f"image_proj.{k}": v for k, v in parts["image_proj"].items()}
+    expected = {f"{2 * i + 1}.{which}.weight": (path_i, i) for i, (path_i, _) in enumerate(layers)
+                for which in ("to_k_ip", "to_v_ip")}
+    unused = sorted(set(parts["ip_adapter"]) - set(expected), key=_numbered)
+    missing = sorted(set(expected) - set(parts["ip_adapter"]), key=_numbered)
+    if unused or missing:
+        raise ValueError(f"{path}: the ip_adapter layers do not fit this U-Net's {len(layers)} cross-attention layers "
+                         f"(keys 1, 3, ..., {2 * len(layers) - 1}): missing {missing[:4]}, unused {unused[:4]}; it was "
+                         "made for another base model")
+    mine = adapter.state_dict()
+    for key, (name, i) in expected.items():
+        which = key.split(".")[1]
+        ours = f"layers.{i}.{which}.weight"
+        t = parts["ip_adapter"][key]
+        if t.shape != mine[ours].shape:
+            raise ValueError(f"{path}: ip_adapter key {key} has shape {tuple(t.shape)}, but {name} needs "
+                             f"{tuple(mine[ours].shape)} (its width x the context width {context_dim}): it was made "
+                             "for another base model")
+        state[ours] = t
+    for key, t in state.items():
+        if key.startswith("image_proj.") and key in mine and t.shape != mine[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, this model needs {tuple(mine[key].shape)}")
+    load_state_strict(adapter, {k: v.float() for k, v in state.items()}, f"IP-Adapter {path.name}")
+    return adapter.eval()
+
+
+def _numbered(key: str) -> tuple:
+    head = key.split(".")[0]
+    return (int(head) if head.isdigit() else 1 << 30, key)
+
+
+def to_file_state(adapter: IPAdapter) -> dict[str, Tensor]:
+    """The adapter's tensors under the file's (safetensors) names."""
+    out = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
+    for i, layer in enumerate(adapter.layers):
+        for which in ("to_k_ip", "to_v_ip"):
+            out[f"ip_adapter.{2 * i + 1}.{which}.weight"] = getattr(layer, which).weight
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_ip_adapter(adapter: IPAdapter, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write the adapter as an IP-Adapter safetensors file (atomically)."""
+    path = Path(path)
+    write_safetensors(path, to_file_state(adapter), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
