@@ -200,6 +200,31 @@ def _images01(pt: torch.Tensor) -> np.ndarray:
     return (pt / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+@pytest.mark.parametrize("weights", ["ip-adapter.safetensors", "ip-adapter.bin"])
+def test_ip_adapter_matches_diffusers(sd_with_ip_adapter, weights):
+    """Same seed, sampler, prompt and image prompt as diffusers' StableDiffusionPipeline with load_ip_adapter: the
+    images agree to 1/255 (the image goes through our CLIP preprocessing for both)."""
+    import latentdiff
+    from latentdiff.conditioning.image_encoder import clip_preprocess
+
+    folder, ref, root, image = sd_with_ip_adapter
+    ref.set_ip_adapter_scale(0.6)
+    expected = ref("a red circle", ip_adapter_image=clip_preprocess(image, 32), num_inference_steps=4,
+                   guidance_scale=3.0, generator=torch.Generator().manual_seed(7), output_type="np").images
+    pipe = latentdiff.load(folder)
+    pipe.load_ip_adapter(root / weights, image_encoder=root / "encoder")
+    kw = {"steps": 4, "sampler": "euler", "schedule": "leading", "guidance": 3.0, "seed": 7, "height": 16,
+          "width": 16, "output": "pt"}
+    got = pipe.generate("a red circle", ip_image=image, ip_scale=0.6, **kw)
+    diff = np.abs(_images01(got) - expected).max()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+    print(f"max pixel difference to diffusers: {diff * 255:.4f}/255")
+    plain = pipe.generate("a red circle", **kw)
+    assert np.abs(_images01(plain) - expected).max() > 0.02  # the image prompt matters at this size
+    zero = pipe.generate("a red circle", ip_image=image, ip_scale=0.0, **kw)
+    assert torch.equal(zero, plain)  # scale 0 adds exactly nothing
+
+
 def test_ip_adapter_bad_input(sd_with_ip_adapter, tmp_path):
     import latentdiff
     from latentdiff.interop.ip_adapter import ip_adapter_for_unet, save_ip_adapter
