@@ -213,11 +213,13 @@ class Pipeline:
         """Load an IP-Adapter (Ye et al. 2023: an IP-Adapter file in the tencent-ailab / diffusers layout, e.g.
         ``ip-adapter_sd15.safetensors`` / ``.bin``, or an ``IPAdapter``) and its ``image_encoder`` (a transformers
         ``CLIPVisionModelWithProjection`` folder, or a module with ``preprocess(image)``, ``embed_dim`` and
-        ``forward(pixels) -> (B, E)``); then ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One
+        ``forward(pixels) -> (B, E)``; a file from ``train-ip-adapter`` carries its own); then ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One
         made for another base model, or an encoder of another width, is refused here, naming the key and shapes;
         this pipeline's modules are not changed (the adapter's keys and values travel in ``Cond.image_kv``)."""
-        from latentdiff.interop.ip_adapter import ip_adapter_for_unet
+        from latentdiff.interop.ip_adapter import builtin_image_encoder, ip_adapter_for_unet
 
+        if image_encoder is None and not isinstance(adapter, IPAdapter):
+            image_encoder = builtin_image_encoder(adapter)  # train-ip-adapter's files carry theirs
         if image_encoder is None:
             raise ValueError("an IP-Adapter needs the image encoder its embeddings come from: pass image_encoder= a "
                              "CLIPVisionModelWithProjection folder (--image-encoder DIR)")
@@ -244,9 +246,12 @@ class Pipeline:
                              " (--ip-adapter FILE --image-encoder DIR)")
         if not abs(float(ip_scale)) < float("inf"):
             raise ValueError(f"ip_scale must be a finite number, got {ip_scale}")
+        images = list(ip_image) if isinstance(ip_image, (list, tuple)) else [ip_image]
+        if len(images) not in (1, rows):
+            raise ValueError(f"{len(images)} image prompts for {rows} prompts: give one for all, or one per prompt")
         param = next(self.ip_adapter.parameters())
-        pixels = self.image_encoder.preprocess(ip_image)
-        embeds = self.image_encoder(pixels).to(param.device, param.dtype)  # (1, E)
+        pixels = torch.cat([self.image_encoder.preprocess(im) for im in images])  # (1 or rows, 3, S, S)
+        embeds = self.image_encoder(pixels).to(param.device, param.dtype)  # (1 or rows, E)
         embeds = embeds.expand(rows, -1)  # (rows, E): one row per prompt
         return (dataclasses.replace(cond, image_kv=self.ip_adapter(embeds, float(ip_scale))),
                 dataclasses.replace(uncond, image_kv=self.ip_adapter(torch.zeros_like(embeds), float(ip_scale))))
@@ -402,7 +407,7 @@ class Pipeline:
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
         ``cache_interval=N`` > 1 (our U-Net in torch): DeepCache (Ma et al. 2023, ``unet.StepCache``).
-        IP-Adapter (``load_ip_adapter``): ``ip_image`` is the image prompt, its weight ``ip_scale``.
+        IP-Adapter (``load_ip_adapter``): ``ip_image`` is the image prompt (or one per prompt), its weight ``ip_scale``.
 
         Options are checked and the memory needed estimated (``batch_size``) before any work; images are made in
         batches of at most ``BATCH_BYTES`` (``callback`` and ``preview`` see one batch at a time). A non-finite

@@ -5,20 +5,27 @@ Layout: ``{"image_proj": {"proj.weight", "proj.bias", "norm.weight", "norm.bias"
 names as key prefixes (``image_proj.proj.weight``, ``ip_adapter.1.to_k_ip.weight``) in a safetensors file. The
 layers are numbered 1, 3, 5, ... over the cross-attentions in diffusers' ``attn_processors`` order (down path, up
 path, middle; the even numbers were the self-attentions), which is ``UNet.cross_attentions``' order. We write the
-safetensors layout (``save_ip_adapter``).
+safetensors layout (``save_ip_adapter``), and an adapter trained here (``latentdiff train-ip-adapter``) carries its
+built-in image encoder in the same file: ``image_encoder.*`` tensors and its config in the metadata
+(``latentdiff_image_encoder``), so it loads without ``image_encoder=``.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import Tensor
 
 from latentdiff.interop.files import SAFETENSORS, TORCH_FILES, read_safetensors
 from latentdiff.io import load_state_strict, safe_torch_load, write_safetensors
-from latentdiff.models.ip_adapter import IPAdapter
+from latentdiff.models.ip_adapter import IPAdapter, ShapesEncoderConfig, ShapesImageEncoder
 
 PARTS = ("image_proj", "ip_adapter")
+ENCODER = "image_encoder"  # our files: the built-in image encoder's tensors, and its metadata entry
+ENCODER_METADATA = "latentdiff_image_encoder"
 
 
 def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, Tensor]]:
@@ -29,8 +36,8 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, Tensor]]:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS:
         flat = read_safetensors(path)
-        parts = {p: {k[len(p) + 1:]: v for k, v in flat.items() if k.startswith(p + ".")} for p in PARTS}
-        other = sorted(k for k in flat if not k.startswith(tuple(p + "." for p in PARTS)))
+        parts = {p: {k[len(p) + 1:]: v for k, v in flat.items() if k.startswith(p + ".")} for p in (*PARTS, ENCODER)}
+        other = sorted(k for k in flat if not k.startswith(tuple(p + "." for p in (*PARTS, ENCODER))))
         if other:
             raise ValueError(f"{path}: keys outside image_proj.* and ip_adapter.*: {other[:5]}; is it an IP-Adapter "
                              "file?")
@@ -49,6 +56,26 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, Tensor]]:
             raise ValueError(f"{path} has no {p!r} weights: an IP-Adapter file holds 'image_proj' and 'ip_adapter' "
                              "(the tencent-ailab / h94 layout diffusers' load_ip_adapter reads)")
     return parts
+
+
+def builtin_image_encoder(path: str | Path) -> ShapesImageEncoder | None:
+    """The built-in image encoder an adapter file of ours carries (``train-ip-adapter``), or None."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS:
+        return None
+    parts = read_ip_adapter_file(path)
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get(ENCODER_METADATA)
+    if not parts.get(ENCODER):
+        return None
+    if meta is None:
+        raise ValueError(f"{path} holds image_encoder tensors but no {ENCODER_METADATA} metadata saying what they are")
+    info = json.loads(meta)
+    if info.get("type") != "shapes":
+        raise ValueError(f"{path}: unknown built-in image encoder type {info.get('type')!r} (expected 'shapes')")
+    encoder = ShapesImageEncoder(ShapesEncoderConfig(**info["config"]))
+    load_state_strict(encoder, {k: v.float() for k, v in parts[ENCODER].items()}, f"image encoder of {path.name}")
+    return encoder.eval()
 
 
 def _image_proj_config(parts: dict, context_dim: int, path: Path) -> tuple[int, int]:
@@ -119,8 +146,13 @@ def to_file_state(adapter: IPAdapter) -> dict[str, Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def save_ip_adapter(adapter: IPAdapter, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write the adapter as an IP-Adapter safetensors file (atomically)."""
+def save_ip_adapter(adapter: IPAdapter, path: str | Path, metadata: dict | None = None,
+                    encoder: ShapesImageEncoder | None = None) -> Path:
+    """Write the adapter as an IP-Adapter safetensors file (atomically), with its built-in image encoder if given."""
     path = Path(path)
-    write_safetensors(path, to_file_state(adapter), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tensors, meta = to_file_state(adapter), {k: str(v) for k, v in (metadata or {}).items()}
+    if encoder is not None:
+        tensors.update({f"{ENCODER}.{k}": v.detach() for k, v in encoder.state_dict().items()})
+        meta[ENCODER_METADATA] = json.dumps({"type": "shapes", "config": asdict(encoder.config)})
+    write_safetensors(path, tensors, metadata=meta)
     return path

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from latentdiff.conditioning.image_encoder import as_pil
 from latentdiff.types import Cond
 
 
@@ -112,3 +115,51 @@ class IPAdapter(nn.Module):
 def with_image_prompt(cond: Cond, adapter: IPAdapter, image_embeds: Tensor, scale: float | Tensor) -> Cond:
     """``cond`` with the adapter's keys and values of ``image_embeds`` (one row per row of cond) added."""
     return replace(cond, image_kv=adapter(image_embeds, scale))
+
+
+@dataclass
+class ShapesEncoderConfig:
+    size: int = 32  # pixels a reference image is resized to (the model's image size)
+    channels: tuple[int, ...] = (32, 64, 64)  # widths of the stride-2 convolutions
+    embed_dim: int = 128  # width of the embedding
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)
+        if self.size % 2 ** len(self.channels) or min(self.size, self.embed_dim, *self.channels) < 1:
+            raise ValueError(f"the image size {self.size} must be divisible by 2 ** {len(self.channels)} (one halving "
+                             f"per convolution), and every width positive")
+
+
+class ShapesImageEncoder(nn.Module):
+    """The built-in image encoder for image prompts on small models: an image (B, 3, S, S) in [-1, 1] -> stride-2
+    3x3 convolutions with SiLU -> a linear map of the flattened features (so where things are is kept) -> (B, E).
+    Trained together with the adapter (``latentdiff train-ip-adapter``); what CLIP is for SD's IP-Adapter."""
+
+    def __init__(self, config: ShapesEncoderConfig):
+        super().__init__()
+        self.config = config
+        layers, c_in = [], 3
+        for c in config.channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.SiLU()]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        side = config.size // 2 ** len(config.channels)
+        self.proj = nn.Linear(c_in * side * side, config.embed_dim)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def preprocess(self, image) -> Tensor:
+        """One image (a path, PIL image, uint8 array or tensor in [-1, 1]) as (1, 3, S, S) in [-1, 1] (bicubic)."""
+        size = self.config.size
+        pixels = np.asarray(as_pil(image).resize((size, size), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B, embed_dim)."""
+        S = self.config.size
+        if pixels.shape[1:] != (3, S, S):
+            raise ValueError(f"the shapes image encoder takes (B, 3, {S}, {S}) pixels, got {tuple(pixels.shape)}")
+        h = self.convs(pixels.to(self.proj.weight.dtype))  # (B, c, S / 2^k, S / 2^k)
+        return self.proj(h.flatten(1))  # (B, E)
