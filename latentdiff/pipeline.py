@@ -229,8 +229,10 @@ class Pipeline:
         else:
             adapter = ip_adapter_for_unet(adapter, network)
         encoder = image_encoder if isinstance(image_encoder, nn.Module) else CLIPImageEncoder(image_encoder)
-        if encoder.embed_dim != adapter.config.image_embed_dim:
-            raise ValueError(f"the image encoder makes {encoder.embed_dim}-wide embeddings, the IP-Adapter takes "
+        width = getattr(encoder, "hidden_dim", None) if adapter.takes_hidden_states else encoder.embed_dim
+        what = "hidden states" if adapter.takes_hidden_states else "embeddings"
+        if width != adapter.config.image_embed_dim:
+            raise ValueError(f"the image encoder makes {width}-wide {what}, the IP-Adapter takes "
                              f"{adapter.config.image_embed_dim}: use the image encoder it was trained with")
         param = next(self.denoiser.parameters())
         self.ip_adapter, self.image_encoder = adapter.to(param.device, param.dtype).eval(), encoder.eval()
@@ -251,10 +253,14 @@ class Pipeline:
             raise ValueError(f"{len(images)} image prompts for {rows} prompts: give one for all, or one per prompt")
         param = next(self.ip_adapter.parameters())
         pixels = torch.cat([self.image_encoder.preprocess(im) for im in images])  # (1 or rows, 3, S, S)
-        embeds = self.image_encoder(pixels).to(param.device, param.dtype)  # (1 or rows, E)
-        embeds = embeds.expand(rows, -1)  # (rows, E): one row per prompt
+        if self.ip_adapter.takes_hidden_states:  # "plus": the penultimate hidden states; uncond: of a zero image
+            embeds, zero = (self.image_encoder(p, hidden_states=True) for p in (pixels, torch.zeros_like(pixels)))
+        else:  # the embedding; uncond: a zero embedding (diffusers' encode_image)
+            embeds = self.image_encoder(pixels)  # (1 or rows, E)
+            zero = torch.zeros_like(embeds)
+        embeds, zero = (e.to(param.device, param.dtype).expand(rows, *e.shape[1:]) for e in (embeds, zero))
         return (dataclasses.replace(cond, image_kv=self.ip_adapter(embeds, float(ip_scale))),
-                dataclasses.replace(uncond, image_kv=self.ip_adapter(torch.zeros_like(embeds), float(ip_scale))))
+                dataclasses.replace(uncond, image_kv=self.ip_adapter(zero, float(ip_scale))))
 
     def _controlled(self, control, size: tuple[int, int]) -> list[Control]:
         """The added ControlNets with their control images (one per ControlNet, at the output size)."""

@@ -136,13 +136,26 @@ def test_bad_keys_and_values_and_adapters_are_refused(unet_and_adapter):
 # ----------------------------------------------------------------------------------------- files, encoder, pipeline
 
 
-def _ip_state(unet, image_embed_dim: int, tokens: int = 4, seed: int = 3) -> dict:
-    """A random IP-Adapter state dict of the tencent-ailab layout for a diffusers U-Net (odd keys over attn2)."""
+def _ip_state(unet, image_embed_dim: int, tokens: int = 4, seed: int = 3, plus: bool = False) -> dict:
+    """A random IP-Adapter state dict of the tencent-ailab layout for a diffusers U-Net (odd keys over attn2); with
+    ``plus`` a Resampler (64-wide queries: one head, four blocks) reading hidden states of width ``image_embed_dim``."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3
     D = unet.config.cross_attention_dim
     proj = {"proj.weight": rnd(tokens * D, image_embed_dim), "proj.bias": rnd(tokens * D),
             "norm.weight": 1 + rnd(D), "norm.bias": rnd(D)}
+    if plus:
+        C = 64
+        proj = {"latents": rnd(1, tokens, C), "proj_in.weight": rnd(C, image_embed_dim), "proj_in.bias": rnd(C),
+                "proj_out.weight": rnd(D, C), "proj_out.bias": rnd(D), "norm_out.weight": 1 + rnd(D),
+                "norm_out.bias": rnd(D)}
+        for i in range(4):  # diffusers builds 4 blocks whatever the file holds
+            proj.update({f"layers.{i}.0.norm1.weight": 1 + rnd(C), f"layers.{i}.0.norm1.bias": rnd(C),
+                         f"layers.{i}.0.norm2.weight": 1 + rnd(C), f"layers.{i}.0.norm2.bias": rnd(C),
+                         f"layers.{i}.0.to_q.weight": rnd(C, C), f"layers.{i}.0.to_kv.weight": rnd(2 * C, C),
+                         f"layers.{i}.0.to_out.weight": rnd(C, C), f"layers.{i}.1.0.weight": 1 + rnd(C),
+                         f"layers.{i}.1.0.bias": rnd(C), f"layers.{i}.1.1.weight": rnd(4 * C, C),
+                         f"layers.{i}.1.3.weight": rnd(C, 4 * C)})
     ip, key = {}, 1
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
@@ -154,7 +167,7 @@ def _ip_state(unet, image_embed_dim: int, tokens: int = 4, seed: int = 3) -> dic
 
 @pytest.fixture(scope="module")
 def sd_with_ip_adapter(tmp_path_factory):
-    diffusers_mod = pytest.importorskip("diffusers", reason="diffusers builds the reference pipeline")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers builds the reference pipeline")
     pytest.importorskip("transformers", reason="the image encoder is a transformers CLIP vision model")
     from interop_tiny import one_thread, tiny_sd_pipeline
     from PIL import Image
@@ -170,12 +183,13 @@ def sd_with_ip_adapter(tmp_path_factory):
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
         projection_dim=16)).eval()
     encoder.save_pretrained(root / "encoder")
-    ref = diffusers_mod.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, image_encoder=encoder)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, image_encoder=encoder)
     state = _ip_state(ref.unet, 16)
     torch.save(state, root / "ip-adapter.bin")
     save_file({f"{part}.{k}": v for part, d in state.items() for k, v in d.items()}, root / "ip-adapter.safetensors")
     ref.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter.bin", image_encoder_folder=None)
     ref.set_progress_bar_config(disable=True)
+    torch.save(_ip_state(ref.unet, 32, seed=5, plus=True), root / "ip-adapter-plus.bin")
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
     yield folder, ref, root, image
@@ -200,29 +214,63 @@ def _images01(pt: torch.Tensor) -> np.ndarray:
     return (pt / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
+SETTINGS = {"steps": 4, "sampler": "euler", "schedule": "leading", "guidance": 3.0, "seed": 7, "height": 16,
+            "width": 16, "output": "pt"}
+
+
+def _diffusers_image(ref, image, scale: float) -> np.ndarray:
+    """diffusers' image for SETTINGS, the image prompt through our CLIP preprocessing."""
+    from latentdiff.conditioning.image_encoder import clip_preprocess
+
+    ref.set_ip_adapter_scale(scale)
+    return ref("a red circle", ip_adapter_image=clip_preprocess(image, 32), num_inference_steps=4,
+               guidance_scale=3.0, generator=torch.Generator().manual_seed(7), output_type="np").images
+
+
+def _check_parity(pipe, expected: np.ndarray, image, scale: float, what: str) -> torch.Tensor:
+    """Ours within 1/255 of diffusers' image, and visibly apart from ours without the image prompt (returned)."""
+    got = pipe.generate("a red circle", ip_image=image, ip_scale=scale, **SETTINGS)
+    diff = np.abs(_images01(got) - expected).max()
+    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
+    print(f"max pixel difference to diffusers ({what}): {diff * 255:.4f}/255")
+    plain = pipe.generate("a red circle", **SETTINGS)
+    assert np.abs(_images01(plain) - expected).max() > 0.02  # the image prompt matters at this size
+    return plain
+
+
 @pytest.mark.parametrize("weights", ["ip-adapter.safetensors", "ip-adapter.bin"])
 def test_ip_adapter_matches_diffusers(sd_with_ip_adapter, weights):
     """Same seed, sampler, prompt and image prompt as diffusers' StableDiffusionPipeline with load_ip_adapter: the
     images agree to 1/255 (the image goes through our CLIP preprocessing for both)."""
     import latentdiff
-    from latentdiff.conditioning.image_encoder import clip_preprocess
 
     folder, ref, root, image = sd_with_ip_adapter
-    ref.set_ip_adapter_scale(0.6)
-    expected = ref("a red circle", ip_adapter_image=clip_preprocess(image, 32), num_inference_steps=4,
-                   guidance_scale=3.0, generator=torch.Generator().manual_seed(7), output_type="np").images
+    expected = _diffusers_image(ref, image, 0.6)
     pipe = latentdiff.load(folder)
     pipe.load_ip_adapter(root / weights, image_encoder=root / "encoder")
-    kw = {"steps": 4, "sampler": "euler", "schedule": "leading", "guidance": 3.0, "seed": 7, "height": 16,
-          "width": 16, "output": "pt"}
-    got = pipe.generate("a red circle", ip_image=image, ip_scale=0.6, **kw)
-    diff = np.abs(_images01(got) - expected).max()
-    assert diff <= 1 / 255, f"max pixel difference {diff * 255:.2f}/255"
-    print(f"max pixel difference to diffusers: {diff * 255:.4f}/255")
-    plain = pipe.generate("a red circle", **kw)
-    assert np.abs(_images01(plain) - expected).max() > 0.02  # the image prompt matters at this size
-    zero = pipe.generate("a red circle", ip_image=image, ip_scale=0.0, **kw)
+    plain = _check_parity(pipe, expected, image, 0.6, weights)
+    zero = pipe.generate("a red circle", ip_image=image, ip_scale=0.0, **SETTINGS)
     assert torch.equal(zero, plain)  # scale 0 adds exactly nothing
+
+
+def test_ip_adapter_plus_matches_diffusers(sd_with_ip_adapter):
+    """IP-Adapter plus (a Resampler on the CLIP encoder's penultimate hidden states; the uncond branch: those of a
+    zero image) against diffusers' own loading of the same file, to 1/255."""
+    import diffusers
+
+    import latentdiff
+
+    folder, ref, root, image = sd_with_ip_adapter
+    plus = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                             image_encoder=ref.image_encoder)
+    plus.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter-plus.bin", image_encoder_folder=None,
+                         low_cpu_mem_usage=False)
+    plus.set_progress_bar_config(disable=True)
+    expected = _diffusers_image(plus, image, 0.8)
+    pipe = latentdiff.load(folder)
+    adapter = pipe.load_ip_adapter(root / "ip-adapter-plus.bin", image_encoder=root / "encoder")
+    assert adapter.takes_hidden_states and adapter.config.tokens == 4 and adapter.config.depth == 4
+    _check_parity(pipe, expected, image, 0.8, "plus")
 
 
 def test_ip_adapter_bad_input(sd_with_ip_adapter, tmp_path):
@@ -249,7 +297,7 @@ def test_ip_adapter_bad_input(sd_with_ip_adapter, tmp_path):
         pipe.load_ip_adapter(tmp_path / "short.bin", image_encoder=root / "encoder")
     torch.save({"image_proj": {"latents": torch.zeros(1, 16, 32)}, "ip_adapter": state["ip_adapter"]},
                tmp_path / "plus.bin")
-    with pytest.raises(ValueError, match="'plus'"):
+    with pytest.raises(ValueError, match=r"plus Resampler needs image_proj \['proj_in.weight'"):
         pipe.load_ip_adapter(tmp_path / "plus.bin", image_encoder=root / "encoder")
     adapter = ip_adapter_for_unet(root / "ip-adapter.bin", pipe.denoiser.network)
     assert pipe.ip_adapter is None  # nothing was loaded by the refused calls

@@ -97,6 +97,11 @@ class CLIPImageEncoder(nn.Module):
         """Width of the projected image embedding."""
         return self.model.config.projection_dim
 
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the hidden states (what IP-Adapter plus reads)."""
+        return self.model.config.hidden_size
+
     def preprocess(self, image) -> Tensor:
         """One image (a path, PIL image, uint8 array or tensor in [-1, 1]) as this model's pixel values."""
         return clip_preprocess(image, self.size, self.crop, self.mean, self.std)

@@ -78,20 +78,38 @@ def builtin_image_encoder(path: str | Path) -> ShapesImageEncoder | None:
     return encoder.eval()
 
 
-def _image_proj_config(parts: dict, context_dim: int, path: Path) -> tuple[int, int]:
-    """(image_embed_dim, tokens) of a plain IP-Adapter's projection; the other kinds refused by name."""
+def _image_proj_config(parts: dict, context_dim: int, path: Path) -> dict:
+    """``IPAdapterConfig`` fields read off the projection's shapes: a plain IP-Adapter's Linear + LayerNorm, or an
+    IP-Adapter plus Resampler (heads of 64 channels, as the original and diffusers assume); Full and FaceID files
+    refused by name."""
     proj = parts["image_proj"]
-    if "latents" in proj or "proj_in.weight" in proj:
-        raise ValueError(f"{path} is an IP-Adapter 'plus' (Resampler) file, which latentdiff does not load yet: use "
-                         "a plain IP-Adapter (ip-adapter_sd15 layout: image_proj.proj + image_proj.norm)")
+    if "latents" in proj:
+        return _resampler_config(proj, context_dim, path)
     if "proj.weight" not in proj or "proj.3.weight" in proj or "perceiver_resampler.proj_in.weight" in proj:
-        raise ValueError(f"{path}: image_proj holds {sorted(proj)[:6]}, not the plain IP-Adapter projection "
-                         "(proj.weight, proj.bias, norm.weight, norm.bias): a Full / FaceID adapter is not supported")
+        raise ValueError(f"{path}: image_proj holds {sorted(proj)[:6]}, neither the plain IP-Adapter projection "
+                         "(proj, norm) nor the plus Resampler (latents, proj_in, layers, proj_out, norm_out): a Full / "
+                         "FaceID adapter is not supported")
     out, embed = proj["proj.weight"].shape
     if out % context_dim:
         raise ValueError(f"{path}: image_proj.proj.weight has shape {tuple(proj['proj.weight'].shape)}; its rows "
                          f"must be tokens x this model's context width {context_dim}: it was made for another model")
-    return embed, out // context_dim
+    return {"image_embed_dim": embed, "tokens": out // context_dim}
+
+
+def _resampler_config(proj: dict, context_dim: int, path: Path) -> dict:
+    need = ("latents", "proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight")
+    missing = [k for k in need if k not in proj]
+    if missing:
+        raise ValueError(f"{path}: an IP-Adapter plus Resampler needs image_proj {missing}")
+    _, tokens, hidden = proj["latents"].shape
+    out = proj["proj_out.weight"].shape[0]
+    if out != context_dim:
+        raise ValueError(f"{path}: image_proj.proj_out.weight has shape {tuple(proj['proj_out.weight'].shape)}, this "
+                         f"model's context is {context_dim} wide: it was made for another base model")
+    depth = len({k.split(".")[1] for k in proj if k.startswith("layers.")})
+    return {"image_embed_dim": proj["proj_in.weight"].shape[1], "tokens": tokens, "projection": "resampler",
+            "hidden_dim": hidden, "depth": depth, "heads": max(1, proj["layers.0.0.to_q.weight"].shape[0] // 64),
+            "ff_mult": proj["layers.0.1.1.weight"].shape[0] // hidden}
 
 
 def ip_adapter_for_unet(path: str | Path, unet) -> IPAdapter:
@@ -104,8 +122,7 @@ def ip_adapter_for_unet(path: str | Path, unet) -> IPAdapter:
         raise ValueError(f"{path}: an IP-Adapter needs a U-Net with cross-attention; this model's denoiser is "
                          f"{type(unet).__name__}")
     context_dim = unet.config.context_dim
-    embed, tokens = _image_proj_config(parts, context_dim, path)
-    adapter = IPAdapter.for_unet(unet, embed, tokens)
+    adapter = IPAdapter.for_unet(unet, **_image_proj_config(parts, context_dim, path))
     state = {f"image_proj.{k}": v for k, v in parts["image_proj"].items()}
     expected = {f"{2 * i + 1}.{which}.weight": (path_i, i) for i, (path_i, _) in enumerate(layers)
                 for which in ("to_k_ip", "to_v_ip")}

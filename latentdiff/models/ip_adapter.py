@@ -13,28 +13,39 @@ them), so a loaded adapter changes no module and a U-Net shared between threads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from latentdiff.conditioning.image_encoder import as_pil
-from latentdiff.types import Cond
+
+PROJECTIONS = ("linear", "resampler")
 
 
 @dataclass
 class IPAdapterConfig:
-    image_embed_dim: int  # width of the image encoder's embedding (CLIP's projected image_embeds)
+    image_embed_dim: int  # width of the image encoder's output: its projected embedding, or (resampler) hidden states
     context_dim: int  # the U-Net's cross-attention context width (the tokens' width)
-    tokens: int = 4  # image tokens the projection makes (the original IP-Adapter: 4)
+    tokens: int = 4  # image tokens the projection makes (the original IP-Adapter: 4; "plus": 16)
     widths: tuple[int, ...] = ()  # each cross-attention layer's width (heads x head_dim), in Cond.image_kv order
+    projection: str = "linear"  # "linear" (ImageProjection, on embeddings) or "resampler" ("plus", on hidden states)
+    hidden_dim: int = 0  # resampler: width of its latent queries
+    depth: int = 0  # resampler: perceiver blocks
+    heads: int = 0  # resampler: attention heads (of 64 channels, as in the original and diffusers)
+    ff_mult: int = 4  # resampler: MLP expansion
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
         if min(self.image_embed_dim, self.context_dim, self.tokens) < 1 or not self.widths:
             raise ValueError(f"an IP-Adapter needs positive widths, tokens and at least one layer, got {self}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"IP-Adapter projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.projection == "resampler" and min(self.hidden_dim, self.depth, self.heads, self.ff_mult) < 1:
+            raise ValueError("a resampler needs positive hidden_dim, depth, heads and ff_mult")
 
 
 class ImageProjection(nn.Module):
@@ -52,6 +63,53 @@ class ImageProjection(nn.Module):
         return self.norm(h.reshape(B, self.tokens, -1))  # (B, N, D)
 
 
+class PerceiverAttention(nn.Module):
+    """Latent queries attend to [image features; latents] (the perceiver resampler of Flamingo, Alayrac et al.
+    2022, as IP-Adapter plus has it: ``norm1`` / ``norm2``, ``to_q``, fused ``to_kv``, ``to_out``, no biases)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int = 64):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, latents: Tensor) -> Tensor:
+        x, latents = self.norm1(x), self.norm2(latents)  # (B, T, C), (B, N, C)
+        B, N, _ = latents.shape
+        q = self.to_q(latents)  # (B, N, h*d)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)  # (B, T + N, h*d) each
+        q, k, v = (t.reshape(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h, ., d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, -1))  # (B, N, C)
+
+
+class Resampler(nn.Module):
+    """IP-Adapter plus's projection: learned queries read the image encoder's hidden states (B, T, E) through
+    perceiver blocks (attention + GELU MLP, each residual) -> (B, tokens, D); key names as in its files."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        c = cfg.hidden_dim
+        self.latents = nn.Parameter(torch.randn(1, cfg.tokens, c) / c**0.5)
+        self.proj_in = nn.Linear(cfg.image_embed_dim, c)
+        self.proj_out = nn.Linear(c, cfg.context_dim)
+        self.norm_out = nn.LayerNorm(cfg.context_dim)
+        self.layers = nn.ModuleList([nn.ModuleList([
+            PerceiverAttention(c, cfg.heads),
+            nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c * cfg.ff_mult, bias=False), nn.GELU(),
+                          nn.Linear(c * cfg.ff_mult, c, bias=False))]) for _ in range(cfg.depth)])
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = self.proj_in(hidden.to(self.proj_in.weight.dtype))  # (B, T, C)
+        latents = self.latents.expand(x.shape[0], -1, -1)  # (B, N, C)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))  # (B, N, D)
+
+
 class IPLayer(nn.Module):
     """The two projections one cross-attention layer adds: image tokens -> its keys and values."""
 
@@ -67,16 +125,18 @@ class IPAdapter(nn.Module):
     def __init__(self, config: IPAdapterConfig):
         super().__init__()
         self.config = config
-        self.image_proj = ImageProjection(config.image_embed_dim, config.context_dim, config.tokens)
+        self.image_proj = ImageProjection(config.image_embed_dim, config.context_dim, config.tokens) \
+            if config.projection == "linear" else Resampler(config)
         self.layers = nn.ModuleList([IPLayer(config.context_dim, w) for w in config.widths])
 
     @classmethod
-    def for_unet(cls, unet, image_embed_dim: int, tokens: int = 4) -> IPAdapter:
-        """A fresh adapter for ``unet`` (our ``UNet``): one layer per cross-attention, in its order."""
+    def for_unet(cls, unet, image_embed_dim: int, tokens: int = 4, **projection) -> IPAdapter:
+        """A fresh adapter for ``unet`` (our ``UNet``): one layer per cross-attention, in its order; ``projection``:
+        ``IPAdapterConfig``'s projection fields (e.g. ``projection="resampler", hidden_dim=, depth=, heads=``)."""
         widths = [attn.heads * attn.head_dim for _, attn in unet.cross_attentions()]
         if not widths:
             raise ValueError("this U-Net has no cross-attention (context_dim=None): an IP-Adapter has nothing to add to")
-        return cls(IPAdapterConfig(image_embed_dim, unet.config.context_dim, tokens, tuple(widths)))
+        return cls(IPAdapterConfig(image_embed_dim, unet.config.context_dim, tokens, tuple(widths), **projection))
 
     def check_unet(self, unet, name: str = "the IP-Adapter") -> None:
         """Refuse a U-Net this adapter was not made for, naming the first layer that differs."""
@@ -94,11 +154,17 @@ class IPAdapter(nn.Module):
             if attn.heads * attn.head_dim != w:
                 raise ValueError(f"{name}: {path} is {attn.heads * attn.head_dim} wide, the adapter's layer {w}")
 
+    @property
+    def takes_hidden_states(self) -> bool:
+        """Whether it reads the image encoder's hidden states (B, T, E) ("plus") rather than its embedding (B, E)."""
+        return self.config.projection == "resampler"
+
     def tokens(self, image_embeds: Tensor) -> Tensor:
-        """Image embeddings (B, E) -> image tokens (B, N, D)."""
-        if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.image_embed_dim:
+        """Image embeddings (B, E) (or, for a resampler, hidden states (B, T, E)) -> image tokens (B, N, D)."""
+        ndim, what = (3, "T, ") if self.takes_hidden_states else (2, "")
+        if image_embeds.ndim != ndim or image_embeds.shape[-1] != self.config.image_embed_dim:
             raise ValueError(f"image embeddings have shape {tuple(image_embeds.shape)}, this IP-Adapter takes "
-                             f"(B, {self.config.image_embed_dim}): an image encoder of another width?")
+                             f"(B, {what}{self.config.image_embed_dim}): an image encoder of another width?")
         return self.image_proj(image_embeds)
 
     def forward(self, image_embeds: Tensor, scale: float | Tensor = 1.0) -> list[Tensor]:
@@ -110,11 +176,6 @@ class IPAdapter(nn.Module):
         for layer in self.layers:
             out += [layer.to_k_ip(tokens), layer.to_v_ip(tokens) * s]
         return out
-
-
-def with_image_prompt(cond: Cond, adapter: IPAdapter, image_embeds: Tensor, scale: float | Tensor) -> Cond:
-    """``cond`` with the adapter's keys and values of ``image_embeds`` (one row per row of cond) added."""
-    return replace(cond, image_kv=adapter(image_embeds, scale))
 
 
 @dataclass
