@@ -24,7 +24,7 @@ from latentdiff.data.shapes import heldout_prompts, train_prompts
 from latentdiff.eval.judging import autoencoder_ceiling, render_prompts, stderr
 from latentdiff.pipeline import load
 
-KEYS = ("color", "shape", "size", "position", "all_correct")
+KEYS = ("color", "shape", "size", "position", "count", "all_correct")
 
 
 def generate(pipe, references: torch.Tensor, scale: float | None, batch: int = 32) -> tuple[list, float]:

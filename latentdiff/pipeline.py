@@ -210,12 +210,13 @@ class Pipeline:
         return controlnet
 
     def load_ip_adapter(self, adapter, *, image_encoder=None) -> IPAdapter:
-        """Load an IP-Adapter (Ye et al. 2023: an IP-Adapter file in the tencent-ailab / diffusers layout, e.g.
+        """Load an IP-Adapter (Ye et al. 2023: a file in the tencent-ailab / diffusers layout, plain or "plus", e.g.
         ``ip-adapter_sd15.safetensors`` / ``.bin``, or an ``IPAdapter``) and its ``image_encoder`` (a transformers
         ``CLIPVisionModelWithProjection`` folder, or a module with ``preprocess(image)``, ``embed_dim`` and
-        ``forward(pixels) -> (B, E)``; a file from ``train-ip-adapter`` carries its own); then ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One
-        made for another base model, or an encoder of another width, is refused here, naming the key and shapes;
-        this pipeline's modules are not changed (the adapter's keys and values travel in ``Cond.image_kv``)."""
+        ``forward(pixels) -> (B, E)``; a file from ``train-ip-adapter`` carries its own); then
+        ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One made for another base model, or an
+        encoder of another width, is refused here, naming the key and shapes; this pipeline's modules are not
+        changed (the adapter's keys and values travel in ``Cond.image_kv``)."""
         from latentdiff.interop.ip_adapter import builtin_image_encoder, ip_adapter_for_unet
 
         if image_encoder is None and not isinstance(adapter, IPAdapter):
