@@ -111,9 +111,12 @@ class Pipeline:
         if live:  # an attached adapter is not in the network's state_dict, so the compiled-model cache key misses it
             raise ValueError(f"LoRA {live} attached but not merged: merge it first (lora.merge()) so that the "
                              f"converted weights, and the key of the cache of compiled models, include it")
-        if self.controlnets or self.ip_adapter is not None:
-            raise ValueError("ControlNets and IP-Adapters run in torch only: the compiled network takes no control "
-                             "residuals or image-prompt keys and values (use backend='torch')")
+        if self.controlnets:
+            raise ValueError("ControlNets run in torch only: the compiled network takes no control residuals "
+                             "(use backend='torch')")
+        if self.ip_adapter is not None:
+            raise ValueError("IP-Adapters run in torch only: the compiled network takes no image-prompt keys and "
+                             "values (use backend='torch')")
         from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
 
         options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",

@@ -367,6 +367,8 @@ def test_train_ip_adapter_on_the_default_model_and_generate_with_it(tmp_path, ca
     with pytest.raises(ValueError, match="3 image prompts for 2 prompts"):
         pipe.generate(["", ""], steps=4, ip_image=[ref, ref, ref])
     assert all(torch.equal(pipe.denoiser.network.state_dict()[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="IP-Adapters run in torch only"):
+        pipe.to_backend("openvino")
     from PIL import Image
 
     Image.fromarray(ref).save(tmp_path / "ref.png")
