@@ -155,6 +155,13 @@ class GenerateConfig:
     control_ends: tuple = _opt((), "fraction of the steps where it stops (default 1; once for all, or once per "
                                "--controlnet)", flags=("--control-end",), action="append", type=float, metavar="B",
                                to_config=lambda v: {"control_ends": tuple(v)})
+    ip_image: str = _opt("", "IP-Adapter: the image prompt (a reference image whose look the output borrows; needs "
+                         "--ip-adapter and --image-encoder)", metavar="FILE")
+    ip_scale: float = _opt(1.0, "IP-Adapter: the image prompt's weight (0: none)", metavar="S")
+    ip_adapter: str = _opt("", "IP-Adapter weights (ip-adapter_sd15.safetensors / .bin layout, or train-ip-adapter's)",
+                           metavar="FILE")
+    image_encoder: str = _opt("", "IP-Adapter: its image encoder, a transformers CLIPVisionModelWithProjection folder "
+                              "(not needed for train-ip-adapter's files, which carry theirs)", metavar="DIR")
     upscale: str = _opt("", "a super-resolution model's low-resolution input; the output is its size times the "
                         "model's upscale factor (`latentdiff upscale IN.png` says the same)", metavar="FILE")
     noise_level: int | None = _opt(None, "SD x4 upscaler: the noise added to the --upscale image, a DDPM timestep "
@@ -163,7 +170,8 @@ class GenerateConfig:
     OUTPUTS = ("out", "preview_dir")  # checked writable before any work (config.check_outputs)
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
-                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT})
+                     "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT,
+                     "ip_scale": FINITE})
 
 
 @dataclass
@@ -239,6 +247,12 @@ def cmd_train_lora(args) -> None:
     _print_result(train_lora(config_from_args(LoRATrainConfig, LORA_PRESETS, args)))
 
 
+def cmd_train_ip_adapter(args) -> None:
+    from latentdiff.train.ip_adapter import IP_ADAPTER_PRESETS, IPAdapterTrainConfig, train_ip_adapter
+
+    _print_result(train_ip_adapter(config_from_args(IPAdapterTrainConfig, IP_ADAPTER_PRESETS, args)))
+
+
 def cmd_train_controlnet(args) -> None:
     from latentdiff.train.controlnet import CONTROLNET_PRESETS, ControlNetTrainConfig, train_controlnet
 
@@ -282,7 +296,7 @@ def cmd_generate(args) -> None:
     from latentdiff.pipeline import load, save_clips, save_images
 
     cfg = config_from_args(GenerateConfig, {}, args)
-    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels or cfg.upscale else [])
+    prompts = [p for p in args.prompts if p.strip()] or ([""] if cfg.labels or cfg.upscale or cfg.ip_image else [])
     if not prompts:
         raise ValueError("no prompt given: latentdiff generate \"a large red circle on the left\" --model DIR")
     if len(cfg.labels) > 1 and len(prompts) == 1:
@@ -293,6 +307,7 @@ def cmd_generate(args) -> None:
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
+    ip_image = _ip_adapter_args(cfg)  # the image prompt is read here, before the model is loaded
     torch_backend = cfg.backend == "torch"
     if not torch_backend:
         from latentdiff.backends.openvino import import_openvino
@@ -306,11 +321,14 @@ def cmd_generate(args) -> None:
             lora.merge()  # a compiled network takes the merged weights (and its cache key sees them)
     for folder, kw in controlnets:
         pipe.add_controlnet(folder, **kw)  # one built for another base model is refused here
+    if ip_image is not None:
+        pipe.load_ip_adapter(cfg.ip_adapter, image_encoder=cfg.image_encoder or None)  # refused if it does not fit
     if not torch_backend or cfg.int8:
         pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
-    images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames)
+    images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames,
+                           **({"ip_image": ip_image, "ip_scale": cfg.ip_scale} if ip_image is not None else {}))
     clips = isinstance(images[0], list)  # a video model's clips, each a list of frames
     w, h = images[0][0].size if clips else images[0].size
     params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed, "width": w,
@@ -321,6 +339,8 @@ def cmd_generate(args) -> None:
               **({"controlnets": [{"control": str(Path(c).resolve()), "controlnet": str(Path(f).resolve()), **kw}
                                   for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {}),
               **({"cache_interval": cfg.cache_interval} if cfg.cache_interval > 1 else {}),
+              **({"ip_image": str(Path(cfg.ip_image).resolve()), "ip_scale": cfg.ip_scale,
+                  "ip_adapter": str(Path(cfg.ip_adapter).resolve())} if ip_image is not None else {}),
               **({"backend": pipe.backend} if pipe.backend != "torch" else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
@@ -328,6 +348,26 @@ def cmd_generate(args) -> None:
         save_images(images, out, params, grid=cfg.grid, per_image=per_image)
     for path in saved:
         print(path)
+
+
+def _ip_adapter_args(cfg: GenerateConfig):
+    """The --ip-image read as a PIL image (None without one), after checking the IP-Adapter flags come together and
+    name existing files: all before the model is loaded."""
+    given = {"--ip-image": cfg.ip_image, "--ip-adapter": cfg.ip_adapter}
+    if not any(given.values()) and not cfg.image_encoder:
+        return None
+    missing = [flag for flag, v in given.items() if not v]
+    if missing:
+        raise ValueError(f"an image prompt needs --ip-image FILE --ip-adapter FILE together (and --image-encoder DIR "
+                         f"unless the adapter file carries its encoder); missing {', '.join(missing)}")
+    if not Path(cfg.ip_adapter).is_file():
+        raise FileNotFoundError(f"--ip-adapter {cfg.ip_adapter}: no such file")
+    if cfg.image_encoder and not (Path(cfg.image_encoder) / "config.json").is_file():
+        raise FileNotFoundError(f"--image-encoder {cfg.image_encoder}: no config.json there (expected a "
+                                "CLIPVisionModelWithProjection folder saved by transformers)")
+    from latentdiff.conditioning.image_encoder import as_pil
+
+    return as_pil(cfg.ip_image)
 
 
 def _lora_flag(spec: str) -> tuple[str, float]:
@@ -509,6 +549,7 @@ def _config_commands() -> list[_Command]:
     from latentdiff.train.controlnet import CONTROLNET_PRESETS, ControlNetTrainConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
     from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig
+    from latentdiff.train.ip_adapter import IP_ADAPTER_PRESETS, IPAdapterTrainConfig
     from latentdiff.train.latent_stats import LatentStatsConfig
     from latentdiff.train.lora import LORA_PRESETS, LoRATrainConfig
     from latentdiff.train.preview import PreviewTrainConfig
@@ -573,6 +614,15 @@ def _config_commands() -> list[_Command]:
                  flags={"model": "base model: a model folder, a diffusers folder, or 'default'",
                         "cache": "latent cache folder", "out": _OUT, "rank": "LoRA rank", "steps": _STEPS,
                         "resume": _RESUME, "dry_run": _DRY}),
+        _Command("train-ip-adapter", cmd_train_ip_adapter, IPAdapterTrainConfig, IP_ADAPTER_PRESETS,
+                 help="train an IP-Adapter (image prompts) with a built-in image encoder for a frozen model",
+                 description="Train a small image encoder and an IP-Adapter (decoupled cross-attention on image "
+                             "tokens, Ye et al. 2023) for a frozen U-Net model on a latent cache made with its "
+                             "autoencoder; each sample's own image is its image prompt. Writes "
+                             "OUT/ip_adapter.safetensors (generate --ip-image REF.png --ip-adapter FILE).",
+                 flags={"model": "base model: a model folder, a diffusers folder, or 'default'",
+                        "cache": "latent cache folder", "out": _OUT, "steps": _STEPS, "resume": _RESUME,
+                        "dry_run": _DRY}),
         _Command("train-video", cmd_train_video, VideoTrainConfig, VIDEO_PRESETS,
                  help="inflate an image U-Net to video and train it on moving-shapes clips",
                  description="Add zero-initialized temporal layers to an image model's U-Net (by default the "

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from latentdiff.components import read_model_folder
 from latentdiff.conditioning.concat import inpaint_concat, low_res_concat, noise_low_res
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
+from latentdiff.conditioning.image_encoder import CLIPImageEncoder
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
 from latentdiff.conditioning.sizes import size_ids, with_sizes
 from latentdiff.config import from_dict
@@ -38,6 +39,7 @@ from latentdiff.model_index import (
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.controlnet import ControlNet, check_compatible
 from latentdiff.models.families import family_of, spatial_factor
+from latentdiff.models.ip_adapter import IPAdapter
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
 from latentdiff.models.runtime import autocast, available_memory, feature_width
@@ -70,6 +72,8 @@ class Pipeline:
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
         self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
+        self.ip_adapter: IPAdapter | None = None  # load_ip_adapter's; generate(ip_image=) gives its image prompt
+        self.image_encoder: nn.Module | None = None  # the IP-Adapter's image encoder (images -> embeddings)
         self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
@@ -110,6 +114,9 @@ class Pipeline:
         if self.controlnets:
             raise ValueError("ControlNets run in torch only: the compiled network takes no control residuals "
                              "(use backend='torch')")
+        if self.ip_adapter is not None:
+            raise ValueError("IP-Adapters run in torch only: the compiled network takes no image-prompt keys and "
+                             "values (use backend='torch')")
         from latentdiff.backends.openvino import OpenVINOCoder, OpenVINONetwork, cpu_precision, with_child
 
         options = {"precision": cpu_precision(precision), "fallback": backend == "openvino-or-torch",
@@ -204,6 +211,60 @@ class Pipeline:
         controlnet = controlnet.to(param.device, param.dtype).eval()
         self.controlnets.append(Control(controlnet, None, float(scale), float(start), float(end)))
         return controlnet
+
+    def load_ip_adapter(self, adapter, *, image_encoder=None) -> IPAdapter:
+        """Load an IP-Adapter (Ye et al. 2023: a file in the tencent-ailab / diffusers layout, plain or "plus", e.g.
+        ``ip-adapter_sd15.safetensors`` / ``.bin``, or an ``IPAdapter``) and its ``image_encoder`` (a transformers
+        ``CLIPVisionModelWithProjection`` folder, or a module with ``preprocess(image)``, ``embed_dim`` and
+        ``forward(pixels) -> (B, E)``; a file from ``train-ip-adapter`` carries its own); then
+        ``generate(..., ip_image=IMAGE, ip_scale=S)`` takes an image prompt. One made for another base model, or an
+        encoder of another width, is refused here, naming the key and shapes; this pipeline's modules are not
+        changed (the adapter's keys and values travel in ``Cond.image_kv``)."""
+        from latentdiff.interop.ip_adapter import builtin_image_encoder, ip_adapter_for_unet
+
+        if image_encoder is None and not isinstance(adapter, IPAdapter):
+            image_encoder = builtin_image_encoder(adapter)  # train-ip-adapter's files carry theirs
+        if image_encoder is None:
+            raise ValueError("an IP-Adapter needs the image encoder its embeddings come from: pass image_encoder= a "
+                             "CLIPVisionModelWithProjection folder (--image-encoder DIR)")
+        network = getattr(self.denoiser, "network", None)
+        if isinstance(adapter, IPAdapter):
+            adapter.check_unet(network)
+        else:
+            adapter = ip_adapter_for_unet(adapter, network)
+        encoder = image_encoder if isinstance(image_encoder, nn.Module) else CLIPImageEncoder(image_encoder)
+        width = getattr(encoder, "hidden_dim", None) if adapter.takes_hidden_states else encoder.embed_dim
+        what = "hidden states" if adapter.takes_hidden_states else "embeddings"
+        if width != adapter.config.image_embed_dim:
+            raise ValueError(f"the image encoder makes {width}-wide {what}, the IP-Adapter takes "
+                             f"{adapter.config.image_embed_dim}: use the image encoder it was trained with")
+        param = next(self.denoiser.parameters())
+        self.ip_adapter, self.image_encoder = adapter.to(param.device, param.dtype).eval(), encoder.eval()
+        return self.ip_adapter
+
+    def _with_image_prompt(self, cond: Cond, uncond: Cond, rows: int, ip_image, ip_scale: float) -> tuple[Cond, Cond]:
+        """cond and uncond with the IP-Adapter's keys and values of the image prompt; the uncond's are those of a
+        zero embedding (as diffusers' CFG does)."""
+        if ip_image is None:
+            return cond, uncond
+        if self.ip_adapter is None:
+            raise ValueError("ip_image given but no IP-Adapter loaded: Pipeline.load_ip_adapter(FILE, image_encoder=DIR)"
+                             " (--ip-adapter FILE --image-encoder DIR)")
+        if not abs(float(ip_scale)) < float("inf"):
+            raise ValueError(f"ip_scale must be a finite number, got {ip_scale}")
+        images = list(ip_image) if isinstance(ip_image, (list, tuple)) else [ip_image]
+        if len(images) not in (1, rows):
+            raise ValueError(f"{len(images)} image prompts for {rows} prompts: give one for all, or one per prompt")
+        param = next(self.ip_adapter.parameters())
+        pixels = torch.cat([self.image_encoder.preprocess(im) for im in images])  # (1 or rows, 3, S, S)
+        if self.ip_adapter.takes_hidden_states:  # "plus": the penultimate hidden states; uncond: of a zero image
+            embeds, zero = (self.image_encoder(p, hidden_states=True) for p in (pixels, torch.zeros_like(pixels)))
+        else:  # the embedding; uncond: a zero embedding (diffusers' encode_image)
+            embeds = self.image_encoder(pixels)  # (1 or rows, E)
+            zero = torch.zeros_like(embeds)
+        embeds, zero = (e.to(param.device, param.dtype).expand(rows, *e.shape[1:]) for e in (embeds, zero))
+        return (dataclasses.replace(cond, image_kv=self.ip_adapter(embeds, float(ip_scale))),
+                dataclasses.replace(uncond, image_kv=self.ip_adapter(zero, float(ip_scale))))
 
     def _controlled(self, control, size: tuple[int, int]) -> list[Control]:
         """The added ControlNets with their control images (one per ControlNet, at the output size)."""
@@ -322,7 +383,7 @@ class Pipeline:
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
                  paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
-                 cache_interval: int = 1, noise_level: int | None = None):
+                 cache_interval: int = 1, noise_level: int | None = None, ip_image=None, ip_scale: float = 1.0):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -359,6 +420,7 @@ class Pipeline:
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
         ``cache_interval=N`` > 1 (our U-Net in torch): DeepCache (Ma et al. 2023, ``unet.StepCache``).
+        IP-Adapter (``load_ip_adapter``): ``ip_image`` is the image prompt (or one per prompt), its weight ``ip_scale``.
 
         Options are checked and the memory needed estimated (``batch_size``) before any work; images are made in
         batches of at most ``BATCH_BYTES`` (``callback`` and ``preview`` see one batch at a time). A non-finite
@@ -395,7 +457,7 @@ class Pipeline:
         base, step_cache = (ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser,
                             self._step_cache(cache_interval, controls))
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
-                                                    crop_top_left, use)
+                                                    crop_top_left, use, (ip_image, ip_scale))
 
         # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
         # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
@@ -470,12 +532,14 @@ class Pipeline:
         return make_sigmas(use.schedule, use.steps, self.denoiser.parameterization, **grid_kw)
 
     def _conditions(self, prompts: list[str], negatives: list[str], label, size: tuple[int, int], original_size,
-                    crop_top_left, use: GenerationSettings) -> tuple[Cond, Cond, Cond | None]:
-        """Conditioning, one row per prompt: prompts and negative prompts, labels, size ids, and the guide's reading
-        of the prompts. SDXL's size conditioning follows the request (passed along: the shared text encoder is not
-        changed)."""
+                    crop_top_left, use: GenerationSettings, image_prompt: tuple = (None, 1.0)
+                    ) -> tuple[Cond, Cond, Cond | None]:
+        """Conditioning, one row per prompt: prompts and negative prompts, labels, size ids, the image prompt
+        (``image_prompt`` = (image, scale), IP-Adapter) and the guide's reading of the prompts. SDXL's size
+        conditioning follows the request (passed along: the shared text encoder is not changed)."""
         cond, uncond = self.encode_prompts(prompts, negatives, size)
         cond, uncond = self._with_labels(cond, uncond, label, len(prompts))
+        cond, uncond = self._with_image_prompt(cond, uncond, len(prompts), *image_prompt)
         if not self.size_embed_dim and (original_size is not None or tuple(crop_top_left) != (0, 0)):
             raise ValueError("original_size / crop_top_left given, but this model takes no size conditioning")
         if self.size_embed_dim:

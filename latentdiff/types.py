@@ -18,6 +18,7 @@ class Cond:
     vector: Tensor | None = None  # (B, D) pooled text / class / size embedding
     concat: Tensor | None = None  # (B, C, h, w) channels joined to the latent (inpaint mask, low-res)
     control: list[Tensor] | None = None  # ControlNet residuals
+    image_kv: list[Tensor] | None = None  # IP-Adapter keys, values per cross-attention layer [k0, v0, k1, ...], (B, N, inner)
 
     def cat(self, other: Cond) -> Cond:
         """Batch-concatenate two Conds (used to run cond and uncond as one batch)."""
@@ -28,7 +29,7 @@ class Cond:
                 raise ValueError(f"cannot concatenate Conds: field {f.name!r} is set in only one of them")
             if a is None:
                 out[f.name] = None
-            elif f.name == "control":
+            elif isinstance(a, list):
                 out[f.name] = [torch.cat([x, y]) for x, y in zip(a, b, strict=True)]
             else:
                 if f.name in ("context", "context_mask") and a.shape[1] != b.shape[1]:
@@ -43,7 +44,7 @@ class Cond:
             v = getattr(self, f.name)
             if v is None:
                 out[f.name] = None
-            elif f.name == "control":
+            elif isinstance(v, list):
                 out[f.name] = [fn(t) for t in v]
             else:
                 out[f.name] = fn(v)

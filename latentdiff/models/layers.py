@@ -127,8 +127,11 @@ class Attention(nn.Module):
         # A list with one Linear so the keys read `to_out.0.weight`, as in diffusers checkpoints.
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x (B, L, D), context (B, S, Dc) or None for self-attention, mask (B, S) bool True = real token."""
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                image_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, L, D), context (B, S, Dc) or None for self-attention, mask (B, S) bool True = real token;
+        ``image_kv``: IP-Adapter's keys and values of image tokens (B, N, h*d) each, attended by the same queries
+        in a softmax of their own and added before ``to_out`` (decoupled cross-attention, Ye et al. 2023)."""
         if context is None and _IDENTITY_SELF_ATTENTION.get():
             return self.to_out[0](self.to_v(x))  # identity attention map: each token keeps its own value
         context = x if context is None else context
@@ -139,6 +142,9 @@ class Attention(nn.Module):
         v = self.to_v(context).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, h, S, d)
         attn_mask = None if mask is None else key_padding_mask(mask)  # (B, 1, 1, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, L, d)
+        if image_kv is not None:
+            k_ip, v_ip = (t.reshape(B, -1, self.heads, self.head_dim).transpose(1, 2) for t in image_kv)  # (B, h, N, d)
+            out = out + F.scaled_dot_product_attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype))  # (B, h, L, d)
         out = out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)  # (B, L, h*d)
         return self.to_out[0](out)  # (B, L, D)
 

@@ -210,13 +210,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                image_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if self.cross_only:
             x = x + self.attn1(self.norm1(x), context, mask)  # (B, HW, D)
         else:
             x = x + self.attn1(self.norm1(x))  # (B, HW, D)
         if hasattr(self, "attn2"):
-            x = x + self.attn2(self.norm2(x), context, mask)  # (B, HW, D)
+            x = x + self.attn2(self.norm2(x), context, mask, image_kv)  # (B, HW, D)
         return x + self.ff(self.norm3(x))
 
 
@@ -238,8 +239,12 @@ class Transformer2D(nn.Module):
                 for _ in range(depth)
             ]
         )
+        # Position of this module's first cross-attention in the U-Net's list (``UNet.cross_attentions``): where its
+        # blocks' IP-Adapter keys and values are in ``Cond.image_kv``; set by the U-Net that holds it.
+        self.cross_index: int | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                image_kv: list[Tensor] | None = None) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -247,8 +252,15 @@ class Transformer2D(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C) tokens
         if self.use_linear_projection:
             h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context, mask)  # (B, HW, C)
+        for b, block in enumerate(self.transformer_blocks):
+            pair = None
+            if image_kv is not None:
+                if self.cross_index is None:
+                    raise ValueError("IP-Adapter keys and values (cond.image_kv) reach only the cross-attentions of a "
+                                     "whole U-Net, not of a ControlNet or a lone block")
+                i = 2 * (self.cross_index + b)
+                pair = (image_kv[i], image_kv[i + 1])
+            h = block(h, context, mask, pair)  # (B, HW, C)
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -410,8 +422,8 @@ class UNetEncoder(nn.Module):
                 f"latent size {x.shape[-2]}x{x.shape[-1]} must be divisible by {f} (2 ** (levels - 1)): pad or crop it"
             )
 
-    def _down(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same
-              ) -> tuple[Tensor, list[Tensor]]:
+    def _down(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same,
+              image_kv: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """The down path from conv_in's output: (lowest-resolution features, skips); ``mix`` transforms the features
         after each resnet and its attention (the video U-Net's temporal layers)."""
         skips = [h]
@@ -420,7 +432,7 @@ class UNetEncoder(nn.Module):
             for resnet, attn in zip(block.resnets, attns):
                 h = self._run(resnet, h, emb)
                 if attn is not None:
-                    h = self._run(attn, h, context, mask)
+                    h = self._run(attn, h, context, mask, image_kv)
                 h = mix(h)
                 skips.append(h)
             for down in getattr(block, "downsamplers", ()):
@@ -428,10 +440,11 @@ class UNetEncoder(nn.Module):
                 skips.append(h)
         return h, skips
 
-    def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same) -> Tensor:
+    def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same,
+                image_kv: list[Tensor] | None = None) -> Tensor:
         h = self._run(self.mid_block.resnets[0], h, emb)
         for attn in getattr(self.mid_block, "attentions", ()):
-            h = self._run(attn, h, context, mask)
+            h = self._run(attn, h, context, mask, image_kv)
         h = mix(h)
         return self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
 
@@ -458,6 +471,23 @@ class UNet(UNetEncoder):
 
         self.conv_norm_out = group_norm(chans[0], cfg.norm_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+        if cfg.context_dim is not None:
+            count = 0
+            for t in self._transformers():
+                t.cross_index, count = count, count + len(t.transformer_blocks)
+
+    def _transformers(self) -> list[Transformer2D]:
+        """The attention modules in diffusers' ``attn_processors`` order: down path, up path, then the middle (the
+        order ``UNet2DConditionModel`` registers its children in, which IP-Adapter files number their layers by)."""
+        blocks = [*self.down_blocks, *self.up_blocks, self.mid_block]
+        return [t for block in blocks for t in getattr(block, "attentions", ())]
+
+    def cross_attentions(self) -> list[tuple[str, Attention]]:
+        """(module path, attention) of every cross-attention (``attn2``), in diffusers' ``attn_processors`` order:
+        the order of ``Cond.image_kv``'s pairs."""
+        names = {id(m): name for name, m in self.named_modules()}
+        return [(names[id(block.attn2)], block.attn2) for t in self._transformers()
+                for block in t.transformer_blocks if hasattr(block, "attn2")]
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
@@ -482,24 +512,26 @@ class UNet(UNetEncoder):
         cond = cond if cond is not None else Cond()
         if cond.control is not None:
             raise ValueError("DeepCache's shallow steps cannot take ControlNet residuals (cond.control)")
-        x, emb, context, mask = self._inputs(x, c_noise, cond)
+        x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
         s0 = self.conv_in(x)  # (B, c0, H, W)
         first = self.down_blocks[0]
         s1 = self._run(first.resnets[0], s0, emb)
         attn = getattr(first, "attentions", [None])[0]
         if attn is not None:
-            s1 = self._run(attn, s1, context, mask)
+            s1 = self._run(attn, s1, context, mask, image_kv)
         block = self.up_blocks[-1]
         attns = getattr(block, "attentions", [None] * len(block.resnets))
         h = deep
         for resnet, attn, skip in zip(block.resnets[-2:], attns[-2:], (s1, s0)):
             h = self._run(resnet, torch.cat([h, skip], dim=1), emb)
             if attn is not None:
-                h = self._run(attn, h, context, mask)
+                h = self._run(attn, h, context, mask, image_kv)
         return self.conv_out(F.silu(self.conv_norm_out(h))), deep
 
-    def _inputs(self, x: Tensor, c_noise: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Checked inputs: x with cond.concat joined, the embedding (B, temb), the context and its mask."""
+    def _inputs(self, x: Tensor, c_noise: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
+                                                                       list[Tensor] | None]:
+        """Checked inputs: x with cond.concat joined, the embedding (B, temb), the context and its mask, the
+        IP-Adapter keys and values."""
         cfg = self.config
         B, _, H, W = x.shape
         self._check_size(x)
@@ -513,7 +545,23 @@ class UNet(UNetEncoder):
             raise ValueError(f"this UNet expects cond.concat with {cfg.concat_channels} channels")
         emb = self._embed(c_noise, cond, B)  # (B, temb)
         context, mask = self._check_context(cond, B)
-        return x, emb, context, mask
+        return x, emb, context, mask, self._check_image_kv(cond.image_kv, B)
+
+    def _check_image_kv(self, image_kv: list[Tensor] | None, B: int) -> list[Tensor] | None:
+        """``Cond.image_kv`` must hold (B, N, width) keys and values for every cross-attention, in order."""
+        if image_kv is None:
+            return None
+        layers = self.cross_attentions()
+        if len(image_kv) != 2 * len(layers):
+            raise ValueError(f"cond.image_kv holds {len(image_kv)} tensors; this UNet needs a key and a value for each "
+                             f"of its {len(layers)} cross-attention layers ({2 * len(layers)}): an IP-Adapter made for "
+                             "another model?")
+        for k, t in enumerate(image_kv):
+            name, attn = layers[k // 2]
+            width = attn.heads * attn.head_dim
+            if t.ndim != 3 or t.shape[0] != B or t.shape[2] != width:
+                raise ValueError(f"cond.image_kv[{k}] has shape {tuple(t.shape)}, {name} needs ({B}, N, {width})")
+        return image_kv
 
     def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None,
                  kept: dict | None = None) -> Tensor:
@@ -524,10 +572,10 @@ class UNet(UNetEncoder):
         site = itertools.count()
         mix = (lambda h: between(h, next(site))) if between is not None else _same
         cond = cond if cond is not None else Cond()
-        x, emb, context, mask = self._inputs(x, c_noise, cond)
+        x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
 
         # Down.
-        h, skips = self._down(self.conv_in(x), emb, context, mask, mix)  # conv_in: (B, c0, H, W)
+        h, skips = self._down(self.conv_in(x), emb, context, mask, mix, image_kv)  # conv_in: (B, c0, H, W)
 
         # ControlNet residuals (diffusers' down_block_additional_residuals, then mid_block_additional_residual):
         # one added to each skip, the last to the middle block's output.
@@ -537,7 +585,7 @@ class UNet(UNetEncoder):
             skips = [s + r for s, r in zip(skips, control)]
 
         # Middle.
-        h = self._middle(h, emb, context, mask, mix)  # (B, c_last, H/f, W/f)
+        h = self._middle(h, emb, context, mask, mix, image_kv)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
 
@@ -550,7 +598,7 @@ class UNet(UNetEncoder):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
                 h = self._run(resnet, h, emb)
                 if attn is not None:
-                    h = self._run(attn, h, context, mask)
+                    h = self._run(attn, h, context, mask, image_kv)
                 h = mix(h)
             for up in getattr(block, "upsamplers", ()):
                 h = up(h)  # (B, c, 2h, 2w)

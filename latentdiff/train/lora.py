@@ -86,17 +86,9 @@ def train_lora(cfg: LoRATrainConfig) -> Path | dict:
 def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
     # Setup: the frozen base model and the cache its autoencoder made.
     run = Run(cfg, ctx)
-    model_path = model_folder(cfg.model)
-    base = open_base(model_path)
-    cache = LatentCache(cfg.cache)
-    check_cache(cache, base, model_path, cfg)
+    base, cache, sigma_sampler, sampler_name = frozen_base(cfg, ctx)
     denoiser, text_encoder, autoencoder = base.denoiser, base.text_encoder, base.autoencoder
-    network = denoiser.network.requires_grad_(False).eval().to(ctx.device)
-    text_encoder.requires_grad_(False).eval().to(ctx.device)
-    param = denoiser.parameterization
-    sampler_name = cfg.sigma_sampler or ("discrete" if getattr(param, "alphas_cumprod", None) is not None
-                                         else "logitnormal")
-    sigma_sampler = make_sigma_sampler(sampler_name, param, **cfg.sigma_sampler_args)
+    network = denoiser.network
 
     # Build: the adapters are the trained module; the EMA copy rides along, switched off but for the samples.
     run.seed()
@@ -159,6 +151,22 @@ def swapped(active: LoRA, other: LoRA):
         yield
     finally:
         active.enabled, other.enabled = True, False
+
+
+def frozen_base(cfg: RunConfig, ctx: Context) -> tuple[ModelFolder, LatentCache, object, str]:
+    """What an adapter's training loop starts from (``cfg.model``, ``cfg.cache``, ``cfg.sigma_sampler`` and its
+    args): the frozen base model (its denoiser network and text encoder on the device, without gradients), the
+    latent cache its autoencoder made (checked), and the sigma sampler with its name (by default discrete for a
+    model with a noise schedule, else logit-normal)."""
+    model_path = model_folder(cfg.model)
+    base = open_base(model_path)
+    cache = LatentCache(cfg.cache)
+    check_cache(cache, base, model_path, cfg)
+    base.denoiser.network.requires_grad_(False).eval().to(ctx.device)
+    base.text_encoder.requires_grad_(False).eval().to(ctx.device)
+    param = base.denoiser.parameterization
+    name = cfg.sigma_sampler or ("discrete" if getattr(param, "alphas_cumprod", None) is not None else "logitnormal")
+    return base, cache, make_sigma_sampler(name, param, **cfg.sigma_sampler_args), name
 
 
 def model_folder(path: str) -> Path:
