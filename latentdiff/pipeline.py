@@ -22,7 +22,8 @@ from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
-from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
+from latentdiff.diffusion.parameterization import Consistency
+from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x, sample_lcm
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control, read_image
 from latentdiff.images import to_pil, to_uint8
@@ -389,8 +390,8 @@ class Pipeline:
         sigmas = self._sigmas(use)
         if edit is not None:
             sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
-        base, step_cache = (ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser,
-                            self._step_cache(cache_interval, controls))
+        base = self._sampled_denoiser(sample_fn, controls, sigmas)
+        step_cache = self._step_cache(cache_interval, controls, base)
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
                                                     crop_top_left, use)
 
@@ -429,7 +430,19 @@ class Pipeline:
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
 
-    def _step_cache(self, interval: int, controls: list) -> object:
+    def _sampled_denoiser(self, sample_fn, controls: list | None = None, sigmas: Tensor | None = None) -> Denoiser:
+        """The denoiser the sampler calls (before guidance): the model's own, with ControlNets a
+        ``ControlledDenoiser``. LCM sampling of a discrete model that is not a consistency model (an SD checkpoint
+        with a diffusers LCM-LoRA) gets LCM's boundary scalings (sigma_data 0.5, timestep scaling 10:
+        ``parameterization.Consistency``), as diffusers' LCMScheduler applies them: a new Denoiser on the same
+        network, the pipeline unchanged."""
+        denoiser, param = self.denoiser, self.denoiser.parameterization
+        if sample_fn is sample_lcm and not isinstance(param, Consistency) and \
+                getattr(param, "alphas_cumprod", None) is not None:
+            denoiser = Denoiser(denoiser.network, Consistency(param))
+        return ControlledDenoiser(denoiser, controls, sigmas) if controls else denoiser
+
+    def _step_cache(self, interval: int, controls: list, denoiser: Denoiser) -> object:
         """A function giving each batch its step-cached denoiser (``interval`` > 1: a fresh ``StepCache`` per batch,
         the pipeline's modules unchanged), or None (no caching: the batch uses the plain or controlled denoiser)."""
         if interval == 1:
@@ -438,7 +451,7 @@ class Pipeline:
             raise ValueError("cache_interval > 1 (DeepCache) cannot take ControlNets: its shallow steps skip the "
                              "layers the residuals go to")
         StepCache(self.denoiser.network, interval)  # checks the network and the interval before any work
-        return lambda: Denoiser(StepCache(self.denoiser.network, interval), self.denoiser.parameterization)
+        return lambda: Denoiser(StepCache(denoiser.network, interval), denoiser.parameterization)
 
     def clip_length(self, frames: int | None, edited: bool = False) -> int | None:
         """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,
