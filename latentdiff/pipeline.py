@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from latentdiff.components import read_model_folder
+from latentdiff.components import ConsistencyScalings, read_model_folder
 from latentdiff.conditioning.concat import inpaint_concat, low_res_concat
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
 from latentdiff.conditioning.labels import null_label, resolve_labels, with_labels
@@ -32,6 +32,7 @@ from latentdiff.model_index import (
     GUIDANCE_METHODS,
     INPAINT,
     LOW_RES,
+    Distilled,
     GenerateRequest,
     GenerationSettings,
     ModelIndex,
@@ -70,6 +71,7 @@ class Pipeline:
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
+        self._before_student: tuple[ModelIndex, Denoiser] | None = None  # index and denoiser before an LCM-LoRA
         self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
         self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
 
@@ -77,17 +79,50 @@ class Pipeline:
         """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
         layers to a CLIP text encoder, at strength ``weight``; several may be attached. Returns it: change its
         ``weight`` or ``enabled``, ``merge()`` it into the weights, ``detach()`` it. A file whose layers or shapes
-        do not fit this model is refused before anything changes."""
+        do not fit this model is refused before anything changes.
+
+        An LCM-LoRA distilled here (``latentdiff distill --lora-rank R``) makes this pipeline its student: the
+        index's generation settings and ``distilled`` entry are the file's (sampler 'lcm', its steps, guidance 1;
+        steps outside its trained range warn), and the denoiser gets its boundary scalings; ``unload_loras`` undoes
+        it."""
         from latentdiff.interop.lora import lora_for_model
 
-        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name).attach()
+        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name)
+        student = self._lora_student(lora.metadata, str(path))
+        lora.attach()
         self.loras.append(lora)
+        if student is not None:
+            self._before_student = (self.index, self.denoiser)
+            self.index, self.denoiser = student
         return lora
 
+    def _lora_student(self, meta: dict, source: str) -> tuple[ModelIndex, Denoiser] | None:
+        """The index and denoiser an LCM-LoRA's metadata makes of this pipeline (None for other LoRAs), checked."""
+        if "distilled" not in meta:
+            return None
+        param = self.denoiser.parameterization
+        if self._before_student is not None or self.index.distilled is not None or isinstance(param, Consistency):
+            raise ValueError(f"{source} is an LCM-LoRA, and {self.name!r} is already a few-step student (or has an "
+                             "LCM-LoRA loaded): load it onto the model it was distilled from")
+        if meta.get("parameterization") != param.name:
+            raise ValueError(f"{source} is an LCM-LoRA distilled from a {meta.get('parameterization')}-prediction "
+                             f"model ({meta.get('base_model')}); {self.name!r} is {param.name}: load it onto its "
+                             "teacher")
+        distilled = from_dict(Distilled, meta["distilled"], f"{source}: distilled")
+        generation = from_dict(GenerationSettings, meta["generation"], f"{source}: generation")
+        scalings = from_dict(ConsistencyScalings, meta["consistency"], f"{source}: consistency")
+        index = dataclasses.replace(self.index, generation=generation, distilled=distilled)
+        return index, Denoiser(self.denoiser.network, Consistency(param, scalings.sigma_data,
+                                                                   scalings.timestep_scaling))
+
     def unload_loras(self) -> None:
-        """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again)."""
+        """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again; after an LCM-LoRA
+        also its own index and denoiser)."""
         while self.loras:
             self.loras.pop().detach()
+        if self._before_student is not None:
+            self.index, self.denoiser = self._before_student
+            self._before_student = None
 
     def to_backend(self, backend: str = "openvino", *, precision: str = "auto", int8: bool = False,
                    cache_dir: str | Path | None = None) -> Pipeline:

@@ -83,6 +83,16 @@ def test_merge_unmerge_exact_on_every_family(kind):
     assert torch.equal(net(x, sigma, cond), y0)
 
 
+def test_attached_lora_holds_only_its_adapters():
+    """Attached, a LoRA's state_dict and parameters are still its adapters alone (checkpoints, optimizer, EMA)."""
+    net = _unet()
+    lora = LoRA.create(net, rank=2)
+    keys, n = set(lora.state_dict()), sum(p.numel() for p in lora.parameters())
+    lora.attach(net)
+    assert set(lora.state_dict()) == keys and sum(p.numel() for p in lora.parameters()) == n
+    assert all(k.startswith("layers.") for k in keys)
+
+
 def test_several_loras_weights_and_switches():
     net = _unet()
     x, sigma, cond = _inputs(net)
