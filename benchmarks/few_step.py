@@ -39,7 +39,7 @@ def generate(pipe, prompts, *, steps: int, sampler: str, guidance: float | None,
 def row(name: str, images, seconds: float, prompts, extractor, reference) -> str:
     scores = score([np.asarray(im) for im in images], [s for _, s in prompts])
     p = scores["all_correct"]
-    feats = extract(extractor, torch.stack([to_tensor(np.asarray(im)) for im in images]))
+    feats = extract(extractor, torch.stack([to_tensor(np.array(im)) for im in images]))
     return f"| {name} | {p:.3f} +- {stderr(p, len(prompts)):.3f} | {seconds:.4f} | {fid(reference, feats):.2f} |"
 
 
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--teacher-steps", type=int, nargs="+", default=[1, 2, 4, 20])
-    ap.add_argument("--samplers", nargs="+", default=["dpmpp_2m", "unipc"])
+    ap.add_argument("--samplers", nargs="*", default=["dpmpp_2m", "unipc"],
+                    help="the teacher's samplers (none given: no teacher rows)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--features", default=None, help="the shapes feature net's folder (default: its cache path)")
@@ -62,7 +63,7 @@ def main() -> None:
     teacher = load(args.teacher)
     guidance = teacher.settings().guidance
     ref_images, _ = generate(teacher, prompts, steps=20, sampler="dpmpp_2m", guidance=guidance, seed=args.seed + 10000)
-    reference = extract(extractor, torch.stack([to_tensor(np.asarray(im)) for im in ref_images]))
+    reference = extract(extractor, torch.stack([to_tensor(np.array(im)) for im in ref_images]))
     print(f"teacher {args.teacher} (CFG {guidance:g}), {args.prompts} held-out prompts, seed {args.seed}; FID against "
           f"its 20-step dpmpp_2m images, seed {args.seed + 10000}\n")
     print("| model, sampler, steps | held-out all attributes | s / image | FID (shapes) |\n|---|---|---|---|")
