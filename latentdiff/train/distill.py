@@ -118,10 +118,11 @@ DISTILL_PRESETS: dict[str, dict] = {
                    "keep_last": 2},
     "shapes-lcm-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "sample_every": 2,
                         "save_every": 2, "grid_steps": 10, "quiet": True},
-    # LCM-LoRA of the bundled model: one w (no embedding), rank 16 on attention, feed-forward and convolutions.
-    "shapes-lcm-lora": {"teacher": "default", "steps": 1000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20,
+    # LCM-LoRA of the bundled model: one w (no embedding), rank 16 on attention, feed-forward and convolutions;
+    # 400 steps, 2.7 CPU-minutes (BENCHMARKS.md, "Few-step students").
+    "shapes-lcm-lora": {"teacher": "default", "steps": 400, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20,
                         "guidance_range": (4.0, 4.0), "guidance_embed_dim": 0, "ema_decay": 0.95, "lora_rank": 16,
-                        "sample_every": 500, "save_every": 250, "keep_last": 2},
+                        "sample_every": 200, "save_every": 200, "keep_last": 2},
 }
 
 
