@@ -600,12 +600,19 @@ def _config_commands() -> list[_Command]:
                  description="Latent consistency distillation (Luo et al. 2023) of a teacher model folder on the "
                              "latent cache it was trained on, with its classifier-free guidance learned through a "
                              "guidance-scale embedding; or consistency training (--method ct). Writes OUT/model, a "
-                             "model folder that generates in 1-8 steps with the 'lcm' sampler.",
+                             "model folder that generates in 1-8 steps with the 'lcm' sampler; with --lora-rank an "
+                             "LCM-LoRA, OUT/lora.safetensors.",
                  flags={"teacher": {"help": "the teacher's model folder ('default': the bundled model)",
                                     "metavar": "MODEL"},
                         "method": {"help": "lcm (distill the teacher's ODE) or ct (consistency training)",
                                    "choices": ["lcm", "ct"]},
                         "cache": "latent cache the teacher was trained on", "out": _OUT, "steps": _STEPS,
+                        "lora_rank": "LCM-LoRA: train a LoRA of this rank on the frozen teacher instead of a whole "
+                                     "student (writes OUT/lora.safetensors, for generate --lora)",
+                        "lora_alpha": "the LoRA's alpha (scale alpha / rank; default: the rank)",
+                        "lora_targets": {"help": "layer patterns or groups the LoRA adapts (default: attention conv "
+                                                 "ff)", "nargs": "+", "metavar": "PATTERN",
+                                         "to_config": lambda v: {"lora_targets": tuple(v)}},
                         "resume": _RESUME, "dry_run": _DRY}),
         _Command("train-lora", cmd_train_lora, LoRATrainConfig, LORA_PRESETS,
                  help="train a LoRA for a frozen model's denoiser",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from latentdiff.components import read_model_folder
+from latentdiff.components import ConsistencyScalings, read_model_folder
 from latentdiff.conditioning.concat import inpaint_concat, low_res_concat, noise_low_res
 from latentdiff.conditioning.guidance_scale import with_guidance_scale
 from latentdiff.conditioning.image_encoder import CLIPImageEncoder
@@ -23,7 +23,8 @@ from latentdiff.diffusion import guidance as guidance_lib
 from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
-from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x
+from latentdiff.diffusion.parameterization import Consistency
+from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x, sample_lcm
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control, read_image
 from latentdiff.images import to_pil, to_uint8
@@ -32,6 +33,7 @@ from latentdiff.model_index import (
     GUIDANCE_METHODS,
     INPAINT,
     LOW_RES,
+    Distilled,
     GenerateRequest,
     GenerationSettings,
     ModelIndex,
@@ -71,6 +73,7 @@ class Pipeline:
         self.tile, self.tile_overlap = 64, 8  # latent pixels of a decoding tile and of the overlap of two
         self._widths: tuple[int, int] | None = None  # widest feature widths of denoiser and autoencoder (memory)
         self.loras: list = []  # LoRASets attached by load_lora, in order
+        self._before_student: tuple[ModelIndex, Denoiser] | None = None  # index and denoiser before an LCM-LoRA
         self.controlnets: list[Control] = []  # add_controlnet's, in order; generate(control=) gives their images
         self.ip_adapter: IPAdapter | None = None  # load_ip_adapter's; generate(ip_image=) gives its image prompt
         self.image_encoder: nn.Module | None = None  # the IP-Adapter's image encoder (images -> embeddings)
@@ -80,17 +83,50 @@ class Pipeline:
         """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
         layers to a CLIP text encoder, at strength ``weight``; several may be attached. Returns it: change its
         ``weight`` or ``enabled``, ``merge()`` it into the weights, ``detach()`` it. A file whose layers or shapes
-        do not fit this model is refused before anything changes."""
+        do not fit this model is refused before anything changes.
+
+        An LCM-LoRA distilled here (``latentdiff distill --lora-rank R``) makes this pipeline its student: the
+        index's generation settings and ``distilled`` entry are the file's (sampler 'lcm', its steps, guidance 1;
+        steps outside its trained range warn), and the denoiser gets its boundary scalings; ``unload_loras`` undoes
+        it."""
         from latentdiff.interop.lora import lora_for_model
 
-        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name).attach()
+        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name)
+        student = self._lora_student(lora.metadata, str(path))
+        lora.attach()
         self.loras.append(lora)
+        if student is not None:
+            self._before_student = (self.index, self.denoiser)
+            self.index, self.denoiser = student
         return lora
 
+    def _lora_student(self, meta: dict, source: str) -> tuple[ModelIndex, Denoiser] | None:
+        """The index and denoiser an LCM-LoRA's metadata makes of this pipeline (None for other LoRAs), checked."""
+        if "distilled" not in meta:
+            return None
+        param = self.denoiser.parameterization
+        if self._before_student is not None or self.index.distilled is not None or isinstance(param, Consistency):
+            raise ValueError(f"{source} is an LCM-LoRA, and {self.name!r} is already a few-step student (or has an "
+                             "LCM-LoRA loaded): load it onto the model it was distilled from")
+        if meta.get("parameterization") != param.name:
+            raise ValueError(f"{source} is an LCM-LoRA distilled from a {meta.get('parameterization')}-prediction "
+                             f"model ({meta.get('base_model')}); {self.name!r} is {param.name}: load it onto its "
+                             "teacher")
+        distilled = from_dict(Distilled, meta["distilled"], f"{source}: distilled")
+        generation = from_dict(GenerationSettings, meta["generation"], f"{source}: generation")
+        scalings = from_dict(ConsistencyScalings, meta["consistency"], f"{source}: consistency")
+        index = dataclasses.replace(self.index, generation=generation, distilled=distilled)
+        return index, Denoiser(self.denoiser.network, Consistency(param, scalings.sigma_data,
+                                                                   scalings.timestep_scaling))
+
     def unload_loras(self) -> None:
-        """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again)."""
+        """Detach every LoRA ``load_lora`` attached (the model's own weights, exactly, again; after an LCM-LoRA
+        also its own index and denoiser)."""
         while self.loras:
             self.loras.pop().detach()
+        if self._before_student is not None:
+            self.index, self.denoiser = self._before_student
+            self._before_student = None
 
     def to_backend(self, backend: str = "openvino", *, precision: str = "auto", int8: bool = False,
                    cache_dir: str | Path | None = None) -> Pipeline:
@@ -454,8 +490,8 @@ class Pipeline:
         sigmas = self._sigmas(use)
         if edit is not None:
             sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
-        base, step_cache = (ControlledDenoiser(self.denoiser, controls, sigmas) if controls else self.denoiser,
-                            self._step_cache(cache_interval, controls))
+        base = self._sampled_denoiser(sample_fn, controls, sigmas)
+        step_cache = self._step_cache(cache_interval, controls, base)
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
                                                     crop_top_left, use, (ip_image, ip_scale))
 
@@ -493,7 +529,19 @@ class Pipeline:
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
 
-    def _step_cache(self, interval: int, controls: list) -> object:
+    def _sampled_denoiser(self, sample_fn, controls: list | None = None, sigmas: Tensor | None = None) -> Denoiser:
+        """The denoiser the sampler calls (before guidance): the model's own, with ControlNets a
+        ``ControlledDenoiser``. LCM sampling of a discrete model that is not a consistency model (an SD checkpoint
+        with a diffusers LCM-LoRA) gets LCM's boundary scalings (sigma_data 0.5, timestep scaling 10:
+        ``parameterization.Consistency``), as diffusers' LCMScheduler applies them: a new Denoiser on the same
+        network, the pipeline unchanged."""
+        denoiser, param = self.denoiser, self.denoiser.parameterization
+        if sample_fn is sample_lcm and not isinstance(param, Consistency) and \
+                getattr(param, "alphas_cumprod", None) is not None:
+            denoiser = Denoiser(denoiser.network, Consistency(param))
+        return ControlledDenoiser(denoiser, controls, sigmas) if controls else denoiser
+
+    def _step_cache(self, interval: int, controls: list, denoiser: Denoiser) -> object:
         """A function giving each batch its step-cached denoiser (``interval`` > 1: a fresh ``StepCache`` per batch,
         the pipeline's modules unchanged), or None (no caching: the batch uses the plain or controlled denoiser)."""
         if interval == 1:
@@ -502,7 +550,7 @@ class Pipeline:
             raise ValueError("cache_interval > 1 (DeepCache) cannot take ControlNets: its shallow steps skip the "
                              "layers the residuals go to")
         StepCache(self.denoiser.network, interval)  # checks the network and the interval before any work
-        return lambda: Denoiser(StepCache(self.denoiser.network, interval), self.denoiser.parameterization)
+        return lambda: Denoiser(StepCache(denoiser.network, interval), denoiser.parameterization)
 
     def clip_length(self, frames: int | None, edited: bool = False) -> int | None:
         """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,

@@ -202,3 +202,22 @@ def x4_upscale_pipeline(folder: Path, full: bool = False) -> Path:
                                                     scheduler=scheduler, max_noise_level=350)
     pipe.save_pretrained(folder)
     return folder
+
+
+def sd_with_peft_lora(root: Path, targets: list[str], r: int = 4, alpha: int = 8, seed: int = 0):
+    """A tiny SD pipeline folder (``tiny_sd_pipeline``) in ``root/pipe`` and a random PEFT LoRA (B not zero) for
+    its U-Net, saved by diffusers' ``save_lora_weights`` in ``root/lora``; returns (the pipeline folder, the LoRA
+    file, its U-Net state dict as PEFT names it)."""
+    import diffusers
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    folder = tiny_sd_pipeline(Path(root) / "pipe")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    state = get_peft_model_state_dict(pipe.unet)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        Path(root) / "lora", unet_lora_layers=state,
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    return folder, Path(root) / "lora" / "pytorch_lora_weights.safetensors", state

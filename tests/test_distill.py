@@ -62,10 +62,10 @@ class Net(nn.Module):
         return self.conv(x) + self.t(c_noise[:, None] / 1000)[:, :, None, None]
 
 
-def tiny_teacher(folder, cache_root, parameterization="flow", vector_dim=16, num_classes=None):
+def tiny_teacher(folder, cache_root, parameterization="flow", vector_dim=16, num_classes=None, model_channels=16):
     """A random teacher folder that fits make_tiny_cache's latents (8 channels, 8x8) and autoencoder."""
     torch.manual_seed(1)
-    unet = UNetConfig(in_channels=8, out_channels=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+    unet = UNetConfig(in_channels=8, out_channels=8, model_channels=model_channels, channel_mult=(1, 2), num_res_blocks=1,
                       attention_levels=(1,), num_heads=2, context_dim=16, vector_dim=vector_dim, norm_groups=8,
                       num_classes=num_classes)
     spec = DenoiserSpec(parameterization=parameterization, unet=unet)

@@ -83,6 +83,16 @@ def test_merge_unmerge_exact_on_every_family(kind):
     assert torch.equal(net(x, sigma, cond), y0)
 
 
+def test_attached_lora_holds_only_its_adapters():
+    """Attached, a LoRA's state_dict and parameters are still its adapters alone (checkpoints, optimizer, EMA)."""
+    net = _unet()
+    lora = LoRA.create(net, rank=2)
+    keys, n = set(lora.state_dict()), sum(p.numel() for p in lora.parameters())
+    lora.attach(net)
+    assert set(lora.state_dict()) == keys and sum(p.numel() for p in lora.parameters()) == n
+    assert all(k.startswith("layers.") for k in keys)
+
+
 def test_several_loras_weights_and_switches():
     net = _unet()
     x, sigma, cond = _inputs(net)
@@ -211,26 +221,16 @@ def sd(tmp_path_factory):
     """A tiny diffusers SD pipeline, a PEFT LoRA for its U-Net (r 4, alpha 8: a scale of 2; random B) saved by
     diffusers, and the image diffusers makes with it and without it."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers builds the reference pipeline")
-    peft = pytest.importorskip("peft", reason="peft makes the reference LoRA")
-    from interop_tiny import tiny_sd_pipeline
-    from peft.utils import get_peft_model_state_dict
+    pytest.importorskip("peft", reason="peft makes the reference LoRA")
+    from interop_tiny import sd_with_peft_lora
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lora")
-    folder = tiny_sd_pipeline(root / "pipe")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    base = pipe(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np", **KW).images
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                          init_lora_weights=False))
-    unet_state = get_peft_model_state_dict(pipe.unet)
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        root / "peft", unet_lora_layers=unet_state, unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    folder, path, unet_state = sd_with_peft_lora(root, ["to_q", "to_k", "to_v", "to_out.0"])
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
-    path = root / "peft" / "pytorch_lora_weights.safetensors"
+    base = ref(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np", **KW).images
     ref.load_lora_weights(str(path))
     expected = ref(PROMPT, generator=torch.Generator().manual_seed(7), output_type="np", **KW).images
     assert np.abs(expected - base).max() > 0.1  # the LoRA changes the image a lot

@@ -248,5 +248,5 @@ def lora_for_model(path: str | Path, network: nn.Module, text_encoder: nn.Module
     for lora, root in loras:
         lora.check(root)  # shapes: a LoRA for another architecture fails here, before anything is attached
     return LoRASet([lora for lora, _ in loras], [root for _, root in loras], weight=weight, name=name,
-                   format=fmt)
+                   format=fmt, metadata=ours)
 

@@ -212,7 +212,7 @@ class LoRA(nn.Module):
         self.family = family  # the network family it was made for (unet / dit / mmdit / ...), if known
         self.name = name
         self._weight, self._enabled, self.merged = float(weight), True, False
-        self._model: nn.Module | None = None  # the model it is attached to
+        self._bind(None)  # the model it is attached to
 
     def __getstate__(self) -> dict:
         """A copy (an EMA, a pickle) is not attached to the model and holds no merge."""
@@ -292,7 +292,7 @@ class LoRA(nn.Module):
                 host = _retype(host, _HOSTS[_base_type(host)])
                 _set_child(model, n, host)
             host.adapters.append((self, layer))
-        self._model = model
+        self._bind(model)
         self._refresh()
         return self
 
@@ -306,8 +306,13 @@ class LoRA(nn.Module):
             host.adapters = [(lora, layer) for lora, layer in host.adapters if lora is not self]
             if not host.adapters:
                 _set_child(model, n, _retype(host, _base_type(host)))
-        self._model = None
+        self._bind(None)
         return self
+
+    def _bind(self, model: nn.Module | None) -> None:
+        """Remember the model attached to, as a plain attribute: not a submodule, so the LoRA's ``state_dict`` and
+        ``parameters`` (checkpoints, the optimizer, the EMA) stay its adapters' alone."""
+        object.__setattr__(self, "_model", model)
 
     @property
     def attached(self) -> bool:
@@ -437,10 +442,11 @@ class LoRASet:
     one weight, one switch."""
 
     def __init__(self, loras: list[LoRA], roots: list[nn.Module], *, weight: float = 1.0, name: str = "lora",
-                 format: str = "latentdiff"):
+                 format: str = "latentdiff", metadata: dict | None = None):
         if len(loras) != len(roots) or not loras:
             raise ValueError("a LoRA set needs one model part per LoRA, and at least one LoRA")
         self.loras, self.roots, self.name, self.format = list(loras), list(roots), name, format
+        self.metadata = dict(metadata or {})  # our file's JSON (an LCM-LoRA's: its student settings); {} for others
         self.weight = weight
 
     @property

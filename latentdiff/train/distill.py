@@ -19,12 +19,20 @@ network (same weights) with a guidance-scale embedding added to its pooled vecto
 new weights at zero); the target network is the run engine's EMA (``ema_decay``, LCM: 0.95), and it is what the
 model folder keeps. The folder's index says how to call it: the 'lcm' sampler and grid, 4 steps, guidance 1,
 the w its embedding is given, and the step range it was distilled for (``model_index.Distilled``).
+
+LCM-LoRA (``lora_rank`` > 0; Luo et al. 2023, "LCM-LoRA"): the same loss trained into a LoRA (``models/lora.py``)
+on the frozen teacher's network. The student is the network with the LoRA, the target the network with the
+engine's EMA of the LoRA instead, the teacher the network with neither (one network, adapters switched, no copy);
+no w embedding (it would change a weight's shape), so one w. It writes ``RUN/lora.safetensors``, whose metadata
+holds the student's index entries (``distilled``, ``generation``: sampler 'lcm', steps, guidance 1), its boundary
+scalings and the teacher's parameterization; ``Pipeline.load_lora`` of that file makes the pipeline the student.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +51,11 @@ from latentdiff.conditioning.text import TextEncoderConfig
 from latentdiff.config import COUNT, FINITE, above, at_least, between, bounds, one_of
 from latentdiff.data.cache import LatentCache
 from latentdiff.diffusion.denoiser import Denoiser
+from latentdiff.diffusion.parameterization import Consistency
 from latentdiff.diffusion.schedules import make_sigmas
 from latentdiff.model_index import DEFAULT_GENERATION, MAX_STEPS, Distilled, GenerationSettings
-from latentdiff.models.families import spatial_factor
+from latentdiff.models.families import family_of, spatial_factor
+from latentdiff.models.lora import LoRA, save_lora
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import Trainable, check_finite_params
 from latentdiff.train.denoiser import ema_parts, sample_grid
@@ -88,8 +98,12 @@ class DistillConfig(RunConfig):
     lr_schedule: str = "constant"  # LCM: constant
     ema_decay: float = 0.95  # the target network's EMA (LCM: 0.95); its weights are the student saved
     sample_every: int = 500  # steps between sample grids (0 = never)
+    lora_rank: int = 0  # > 0: LCM-LoRA, the student a LoRA of this rank on the frozen teacher (RUN/lora.safetensors)
+    lora_alpha: float = 0.0  # the LoRA's alpha (scale alpha / rank); 0: alpha = rank
+    lora_targets: tuple[str, ...] = ("attention", "conv", "ff")  # layer patterns or groups (LCM-LoRA's: attention,
+    # proj_in / proj_out and feed-forward ("ff"), the ResNet and resampling convolutions ("conv"))
 
-    BOUNDS = bounds({"method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
+    BOUNDS = bounds({"lora_rank": between(0, 4096), "lora_alpha": at_least(0), "method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
                      "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
                      "loss": one_of("huber", "l2"), "huber_c": above(0), "sigma_data": above(0),
                      "timestep_scaling": above(0), "steps_range": between(1, MAX_STEPS),
@@ -104,6 +118,11 @@ DISTILL_PRESETS: dict[str, dict] = {
                    "keep_last": 2},
     "shapes-lcm-test": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "sample_every": 2,
                         "save_every": 2, "grid_steps": 10, "quiet": True},
+    # LCM-LoRA of the bundled model: one w (no embedding), rank 16 on attention, feed-forward and convolutions;
+    # 400 steps, 2.7 CPU-minutes (BENCHMARKS.md, "Few-step students").
+    "shapes-lcm-lora": {"teacher": "default", "steps": 400, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20,
+                        "guidance_range": (4.0, 4.0), "guidance_embed_dim": 0, "ema_decay": 0.95, "lora_rank": 16,
+                        "sample_every": 200, "save_every": 200, "keep_last": 2},
 }
 
 
@@ -207,6 +226,12 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
     if (lo, hi) != (1.0, 1.0) and not text:
         raise ValueError(f"{name} has no text conditioning (no context_dim or vector_dim), so it has no "
                          f"classifier-free guidance to distill: set guidance_range = [1, 1]")
+    if cfg.lora_rank and (cfg.guidance_embed_dim or cfg.init != "teacher"):
+        raise ValueError("an LCM-LoRA (lora_rank > 0) adapts the teacher's own weights: it takes no guidance-scale "
+                         "embedding (set guidance_embed_dim = 0 and one w, guidance_range = [w, w]) and starts from "
+                         "the teacher (init = 'teacher')")
+    if cfg.lora_rank and cfg.distributed.strategy == "fsdp":
+        raise ValueError("an LCM-LoRA trains small adapters: use distributed.strategy = 'ddp', not 'fsdp'")
     if cfg.guidance_embed_dim and getattr(net, "vector_dim", None) is None:
         raise ValueError(f"{name}'s network has no pooled-vector input to take the guidance-scale embedding: set "
                          "guidance_embed_dim = 0 and one guidance scale (guidance_range = [w, w])")
@@ -244,6 +269,45 @@ def student_of(teacher: ModelFolder, cfg: DistillConfig) -> tuple[Denoiser, obje
     return student, spec
 
 
+class LoRAStudent:
+    """LCM-LoRA's three networks in one: the frozen teacher network with the trained LoRA (the student), with the
+    engine's EMA of it instead (the target), or with neither (the teacher). ``using`` switches them."""
+
+    def __init__(self, teacher: ModelFolder, cfg: DistillConfig, run: Run):
+        network = teacher.denoiser.network
+        self.param = Consistency(teacher.denoiser.parameterization, cfg.sigma_data, cfg.timestep_scaling)
+        self.lora = LoRA.create(network, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets,
+                                family=family_of(network), name=Path(cfg.out).name)
+        run.build(self.lora)
+        self.lora.attach(network)
+        self.ema = run.ema.module
+        self.ema.enabled = False
+        self.ema.attach(network)
+        self.student = Denoiser(network, self.param)
+
+    @contextmanager
+    def using(self, which: LoRA | None):
+        """Within the block only ``which`` is on (None: the teacher's own network); after it the trained LoRA."""
+        for lora in (self.lora, self.ema):
+            lora.enabled = lora is which
+        try:
+            yield
+        finally:
+            self.lora.enabled, self.ema.enabled = True, False
+
+    def target(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """f_target: the student's function with the EMA adapters."""
+        with self.using(self.ema):
+            return self.student(x, sigma, cond)
+
+    def metadata(self, teacher: ModelFolder, cfg: DistillConfig, index) -> dict:
+        """What the LoRA file says besides its adapters: the student's index entries, scalings and base model."""
+        return {"base_model": str(cfg.teacher), "steps": cfg.steps, "cache": str(cfg.cache),
+                "parameterization": teacher.denoiser.parameterization.name,
+                "distilled": dataclasses.asdict(index.distilled), "generation": dataclasses.asdict(index.generation),
+                "consistency": dataclasses.asdict(ConsistencyScalings(cfg.sigma_data, cfg.timestep_scaling))}
+
+
 def student_index(teacher: ModelFolder, cfg: DistillConfig):
     """The student's model index: the teacher's, with the LCM sampler, its steps, guidance 1 and ``Distilled``."""
     lo, hi = cfg.guidance_range
@@ -274,8 +338,9 @@ def load_teacher(path: str) -> ModelFolder:
 
 
 def distill(cfg: DistillConfig) -> Path | dict:
-    """Distill ``cfg.teacher`` into a few-step student; write ``cfg.out/model`` (a model folder) and return it.
-    With ``cfg.dry_run`` it returns the dry-run report instead and writes nothing."""
+    """Distill ``cfg.teacher`` into a few-step student; write ``cfg.out/model`` (a model folder; with
+    ``cfg.lora_rank``, ``cfg.out/lora.safetensors``) and return it. With ``cfg.dry_run`` it returns the dry-run
+    report instead and writes nothing."""
     with processes(cfg) as ctx:
         # Setup: the teacher, checked with the cache before any work.
         run = Run(cfg, ctx)
@@ -290,15 +355,19 @@ def distill(cfg: DistillConfig) -> Path | dict:
         lo, hi = cfg.guidance_range
         index = student_index(teacher, cfg)
 
-        # Build: the student from the teacher; the engine's EMA of it is the target network.
+        # Build: the student from the teacher (or a LoRA on it); the engine's EMA of it is the target network.
         run.seed()
-        student, spec = student_of(teacher, cfg)
-        model = Trainable(student.network, None)
-        run.build(model)
+        lora = LoRAStudent(teacher, cfg, run) if cfg.lora_rank else None
+        if lora is None:
+            student, spec = student_of(teacher, cfg)
+            run.build(Trainable(student.network, None))
+        else:
+            student, spec = lora.student, None
         param = student.parameterization
         if main and not cfg.quiet:
-            print(f"distill ({cfg.method}) {cfg.teacher}: {teacher.spec.network} ({param.name}), {len(grid)} grid "
-                  f"points, skip {cfg.skip}, w in [{lo:g}, {hi:g}]; {len(cache)} cached latents", file=sys.stderr)
+            what = f"LoRA rank {cfg.lora_rank} on {len(lora.lora.names)} layers of " if lora else ""
+            print(f"distill ({cfg.method}) {what}{cfg.teacher}: {teacher.spec.network} ({param.name}), {len(grid)} "
+                  f"grid points, skip {cfg.skip}, w in [{lo:g}, {hi:g}]; {len(cache)} cached latents", file=sys.stderr)
 
         def conditions(indices: Tensor, captions: list[str]) -> tuple[Cond, Cond | None]:
             """The captions' Cond and the empty prompt's (None without guidance), one length for both."""
@@ -334,21 +403,35 @@ def distill(cfg: DistillConfig) -> Path | dict:
                         if cfg.method == "ct":
                             x_next = noised(x0, noise, sigma_next)
                         else:
-                            with torch.no_grad():
+                            with torch.no_grad(), lora.using(None) if lora else nullcontext():  # the teacher alone
                                 x_next = solver_step(guided(t_den, x, sigma, cond, uncond, w), x, sigma, sigma_next)
                         s_cond = with_guidance_scale(cond, w, cfg.guidance_embed_dim) if cfg.guidance_embed_dim \
                             else cond
-                        target = Denoiser(run.ema.module.network, param)
+                        target = lora.target if lora else Denoiser(run.ema.module.network, param)
                         return consistency_loss(student, target, x, sigma, x_next, sigma_next, s_cond, cfg.loss,
                                                 cfg.huber_c)
 
-                run.advance(step, chunks, loss_fn, lambda pipe, k: sample_grid(pipe, cfg, run.sample_path(k)),
-                            lambda ema: _pipeline(ema, param, teacher, index))
+                def draw(pipe, k: int) -> None:
+                    with lora.using(lora.ema) if lora else nullcontext():  # the grids show what will be saved
+                        sample_grid(pipe, cfg, run.sample_path(k))
+
+                run.advance(step, chunks, loss_fn, draw, lambda ema: _pipeline(
+                    student.network if lora else ema.network, param, teacher, index))
         if cfg.dry_run:
             return run.dry_run_report()
 
-        # Save: the last training checkpoint, then the student's model folder (the target network's weights).
+        # Save: the last training checkpoint, then the student's model folder (the target network's weights), or
+        # the LCM-LoRA (the target's adapters) with the student's settings in its metadata.
         ema = run.finish()
+        if lora is not None:
+            path = run.folder / "lora.safetensors"
+            if main:
+                check_finite_params(ema)
+                save_lora(path, ema, lora.metadata(teacher, cfg, index))
+                if not cfg.quiet:
+                    print(f"LCM-LoRA written to {path}", file=sys.stderr)
+            ctx.barrier()
+            return path
         folder = run.folder / "model"
         if main:
             ema_student, text = ema_parts(ema, teacher.text_encoder, student)  # on the CPU
@@ -360,8 +443,8 @@ def distill(cfg: DistillConfig) -> Path | dict:
         return folder
 
 
-def _pipeline(ema: Trainable, param, teacher: ModelFolder, index):
+def _pipeline(network: nn.Module, param, teacher: ModelFolder, index):
     """A Pipeline of the target network with the student's index, what the sample grids draw with."""
     from latentdiff.pipeline import Pipeline
 
-    return Pipeline(teacher.autoencoder, Denoiser(ema.network, param), teacher.text_encoder, index)
+    return Pipeline(teacher.autoencoder, Denoiser(network, param), teacher.text_encoder, index)
