@@ -181,12 +181,11 @@ def write_wav(path: str | Path, wave_: Tensor | np.ndarray, sample_rate: int) ->
         raise ValueError(f"the waveform for {path} has non-finite samples")
     pcm = np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with wave.open(str(tmp), "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(sample_rate)
-            f.writeframes(pcm.tobytes())
+    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.tobytes())
     return path
 
 
