@@ -47,6 +47,7 @@ def test_judge_on_chosen_tones_and_silence():
     wave = render_tone(Tone("C5", "organ", 2), 16384)
     report = score_tones([wave, wave], [Tone("C5", "organ", 2), Tone("G4", "organ", 3)])
     assert report["pitch_accuracy"] == 0.5 and report["count_accuracy"] == 0.5 and report["n"] == 2
+    assert report["pitch_se"] == pytest.approx(0.5 / 2**0.5) and report["timbre_se"] == 0.0  # sqrt(p (1 - p) / n)
 
 
 def test_captions_round_trip_and_splits():

@@ -192,8 +192,8 @@ def score_tones(waves, tones: list[Tone], sample_rate: int = 16000) -> dict:
         for k, v in right.items():
             hits[k] += v
     n = len(tones)
-    out = {f"{k}_accuracy": v / n for k, v in hits.items()}
-    return {**out, **{f"{k}_se": standard_error(v, n) for k, v in list(out.items())}, "n": n}
+    return {**{f"{k}_accuracy": v / n for k, v in hits.items()},
+            **{f"{k}_se": standard_error(v / n, n) for k, v in hits.items()}, "n": n}
 
 
 class ToneSet(torch.utils.data.Dataset):
