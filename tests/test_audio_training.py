@@ -83,3 +83,15 @@ def test_train_audio_refuses_bad_setups(tmp_path, capsys):
         main(["train-audio", "--preset", "tones-test", "--out", str(tmp_path / "b"), "--set", f"autoencoder={rgb}"])
     assert "mel spectrograms have one channel" in capsys.readouterr().err
     assert not (tmp_path / "b" / "model").exists()
+
+
+def test_train_audio_refuses_lengths_the_networks_cannot_take(audio_model, tmp_path, capsys):
+    autoencoder = audio_model / "autoencoder"
+    with pytest.raises(SystemExit):
+        main(["train-audio", "--preset", "tones-test", "--out", str(tmp_path / "c"), "--set", f"autoencoder={autoencoder}",
+              "--set", "frames=12"])
+    assert "frames = 12 must be a multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-audio", "--preset", "tones-test", "--out", str(tmp_path / "d"), "--set", f"autoencoder={autoencoder}",
+              "--set", "mel.f_max=9000"])
+    assert "f_max" in capsys.readouterr().err
