@@ -70,8 +70,8 @@ class AudioTrainConfig(RunConfig):
 AUDIO_PRESETS: dict[str, dict] = {
     # 64 mel bands x 64 frames (1.024 s at 16 kHz) -> 16x16x4 latents; the demo's U-Net with rectified flow.
     "tones": {},
-    # About 10 minutes on one CPU thread with the `tones` autoencoder (BENCHMARKS.md, "Audio").
-    "tones-cpu": {"steps": 400, "clips": 1500, "sample_every": 200, "save_every": 200},
+    # The short CPU recipe: with train-vae's tones-cpu about 10 minutes on one CPU thread (BENCHMARKS.md, "Audio").
+    "tones-cpu": {"steps": 200, "clips": 1500, "sample_every": 100, "save_every": 100},
     "tones-test": {"steps": 3, "batch_size": 2, "clips": 4, "frames": 16, "mel": {"n_mels": 16}, "warmup_steps": 1,
                    "log_every": 1, "sample_every": 2, "save_every": 2, "sample_steps": 2, "quiet": True,
                    "model": "shapes-tiny", "text_encoder": {"dim": 32, "num_layers": 0}},
