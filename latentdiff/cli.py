@@ -136,6 +136,9 @@ class GenerateConfig:
     frames: int | None = _opt(None, "video models (`latentdiff train-video`): frames per clip (default: the model's "
                               "clip length); writes OUT with .gif (animated, numbered when several) and OUT, the "
                               "frames as a grid, one row per clip", metavar="N")
+    seconds: float | None = _opt(None, "audio models (`latentdiff train-audio`): clip length in seconds (default: the "
+                                 "model's); writes OUT with .wav (16-bit PCM, numbered when several) and OUT with "
+                                 ".png, the mel spectrograms as a grid", metavar="S")
     paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
                             "image's own back", flags=("--no-paste-back",), const=False)
     controls: tuple = _opt((), "ControlNet: a control image (edges, layout or depth map; resized to the output if "
@@ -279,6 +282,12 @@ def cmd_train_video(args) -> None:
     _print_result(train_video(config_from_args(VideoTrainConfig, VIDEO_PRESETS, args)))
 
 
+def cmd_train_audio(args) -> None:
+    from latentdiff.train.audio import AUDIO_PRESETS, AudioTrainConfig, train_audio
+
+    _print_result(train_audio(config_from_args(AudioTrainConfig, AUDIO_PRESETS, args)))
+
+
 def cmd_posthoc_ema(args) -> None:
     from latentdiff.train.posthoc_export import export
 
@@ -302,8 +311,8 @@ def cmd_generate(args) -> None:
     if len(cfg.labels) > 1 and len(prompts) == 1:
         prompts = prompts * len(cfg.labels)  # one prompt for every label, as Pipeline.generate does
     out = Path(cfg.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"output {out} must end in .png")
+    if out.suffix.lower() not in (".png", ".wav"):
+        raise ValueError(f"output {out} must end in .png (or .wav for an audio model)")
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
@@ -327,6 +336,10 @@ def cmd_generate(args) -> None:
         pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
+    if pipe.index.audio is not None or cfg.seconds is not None or out.suffix.lower() == ".wav":
+        for path in _generate_audio(pipe, prompts, cfg, use, options, out):
+            print(path)
+        return
     images = pipe.generate(prompts, **dataclasses.asdict(use), **options, frames=cfg.frames,
                            **({"ip_image": ip_image, "ip_scale": cfg.ip_scale} if ip_image is not None else {}))
     clips = isinstance(images[0], list)  # a video model's clips, each a list of frames
@@ -368,6 +381,26 @@ def _ip_adapter_args(cfg: GenerateConfig):
     from latentdiff.conditioning.image_encoder import as_pil
 
     return as_pil(cfg.ip_image)
+
+
+def _generate_audio(pipe, prompts: list[str], cfg: GenerateConfig, use, options: dict, out: Path) -> list[Path]:
+    """An audio model's generation (``Pipeline.generate_audio``): WAV files and a mel-spectrogram grid."""
+    from latentdiff.pipeline import save_audio
+
+    if pipe.index.audio is None:
+        raise ValueError(f"{cfg.model} is an image model: --seconds and a .wav output need an audio model (make one "
+                         "with `latentdiff train-audio`)")
+    if cfg.height or cfg.width or cfg.frames is not None:
+        raise ValueError("an audio model's clip size follows from --seconds and its mel bands: drop --height, --width "
+                         "and --frames")
+    options = {k: v for k, v in options.items() if k not in ("height", "width")}
+    waves, mels = pipe.generate_audio(prompts, seconds=cfg.seconds, **dataclasses.asdict(use), **options)
+    spec = pipe.index.audio
+    params = {**dataclasses.asdict(use), "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
+              "seconds": waves.shape[1] / spec.sample_rate, "num_images": cfg.num_images,
+              "model": cfg.model if cfg.model == "default" else str(Path(cfg.model).resolve())}
+    per_clip = [{"prompt": p} for p in prompts for _ in range(cfg.num_images)]
+    return save_audio(waves, mels, spec.sample_rate, out, params, per_clip)
 
 
 def _lora_flag(spec: str) -> tuple[str, float]:
@@ -546,6 +579,7 @@ class _Command(typing.NamedTuple):
 def _config_commands() -> list[_Command]:
     from latentdiff.data.cache import CACHE_PRESETS, CacheConfig
     from latentdiff.eval.vae import VAEEvalConfig
+    from latentdiff.train.audio import AUDIO_PRESETS, AudioTrainConfig
     from latentdiff.train.controlnet import CONTROLNET_PRESETS, ControlNetTrainConfig
     from latentdiff.train.denoiser import TRAIN_PRESETS, TrainConfig
     from latentdiff.train.distill import DISTILL_PRESETS, DistillConfig
@@ -637,6 +671,13 @@ def _config_commands() -> list[_Command]:
                              "clips; writes OUT/model, a video model folder (`generate --frames N`).",
                  flags={"model": "image model folder to inflate ('default': the bundled model)", "out": _OUT,
                         "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
+        _Command("train-audio", cmd_train_audio, AudioTrainConfig, AUDIO_PRESETS,
+                 help="train a text-to-audio denoiser on the built-in tones (mel spectrograms)",
+                 description="Train a text-conditioned U-Net on the latents of mel spectrograms of the built-in "
+                             "tones clips, encoded with a 1-channel autoencoder (`latentdiff train-vae --preset "
+                             "tones`); writes OUT/model, an audio model folder (`generate` writes WAV files).",
+                 flags={"autoencoder": "1-channel autoencoder folder (train-vae --preset tones: OUT/autoencoder)",
+                        "out": _OUT, "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),
         _Command("train-controlnet", cmd_train_controlnet, ControlNetTrainConfig, CONTROLNET_PRESETS,
                  help="train a ControlNet (edges, layout or depth maps) for a model",
                  description="Train a ControlNet for a model folder (its denoiser frozen) on a latent cache that "

@@ -15,7 +15,9 @@ from latentdiff.io import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8."""
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8; one channel (a mel spectrogram) is shown as grey."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 

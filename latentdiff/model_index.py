@@ -23,6 +23,7 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latentdiff.audio import MelSpec
 from latentdiff.config import (
     COUNT,
     FINITE,
@@ -192,6 +193,8 @@ class ModelIndex:
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # recommended generation settings
     distilled: Distilled | None = None  # a few-step student's distillation (None: not distilled)
     frames: int | None = None  # a video model's clip length (what `generate --frames` defaults to); None: images
+    audio: MelSpec | None = None  # an audio model's mel front end (its images are mel spectrograms: height n_mels,
+    # width frames; sample_size is its clip length in frames); None: not audio
     concat: str | None = None  # what the denoiser's concat channels carry: None, "inpaint" (SD inpainting's layout)
     # or "low_res" (super-resolution, LDM's layout)
     upscale: int = 1  # a super-resolution model: output side / low-res input side

@@ -569,6 +569,48 @@ class Pipeline:
             raise ValueError("a video model takes no image, mask or outpaint (no video editing yet)")
         return frames
 
+    MAX_SECONDS = 600.0  # the longest audio clip a generation may ask for
+
+    def audio_frames(self, seconds: float | None) -> int:
+        """The mel frames of an audio request: ``seconds`` (None: the model's clip length) as a whole number of
+        frames that the autoencoder and the network can take, or an error that suggests the nearest length."""
+        spec = self.index.audio
+        if spec is None:
+            raise ValueError(f"{self.name!r} is an image model, not an audio model (make one with `latentdiff "
+                             "train-audio`): it takes no audio length")
+        if seconds is None:
+            return self.index.sample_size
+        if not 0 < seconds <= self.MAX_SECONDS:
+            raise ValueError(f"audio length {seconds} s must be in (0, {self.MAX_SECONDS:g}] seconds")
+        frames = spec.frames(seconds)
+        network = getattr(self.denoiser, "network", None)
+        network = getattr(network, "wrapped", network)
+        family = family_of(network) if network is not None else None
+        step = self.autoencoder.factor * (spatial_factor(family, network.config) if family else 1)
+        if frames < step or frames % step:
+            fit = max(step, round(frames / step) * step)
+            raise ValueError(f"audio length {seconds} s is {frames} mel frames; this model makes clips of a multiple "
+                             f"of {step} frames ({spec.seconds(step):.3f} s): try {spec.seconds(fit):.3f} s")
+        return frames
+
+    @torch.no_grad()
+    def generate_audio(self, prompt: str | list[str], *, seconds: float | None = None, **options) -> tuple[Tensor, Tensor]:
+        """An audio model's clips: (waveforms (B, T) float in [-1, 1], mel spectrograms (B, 1, n_mels, frames)).
+        ``seconds``: the clip length (None: the model's); checked before any work. ``options`` are ``generate``'s
+        (no ``height``, ``width``, ``output``: the mel's size and the waveform follow from ``seconds``). The mel
+        spectrograms are decoded to waveforms by Griffin-Lim (``audio.mel_to_wave``)."""
+        from latentdiff.audio import mel_to_wave
+
+        fixed = sorted({"height", "width", "output", "frames"} & set(options))
+        if fixed:
+            raise ValueError(f"generate_audio sets {', '.join(fixed)} itself: ask for a length with seconds=")
+        frames = self.audio_frames(seconds)
+        spec = self.index.audio
+        mels = self.generate(prompt, height=spec.n_mels, width=frames, output="pt", **options).float().cpu()
+        waves = mel_to_wave(mels, spec, seed=options.get("seed", 0))
+        _refuse_non_finite(waves, "Griffin-Lim gave non-finite samples from finite mel spectrograms")
+        return waves.clamp(-1, 1), mels
+
     def _sigmas(self, use: GenerationSettings) -> Tensor:
         """The sigma grid of a generation: the settings' grid and steps, with the scheduler hint's offset or shift."""
         hint = self.index.scheduler
@@ -835,6 +877,22 @@ def save_clips(clips: list[list[Image.Image]], path: str | Path, parameters: dic
     frames = [f for clip in clips for f in clip]
     grid = save_images(frames, path, {**parameters, "frames": len(clips[0])}, grid=True,
                        per_image=[d for d in per_clip for _ in clips[0]] if per_clip else None, ncols=len(clips[0]))
+    return written + grid
+
+
+def save_audio(waves: Tensor, mels: Tensor, sample_rate: int, path: str | Path, parameters: dict,
+               per_clip: list[dict] | None = None) -> list[Path]:
+    """Write an audio model's clips as 16-bit WAV files (``path`` with .wav; numbered when several) and their mel
+    spectrograms (low frequencies at the bottom) as one PNG grid at ``path`` with .png, carrying ``parameters``."""
+    from latentdiff.audio import write_wav
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wavs = [path.with_suffix(".wav")] if len(waves) == 1 else \
+        [path.with_name(f"{path.stem}_{i:03d}.wav") for i in range(len(waves))]
+    written = [write_wav(wav, w, sample_rate) for wav, w in zip(wavs, waves)]
+    grid = save_images(to_pil(mels.flip(-2)), path.with_suffix(".png"), {**parameters, "sample_rate": sample_rate},
+                       grid=True, per_image=per_clip)
     return written + grid
 
 

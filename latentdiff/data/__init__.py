@@ -5,7 +5,13 @@ from __future__ import annotations
 
 def make_image_dataset(data: str, num_images: int, image_size: int, seed: int, split: str = "train"):
     """``"shapes"`` -> the built-in set (``num_images`` items); ``"skimage"`` -> ``num_images`` random crops of
-    scikit-image's sample photographs; anything else -> an image folder."""
+    scikit-image's sample photographs; ``"tones"`` -> ``num_images`` tone clips as 1-channel mel spectrograms of
+    ``image_size`` mel bands by ``image_size`` frames (``data/tones.py``); anything else -> an image folder."""
+    if data == "tones":
+        from latentdiff.audio import MelSpec
+        from latentdiff.data.tones import ToneSet
+
+        return ToneSet(num_images, MelSpec(n_mels=image_size), frames=image_size, seed=seed, split=split)
     if data == "shapes":
         from latentdiff.data.shapes import ShapesDataset
 

@@ -99,6 +99,11 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "shapes-demo": AutoencoderConfig(
         base_channels=16, channel_mult=(2, 2, 2), num_res_blocks=1, latent_channels=8, norm_groups=8
     ),
+    # For 1-channel mel spectrograms (the built-in tones, data/tones.py): the demo's narrow autoencoder, 4 latent
+    # channels (64 mel bands x 64 frames -> 16x16x4).
+    "tones-f4c4": AutoencoderConfig(
+        in_channels=1, base_channels=16, channel_mult=(2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8
+    ),
     "shapes-f8c4": AutoencoderConfig(
         base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=16
     ),

@@ -371,3 +371,29 @@ def interrupt_message(run_dir: Path, step: int) -> str:
     except FileNotFoundError:
         where = "no checkpoint had been written yet"
     return f"\ninterrupted at step {step + 1}: {where}"
+
+
+def captioned_latents_loss(cfg, data, denoiser, text_encoder: nn.Module, sigma_sampler, device: torch.device):
+    """The loss of a loop on in-memory latents with captions (``data.latents``, ``data.captions``: train-video's
+    clips, train-audio's tones): ``loss_for(step, idx)`` is the step's ``loss_fn(positions)``, the per-sample losses of
+    those positions of the global batch ``idx``, each sample's caption dropout, sigma and noise drawn in that order
+    from its own generator (``distributed.sample_generators``)."""
+    from latentdiff.diffusion.losses import denoising_loss
+    from latentdiff.models.runtime import autocast
+    from latentdiff.train.distributed import per_sample, sample_generators
+
+    def loss_for(step: int, idx: Tensor):
+        def loss_fn(positions: Tensor) -> Tensor:
+            gens = sample_generators(cfg.seed, step, positions)
+            rows = idx[positions]
+            x0 = data.latents[rows].to(device)  # (b, C, [F,] h, w)
+            drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
+            captions = ["" if d else data.captions[i] for i, d in zip(rows.tolist(), drop.tolist())]
+            sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
+            noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
+            with autocast(cfg.precision, device):
+                return denoising_loss(denoiser, x0, sigma, text_encoder(captions), noise=noise.to(device))
+
+        return loss_fn
+
+    return loss_for

@@ -97,6 +97,13 @@ VAE_PRESETS: dict[str, dict] = {
     "shapes-test": {"num_images": 64, "steps": 3, "batch_size": 4, "warmup_steps": 1, "stats_images": 8,
                     "log_every": 1, "sample_every": 2, "save_every": 2, "quiet": True},
 }
+# Mel spectrograms of the built-in tones (data/tones.py): 64 mel bands x 64 frames (1.024 s at 16 kHz), one channel.
+VAE_PRESETS["tones"] = {"data": "tones", "image_size": 64, "num_images": 2000, "model": "tones-f4c4", "steps": 250,
+                        "batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "recon_loss": "l2", "stats_images": 512,
+                        "sample_every": 125, "save_every": 125}
+# The short CPU recipe: half the steps (with train-audio's tones-cpu, about 10 minutes in all; BENCHMARKS.md, "Audio").
+VAE_PRESETS["tones-cpu"] = {**VAE_PRESETS["tones"], "steps": 125, "sample_every": 125, "save_every": 125}
+VAE_PRESETS["tones-test"] = {**VAE_PRESETS["shapes-test"], "data": "tones", "image_size": 16, "model": "tones-f4c4"}
 # The bundled default model's autoencoder: the demo's, trained 2400 steps (held-out round-trip shape 0.985
 # against 0.83 at 700; BENCHMARKS.md, "The demo and the default model").
 VAE_PRESETS["shapes-default"] = {**VAE_PRESETS["shapes-demo"], "steps": 2400, "save_every": 600,

@@ -12,21 +12,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 from latentdiff.components import DenoiserSpec, ModelFolder, read_model_folder, write_model_folder
 from latentdiff.config import FINITE, FRACTION, at_least, between, bounds, one_of
 from latentdiff.data.moving_shapes import ClipLatents
 from latentdiff.diffusion.denoiser import Denoiser
-from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
+from latentdiff.diffusion.losses import make_sigma_sampler
 from latentdiff.model_index import MAX_STEPS
 from latentdiff.models.families import family_of
-from latentdiff.models.runtime import autocast
 from latentdiff.models.video_unet import inflate
-from latentdiff.train.common import Trainable, check_finite_params
+from latentdiff.train.common import Trainable, captioned_latents_loss, check_finite_params
 from latentdiff.train.denoiser import ema_parts
-from latentdiff.train.distributed import Context, per_sample, sample_generators
+from latentdiff.train.distributed import Context
 from latentdiff.train.run import Run, RunConfig, processes
 
 
@@ -116,24 +112,13 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
         print(f"video U-Net from {cfg.model}: {sum(p.numel() for p in trained) / 1e6:.2f}M trained parameters "
               f"({cfg.train}); {len(data)} clips of {cfg.frames} frames at {size} px", file=sys.stderr)
 
+    loss_for = captioned_latents_loss(cfg, data, denoiser, text_encoder, sigma_sampler, device)  # a step's loss_fn
+
     # Loop.
     with run.guard():
         for step in run.steps():
             idx, chunks = run.batch(data, step)
-
-            def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
-                """Per-clip losses of these global-batch positions, each drawn from its own generator."""
-                gens = sample_generators(cfg.seed, step, positions)
-                rows = idx[positions]
-                x0 = data.latents[rows].to(device)  # (b, C, F, h, w)
-                drop = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.caption_dropout
-                captions = ["" if d else data.captions[i] for i, d in zip(rows.tolist(), drop.tolist())]
-                sigma = per_sample(gens, lambda g: sigma_sampler(1, generator=g))
-                noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g))
-                with autocast(cfg.precision, device):
-                    return denoising_loss(denoiser, x0, sigma, text_encoder(captions), noise=noise.to(device))
-
-            run.advance(step, chunks, loss_fn, lambda folder, n: sample_clips(folder, cfg, run.sample_path(n, "")),
+            run.advance(step, chunks, loss_for(step, idx), lambda folder, n: sample_clips(folder, cfg, run.sample_path(n, "")),
                         lambda ema: _folder(ema, image, denoiser, cfg))
     if cfg.dry_run:
         return run.dry_run_report()
