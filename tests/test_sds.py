@@ -20,6 +20,7 @@ from latentdiff.threed.sds import (
     plan_prompt,
     sds_update,
 )
+from latentdiff.threed.voxels import turntable
 from latentdiff.types import Cond
 
 PROMPT = "a large red circle in the middle on a black background"
@@ -106,7 +107,7 @@ def test_config_is_checked():
         SDSConfig(elevation=(10.0, -10.0))
 
 
-@pytest.mark.parametrize("method, space", [("sds", "image"), ("sds", "latent"), ("csd", "image")])
+@pytest.mark.parametrize("method, space", [("sds", "image"), ("sds", "encoder"), ("csd", "image"), ("sds", "latent")])
 def test_distill_on_a_tiny_random_model(tmp_path, method, space):
     """Two steps on a random model (16 px, factor 2): finite, the field moved, the model's weights untouched and
     left with no gradients."""
@@ -114,8 +115,11 @@ def test_distill_on_a_tiny_random_model(tmp_path, method, space):
     before = {k: v.clone() for k, v in pipe.denoiser.state_dict().items()}
     cfg = SDSConfig(steps=2, views=2, resolution=8, samples=8, method=method, space=space)
     result = distill(pipe, plan_prompt(pipe, PROMPT), cfg)
-    fresh = type(result.field)(8, background=(0.0, 0.0, 0.0))
+    assert result.field.channels == (pipe.autoencoder.latent_channels if space == "latent" else 3)
+    fresh = type(result.field)(8)
     assert not torch.allclose(result.field.density_raw, fresh.density_raw)
+    images, opacity = result.views(turntable(2), 16)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1 and opacity.shape == (2, 16, 16)
     assert all(torch.equal(v, before[k]) for k, v in pipe.denoiser.state_dict().items())
     assert all(p.grad is None and p.requires_grad for p in pipe.autoencoder.parameters())
     assert len(result.history) == 2 and result.cpu_seconds > 0
@@ -150,7 +154,7 @@ def test_asset_files(tmp_path, pipe):
     cfg = SDSConfig(steps=2, views=2, resolution=8, samples=8, frames=2, gif_size=16, eval_views=2)
     plan = plan_prompt(pipe, PROMPT)
     result = distill(pipe, plan, cfg)
-    evaluation, views = evaluate(result.field, plan, 32, 2)
+    evaluation, views = evaluate(result, 32, 2)
     report = save_asset(tmp_path / "out", result, cfg, evaluation, views)
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"turntable.gif", "views.png", "voxels.npz", "report.json"} <= files

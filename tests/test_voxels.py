@@ -104,5 +104,5 @@ def test_fixed_background_and_bad_input():
         VoxelField(2)
     with pytest.raises(ValueError, match="distance"):
         Camera(distance=0.5)
-    with pytest.raises(ValueError, match=r"\(4, D, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(1 \+ C, D, H, W\)"):
         render_volume(torch.zeros(3, 4, 4, 4), turntable(1), 4, torch.zeros(3))

@@ -17,7 +17,9 @@ from latentdiff.io import atomic_folder, write_json
 from latentdiff.threed.sds import SDSConfig, SDSResult, to_uint8
 from latentdiff.threed.voxels import turntable
 
-ASSET_FORMAT = 1  # voxels.npz layout: density (D, H, W), rgb (3, D, H, W) in [0, 1], background (3,), world [-1, 1]^3
+# voxels.npz: density (D, H, W), rgb (3, D, H, W) in [0, 1] (a latent field: features (C, D, H, W), the model's latent
+# channels), background (3,) or (C,); the grid fills [-1, 1]^3, y up, (D, H, W) along (z, y, x).
+ASSET_FORMAT = 1
 
 
 def have_marching_cubes() -> bool:
@@ -28,8 +30,8 @@ def have_marching_cubes() -> bool:
     return True
 
 
-def mesh_obj(density: np.ndarray, rgb: np.ndarray, level: float | None = None) -> tuple[str, dict] | None:
-    """A Wavefront OBJ (vertex colours as 'v x y z r g b') of the density's level set by marching cubes (scikit-
+def mesh_obj(density: np.ndarray, rgb: np.ndarray | None, level: float | None = None) -> tuple[str, dict] | None:
+    """A Wavefront OBJ (vertex colours as 'v x y z r g b', when ``rgb`` is given) of the density's level set by marching cubes (scikit-
     image), in world coordinates; ``level`` defaults to the density at which four voxels of depth are half opaque.
     None when the level set is empty (nothing there, or all full)."""
     from skimage import measure
@@ -40,9 +42,12 @@ def mesh_obj(density: np.ndarray, rgb: np.ndarray, level: float | None = None) -
         return None
     verts, faces, _, _ = measure.marching_cubes(density, level=level)  # verts in (d, h, w) = (z, y, x) indices
     world = (verts[:, ::-1] + 0.5) / n * 2 - 1  # (x, y, z)
-    index = np.clip(np.round(verts).astype(int), 0, n - 1)
-    colours = rgb[:, index[:, 0], index[:, 1], index[:, 2]].T
-    lines = [f"v {x:.4f} {y:.4f} {z:.4f} {r:.3f} {g:.3f} {b:.3f}" for (x, y, z), (r, g, b) in zip(world, colours)]
+    if rgb is None:
+        lines = [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in world]
+    else:
+        index = np.clip(np.round(verts).astype(int), 0, n - 1)
+        colours = rgb[:, index[:, 0], index[:, 1], index[:, 2]].T
+        lines = [f"v {x:.4f} {y:.4f} {z:.4f} {r:.3f} {g:.3f} {b:.3f}" for (x, y, z), (r, g, b) in zip(world, colours)]
     lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
     return "# latentdiff sds: marching cubes of the voxel density\n" + "\n".join(lines) + "\n", \
         {"vertices": len(verts), "faces": len(faces), "level": level}
@@ -53,10 +58,9 @@ def turntable_frames(result: SDSResult, cfg: SDSConfig) -> list[Image.Image]:
     too), rendered at ``cfg.gif_size`` pixels."""
     cameras = turntable(cfg.frames, extent=cfg.extent) + turntable(cfg.frames, elevation=20.0, extent=cfg.extent)
     frames = []
-    with torch.no_grad():
-        for start in range(0, len(cameras), 8):  # a few views at a time: the GIF's rays are many
-            images, _ = result.field.render(cameras[start:start + 8], cfg.gif_size, samples=2 * cfg.resolution)
-            frames += [Image.fromarray(a) for a in to_uint8(images)]
+    for start in range(0, len(cameras), 8):  # a few views at a time: the GIF's rays are many
+        images, _ = result.views(cameras[start:start + 8], cfg.gif_size)
+        frames += [Image.fromarray(a) for a in to_uint8(images)]
     return frames
 
 
@@ -69,7 +73,7 @@ def save_asset(out: str | Path, result: SDSResult, cfg: SDSConfig, evaluation: d
     frames = turntable_frames(result, cfg)
     grid = make_grid([Image.fromarray(a).resize((4 * a.shape[1], 4 * a.shape[0]), Image.NEAREST)
                       for a in to_uint8(views)], ncols=len(views))
-    mesh = mesh_obj(arrays["density"], arrays["rgb"]) if have_marching_cubes() else None
+    mesh = mesh_obj(arrays["density"], arrays.get("rgb")) if have_marching_cubes() else None
     report = {"prompt": result.plan.prompt, "model_prompt": result.plan.model_prompt, "notes": result.plan.notes,
               "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
               "cpu_minutes": round(result.cpu_seconds / 60, 3), "wall_minutes": round(result.wall_seconds / 60, 3),
@@ -93,6 +97,7 @@ def load_voxels(path: str | Path) -> dict:
     """A voxels.npz back as arrays (no pickle), its layout checked."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    if int(arrays.get("format", -1)) != ASSET_FORMAT or arrays["rgb"].shape[1:] != arrays["density"].shape:
+    colour = arrays.get("rgb", arrays.get("features"))
+    if int(arrays.get("format", -1)) != ASSET_FORMAT or colour is None or colour.shape[1:] != arrays["density"].shape:
         raise ValueError(f"{path} is not a latentdiff voxel asset (format {ASSET_FORMAT})")
     return arrays

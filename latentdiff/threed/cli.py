@@ -22,7 +22,8 @@ _FLAGS = {
     "guidance": {"help": "classifier-free guidance of the distillation", "metavar": "SCALE"},
     "method": {"help": "sds (DreamFusion) or csd (classifier score distillation: the guidance term only)",
                "choices": METHODS},
-    "space": {"help": "image (the update's target decoded, no encoder gradient) or latent (through the encoder)",
+    "space": {"help": "image (RGB voxels; the update's target decoded), encoder (RGB voxels; the update through the "
+                      "encoder) or latent (voxels of latent features, rendered straight into latent space)",
               "choices": SPACES},
     "seed": "random seed (views, noise levels, noise)",
 }
@@ -58,7 +59,7 @@ def cmd_sds(args) -> None:
     result = distill(pipe, plan, cfg, callback=lambda step, r: progress_line(
         f"step {step + 1}/{cfg.steps}  t_max {r['t_max']:.2f}  opacity {r['opacity']:.3f}  cpu {r['cpu_s']:.0f} s"))
     end_progress()
-    evaluation, views = evaluate(result.field, plan, pipe.default_size, cfg.eval_views, cfg.extent)
+    evaluation, views = evaluate(result, pipe.default_size, cfg.eval_views, cfg.extent)
     report = save_asset(cfg.out, result, cfg, evaluation, views)
     judged = (f"; views judged right {evaluation['right']:.2f} (colour and shape), consistency "
               f"{evaluation['consistency']:.2f}" if "right" in evaluation else "")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from latentdiff.conditioning.text import HashedTextEncoder
@@ -34,7 +35,7 @@ from latentdiff.models.families import family_of
 from latentdiff.threed.voxels import Camera, VoxelField, turntable
 
 METHODS = ("sds", "csd")
-SPACES = ("image", "latent")
+SPACES = ("image", "encoder", "latent")
 # 3D words the shapes model never saw, and the 2D shape every view of such an object should show.
 OBJECT_WORDS = {"ball": "circle", "sphere": "circle", "orb": "circle", "cube": "square", "box": "square",
                 "block": "square", "cylinder": "square", "cone": "triangle", "pyramid": "triangle"}
@@ -45,14 +46,14 @@ class SDSConfig:
     """``latentdiff sds``: score distillation of one prompt into a voxel grid."""
 
     model: str = "default"  # the 2D text-to-image model folder
-    steps: int = 500  # optimizer steps
+    steps: int = 300  # optimizer steps
     views: int = 4  # views rendered and scored per step (one batch through the encoder and the denoiser)
     resolution: int = 32  # voxels per side
     samples: int = 48  # points per ray
     lr: float = 0.05  # Adam
     guidance: float = 20.0  # classifier-free guidance of the distillation
     method: str = "sds"  # "sds" or "csd"
-    space: str = "image"  # where the update is applied: "image" (decoded target) or "latent" (through the encoder)
+    space: str = "image"  # "image" (decoded target), "encoder" (through the encoder) or "latent" (latent voxels)
     t_min: float = 0.02  # flow time (for a non-flow model: t = sigma / (1 + sigma)) drawn in [t_min, t_max]
     t_max: float = 0.98
     t_max_end: float = 0.5  # t_max falls linearly to this by the last step (coarse shape first, then detail)
@@ -164,22 +165,41 @@ def sds_update(denoiser, z: Tensor, sigma: Tensor, eps: Tensor, cond, uncond, gu
 
 def _sds_loss(pipe, images: Tensor, sigma: Tensor, generator: torch.Generator, cond, uncond, cfg: SDSConfig
               ) -> tuple[Tensor, Tensor]:
-    """The loss whose gradient is the SDS update, and the update: in latent space (``space`` "latent": through the
-    encoder, d loss / dz = update) or in image space ("image": d loss / d image = image - decode(z - update), the
-    update's target decoded; no encoder gradient)."""
-    latent = cfg.space == "latent"
-    with torch.set_grad_enabled(latent and torch.is_grad_enabled()):
-        z = pipe.autoencoder.encode(images)
+    """The loss whose gradient is the SDS update, and the update, for renders ``images`` (B, C, H, W): ``space``
+    "image": d loss / d image = image - decode(z - update), the update's target decoded (no encoder gradient);
+    "encoder": d loss / dz = update through the encoder; "latent": the renders are latent features, pooled to the
+    latent grid (z = avg_pool(images, factor)), d loss / dz = update."""
+    if cfg.space == "latent":
+        z = F.avg_pool2d(images, pipe.autoencoder.factor)
+    else:
+        images = images * 2 - 1
+        with torch.set_grad_enabled(cfg.space == "encoder" and torch.is_grad_enabled()):
+            z = pipe.autoencoder.encode(images)
     eps = torch.randn(z.shape, generator=generator)
     with torch.no_grad():
         update = sds_update(pipe.denoiser, z.detach(), sigma, eps, cond, uncond, cfg.guidance, cfg.method)
     if not torch.isfinite(update).all():
         raise RuntimeError("the SDS update became non-finite: lower lr or guidance")
-    if latent:
+    if cfg.space != "image":
         return (update * z).sum() / len(images), update
     with torch.no_grad():
         target = pipe.autoencoder.decode(z - update)
     return 0.5 * (images - target).square().sum() / len(images), update
+
+
+def make_field(pipe, plan: Plan, cfg: SDSConfig) -> VoxelField:
+    """The field to optimize: RGB voxels, or (``space`` "latent") voxels of the autoencoder's latent channels, whose
+    fixed background is the latent of a plain image of the prompt's background colour."""
+    if cfg.space != "latent":
+        return VoxelField(cfg.resolution, background=plan.background)
+    background = None
+    if plan.background is not None:
+        size = pipe.default_size
+        flat = torch.tensor(plan.background, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
+        with torch.no_grad():
+            background = pipe.autoencoder.encode(flat * 2 - 1).mean(dim=(0, 2, 3))
+    return VoxelField(cfg.resolution, background=background, channels=pipe.autoencoder.latent_channels,
+                      colour="linear")
 
 
 def random_cameras(n: int, elevation: tuple, extent: float, generator: torch.Generator) -> list[Camera]:
@@ -196,23 +216,6 @@ def total_variation(density: Tensor) -> Tensor:
     return sum((density.diff(dim=d)).abs().mean() for d in (-1, -2, -3))
 
 
-class _Frozen:
-    """The pipeline's modules without parameter gradients for a while (restored after): the encoder is
-    differentiated in its input only, and no .grad is left on shared modules."""
-
-    def __init__(self, *modules):
-        self.params = [p for m in modules for p in m.parameters()]
-
-    def __enter__(self):
-        self.flags = [p.requires_grad for p in self.params]
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, flag in zip(self.params, self.flags):
-            p.requires_grad_(flag)
-
-
 @dataclass
 class SDSResult:
     field: VoxelField
@@ -220,6 +223,18 @@ class SDSResult:
     history: list[dict]
     cpu_seconds: float
     wall_seconds: float
+    autoencoder: object = None  # decodes the views of a latent field
+
+    def views(self, cameras: list[Camera], size: int) -> tuple[Tensor, Tensor]:
+        """RGB views (N, 3, size, size) in [0, 1] and opacity: rendered, or for a latent field rendered, pooled to
+        the latent grid and decoded."""
+        samples = 2 * self.field.resolution
+        with torch.no_grad():
+            images, opacity = self.field.render(cameras, size, samples=samples)
+            if self.field.colour == "rgb":
+                return images, opacity
+            latents = F.avg_pool2d(images, self.autoencoder.factor)
+            return ((self.autoencoder.decode(latents) + 1) / 2).clamp(0, 1), opacity
 
 
 def distill(pipe, plan: Plan, cfg: SDSConfig, callback=None) -> SDSResult:
@@ -229,34 +244,35 @@ def distill(pipe, plan: Plan, cfg: SDSConfig, callback=None) -> SDSResult:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    volume = VoxelField(cfg.resolution, background=plan.background)
-    optimizer = torch.optim.Adam([p for p in volume.parameters() if p.requires_grad], lr=cfg.lr)
+    volume = make_field(pipe, plan, cfg)
+    trained = [p for p in volume.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr)
     size = pipe.default_size
     with torch.no_grad():
         cond, uncond = pipe.encode_prompts([plan.model_prompt], [cfg.negative_prompt])
     to_t, from_t = (lambda s: s / (1 + s)), (lambda t: t / (1 - t))  # flow time <-> sigma
     t_lo = max(cfg.t_min, to_t(pipe.denoiser.sigma_min))
     history, every = [], max(1, cfg.steps // 10)
-    with _Frozen(pipe.autoencoder, pipe.denoiser, pipe.text_encoder):
-        for step in range(cfg.steps):
-            t_hi = cfg.t_max + (cfg.t_max_end - cfg.t_max) * step / max(1, cfg.steps - 1)
-            t = t_lo + (t_hi - t_lo) * torch.rand(cfg.views, generator=generator)
-            sigma = from_t(t)
-            cameras = random_cameras(cfg.views, cfg.elevation, cfg.extent, generator)
-            images, opacity = volume.render(cameras, size, cfg.samples, jitter=generator)
-            loss, update = _sds_loss(pipe, images * 2 - 1, sigma, generator, cond, uncond, cfg)
-            if cfg.tv:
-                loss = loss + cfg.tv * total_variation(volume.density())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % every == 0 or step == cfg.steps - 1:
-                record = {"step": step, "t_max": round(t_hi, 4), "update_rms": float(update.square().mean().sqrt()),
-                          "opacity": float(opacity.detach().mean()), "cpu_s": round(time.process_time() - cpu0, 1)}
-                history.append(record)
-                if callback is not None:
-                    callback(step, record)
-    return SDSResult(volume, plan, history, time.process_time() - cpu0, time.perf_counter() - wall0)
+    for step in range(cfg.steps):
+        t_hi = cfg.t_max + (cfg.t_max_end - cfg.t_max) * step / max(1, cfg.steps - 1)
+        t = t_lo + (t_hi - t_lo) * torch.rand(cfg.views, generator=generator)
+        sigma = from_t(t)
+        cameras = random_cameras(cfg.views, cfg.elevation, cfg.extent, generator)
+        images, opacity = volume.render(cameras, size, cfg.samples, jitter=generator)
+        loss, update = _sds_loss(pipe, images, sigma, generator, cond, uncond, cfg)
+        if cfg.tv:
+            loss = loss + cfg.tv * total_variation(volume.density())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=trained)  # the field's gradients only: the model's modules are left as they are
+        optimizer.step()
+        if step % every == 0 or step == cfg.steps - 1:
+            record = {"step": step, "t_max": round(t_hi, 4), "update_rms": float(update.square().mean().sqrt()),
+                      "opacity": float(opacity.detach().mean()), "cpu_s": round(time.process_time() - cpu0, 1)}
+            history.append(record)
+            if callback is not None:
+                callback(step, record)
+    return SDSResult(volume, plan, history, time.process_time() - cpu0, time.perf_counter() - wall0,
+                     pipe.autoencoder)
 
 
 def to_uint8(images: Tensor) -> list[np.ndarray]:
@@ -285,16 +301,14 @@ def judge_views(images: list[np.ndarray], scene: Scene) -> dict:
             "readings": [r if isinstance(r, str) else " ".join(r) for r in readings]}
 
 
-def evaluate(volume: VoxelField, plan: Plan, size: int, views: int, extent: float = 1.0) -> tuple[dict, Tensor]:
+def evaluate(result: SDSResult, size: int, views: int, extent: float = 1.0) -> tuple[dict, Tensor]:
     """Render ``views`` turntable views (elevation 0, offset half a step from azimuth 0) at ``size`` pixels and
     judge them (shapes prompts); the silhouette's area across views (``area_cv``: its coefficient of variation).
     Returns the figures and the views (N, 3, size, size) in [0, 1]."""
-    cameras = turntable(views, start=180.0 / views, extent=extent)
-    with torch.no_grad():
-        images, opacity = volume.render(cameras, size, samples=2 * volume.resolution)
+    images, opacity = result.views(turntable(views, start=180.0 / views, extent=extent), size)
     area = opacity.mean(dim=(1, 2))
     out = {"opacity_area": [round(float(a), 4) for a in area],
            "area_cv": float(area.std() / area.mean().clamp(min=1e-8)) if views > 1 else 0.0}
-    if plan.scene is not None:
-        out.update(judge_views(to_uint8(images), plan.scene))
+    if result.plan.scene is not None:
+        out.update(judge_views(to_uint8(images), result.plan.scene))
     return out, images

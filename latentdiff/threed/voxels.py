@@ -87,14 +87,17 @@ def composite(density: Tensor, rgb: Tensor, deltas: Tensor, background: Tensor) 
 
 def render_volume(volume: Tensor, cameras: list[Camera], size: int, background: Tensor, samples: int = 64,
                   jitter: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Render ``volume`` (4, D, H, W): density >= 0 (channel 0) and RGB in [0, 1] (channels 1-3), from each camera.
+    """Render ``volume`` (1 + C, D, H, W): density >= 0 (channel 0) and C colour channels (RGB in [0, 1], or any
+    features) over a ``background`` (C,), from each camera.
 
-    Returns (images (N, 3, size, size) in [0, 1], opacity (N, size, size)). Points are sampled at the midpoints of
+    Returns (images (N, C, size, size), opacity (N, size, size)). Points are sampled at the midpoints of
     ``samples`` equal steps through the unit ball (or, with a ``jitter`` generator, at a random point of each step:
     stratified sampling for training) and read trilinearly; density outside the grid is 0.
     """
-    if volume.ndim != 4 or volume.shape[0] != 4:
-        raise ValueError(f"volume must be (4, D, H, W): density and RGB, got {tuple(volume.shape)}")
+    if volume.ndim != 4 or volume.shape[0] < 2 or background.shape != (volume.shape[0] - 1,):
+        raise ValueError(f"volume must be (1 + C, D, H, W): density and C colour channels over a background of C, "
+                         f"got {tuple(volume.shape)} and {tuple(background.shape)}")
+    c = volume.shape[0]
     rays = [camera_rays(c, size) for c in cameras]
     origins = torch.stack([o for o, _ in rays]).to(volume.device, volume.dtype)  # (N, S, S, 3)
     directions = torch.stack([d for _, d in rays]).to(volume.device, volume.dtype)
@@ -106,57 +109,76 @@ def render_volume(volume: Tensor, cameras: list[Camera], size: int, background: 
     points = origins.unsqueeze(-2) + t.unsqueeze(-1) * directions.unsqueeze(-2)  # (N, S, S, samples, 3)
     n = len(cameras)
     values = F.grid_sample(volume.unsqueeze(0), points.reshape(1, n * size, size, samples, 3), mode="bilinear",
-                           padding_mode="zeros", align_corners=False)  # (1, 4, N*S, S, samples)
-    values = values[0].view(4, n, size, size, samples).permute(1, 2, 3, 4, 0)  # (N, S, S, samples, 4)
+                           padding_mode="zeros", align_corners=False)  # (1, 1 + C, N*S, S, samples)
+    values = values[0].view(c, n, size, size, samples).permute(1, 2, 3, 4, 0)  # (N, S, S, samples, 1 + C)
     deltas = step.unsqueeze(-1).expand(*step.shape, samples)
     colour, opacity = composite(values[..., 0], values[..., 1:], deltas, background.to(volume))
     return colour.permute(0, 3, 1, 2), opacity
 
 
 class VoxelField(nn.Module):
-    """A learnable ``resolution``^3 grid of density (softplus of a raw value) and colour (sigmoid of raw RGB),
-    with a background colour (learned, or fixed when given). Density starts as a soft ball of radius
-    ``init_radius`` (DreamFusion's density blob), colour as mid grey; density outside the unit ball is 0."""
+    """A learnable ``resolution``^3 grid of density (softplus of a raw value) and ``channels`` colour channels over
+    a background (learned, or fixed when given). ``colour="rgb"``: 3 channels, sigmoid of raw values, in [0, 1];
+    ``"linear"``: the raw values themselves (e.g. an autoencoder's latent features, rendered straight into latent
+    space). Density starts as a soft ball of radius ``init_radius`` (DreamFusion's density blob), colour at 0 raw
+    (mid grey for RGB); density outside the unit ball is 0."""
 
-    def __init__(self, resolution: int = 32, background: tuple[float, float, float] | None = None,
-                 init_radius: float = 0.5, init_density: float = 10.0):
+    def __init__(self, resolution: int = 32, background=None, init_radius: float = 0.5, init_density: float = 10.0,
+                 channels: int = 3, colour: str = "rgb"):
         super().__init__()
         if not 4 <= resolution <= 256:
             raise ValueError(f"voxel resolution must be in 4..256, got {resolution}")
+        if colour not in ("rgb", "linear") or (colour == "rgb" and channels != 3) or channels < 1:
+            raise ValueError(f"colour must be 'rgb' (3 channels) or 'linear' (any), got {colour!r}, {channels}")
+        self.colour = colour
         centres = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
         z, y, x = torch.meshgrid(centres, centres, centres, indexing="ij")
         radius = (x * x + y * y + z * z).sqrt()
         self.register_buffer("inside", (radius <= 1.0).float(), persistent=False)
         blob = init_density * torch.exp(-(radius / init_radius) ** 2 * 2)  # a soft ball; softplus^-1 below
         self.density_raw = nn.Parameter(torch.log(torch.expm1(blob.clamp(min=1e-4))).unsqueeze(0))
-        self.rgb_raw = nn.Parameter(torch.zeros(3, resolution, resolution, resolution))
+        self.rgb_raw = nn.Parameter(torch.zeros(channels, resolution, resolution, resolution))
         fixed = background is not None
-        colour = torch.tensor(background if fixed else (0.5, 0.5, 0.5), dtype=torch.float32)
-        self.background_raw = nn.Parameter(torch.logit(colour.clamp(1e-3, 1 - 1e-3)), requires_grad=not fixed)
+        value = torch.as_tensor(background if fixed else [0.5 if colour == "rgb" else 0.0] * channels,
+                                dtype=torch.float32)
+        if value.shape != (channels,):
+            raise ValueError(f"background must have {channels} values, got {tuple(value.shape)}")
+        raw = torch.logit(value.clamp(1e-3, 1 - 1e-3)) if colour == "rgb" else value
+        self.background_raw = nn.Parameter(raw, requires_grad=not fixed)
 
     @property
     def resolution(self) -> int:
         return self.rgb_raw.shape[-1]
 
+    @property
+    def channels(self) -> int:
+        return self.rgb_raw.shape[0]
+
+    def _activate(self, raw: Tensor) -> Tensor:
+        return torch.sigmoid(raw) if self.colour == "rgb" else raw
+
     def density(self) -> Tensor:
         return F.softplus(self.density_raw) * self.inside  # (1, D, H, W)
 
     def rgb(self) -> Tensor:
-        return torch.sigmoid(self.rgb_raw)  # (3, D, H, W)
+        """The colour channels (C, D, H, W): RGB in [0, 1], or the linear features."""
+        return self._activate(self.rgb_raw)
 
     def background(self) -> Tensor:
-        return torch.sigmoid(self.background_raw)
+        return self._activate(self.background_raw)
 
     def volume(self) -> Tensor:
         return torch.cat([self.density(), self.rgb()])
 
     def render(self, cameras: list[Camera], size: int, samples: int = 64, jitter: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor]:
-        """Images (N, 3, size, size) in [0, 1] and opacity (N, size, size); see ``render_volume``."""
+        """Images (N, C, size, size) (RGB in [0, 1]) and opacity (N, size, size); see ``render_volume``."""
         return render_volume(self.volume(), cameras, size, self.background(), samples, jitter)
 
     def arrays(self) -> dict:
-        """The asset as numpy arrays: density (D, H, W), rgb (3, D, H, W) in [0, 1], background (3,)."""
+        """The asset as numpy arrays: density (D, H, W), rgb (3, D, H, W) in [0, 1] (a linear field: ``features``
+        (C, D, H, W)), background (C,)."""
         with torch.no_grad():
-            return {"density": self.density()[0].cpu().numpy(), "rgb": self.rgb().cpu().numpy(),
+            return {"density": self.density()[0].cpu().numpy(),
+                    "rgb" if self.colour == "rgb" else "features": self.rgb().cpu().numpy(),
                     "background": self.background().cpu().numpy()}
