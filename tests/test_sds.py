@@ -17,6 +17,7 @@ from latentdiff.threed.sds import (
     distill,
     evaluate,
     judge_views,
+    make_field,
     plan_prompt,
     sds_update,
 )
@@ -98,6 +99,17 @@ def test_refuses_models_that_are_not_text_to_image(pipe, kind, change):
     with pytest.raises(ValueError, match=kind):
         distill(other, plan_prompt(pipe, PROMPT), SDSConfig(steps=1))
     check_text_to_image(pipe)
+
+
+def test_the_starting_blob_has_the_prompts_size(pipe):
+    """The density blob starts at the stated size's radius (shapes geometry): a small object's silhouette is smaller
+    by about (0.11 / 0.2)^2 in area."""
+    areas = {}
+    for size in ("small", "large"):
+        plan = plan_prompt(pipe, f"a {size} red circle in the middle on a black background")
+        field = make_field(pipe, plan, SDSConfig(resolution=16))
+        areas[size] = float((field.render(turntable(1), 32, samples=32)[1] > 0.5).float().mean())
+    assert areas["small"] / areas["large"] == pytest.approx((0.11 / 0.2) ** 2, rel=0.35)
 
 
 def test_config_is_checked():

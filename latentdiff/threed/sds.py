@@ -30,7 +30,7 @@ from torch import Tensor
 from latentdiff.conditioning.text import HashedTextEncoder
 from latentdiff.config import COUNT, FINITE, above, at_least, between, bounds, one_of
 from latentdiff.data.judge import judge
-from latentdiff.data.shapes import BACKGROUNDS, Scene, parse_caption
+from latentdiff.data.shapes import BACKGROUNDS, SIZE_RADIUS, Scene, parse_caption
 from latentdiff.models.families import family_of
 from latentdiff.threed.voxels import Camera, VoxelField, turntable
 
@@ -60,6 +60,7 @@ class SDSConfig:
     elevation: tuple = (-10.0, 10.0)  # training views' elevation range, degrees
     extent: float = 1.0  # half the image side in world units (orthographic views; the grid is [-1, 1]^3)
     tv: float = 0.0  # weight of a total-variation penalty on density
+    init_radius: float = 0.0  # world radius of the starting density blob; 0: the prompt's size (shapes geometry)
     negative_prompt: str = ""
     seed: int = 0
     eval_views: int = 8  # turntable views the judge reads (elevation 0)
@@ -69,10 +70,10 @@ class SDSConfig:
 
     BOUNDS = bounds({"steps": COUNT, "views": COUNT, "resolution": between(4, 256), "samples": between(4, 1024),
                      "lr": above(0), "guidance": FINITE, "method": one_of(*METHODS), "space": one_of(*SPACES),
-                     "t_min": between(0, 1),
-                     "t_max": between(0, 1, hi_open=True), "t_max_end": between(0, 1, hi_open=True),
-                     "elevation": between(-89, 89), "extent": above(0), "tv": at_least(0), "eval_views": COUNT,
-                     "frames": COUNT, "gif_size": between(8, 1024)})
+                     "t_min": between(0, 1), "t_max": between(0, 1, hi_open=True),
+                     "t_max_end": between(0, 1, hi_open=True), "elevation": between(-89, 89), "extent": above(0),
+                     "tv": at_least(0), "init_radius": at_least(0), "eval_views": COUNT, "frames": COUNT,
+                     "gif_size": between(8, 1024)})
 
     def __post_init__(self):
         if not self.t_min < min(self.t_max, self.t_max_end):
@@ -190,16 +191,24 @@ def _sds_loss(pipe, images: Tensor, sigma: Tensor, generator: torch.Generator, c
 def make_field(pipe, plan: Plan, cfg: SDSConfig) -> VoxelField:
     """The field to optimize: RGB voxels, or (``space`` "latent") voxels of the autoencoder's latent channels, whose
     fixed background is the latent of a plain image of the prompt's background colour."""
+    radius = cfg.init_radius or _object_radius(plan, cfg.extent)
     if cfg.space != "latent":
-        return VoxelField(cfg.resolution, background=plan.background)
+        return VoxelField(cfg.resolution, background=plan.background, init_radius=radius)
     background = None
     if plan.background is not None:
         size = pipe.default_size
         flat = torch.tensor(plan.background, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
         with torch.no_grad():
             background = pipe.autoencoder.encode(flat * 2 - 1).mean(dim=(0, 2, 3))
-    return VoxelField(cfg.resolution, background=background, channels=pipe.autoencoder.latent_channels,
-                      colour="linear")
+    return VoxelField(cfg.resolution, background=background, init_radius=radius,
+                      channels=pipe.autoencoder.latent_channels, colour="linear")
+
+
+def _object_radius(plan: Plan, extent: float) -> float:
+    """World radius of the starting density blob: the stated size's radius in the shapes geometry (a canvas fraction
+    of the 2 * extent wide view), else a large object's."""
+    size = plan.scene.objects[0].size if plan.scene is not None else None
+    return 2 * extent * SIZE_RADIUS[size or "large"]
 
 
 def random_cameras(n: int, elevation: tuple, extent: float, generator: torch.Generator) -> list[Camera]:
