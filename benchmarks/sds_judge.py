@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--reference", type=int, default=0, metavar="N", help="also judge the 2D model's own images")
     ap.add_argument("--jsonl", default=None, help="append one JSON row per prompt")
+    ap.add_argument("--reference-only", action="store_true", help="only the 2D model's own images (--reference N)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = build_config(SDSConfig, {}, None, None, dict(parse_override(o) for o in args.overrides))
@@ -76,6 +77,9 @@ def main() -> None:
     prompts = centred_prompts(args.split, args.prompts, args.seed)[args.first:]
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(SDSConfig(), k)}
     print(f"{args.split} prompts: {len(prompts)}, settings: {changed or 'defaults'}")
+    if args.reference_only:
+        print(f"2D model's own images ({args.reference} per prompt): right {reference(pipe, prompts, args.reference):.2f}")
+        return
     print("| prompt | views right | all attributes | consistency | area CV | CPU min | readings |")
     print("|---|---|---|---|---|---|---|")
     rows = []

@@ -137,6 +137,17 @@ def test_distill_on_a_tiny_random_model(tmp_path, method, space):
     assert len(result.history) == 2 and result.cpu_seconds > 0
 
 
+def test_sparsity_thins_the_field(tmp_path):
+    """The opacity penalty, alone above the SDS update, lowers the rendered opacity (same seed, same steps)."""
+    pipe = latentdiff.load(tiny_model_folder(tmp_path / "m"))
+    plan = plan_prompt(pipe, PROMPT)
+    opacity = {}
+    for weight in (0.0, 100.0):
+        result = distill(pipe, plan, SDSConfig(steps=10, views=2, resolution=8, samples=8, sparsity=weight, lr=0.2))
+        opacity[weight] = float(result.views(turntable(2), 16)[1].mean())
+    assert opacity[100.0] < 0.7 * opacity[0.0], opacity
+
+
 def test_judge_views_counts_right_and_consistent_views():
     from latentdiff.data.shapes import parse_caption, render
     scene = parse_caption(PROMPT)

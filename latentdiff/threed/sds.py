@@ -60,6 +60,7 @@ class SDSConfig:
     elevation: tuple = (-10.0, 10.0)  # training views' elevation range, degrees
     extent: float = 1.0  # half the image side in world units (orthographic views; the grid is [-1, 1]^3)
     tv: float = 0.0  # weight of a total-variation penalty on density
+    sparsity: float = 0.0  # weight of a penalty on each view's summed opacity (against haze in empty space)
     init_radius: float = 0.0  # world radius of the starting density blob; 0: the prompt's size (shapes geometry)
     negative_prompt: str = ""
     seed: int = 0
@@ -72,7 +73,7 @@ class SDSConfig:
                      "lr": above(0), "guidance": FINITE, "method": one_of(*METHODS), "space": one_of(*SPACES),
                      "t_min": between(0, 1), "t_max": between(0, 1, hi_open=True),
                      "t_max_end": between(0, 1, hi_open=True), "elevation": between(-89, 89), "extent": above(0),
-                     "tv": at_least(0), "init_radius": at_least(0), "eval_views": COUNT, "frames": COUNT,
+                     "tv": at_least(0), "init_radius": at_least(0), "sparsity": at_least(0), "eval_views": COUNT, "frames": COUNT,
                      "gif_size": between(8, 1024)})
 
     def __post_init__(self):
@@ -271,6 +272,8 @@ def distill(pipe, plan: Plan, cfg: SDSConfig, callback=None) -> SDSResult:
         loss, update = _sds_loss(pipe, images, sigma, generator, cond, uncond, cfg)
         if cfg.tv:
             loss = loss + cfg.tv * total_variation(volume.density())
+        if cfg.sparsity:
+            loss = loss + cfg.sparsity * opacity.sum() / cfg.views
         optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=trained)  # the field's gradients only: the model's modules are left as they are
         optimizer.step()
