@@ -785,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     from latentdiff.serve.cli import add_command as add_serve_command
 
     add_serve_command(sub)  # serve
+    from latentdiff.threed.cli import add_command as add_sds_command
+
+    add_sds_command(sub)  # sds
     debug = "print the traceback of an error too (or set LATENTDIFF_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # also after the command's name; SUPPRESS keeps the global flag's value

@@ -141,7 +141,7 @@ def test_cli_errors_for_missing_things(tmp_path, capsys):
 
 def test_every_command_has_help(capsys):
     for command in ["demo", "train-vae", "cache", "train", "generate", "judge", "latent-stats", "distill-preview",
-                    "eval-vae"]:
+                    "eval-vae", "sds"]:
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0
