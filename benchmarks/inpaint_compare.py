@@ -1,7 +1,7 @@
 """Inpainting on shapes: a dedicated inpainting model (mask + masked-image latents as input channels) against
 latent blending on a text-to-image model.
 
-    python benchmarks/inpaint_compare.py --blend default --inpaint RUN/model [--prompts 64] [--steps 20]
+    python benchmarks/inpaint_compare.py --blend default [--inpaint RUN/model] [--prompts 64] [--steps 20]
         [--sampler S] [--guidance G] [--threads 2]
 
 Each case is a held-out two-object prompt (its first held-out (colour, shape) pair is the asked object): the input
@@ -71,7 +71,8 @@ def evaluate(pipe, cases_, *, steps: int | None = None, sampler: str | None = No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blend", default="default", help="text-to-image model inpainted by latent blending")
-    ap.add_argument("--inpaint", required=True, help="inpainting model folder (train --preset shapes-inpaint)")
+    ap.add_argument("--inpaint", default=None, help="inpainting model folder (train --preset shapes-inpaint); "
+                    "without one, only the blending rows")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--t2i-prompts", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pipes = {args.blend: load(args.blend), args.inpaint: load(args.inpaint)}
+    pipes = {args.blend: load(args.blend), **({args.inpaint: load(args.inpaint)} if args.inpaint else {})}
     size = pipes[args.blend].default_size
     cases_ = cases(args.prompts, size, args.seed)
     print(f"{len(cases_)} held-out two-object prompts, the asked object's box masked; {args.steps} steps, seed "
