@@ -23,7 +23,10 @@ SUITES = {
     "heldout_two": (heldout_prompts, "template", 2),
     "train": (train_prompts, "template", 1),
     "train_two": (train_prompts, "template", 2),  # binding without held-out pairs: which colour goes where
+    "heldout_three": (heldout_prompts, "template", 3),
+    "train_three": (train_prompts, "template", 3),
 }
+CURVE_SUITES = ("heldout", "heldout_paraphrase", "heldout_two", "train", "train_two")  # what judge_every logs
 
 
 def canvas(pipe) -> dict:
@@ -64,7 +67,7 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def judge_suites(pipe, n: int, *, suites=tuple(SUITES), steps: int | None = None, sampler: str | None = None,
+def judge_suites(pipe, n: int, *, suites=CURVE_SUITES, steps: int | None = None, sampler: str | None = None,
                  guidance: float | None = None, seed: int = 0, schedule: str | None = None, **options) -> dict:
     """The judge's scores on ``n`` prompts of each named suite (fixed prompts and seeds: only the model moves);
     settings left None are the model's own (``Pipeline.settings``)."""
