@@ -355,6 +355,13 @@ class NonFiniteSkipper:
                                "the last checkpoint is untouched")
 
 
+def refuse_fsdp(cfg, trained: str) -> None:
+    """Adapter-style runs (LoRA, IP-Adapter, LCM-LoRA) train small modules inside a frozen network: DDP only."""
+    if cfg.distributed.strategy == "fsdp":
+        raise ValueError(f"{trained} trains small modules inside a frozen network: use distributed.strategy = 'ddp', "
+                         "not 'fsdp'")
+
+
 def check_finite_params(model: nn.Module) -> None:
     """Refuse to save weights holding NaN or inf."""
     bad = [name for name, p in model.state_dict().items() if p.dtype.is_floating_point and not torch.isfinite(p).all()]

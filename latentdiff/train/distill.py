@@ -57,7 +57,7 @@ from latentdiff.model_index import DEFAULT_GENERATION, MAX_STEPS, Distilled, Gen
 from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.lora import LoRA, save_lora
 from latentdiff.models.runtime import autocast
-from latentdiff.train.common import Trainable, check_finite_params
+from latentdiff.train.common import Trainable, check_finite_params, refuse_fsdp
 from latentdiff.train.denoiser import ema_parts, sample_grid
 from latentdiff.train.distributed import per_sample, sample_generators
 from latentdiff.train.run import Run, RunConfig, processes
@@ -230,8 +230,8 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
         raise ValueError("an LCM-LoRA (lora_rank > 0) adapts the teacher's own weights: it takes no guidance-scale "
                          "embedding (set guidance_embed_dim = 0 and one w, guidance_range = [w, w]) and starts from "
                          "the teacher (init = 'teacher')")
-    if cfg.lora_rank and cfg.distributed.strategy == "fsdp":
-        raise ValueError("an LCM-LoRA trains small adapters: use distributed.strategy = 'ddp', not 'fsdp'")
+    if cfg.lora_rank:
+        refuse_fsdp(cfg, "an LCM-LoRA (lora_rank > 0)")
     if cfg.guidance_embed_dim and getattr(net, "vector_dim", None) is None:
         raise ValueError(f"{name}'s network has no pooled-vector input to take the guidance-scale embedding: set "
                          "guidance_embed_dim = 0 and one guidance scale (guidance_range = [w, w])")

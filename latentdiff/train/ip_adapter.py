@@ -24,6 +24,7 @@ from latentdiff.diffusion.losses import denoising_loss
 from latentdiff.interop.ip_adapter import save_ip_adapter
 from latentdiff.models.ip_adapter import IPAdapter, ShapesEncoderConfig, ShapesImageEncoder
 from latentdiff.models.runtime import autocast
+from latentdiff.train.common import refuse_fsdp
 from latentdiff.train.denoiser import draw_samples
 from latentdiff.train.distributed import Context, per_sample
 from latentdiff.train.lora import frozen_base
@@ -72,8 +73,7 @@ def train_ip_adapter(cfg: IPAdapterTrainConfig) -> Path | dict:
     """Train an image encoder and IP-Adapter for ``cfg.model``'s U-Net on ``cfg.cache``; write
     ``cfg.out/ip_adapter.safetensors`` (adapter + encoder) and return it (with ``cfg.dry_run``: the dry-run report,
     nothing written). DDP under torchrun; FSDP is refused (the trained modules are small)."""
-    if cfg.distributed.strategy == "fsdp":
-        raise ValueError("train-ip-adapter trains small modules: use distributed.strategy = 'ddp', not 'fsdp'")
+    refuse_fsdp(cfg, "train-ip-adapter")
     with processes(cfg) as ctx:
         return _train_ip_adapter(cfg, ctx)
 

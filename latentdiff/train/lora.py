@@ -25,6 +25,7 @@ from latentdiff.model_index import MAX_STEPS
 from latentdiff.models.families import family_of
 from latentdiff.models.lora import LoRA, save_lora
 from latentdiff.models.runtime import autocast
+from latentdiff.train.common import refuse_fsdp
 from latentdiff.train.denoiser import draw_samples, sample_grid
 from latentdiff.train.distributed import Context
 from latentdiff.train.run import Run, RunConfig, processes
@@ -77,8 +78,7 @@ def train_lora(cfg: LoRATrainConfig) -> Path | dict:
     """Train a LoRA for ``cfg.model``'s denoiser on ``cfg.cache``; write ``cfg.out/lora.safetensors`` and return it
     (with ``cfg.dry_run``: the dry-run report, nothing written). DDP under torchrun; FSDP is refused (adapters are
     small, and their layers run inside the frozen network's)."""
-    if cfg.distributed.strategy == "fsdp":
-        raise ValueError("train-lora trains small adapters: use distributed.strategy = 'ddp', not 'fsdp'")
+    refuse_fsdp(cfg, "train-lora")
     with processes(cfg) as ctx:
         return _train_lora(cfg, ctx)
 
