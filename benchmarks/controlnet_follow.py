@@ -39,6 +39,7 @@ from latentdiff.data.shapes import (
     render,
     to_tensor,
     train_prompts,
+    unplaced_caption,
 )
 from latentdiff.eval.judging import stderr
 from latentdiff.pipeline import load
@@ -47,12 +48,6 @@ from latentdiff.pipeline import load
 def _foreground(image: np.ndarray, background: str) -> np.ndarray:
     """Pixels far (> 80 in some channel) from the background colour: the generated objects."""
     return np.abs(image.astype(float) - np.asarray(BACKGROUNDS[background], float)).max(-1) > 80
-
-
-def _unplaced(scene: Scene) -> str:
-    """A prompt naming the object's colour and shape and the background, not its size or place."""
-    (o,) = scene.objects
-    return f"a {o.color} {o.shape} on a {scene.background} background"
 
 
 def _moved(prompt: Scene, layout: Scene) -> Scene:
@@ -96,7 +91,7 @@ def main() -> None:
             t = time.perf_counter()
             images = []
             for i, (caption, _) in enumerate(prompts):
-                caption = _unplaced(scenes[i]) if mode.startswith("unplaced") else caption
+                caption = unplaced_caption(scenes[i]) if mode.startswith("unplaced") else caption
                 control = maps[others[i] if mode == "map moves it" else i] if mapped else None
                 images.append(np.asarray(pipe.generate(caption, steps=use.steps, sampler=use.sampler,
                                                        guidance=use.guidance, seed=args.seed + i, control=control)[0]))

@@ -261,6 +261,35 @@ def test_condition_maps_on_a_known_scene():
         control_map("layout", image)
 
 
+def test_unplaced_captions_name_colours_and_shapes_in_the_maps_label_order():
+    import dataclasses
+
+    from latentdiff.data.shapes import Scene, ShapeObject, parse_caption, unplaced_caption
+    from latentdiff.train.controlnet import unplaced_captions
+
+    scene = Scene((ShapeObject("square", "red", "large", "left"), ShapeObject("circle", "blue", "small", "right")),
+                  "white")
+    # Label k of a layout map is the scene's k-th object: the caption names them in that order, without size or
+    # place, and parses back to the same colours and shapes.
+    text = unplaced_caption(scene)
+    assert text == "a red square and a blue circle on a white background"
+    parsed = parse_caption(text)
+    assert parsed.background == "white"
+    assert {(o.color, o.shape, o.size, o.position) for o in parsed.objects} == \
+        {("red", "square", None, None), ("blue", "circle", None, None)}
+    assert unplaced_caption(scene, background=False) == "a red square and a blue circle"
+    # In training: only flagged, non-dropped captions of a shapes scene change; the background stays stated only
+    # where the caption stated it; no scene (a folder data set) keeps the caption.
+    stored = dataclasses.asdict(scene)
+    captions = ["a large red square on the left and a small blue circle on the right",
+                "a large red square on the left and a small blue circle on the right on a white background",
+                "", "a photo", "a large red square on the left and a small blue circle on the right"]
+    out, changed = unplaced_captions(captions, [stored, stored, stored, None, stored], [True, True, True, True, False])
+    assert changed and out == ["a red square and a blue circle", "a red square and a blue circle on a white background",
+                               "", "a photo", captions[4]]
+    assert unplaced_captions(captions, [stored] * 5, [False] * 5) == (captions, False)
+
+
 # ----------------------------------------------------------------------------------------- CLI end to end
 
 

@@ -391,6 +391,23 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
     return templates[int(rng.integers(len(templates)))].format(objs=objs, bg=bg)
 
 
+def unplaced_caption(scene: Scene, background: bool = True) -> str:
+    """A caption naming each object's colour and shape only, in the scene's object order (the order of a layout
+    map's labels, ``data.control_maps``), and the background when asked: "a red circle and a blue square on a
+    black background". What a ControlNet prompt says when the map sets every object's size and place."""
+    if not scene.objects or any(o.color is None or o.shape is None for o in scene.objects):
+        raise ValueError(f"unplaced_caption needs objects with a colour and a shape, got {scene}")
+    objs = _join([f"a {o.color} {o.shape}" for o in scene.objects])
+    if not background or scene.background is None:
+        return objs
+    return f"{objs} on a {scene.background} background"
+
+
+def scene_from_dict(data: dict) -> Scene:
+    """The Scene of its ``dataclasses.asdict`` form (what a latent cache stores per item)."""
+    return Scene(tuple(ShapeObject(**o) for o in data["objects"]), data.get("background"))
+
+
 # --- parsing ------------------------------------------------------------------------------------------
 
 _COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3}

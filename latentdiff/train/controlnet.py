@@ -18,6 +18,7 @@ from latentdiff.components import read_model_folder
 from latentdiff.config import FRACTION, at_least, bounds, from_dict, one_of
 from latentdiff.data.cache import LatentCache
 from latentdiff.data.control_maps import CONTROL_KINDS
+from latentdiff.data.shapes import parse_caption, scene_from_dict, unplaced_caption
 from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
 from latentdiff.io import atomic_folder, load_state_strict, read_json
@@ -26,7 +27,7 @@ from latentdiff.models.runtime import autocast
 from latentdiff.models.unet import UNet
 from latentdiff.train.common import check_finite_params
 from latentdiff.train.denoiser import draw_samples
-from latentdiff.train.distributed import Context
+from latentdiff.train.distributed import Context, per_sample
 from latentdiff.train.run import Run, RunConfig, processes
 
 # The training noise levels the base model's parameterization calls for, unless sigma_sampler names one.
@@ -48,12 +49,14 @@ class ControlNetTrainConfig(RunConfig):
     ema_decay: float = 0.995  # EMA of the ControlNet's weights: what is saved
     sample_every: int = 0  # no sample grids (measure with benchmarks/controlnet_follow.py)
     save_every: int = 500  # steps between checkpoints
-    caption_dropout: float = 0.3  # share of steps on the empty prompt: the map alone must carry the layout
+    caption_dropout: float = 0.15  # share of samples on the empty prompt: the map alone must carry the layout
+    unplaced: float = 0.5  # share of the other shapes captions that name only colours and shapes (and the
+    # background, if the caption did), in the map's label order: the map alone must then set size and place
     sigma_sampler: str = ""  # training noise levels; "" = the parameterization's usual one (flow: logitnormal)
     offset_noise: float = 0.0  # offset-noise strength (0 = off), as in `train`
     copy_encoder: bool = True  # start the ControlNet from the denoiser's encoder weights (as the paper does)
 
-    BOUNDS = bounds({"control": one_of("", *CONTROL_KINDS), "caption_dropout": FRACTION,
+    BOUNDS = bounds({"control": one_of("", *CONTROL_KINDS), "caption_dropout": FRACTION, "unplaced": FRACTION,
                      "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0)})
 
 
@@ -94,6 +97,18 @@ def _check_inputs(cfg: ControlNetTrainConfig, model, cache: LatentCache) -> str:
     return kind
 
 
+def unplaced_captions(captions: list[str], scenes: list[dict | None], flags: list[bool]) -> tuple[list[str], bool]:
+    """The captions with each flagged one of a shapes scene (not dropped to "") replaced by its colours and shapes
+    only (``data.shapes.unplaced_caption``, the background kept if the caption names it); and whether any was."""
+    out = list(captions)
+    for k, (text, scene, flag) in enumerate(zip(captions, scenes, flags)):
+        if flag and text and scene is not None:
+            parsed = parse_caption(text)
+            out[k] = unplaced_caption(scene_from_dict(scene), background=parsed is not None and
+                                      parsed.background is not None)
+    return out, out != list(captions)
+
+
 def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
     # Setup: the frozen base model, the cache with its maps.
     run = Run(cfg, ctx)
@@ -130,13 +145,16 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
 
             def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
                 """Per-sample losses of these global-batch positions, each drawn from its own generator."""
-                _, x0, captions, drop, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step, idx,
-                                                                   positions)
+                gens, x0, captions, drop, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step,
+                                                                      idx, positions)
                 x0, items = x0.to(device), idx[positions]
                 image = cache.control[items].to(device, torch.float32) / 255  # (B, 3, H, W) in [0, 1]
+                unplace = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.unplaced
+                captions, changed = unplaced_captions(captions, [cache.meta[i]["scene"] for i in items.tolist()],
+                                                      unplace.tolist())
                 with torch.no_grad():
-                    cond = cache.text_cond(items, drop).map(lambda t: t.to(device)) if cached_text else \
-                        text_encoder(captions)
+                    cond = cache.text_cond(items, drop).map(lambda t: t.to(device)) if cached_text and not changed \
+                        else text_encoder(captions)
                 with autocast(cfg.precision, device):
                     controlled = ControlledDenoiser(denoiser, [Control(controlnet, image)])
                     return denoising_loss(controlled, x0, sigma, cond, noise=noise.to(device))

@@ -153,12 +153,13 @@ TRAIN_PRESETS["shapes-default"] = {**_DEMO, "steps": 4000, "warmup_steps": 200, 
                                    "judge_prompts": 64}
 TRAIN_PRESETS["shapes-demo-mmdit"] = {**_DEMO, **_MMDIT}
 # An inpainting model (ARCHITECTURE.md, "Inpainting and concat models"): the demo's recipe, the U-Net also given a
-# random mask and the masked image's latents (a quarter of the samples fully masked: text-to-image too).
-TRAIN_PRESETS["shapes-inpaint"] = {**_DEMO, "inpaint": True}
+# random mask and the masked image's latents (a quarter of the samples fully masked: text-to-image too); with the
+# bundled model's text encoder, so that `--set init=latentdiff/default/model` starts from it.
+TRAIN_PRESETS["shapes-inpaint"] = {**_DEMO, "inpaint": True, "text_encoder": _PHRASES}
 TRAIN_PRESETS["shapes-inpaint-test"] = {**TRAIN_PRESETS["shapes-test"], "inpaint": True}
 # Super-resolution (ARCHITECTURE.md, "Inpainting and concat models"): 16 -> 32 pixels with the demo's recipe; the
 # 16-pixel image folded into 12 channels at the 8x8 latent's size.
-TRAIN_PRESETS["shapes-sr"] = {**_DEMO, "upscale": 2, "sample_guidance": 1.0}
+TRAIN_PRESETS["shapes-sr"] = {**_DEMO, "upscale": 2, "sample_guidance": 1.0, "text_encoder": _PHRASES}
 TRAIN_PRESETS["shapes-sr-test"] = {**TRAIN_PRESETS["shapes-test"], "upscale": 2}
 
 
