@@ -44,6 +44,8 @@ from latentdiff.data.shapes import (
 from latentdiff.eval.judging import stderr
 from latentdiff.pipeline import load
 
+MODES = ("prompt only", "prompt + map", "unplaced prompt", "unplaced + map", "map moves it")
+
 
 def _foreground(image: np.ndarray, background: str) -> np.ndarray:
     """Pixels far (> 80 in some channel) from the background colour: the generated objects."""
@@ -65,6 +67,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="ControlNet scale")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE",
+                    help="the modes to run (default: all; names as in the table)")
+    ap.add_argument("--splits", nargs="+", default=["held-out", "train"], choices=["held-out", "train"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load(args.model)
@@ -79,13 +84,15 @@ def main() -> None:
     print("| split | mode | " + " | ".join(keys) + " | IoU with map | prompt's place | s / image |\n|"
           + "---|" * (len(keys) + 5))
     for split, make in (("held-out", heldout_prompts), ("train", train_prompts)):
+        if split not in args.splits:
+            continue
         prompts = make(args.prompts, seed=args.seed)
         n = len(prompts)
         scenes = [scene for _, scene in prompts]
         maps = [control_map(kind, to_tensor(render(s, size, seed=i)), s, i).permute(1, 2, 0).numpy()
                 for i, s in enumerate(scenes)]
         others = [(i + 1) % n for i in range(n)]  # the map of the next prompt's scene
-        for mode in ("prompt only", "prompt + map", "unplaced prompt", "unplaced + map", "map moves it"):
+        for mode in args.modes:
             mapped = mode not in ("prompt only", "unplaced prompt")
             pipe.controlnets[:] = controls if mapped else []
             t = time.perf_counter()

@@ -8,10 +8,13 @@ at most ``MAX_ASPECT_CHANGE`` (10 %); beyond that it is refused: the image would
 or padding it is the caller's choice to make.
 
 Masks. White (1) is repainted, black (0) kept; a mask that is not black and white is thresholded at 0.5 (said once
-on stderr). In latent space (``latent_mask``) each latent cell gets the share of its pixels that are repainted
-(area interpolation), then a soft ring one latent cell wide outside it (``max(area, blur(area))``, a [1, 2, 1]
+on stderr). In latent space (``latent_mask``) a latent cell is fully repainted when any of its pixels is
+(max pooling), then a soft ring one latent cell wide outside it (``max(cover, blur(cover))``, a [1, 2, 1]
 binomial blur): the repainted latent region covers every repainted pixel and fades into the kept one, so the
-sampler blends the seam. In pixel space (``paste_mask``, for pasting the input back after decoding) the ramp lies
+sampler blends the seam. Max pooling, not the share of repainted pixels (area interpolation): a cell half inside
+the mask holds an object's corner, and blending it half back to the input's latent rounds the corner off (held-out
+squares and triangles inpainted as circles: the asked object right in 0.83 of the shapes cases with area
+interpolation against 0.89 with max pooling, BENCHMARKS.md). In pixel space (``paste_mask``, for pasting the input back after decoding) the ramp lies
 inside the mask (``min(mask, blur(mask))``, ``factor`` binomial passes: a blur of standard deviation
 sqrt(factor / 2) pixels): every black pixel is the input's exactly, and the generated pixels fade in from half
 weight at the mask's edge to full weight about 2 sqrt(factor / 2) pixels inside it (4 at factor 8); a white
@@ -236,10 +239,10 @@ def _blur(x: Tensor, passes: int = 1) -> Tensor:
 
 
 def latent_mask(mask: Tensor, factor: int) -> Tensor:
-    """A pixel mask (1, 1, H, W) of 0 / 1 at latent size (H / factor, W / factor), in [0, 1]: each cell's share
-    of repainted pixels (area interpolation), grown by a soft ring one latent cell wide (module docstring)."""
-    area = F.avg_pool2d(mask, factor)
-    return torch.maximum(area, _blur(area)).clamp(0, 1)
+    """A pixel mask (1, 1, H, W) of 0 / 1 at latent size (H / factor, W / factor), in [0, 1]: 1 on every cell
+    with a repainted pixel (max pooling), grown by a soft ring one latent cell wide (module docstring)."""
+    cover = F.max_pool2d(mask, factor)
+    return torch.maximum(cover, _blur(cover)).clamp(0, 1)
 
 
 def paste_mask(mask: Tensor, factor: int) -> Tensor:

@@ -126,6 +126,13 @@ def test_masks_soft_edges():
     assert m.shape == (1, 1, 8, 8) and m[0, 0, 2:6, 2:6].eq(1).all()  # every repainted cell fully free
     assert (m[0, 0, 1:7, 1:7] > 0).all() and m[0, 0, 1, 1] < 1  # a soft ring one latent wide
     assert m[0, 0, 0].eq(0).all() and m[0, 0, :, 7].eq(0).all()  # beyond it: kept
+    # A mask that ends partway through a cell frees that cell whole (an object's corner lies there), and keeps
+    # the cells it does not touch.
+    part = torch.zeros(1, 1, 24, 24)
+    part[..., 5:11, 5:11] = 1  # a quarter of cell 1's pixels, three quarters of cell 2's
+    m = latent_mask(part, 4)
+    assert m[0, 0, 1:3, 1:3].eq(1).all() and 0 < m[0, 0, 0, 0] < 1 and 0 < m[0, 0, 3, 3] < 1
+    assert m[0, 0, 4:].eq(0).all() and m[0, 0, :, 4:].eq(0).all()
     p = paste_mask(mask, 2)
     assert p[mask == 0].eq(0).all()  # outside the mask: the input's pixels exactly
     assert p[0, 0, 8, 8] == 1 and 0.4 < p[0, 0, 4, 8] < 1  # inside: fading in from the edge
