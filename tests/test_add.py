@@ -31,6 +31,7 @@ from latentdiff.train.add import (
     renoise_target,
     student_levels,
 )
+from latentdiff.train.add import student_loss as add_student_loss
 from latentdiff.train.distill import DistillConfig, check_teacher, load_teacher
 from latentdiff.types import Cond
 
@@ -231,3 +232,27 @@ def test_add_lora_loads_as_a_student(tiny, tmp_path, one_thread):  # noqa: F811
     pipe.load_lora(out / "lora.safetensors")
     assert pipe.index.distilled.method == "add" and pipe.settings().sampler == "lcm"
     assert pipe.generate("a red circle", steps=1, output="np").shape == (1, 32, 32, 3)
+
+
+def test_student_loss_draws_the_discriminators_levels_up_to_disc_sigma_max():
+    """The discriminator sees finite grid levels only, up to disc_sigma_max; the teacher re-noises at finite levels
+    above the boundary; with a student that returns x0 and a teacher that returns its input's x0, L_dist is 0."""
+    grid = torch.tensor([0.002, 0.1, 0.5, 1.0, 3.0, math.inf], dtype=torch.float64)
+    seen = {}
+
+    class Recorder:
+        def generator_loss(self, fake, real, sigma, noise, cond):
+            seen["sigma_d"] = sigma
+            return torch.zeros(len(fake))
+
+    x0 = torch.randn(64, 2, 4, 4)
+
+    def teacher(x, t):
+        seen["t"] = t
+        return x0
+
+    gens = [torch.Generator().manual_seed(i) for i in range(64)]
+    loss, terms = add_student_loss(lambda x, s, c: x0, teacher, Recorder(), x0, x0, None, gens, Cond(), grid,
+                                   adv_weight=1.0, distill_weight=2.5, weighting="alpha", disc_sigma_max=1.0)
+    assert seen["sigma_d"].max() <= 1.0 and set(seen["sigma_d"].tolist()) == {0.002, 0.1, 0.5, 1.0}
+    assert seen["t"].min() >= 0.1 and torch.isfinite(seen["t"]).all() and terms["distill"] == 0 and (loss == 0).all()

@@ -9,7 +9,7 @@ and the student's few levels s_1 > ... > s_K (the 'lcm' grid's K points, e.g. fl
     t ~ U(teacher grid, boundary and inf excluded), eps' ~ N(0, I)
     target  = D_w(x0_hat + t eps', t), no gradient               the teacher's CFG estimate of the re-noised x0_hat
     L_dist  = c(t) mean (x0_hat - target)^2                      c(t) = alpha_t = 1 / sqrt(1 + t^2) (ADD), or 1
-    sigma_d ~ U(teacher grid below inf), eps_d ~ N(0, I)
+    sigma_d ~ U(teacher grid, finite, <= disc_sigma_max), eps_d ~ N(0, I)
     L_adv   = -mean D(x0_hat + sigma_d eps_d, sigma_d, c)          the generator's hinge term
     L_G     = adv_weight L_adv + distill_weight L_dist            (ADD: 1 and 2.5)
     L_D     = mean relu(1 - D(real)) + mean relu(1 + D(fake))     real: x0 itself, both at the same sigma_d, eps_d
@@ -176,13 +176,15 @@ def check_add_teacher(network: nn.Module, name: str) -> None:
 
 def student_loss(student: Denoiser, teacher: Callable[[Tensor, Tensor], Tensor], disc: Discriminator, x0: Tensor,
                  x: Tensor, s: Tensor, gens: list[torch.Generator], cond: Cond, grid: Tensor, *, adv_weight: float,
-                 distill_weight: float, weighting: str) -> tuple[Tensor, dict]:
+                 distill_weight: float, weighting: str, disc_sigma_max: float | None = None) -> tuple[Tensor, dict]:
     """ADD's per-sample student loss adv_weight * L_adv + distill_weight * L_dist (module docstring) from x, the data
     x0 noised to the student's level s; each sample's draws from its own generator. ``teacher(x, sigma)`` is the
-    teacher's CFG estimate, ``grid`` its ascending grid. Returns the losses and their terms' means (for the log)."""
+    teacher's CFG estimate, ``grid`` its ascending grid; the discriminator sees levels up to ``disc_sigma_max``
+    (None: every finite one). Returns the losses and their terms' means (for the log)."""
     device, top = x0.device, len(grid) - int(bool(torch.isinf(grid[-1])))  # finite levels: grid[:top]
+    top_d = top if disc_sigma_max is None else max(1, int((grid[:top] <= disc_sigma_max).sum()))
     n = per_sample(gens, lambda g: torch.randint(1, top, (1,), generator=g))  # above the boundary
-    n_d = per_sample(gens, lambda g: torch.randint(0, top, (1,), generator=g))
+    n_d = per_sample(gens, lambda g: torch.randint(0, top_d, (1,), generator=g))
     eps_t, eps_d = (per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g)).to(device)
                     for _ in range(2))
     t, sigma_d = grid[n].to(device), grid[n_d].to(device)

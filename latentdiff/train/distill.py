@@ -116,6 +116,7 @@ class DistillConfig(RunConfig):
     distill_weighting: str = "alpha"  # ADD: c(t) of the distillation term, "alpha" (1 / sqrt(1 + t^2)) or "uniform"
     disc_lr: float = 0.0  # ADD: the discriminator heads' AdamW learning rate (0: lr)
     disc_hidden: int = 64  # ADD: width of the discriminator heads
+    disc_sigma_max: float | None = None  # ADD: the highest noise level the discriminator sees (None: every finite one)
 
     BOUNDS = bounds({"lora_rank": between(0, 4096), "lora_alpha": at_least(0), "method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
                      "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
@@ -123,7 +124,8 @@ class DistillConfig(RunConfig):
                      "timestep_scaling": above(0), "steps_range": between(1, MAX_STEPS),
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0),
                      "adv_weight": at_least(0), "distill_weight": at_least(0), "distill_weighting": one_of(*WEIGHTINGS),
-                     "disc_lr": at_least(0), "disc_hidden": between(1, 4096)})
+                     "disc_lr": at_least(0), "disc_hidden": between(1, 4096),
+                     "disc_sigma_max": above(0)})
 
 
 DISTILL_PRESETS: dict[str, dict] = {
@@ -141,9 +143,9 @@ DISTILL_PRESETS: dict[str, dict] = {
                         "sample_every": 200, "save_every": 200, "keep_last": 2},
     # Adversarial diffusion distillation of the bundled model (train/add.py): the whole student from the teacher, one
     # w = 4, 4 levels (flow t = 1, 0.76, 0.5, 0.26); BENCHMARKS.md, "Few-step students: ADD".
-    "shapes-add": {"teacher": "default", "method": "add", "steps": 1500, "batch_size": 32, "lr": 1e-4,
-                   "disc_lr": 1e-3, "warmup_steps": 20, "guidance_range": (4.0, 4.0), "guidance": 4.0,
-                   "guidance_embed_dim": 0, "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.99,
+    "shapes-add": {"teacher": "default", "method": "add", "steps": 3000, "batch_size": 32, "lr": 1e-4,
+                   "disc_lr": 1e-3, "disc_sigma_max": 1.0, "warmup_steps": 20, "guidance_range": (4.0, 4.0),
+                   "guidance": 4.0, "guidance_embed_dim": 0, "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.99,
                    "sample_every": 500, "save_every": 250, "keep_last": 2},
     "shapes-add-test": {"method": "add", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
                         "sample_every": 2, "save_every": 2, "grid_steps": 10, "guidance_range": (3.0, 3.0),
@@ -437,7 +439,8 @@ def distill(cfg: DistillConfig) -> Path | dict:
                         with autocast(cfg.precision, device):
                             loss, terms = add_loss(student, teach, disc, x0, noised(x0, noise, s), s, gens, cond, grid,
                                                    adv_weight=cfg.adv_weight, distill_weight=cfg.distill_weight,
-                                                   weighting=cfg.distill_weighting)
+                                                   weighting=cfg.distill_weighting,
+                                                   disc_sigma_max=cfg.disc_sigma_max)
                         parts.update(terms)
                         return loss
                     n = per_sample(gens, lambda g: torch.randint(cfg.skip, len(grid), (1,), generator=g))
