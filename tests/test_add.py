@@ -75,7 +75,7 @@ def test_discriminator_learns_to_separate_a_toy(one_thread):  # noqa: F811
                          grad_clip=1.0, verbose=False)
     g = torch.Generator().manual_seed(1)
 
-    def batch(n=16):
+    def batch(n=8):
         real = torch.randn(n, 4, 8, 8, generator=g)
         fake = torch.randn(n, 4, 8, 8, generator=g) * 0.5 + 0.5
         sigma = torch.full((n,), 0.2, dtype=torch.float64)
