@@ -142,9 +142,10 @@ DISTILL_PRESETS: dict[str, dict] = {
                         "guidance_range": (4.0, 4.0), "guidance_embed_dim": 0, "ema_decay": 0.95, "lora_rank": 16,
                         "sample_every": 200, "save_every": 200, "keep_last": 2},
     # Adversarial diffusion distillation of the bundled model (train/add.py): the whole student from the teacher, one
-    # w = 4, 4 levels (flow t = 1, 0.76, 0.5, 0.26); BENCHMARKS.md, "Few-step students: ADD".
-    "shapes-add": {"teacher": "default", "method": "add", "steps": 3000, "batch_size": 32, "lr": 1e-4,
-                   "disc_lr": 1e-3, "disc_sigma_max": 1.0, "warmup_steps": 20, "guidance_range": (4.0, 4.0),
+    # w = 4, 4 levels (flow t = 1, 0.76, 0.5, 0.26); 1500 steps, about 10.6 CPU-minutes; the discriminator at every
+    # finite level (2396 steps with disc_sigma_max 1 scored lower at 1 step). BENCHMARKS.md, "Few-step students: ADD".
+    "shapes-add": {"teacher": "default", "method": "add", "steps": 1500, "batch_size": 32, "lr": 1e-4,
+                   "disc_lr": 1e-3, "warmup_steps": 20, "guidance_range": (4.0, 4.0),
                    "guidance": 4.0, "guidance_embed_dim": 0, "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.99,
                    "sample_every": 500, "save_every": 250, "keep_last": 2},
     "shapes-add-test": {"method": "add", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
