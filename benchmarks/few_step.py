@@ -1,5 +1,6 @@
-"""Few-step generation on a shapes model: an LCM student (an LCM-LoRA file or a distilled model folder) at 1, 2
-and 4 steps against its teacher with DPM++ 2M and UniPC at the same steps and at 20.
+"""Few-step generation on a shapes model: a distilled student (an LCM-LoRA file, or a model folder from distill
+--method lcm / ct / add, named by its index's method) at 1, 2 and 4 steps against its teacher with DPM++ 2M and
+UniPC at the same steps and at 20.
 
     python benchmarks/few_step.py [--teacher default] [--lora RUN/lora.safetensors] [--student RUN/model]
         [--prompts 512] [--steps 1 2 4] [--teacher-steps 1 2 4 20] [--threads 1] [--seed 1]
@@ -73,7 +74,9 @@ def main() -> None:
         student.load_lora(args.lora)
         students.append(("LCM-LoRA", student))
     if args.student:
-        students.append(("LCM student", load(args.student)))
+        student = load(args.student)
+        method = student.index.distilled.method if student.index.distilled is not None else "lcm"
+        students.append((f"{method.upper()} student", student))
     for name, pipe in students:
         for steps in args.steps:
             images, seconds = generate(pipe, prompts, steps=steps, sampler="lcm", guidance=None, seed=args.seed)

@@ -635,11 +635,13 @@ def _config_commands() -> list[_Command]:
                              "latent cache it was trained on, with its classifier-free guidance learned through a "
                              "guidance-scale embedding; or consistency training (--method ct). Writes OUT/model, a "
                              "model folder that generates in 1-8 steps with the 'lcm' sampler; with --lora-rank an "
-                             "LCM-LoRA, OUT/lora.safetensors.",
+                             "LCM-LoRA, OUT/lora.safetensors. --method add (--preset shapes-add): adversarial diffusion "
+                             "distillation (Sauer et al. 2023), a 1-4 step student sampled the same way.",
                  flags={"teacher": {"help": "the teacher's model folder ('default': the bundled model)",
                                     "metavar": "MODEL"},
-                        "method": {"help": "lcm (distill the teacher's ODE) or ct (consistency training)",
-                                   "choices": ["lcm", "ct"]},
+                        "method": {"help": "lcm (distill the teacher's ODE), ct (consistency training) or add "
+                                           "(adversarial diffusion distillation, a U-Net teacher)",
+                                   "choices": ["lcm", "ct", "add"]},
                         "cache": "latent cache the teacher was trained on", "out": _OUT, "steps": _STEPS,
                         "lora_rank": "LCM-LoRA: train a LoRA of this rank on the frozen teacher instead of a whole "
                                      "student (writes OUT/lora.safetensors, for generate --lora)",

@@ -234,7 +234,7 @@ def test_one_network_is_student_target_and_teacher(lcm_run):
     teacher = read_model_folder(lcm_run["teacher"])
     plain = copy.deepcopy(teacher.denoiser)
     run = types.SimpleNamespace()
-    run.build = lambda module: setattr(run, "ema", types.SimpleNamespace(module=copy.deepcopy(module)))
+    run.build = lambda module, **_: setattr(run, "ema", types.SimpleNamespace(module=copy.deepcopy(module)))
     parts = LoRAStudent(teacher, DistillConfig(lora_rank=2, lora_targets=("attention", "conv")), run)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -493,6 +493,23 @@ class UNet(UNetEncoder):
         """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
         return self._forward(x, c_noise, cond)
 
+    def encoder_features(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> list[Tensor]:
+        """The down path's features at every resolution (each level's last resnet and attention, before its
+        downsampler) and the middle block's output; widths ``feature_channels()``. What adversarial distillation's
+        discriminator reads (``train/add.py``), the up path never runs."""
+        cond = cond if cond is not None else Cond()
+        if cond.control is not None:
+            raise ValueError("encoder_features takes no ControlNet residuals (cond.control)")
+        x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
+        h, skips = self._down(self.conv_in(x), emb, context, mask, image_kv=image_kv)
+        r = self.config.num_res_blocks  # skips: conv_in, then per level r resnets and (but the last) a downsampler
+        ends = [(r + 1) * i + r for i in range(len(self.down_blocks))]
+        return [skips[i] for i in ends] + [self._middle(h, emb, context, mask, image_kv=image_kv)]
+
+    def feature_channels(self) -> list[int]:
+        """Channel widths of ``encoder_features``' tensors, in order."""
+        return [*self.chans, self.chans[-1]]
+
     def mixing_sites(self) -> list[int]:
         """Channel width at each point where ``_forward``'s ``between`` is called, in call order."""
         width = lambda resnet: resnet.conv2.out_channels

@@ -57,13 +57,21 @@ from latentdiff.model_index import DEFAULT_GENERATION, MAX_STEPS, Distilled, Gen
 from latentdiff.models.families import family_of, spatial_factor
 from latentdiff.models.lora import LoRA, save_lora
 from latentdiff.models.runtime import autocast
+from latentdiff.train.add import (
+    WEIGHTINGS,
+    Discriminator,
+    DiscriminatorHeads,
+    check_add_teacher,
+    student_levels,
+)
+from latentdiff.train.add import student_loss as add_loss
 from latentdiff.train.common import Trainable, check_finite_params, refuse_fsdp
 from latentdiff.train.denoiser import ema_parts, sample_grid
 from latentdiff.train.distributed import per_sample, sample_generators
 from latentdiff.train.run import Run, RunConfig, processes
 from latentdiff.types import Cond
 
-METHODS = ("lcm", "ct")
+METHODS = ("lcm", "ct", "add")
 
 
 @dataclass
@@ -72,7 +80,8 @@ class DistillConfig(RunConfig):
 
     out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, samples/, and the student's model/
     teacher: str = ""  # the teacher's model folder (ours; "default": the bundled model)
-    method: str = "lcm"  # "lcm": consistency distillation of the teacher's ODE; "ct": consistency training (no ODE)
+    method: str = "lcm"  # "lcm": consistency distillation of the teacher's ODE; "ct": consistency training (no ODE);
+    # "add": adversarial diffusion distillation (train/add.py)
     init: str = "teacher"  # the student's first weights: the teacher's, or "random" (ct from scratch)
     cache: str = ""  # the latent cache the teacher was trained on (`latentdiff cache`)
     grid_steps: int = 50  # N: points of the teacher's own grid the student learns (LCM: 50 DDIM timesteps)
@@ -102,12 +111,21 @@ class DistillConfig(RunConfig):
     lora_alpha: float = 0.0  # the LoRA's alpha (scale alpha / rank); 0: alpha = rank
     lora_targets: tuple[str, ...] = ("attention", "conv", "ff")  # layer patterns or groups (LCM-LoRA's: attention,
     # proj_in / proj_out and feed-forward ("ff"), the ResNet and resampling convolutions ("conv"))
+    adv_weight: float = 1.0  # ADD: weight of the adversarial term of the student's loss
+    distill_weight: float = 2.5  # ADD: weight of the distillation term (ADD: 2.5)
+    distill_weighting: str = "alpha"  # ADD: c(t) of the distillation term, "alpha" (1 / sqrt(1 + t^2)) or "uniform"
+    disc_lr: float = 0.0  # ADD: the discriminator heads' AdamW learning rate (0: lr)
+    disc_hidden: int = 64  # ADD: width of the discriminator heads
+    disc_sigma_max: float | None = None  # ADD: the highest noise level the discriminator sees (None: every finite one)
 
     BOUNDS = bounds({"lora_rank": between(0, 4096), "lora_alpha": at_least(0), "method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
                      "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
                      "loss": one_of("huber", "l2"), "huber_c": above(0), "sigma_data": above(0),
                      "timestep_scaling": above(0), "steps_range": between(1, MAX_STEPS),
-                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0)})
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0),
+                     "adv_weight": at_least(0), "distill_weight": at_least(0), "distill_weighting": one_of(*WEIGHTINGS),
+                     "disc_lr": at_least(0), "disc_hidden": between(1, 4096),
+                     "disc_sigma_max": above(0)})
 
 
 DISTILL_PRESETS: dict[str, dict] = {
@@ -123,6 +141,16 @@ DISTILL_PRESETS: dict[str, dict] = {
     "shapes-lcm-lora": {"teacher": "default", "steps": 400, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20,
                         "guidance_range": (4.0, 4.0), "guidance_embed_dim": 0, "ema_decay": 0.95, "lora_rank": 16,
                         "sample_every": 200, "save_every": 200, "keep_last": 2},
+    # Adversarial diffusion distillation of the bundled model (train/add.py): the whole student from the teacher, one
+    # w = 4, 4 levels (flow t = 1, 0.76, 0.5, 0.26); 1500 steps, about 10.6 CPU-minutes; the discriminator at every
+    # finite level (2396 steps with disc_sigma_max 1 scored lower at 1 step). BENCHMARKS.md, "Few-step students: ADD".
+    "shapes-add": {"teacher": "default", "method": "add", "steps": 1500, "batch_size": 32, "lr": 1e-4,
+                   "disc_lr": 1e-3, "warmup_steps": 20, "guidance_range": (4.0, 4.0),
+                   "guidance": 4.0, "guidance_embed_dim": 0, "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.99,
+                   "sample_every": 500, "save_every": 250, "keep_last": 2},
+    "shapes-add-test": {"method": "add", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
+                        "sample_every": 2, "save_every": 2, "grid_steps": 10, "guidance_range": (3.0, 3.0),
+                        "guidance_embed_dim": 0, "steps_range": (1, 4), "quiet": True},
 }
 
 
@@ -222,6 +250,14 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
     if cfg.method == "ct" and ((lo, hi) != (1.0, 1.0) or cfg.guidance_embed_dim):
         raise ValueError("consistency training has no teacher ODE to take guidance from: set guidance_range = [1, 1] "
                          "and guidance_embed_dim = 0")
+    if cfg.method == "add":
+        check_add_teacher(teacher.denoiser.network, name)
+        if cfg.guidance_embed_dim or cfg.init != "teacher":
+            raise ValueError("ADD distils one guidance scale into a student that starts as the teacher: set "
+                             "guidance_embed_dim = 0, guidance_range = [w, w] and init = 'teacher'")
+        if cfg.steps_range[1] > cfg.sample_steps:
+            raise ValueError(f"an ADD student learns the 'lcm' grid's {cfg.sample_steps} levels (sample_steps): "
+                             f"steps_range {list(cfg.steps_range)} must stay within [1, {cfg.sample_steps}]")
     text = getattr(net, "context_dim", None) is not None or getattr(net, "vector_dim", None) is not None
     if (lo, hi) != (1.0, 1.0) and not text:
         raise ValueError(f"{name} has no text conditioning (no context_dim or vector_dim), so it has no "
@@ -273,12 +309,12 @@ class LoRAStudent:
     """LCM-LoRA's three networks in one: the frozen teacher network with the trained LoRA (the student), with the
     engine's EMA of it instead (the target), or with neither (the teacher). ``using`` switches them."""
 
-    def __init__(self, teacher: ModelFolder, cfg: DistillConfig, run: Run):
+    def __init__(self, teacher: ModelFolder, cfg: DistillConfig, run: Run, extra: dict | None = None):
         network = teacher.denoiser.network
         self.param = Consistency(teacher.denoiser.parameterization, cfg.sigma_data, cfg.timestep_scaling)
         self.lora = LoRA.create(network, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets,
                                 family=family_of(network), name=Path(cfg.out).name)
-        run.build(self.lora)
+        run.build(self.lora, extra=extra)
         self.lora.attach(network)
         self.ema = run.ema.module
         self.ema.enabled = False
@@ -343,6 +379,9 @@ def distill(cfg: DistillConfig) -> Path | dict:
     report instead and writes nothing."""
     with processes(cfg) as ctx:
         # Setup: the teacher, checked with the cache before any work.
+        if cfg.method == "add" and ctx.distributed:
+            raise ValueError("ADD's discriminator heads are not synchronized between processes: run distill --method "
+                             "add in one process (without torchrun)")
         run = Run(cfg, ctx)
         teacher, cache = load_teacher(cfg.teacher), LatentCache(cfg.cache)
         check_teacher(teacher, cfg, cache)
@@ -350,37 +389,32 @@ def distill(cfg: DistillConfig) -> Path | dict:
         grid = teacher_grid(teacher.denoiser.parameterization, cfg.grid_steps)  # (M,), ascending from the boundary
         te_cfg = getattr(teacher.text_encoder, "config", None)
         cached_text = cfg.cached_text and isinstance(te_cfg, TextEncoderConfig) and cache.uses_text(te_cfg)
-        text_encoder, ae = teacher.text_encoder.to(device), teacher.autoencoder
-        t_den = teacher.denoiser.to(device)
+        ae, t_den = teacher.autoencoder, teacher.denoiser.to(device)
         lo, hi = cfg.guidance_range
+        conditions = Conditions(cache, teacher.text_encoder.to(device), cached_text, (lo, hi) != (1.0, 1.0), device)
         index = student_index(teacher, cfg)
 
         # Build: the student from the teacher (or a LoRA on it); the engine's EMA of it is the target network.
+        # ADD: the discriminator's heads and optimizer, kept in the checkpoints with the student.
         run.seed()
-        lora = LoRAStudent(teacher, cfg, run) if cfg.lora_rank else None
+        disc = _discriminator(teacher, cfg, main, device) if cfg.method == "add" else None
+        extra = disc.checkpointed() if disc else None
+        lora = LoRAStudent(teacher, cfg, run, extra) if cfg.lora_rank else None
         if lora is None:
             student, spec = student_of(teacher, cfg)
-            run.build(Trainable(student.network, None))
+            run.build(Trainable(student.network, None), extra=extra)
         else:
             student, spec = lora.student, None
+        teacher_mode = (lambda: lora.using(None)) if lora else nullcontext  # the network as the teacher's alone
+        if disc:
+            disc.frozen = teacher_mode
+            levels = student_levels(teacher.denoiser.parameterization, cfg.sample_steps, cfg.grid_steps)
         param = student.parameterization
         if main and not cfg.quiet:
             what = f"LoRA rank {cfg.lora_rank} on {len(lora.lora.names)} layers of " if lora else ""
             print(f"distill ({cfg.method}) {what}{cfg.teacher}: {teacher.spec.network} ({param.name}), {len(grid)} "
                   f"grid points, skip {cfg.skip}, w in [{lo:g}, {hi:g}]; {len(cache)} cached latents", file=sys.stderr)
-
-        def conditions(indices: Tensor, captions: list[str]) -> tuple[Cond, Cond | None]:
-            """The captions' Cond and the empty prompt's (None without guidance), one length for both."""
-            if lo == hi == 1.0:  # no guidance: the conditional estimate alone
-                cond = cache.text_cond(indices, torch.zeros(len(indices), dtype=torch.bool)) if cached_text \
-                    else text_encoder(captions)
-                return cond.map(lambda t: t.to(device)), None
-            if cached_text:
-                both = cache.text_cond(torch.cat([indices, indices]), torch.arange(2 * len(indices)) >= len(indices))
-            else:
-                both = text_encoder(captions + [""] * len(captions))
-            n = len(captions)
-            return both.map(lambda t: t[:n].to(device)), both.map(lambda t: t[n:].to(device))
+        parts: dict = {}  # ADD's loss terms of this step, for the log
 
         # Loop.
         with run.guard():
@@ -388,22 +422,37 @@ def distill(cfg: DistillConfig) -> Path | dict:
                 idx, chunks = run.batch(cache, step)
 
                 def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
-                    """Per-sample consistency losses of these global-batch positions, each from its own generator."""
+                    """Per-sample losses of these global-batch positions, each from its own generator."""
                     gens = sample_generators(cfg.seed, step, positions)
                     drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
                     x0 = ae.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
                     noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g)).to(device)
+                    with autocast(cfg.precision, device), torch.no_grad():
+                        cond, uncond = conditions(idx[positions], [c[0] for _, c in drawn])
+                    if disc:  # ADD: the student's level, then its loss (train/add.py)
+                        s = levels[per_sample(gens, lambda g: torch.randint(len(levels), (1,), generator=g))].to(device)
+                        w = torch.full((len(positions),), lo, dtype=torch.float64, device=device)
+
+                        def teach(x: Tensor, t: Tensor) -> Tensor:
+                            with teacher_mode():
+                                return guided(t_den, x, t, cond, uncond, w)
+
+                        with autocast(cfg.precision, device):
+                            loss, terms = add_loss(student, teach, disc, x0, noised(x0, noise, s), s, gens, cond, grid,
+                                                   adv_weight=cfg.adv_weight, distill_weight=cfg.distill_weight,
+                                                   weighting=cfg.distill_weighting,
+                                                   disc_sigma_max=cfg.disc_sigma_max)
+                        parts.update(terms)
+                        return loss
                     n = per_sample(gens, lambda g: torch.randint(cfg.skip, len(grid), (1,), generator=g))
                     w = per_sample(gens, lambda g: lo + (hi - lo) * torch.rand(1, generator=g, dtype=torch.float64))
                     sigma, sigma_next, w = grid[n].to(device), grid[n - cfg.skip].to(device), w.to(device)
-                    with autocast(cfg.precision, device), torch.no_grad():
-                        cond, uncond = conditions(idx[positions], [c[0] for _, c in drawn])
                     x = noised(x0, noise, sigma)
                     with autocast(cfg.precision, device):
                         if cfg.method == "ct":
                             x_next = noised(x0, noise, sigma_next)
                         else:
-                            with torch.no_grad(), lora.using(None) if lora else nullcontext():  # the teacher alone
+                            with torch.no_grad(), teacher_mode():
                                 x_next = solver_step(guided(t_den, x, sigma, cond, uncond, w), x, sigma, sigma_next)
                         s_cond = with_guidance_scale(cond, w, cfg.guidance_embed_dim) if cfg.guidance_embed_dim \
                             else cond
@@ -415,32 +464,72 @@ def distill(cfg: DistillConfig) -> Path | dict:
                     with lora.using(lora.ema) if lora else nullcontext():  # the grids show what will be saved
                         sample_grid(pipe, cfg, run.sample_path(k))
 
-                run.advance(step, chunks, loss_fn, draw, lambda ema: _pipeline(
-                    student.network if lora else ema.network, param, teacher, index))
+                loss, grad_norm = run.step(step, chunks, loss_fn)
+                if disc and (d_loss := disc.step(step, grad_norm is not None)) is not None:
+                    parts["d_loss"] = d_loss
+                run.log(step, loss, grad_norm, **parts)
+                run.samples(step, draw, lambda ema: _pipeline(student.network if lora else ema.network, param,
+                                                              teacher, index))
+                run.save(step)
         if cfg.dry_run:
             return run.dry_run_report()
+        return _save(run, ctx, cfg, teacher, index, student, spec, lora)
 
-        # Save: the last training checkpoint, then the student's model folder (the target network's weights), or
-        # the LCM-LoRA (the target's adapters) with the student's settings in its metadata.
-        ema = run.finish()
-        if lora is not None:
-            path = run.folder / "lora.safetensors"
-            if main:
-                check_finite_params(ema)
-                save_lora(path, ema, lora.metadata(teacher, cfg, index))
-                if not cfg.quiet:
-                    print(f"LCM-LoRA written to {path}", file=sys.stderr)
-            ctx.barrier()
-            return path
-        folder = run.folder / "model"
+
+def _discriminator(teacher: ModelFolder, cfg: DistillConfig, main: bool, device) -> Discriminator:
+    """ADD's discriminator on the teacher's network: heads on its encoder features, their AdamW."""
+    network = teacher.denoiser.network
+    config = network.config
+    cond_dim = config.vector_dim if config.vector_dim is not None else config.context_dim
+    heads = DiscriminatorHeads(network.feature_channels(), cond_dim, cfg.disc_hidden).to(device)
+    return Discriminator(teacher.denoiser, heads, cfg.disc_lr or cfg.lr, cfg.grad_clip, main and not cfg.quiet)
+
+
+def _save(run: Run, ctx, cfg: DistillConfig, teacher: ModelFolder, index, student: Denoiser, spec,
+          lora: LoRAStudent | None) -> Path:
+    """The last training checkpoint, then the student's model folder (the target network's weights), or the LCM-LoRA
+    (the target's adapters) with the student's settings in its metadata."""
+    ema, main = run.finish(), ctx.is_main
+    if lora is not None:
+        path = run.folder / "lora.safetensors"
         if main:
-            ema_student, text = ema_parts(ema, teacher.text_encoder, student)  # on the CPU
-            check_finite_params(ema_student.network)
-            write_model_folder(folder, ModelFolder(index, ae, ema_student, spec, text))
+            check_finite_params(ema)
+            save_lora(path, ema, lora.metadata(teacher, cfg, index))
             if not cfg.quiet:
-                print(f"student written to {folder}", file=sys.stderr)
+                print(f"{cfg.method.upper()}-LoRA written to {path}", file=sys.stderr)
         ctx.barrier()
-        return folder
+        return path
+    folder = run.folder / "model"
+    if main:
+        ema_student, text = ema_parts(ema, teacher.text_encoder, student)  # on the CPU
+        check_finite_params(ema_student.network)
+        write_model_folder(folder, ModelFolder(index, teacher.autoencoder, ema_student, spec, text))
+        if not cfg.quiet:
+            print(f"student written to {folder}", file=sys.stderr)
+    ctx.barrier()
+    return folder
+
+
+class Conditions:
+    """A batch's caption Cond and the empty prompt's (None without guidance), one token length for both: from the
+    cache's stored embeddings of a frozen pretrained text encoder, else from the text encoder."""
+
+    def __init__(self, cache: LatentCache, text_encoder, cached_text: bool, guidance: bool, device):
+        self.cache, self.text_encoder, self.cached_text = cache, text_encoder, cached_text
+        self.guidance, self.device = guidance, device
+
+    def __call__(self, indices: Tensor, captions: list[str]) -> tuple[Cond, Cond | None]:
+        cache, device = self.cache, self.device
+        if not self.guidance:  # no guidance: the conditional estimate alone
+            cond = cache.text_cond(indices, torch.zeros(len(indices), dtype=torch.bool)) if self.cached_text \
+                else self.text_encoder(captions)
+            return cond.map(lambda t: t.to(device)), None
+        if self.cached_text:
+            both = cache.text_cond(torch.cat([indices, indices]), torch.arange(2 * len(indices)) >= len(indices))
+        else:
+            both = self.text_encoder(captions + [""] * len(captions))
+        n = len(captions)
+        return both.map(lambda t: t[:n].to(device)), both.map(lambda t: t[n:].to(device))
 
 
 def _pipeline(network: nn.Module, param, teacher: ModelFolder, index):
