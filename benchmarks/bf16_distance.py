@@ -8,7 +8,7 @@ the torch fp32 images: the largest pixel difference (of 255), its 99.9th percent
 difference of one denoiser call (raw output, CFG batch of 2, at the grid's middle sigma). Variants: torch bf16
 autocast; OpenVINO fp32; OpenVINO's bf16 hint for denoiser and decoder, for one of them only, and with parts of the
 denoiser kept in fp32 (``backends/openvino.KEEP_FP32``: norm = GroupNorm / LayerNorm, attention = the SDPA node
-(its softmax), time = the timestep embedding and its projections).
+(its softmax), time = the sinusoidal embedding of the noise level, time-mlp = also its MLP and projections).
 SD-shaped U-Net (SD 1.5's config, diffusers' random init, ``--sd-size`` px, batch 2, 77 tokens): one call's relative
 difference to fp32 for diffusers in bf16 (torch autocast, and bf16 weights) and ours in OpenVINO bf16 with each
 kept part, and seconds per call (best of ``--sd-repeats``).
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from cpu_backends import DIFFUSERS_CONFIGS, our_config
 
-PARTS = ((), ("time",), ("norm",), ("attention",), ("time", "norm"), ("attention", "norm", "time"))
+PARTS = ((), ("time",), ("time-mlp",), ("norm",), ("attention",), ("norm", "time"), ("attention", "norm", "time"))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,13 +118,19 @@ def sd_rows(args, cache: str) -> None:
             net = UNet(our_config("sd15")).eval()
         net.load_state_dict(ref.state_dict(), strict=True, assign=True)
         cond = Cond(context=ctx)
-        for keep in (("fp32",), *PARTS):
-            precision = "fp32" if keep == ("fp32",) else "bf16"
-            network = OpenVINONetwork(net, precision=precision, cache_dir=cache, keep_fp32=() if keep == ("fp32",)
-                                      else keep)
-            out, s = timed(lambda network=network: network(x, t, cond))
+        variants = (("fp32",), *PARTS) if not args.sd_parts else \
+            [tuple(p.split("+")) if p != "none" else () for p in args.sd_parts]
+        runs = {}
+        for keep in variants:  # compiled first, then timed round-robin: every variant sees the same load
+            network = OpenVINONetwork(net, precision="fp32" if keep == ("fp32",) else "bf16", cache_dir=cache,
+                                      keep_fp32=() if keep == ("fp32",) else keep)
+            runs[keep] = (network, network(x, t, cond), [])
+        for _ in range(args.sd_repeats):
+            for network, _, seconds in runs.values():
+                seconds.append(_seconds(lambda network=network: network(x, t, cond)))
+        for keep, (_, out, seconds) in runs.items():
             name = "openvino fp32" if keep == ("fp32",) else "openvino bf16" + (f", fp32 {'+'.join(keep)}" if keep else "")
-            print(f"| {name} | {rel(out, want):.4f} | {s:.2f} |", flush=True)
+            print(f"| {name} | {rel(out, want):.4f} | {min(seconds):.2f} |", flush=True)
 
 
 def _seconds(fn) -> float:
@@ -141,6 +147,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sd-size", type=int, default=128)
     ap.add_argument("--sd-repeats", type=int, default=3)
+    ap.add_argument("--sd-parts", nargs="*", help="SD rows: only these (fp32, none, time, time-mlp, norm+time, ...)")
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--skip-sd", action="store_true")
     args = ap.parse_args()

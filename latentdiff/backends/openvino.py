@@ -34,9 +34,11 @@ FORMAT = 1  # what a cache folder holds; bump when that changes
 COND_FIELDS = ("context", "context_mask", "vector", "concat")  # the Cond fields a compiled network takes
 CONVERSIONS = {"count": 0}  # how many torch -> OpenVINO conversions this process ran (tests read it)
 # Parts of a denoiser's graph that a bf16 hint may keep in fp32 (``keep_fp32``): OpenVINO operation types, or pieces
-# of the converted nodes' names (the torch module path). "time" is also the sinusoidal embedding of the noise level
-# (``_time_embedding_ops``): in bf16, c_noise * frequency (c_noise up to 1000) keeps 8 bits, and sin / cos of it drift.
-KEEP_FP32 = {"time": {"names": ("time_embedding", "time_emb_proj")},
+# of the converted nodes' names (the torch module path). "time" is the sinusoidal embedding of the noise level
+# (``_time_embedding_ops``): in bf16, c_noise * frequency (c_noise up to 1000) keeps 8 bits, and sin / cos of it drift;
+# "time-mlp" adds the embedding's MLP and every resnet's projection of it (no better, and slower: BENCHMARKS.md).
+KEEP_FP32 = {"time": {},
+             "time-mlp": {"names": ("time_embedding", "time_emb_proj")},
              "norm": {"types": ("GroupNormalization", "MVN")},
              "attention": {"types": ("ScaledDotProductAttention", "Softmax")}}
 DEFAULT_KEEP_FP32 = ("time",)  # what the bf16 hint keeps in fp32 unless told otherwise (BENCHMARKS.md)
@@ -193,7 +195,7 @@ def fp32_nodes(model, parts: tuple[str, ...]) -> set[str]:
     names = tuple(n for p in parts for n in KEEP_FP32[p].get("names", ()))
     out = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() != "Constant" and
            (op.get_type_name() in types or any(n in op.get_friendly_name() for n in names))}
-    if "time" in parts and len(model.get_parameters()) > 1:
+    if {"time", "time-mlp"} & set(parts) and len(model.get_parameters()) > 1:
         out |= _time_embedding_ops(model.get_parameters()[1])
     return out
 
