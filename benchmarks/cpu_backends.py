@@ -1,8 +1,8 @@
 """Generation on a CPU, side by side: diffusers' U-Net, ours in torch (fp32, bf16, DeepCache), ours in OpenVINO
-(fp32 and bf16 hints, int8 weights); an SD-1.5-shaped random-weight U-Net and the bundled default model.
+(fp32 and bf16 hints, int8 weights), token merging; an SD-1.5-shaped random-weight U-Net and the bundled default model.
 
     python benchmarks/cpu_backends.py [--preset sd15] [--size 256] [--steps 10] [--guidance 5] [--threads 2]
-        [--sd-steps N] [--cache-interval 3] [--judge 128] [--skip-sd] [--skip-default] [--rows ROW ...]
+        [--sd-steps N] [--cache-interval 3] [--tome 0.5] [--judge 128] [--skip-sd] [--skip-default] [--rows ROW ...]
 
 Every row runs in its own process (peak RSS is that process's ``ru_maxrss``: weights, conversion and activations).
 The sampler is always ours (DPM++ 2M on the model's grid, CFG as one batch of 2); only the network changes.
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-SD_ROWS = ("diffusers-fp32", "diffusers-bf16", "torch-fp32", "torch-bf16", "torch-bf16-deepcache", "openvino-fp32",
-           "openvino-bf16", "openvino-bf16-int8")
-DEFAULT_ROWS = ("torch-fp32", "torch-bf16", "torch-fp32-deepcache", "openvino-fp32", "openvino-bf16",
+SD_ROWS = ("diffusers-fp32", "diffusers-bf16", "torch-fp32", "torch-bf16", "torch-bf16-deepcache", "torch-bf16-tome",
+           "openvino-fp32", "openvino-bf16", "openvino-bf16-int8")
+DEFAULT_ROWS = ("torch-fp32", "torch-bf16", "torch-fp32-deepcache", "torch-fp32-tome", "openvino-fp32", "openvino-bf16",
                 "openvino-bf16-int8")
 DIFFUSERS_CONFIGS = {  # SD 1.5's U-Net; sd15-small: its layout at a fifth of the width (for a quick check)
     "sd15": {"cross_attention_dim": 768, "attention_head_dim": 8},
@@ -82,14 +82,14 @@ def step_flops(config, latent: int, tokens: int = 77) -> int:
     return counter.get_total_flops()
 
 
-def _sd_denoiser(row: str, preset: str, cache_interval: int, cache_dir: str):
+def _sd_denoiser(row: str, preset: str, cache_interval: int, cache_dir: str, tome: float = 0.5):
     """The row's denoiser of the SD-1.5-shaped random-weight U-Net (Eps on SD's scaled-linear schedule)."""
     import diffusers
 
     from latentdiff.diffusion.denoiser import Denoiser
     from latentdiff.diffusion.parameterization import Eps
     from latentdiff.diffusion.schedules import alphas_cumprod, scaled_linear_betas
-    from latentdiff.models.unet import StepCache, UNet
+    from latentdiff.models.unet import StepCache, TokenMerging, UNet
 
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**DIFFUSERS_CONFIGS[preset]).eval()
@@ -104,6 +104,8 @@ def _sd_denoiser(row: str, preset: str, cache_interval: int, cache_dir: str):
         net.to(torch.bfloat16).to(memory_format=torch.channels_last)
     if "deepcache" in row:
         net = StepCache(net, cache_interval)
+    if "tome" in row:
+        net = TokenMerging(net, tome)
     if row.startswith("openvino"):
         from latentdiff.backends.openvino import OpenVINONetwork
 
@@ -130,7 +132,7 @@ def run_sd_row(args, row: str, out: Path) -> dict:
     from latentdiff.types import Cond
 
     t = time.perf_counter()
-    denoiser = _sd_denoiser(row, args.preset, args.cache_interval, args.cache_dir)
+    denoiser = _sd_denoiser(row, args.preset, args.cache_interval, args.cache_dir, args.tome)
     build = time.perf_counter() - t
     latent = args.size // 8
     g = torch.Generator().manual_seed(0)
@@ -166,6 +168,7 @@ def run_default_row(args, row: str, out: Path) -> dict:
         pipe.precision = "bf16"
     build = time.perf_counter() - t
     options = {"cache_interval": args.cache_interval} if "deepcache" in row else {}
+    options.update({"tome": args.tome} if "tome" in row else {})
     prompts = ["a large red circle on the left", "a small blue square at the top"]
     first = _timed(lambda: pipe.generate(prompts[0], steps=args.steps, guidance=args.guidance, seed=0, **options))
     times, one_step = [], []
@@ -179,7 +182,7 @@ def run_default_row(args, row: str, out: Path) -> dict:
     per_step = (per_image - fixed1) / max(args.steps - 1, 1)
     result = {"build_s": build, "first_call_s": first, "per_step_s": per_step, "per_image_s": per_image,
               "fixed_s": per_image - args.steps * per_step}
-    if args.judge and row in ("torch-fp32", "torch-bf16", "torch-fp32-deepcache", "openvino-bf16",
+    if args.judge and row in ("torch-fp32", "torch-bf16", "torch-fp32-deepcache", "torch-fp32-tome", "openvino-bf16",
                               "openvino-bf16-int8"):
         from latentdiff.eval.judging import judge_suites
 
@@ -253,6 +256,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-interval", type=int, default=3, help="DeepCache rows: the whole U-Net every N steps")
+    ap.add_argument("--tome", type=float, default=0.5, help="token merging rows: the ratio")
     ap.add_argument("--judge", type=int, default=0, help="default model: judge the held-out suite on N prompts")
     ap.add_argument("--skip-sd", action="store_true")
     ap.add_argument("--skip-default", action="store_true")
@@ -266,7 +270,7 @@ def main() -> None:
         args.row = args.child
         return child(args)
     args.passthrough = ["--preset", args.preset, "--sd-steps", str(args.sd_steps), "--size", str(args.size), "--steps", str(args.steps), "--guidance", str(args.guidance),
-                        "--threads", str(args.threads), "--cache-interval", str(args.cache_interval),
+                        "--threads", str(args.threads), "--cache-interval", str(args.cache_interval), "--tome", str(args.tome),
                         "--judge", str(args.judge)]
     torch.set_num_threads(args.threads)
     import openvino

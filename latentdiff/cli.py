@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentdiff.backends import BACKENDS
-from latentdiff.config import COUNT, FINITE, add_config_args, add_options, at_least, bounds, config_from_args
+from latentdiff.config import (
+    COUNT,
+    FINITE,
+    add_config_args,
+    add_options,
+    at_least,
+    between,
+    bounds,
+    config_from_args,
+)
 from latentdiff.diffusion.schedules import GRIDS
 from latentdiff.io import check_writable
 from latentdiff.model_index import DEFAULT_GENERATION, GUIDANCE_METHODS, GenerateRequest, GenerationSettings
@@ -104,6 +113,9 @@ class GenerateConfig:
     int8: bool = _opt(False, "--backend openvino: the denoiser's weights in int8 (weight-only)")
     cache_interval: int = _opt(1, "DeepCache (U-Nets, torch backend): the whole network every N steps, only its "
                                "shallow path in between (1: off)", metavar="N")
+    tome: float = _opt(0.0, "token merging (U-Nets, torch backend): merge this fraction of the tokens before each "
+                       "self-attention of the highest-resolution transformer blocks (0: off; e.g. 0.5)",
+                       metavar="RATIO")
     out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
     tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
                           "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
@@ -174,7 +186,7 @@ class GenerateConfig:
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
                      "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT,
-                     "ip_scale": FINITE})
+                     "ip_scale": FINITE, "tome": between(0, 1, hi_open=True)})
 
 
 @dataclass
@@ -352,6 +364,7 @@ def cmd_generate(args) -> None:
               **({"controlnets": [{"control": str(Path(c).resolve()), "controlnet": str(Path(f).resolve()), **kw}
                                   for c, (f, kw) in zip(cfg.controls, controlnets)]} if controlnets else {}),
               **({"cache_interval": cfg.cache_interval} if cfg.cache_interval > 1 else {}),
+              **({"tome": cfg.tome} if cfg.tome else {}),
               **({"ip_image": str(Path(cfg.ip_image).resolve()), "ip_scale": cfg.ip_scale,
                   "ip_adapter": str(Path(cfg.ip_adapter).resolve())} if ip_image is not None else {}),
               **({"backend": pipe.backend} if pipe.backend != "torch" else {})}
@@ -430,7 +443,8 @@ def _generate_options(cfg: GenerateConfig) -> dict:
                "guidance_interval": tuple(cfg.guidance_interval) or None,
                "dynamic_threshold": cfg.dynamic_threshold or None, "label": list(cfg.labels) or None,
                "original_size": tuple(cfg.original_size) or None, "crop_top_left": tuple(cfg.crop_top_left),
-               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision, "cache_interval": cfg.cache_interval}
+               "tiled": tiled[cfg.tiled], "decode_precision": cfg.decode_precision, "cache_interval": cfg.cache_interval,
+               "tome": cfg.tome}
     if cfg.controls:
         from latentdiff.edit_inputs import read_image
 

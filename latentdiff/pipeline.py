@@ -45,7 +45,8 @@ from latentdiff.models.ip_adapter import IPAdapter
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
 from latentdiff.models.runtime import autocast, available_memory, feature_width
-from latentdiff.models.unet import StepCache
+from latentdiff.models.tome import check_ratio
+from latentdiff.models.unet import StepCache, TokenMerging
 from latentdiff.models.vae_inference import AUTO_TILE_LATENTS, decode_latents, encode_image
 from latentdiff.types import Cond
 
@@ -419,7 +420,8 @@ class Pipeline:
                  guidance_method: str | None = None, pag_scale: float | None = None, image=None,
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
                  paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
-                 cache_interval: int = 1, noise_level: int | None = None, ip_image=None, ip_scale: float = 1.0):
+                 cache_interval: int = 1, noise_level: int | None = None, ip_image=None, ip_scale: float = 1.0,
+                 tome: float = 0.0):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -455,8 +457,8 @@ class Pipeline:
         Video (``latentdiff train-video`` models): ``frames`` per clip (None: the model's length); a clip is a list of
         frames ("pil"), an array (F, H, W, 3) ("np"), or (B, C, F, ...) ("pt", "latent"). ControlNets
         (``add_controlnet``): ``control`` is one image per added ControlNet (resized to the output, and said).
-        ``cache_interval=N`` > 1 (our U-Net in torch): DeepCache (Ma et al. 2023, ``unet.StepCache``).
-        IP-Adapter (``load_ip_adapter``): ``ip_image`` is the image prompt (or one per prompt), its weight ``ip_scale``.
+        U-Net in torch: ``cache_interval=N`` > 1 DeepCache (``unet.StepCache``), ``tome`` in [0, 1) token merging
+        (``models/tome.py``). IP-Adapter: ``ip_image`` is the image prompt (or one per prompt), weight ``ip_scale``.
 
         Options are checked and the memory needed estimated (``batch_size``) before any work; images are made in
         batches of at most ``BATCH_BYTES`` (``callback`` and ``preview`` see one batch at a time). A non-finite
@@ -490,11 +492,10 @@ class Pipeline:
         sigmas = self._sigmas(use)
         if edit is not None:
             sigmas = strength_sigmas(sigmas, edit.strength)  # img2img: the grid's last steps (diffusers' t_start)
-        base = self._sampled_denoiser(sample_fn, controls, sigmas)
-        step_cache = self._step_cache(cache_interval, controls, base)
+        base = self._sampled_denoiser(sample_fn, controls, sigmas, tome)
+        step_cache = self._step_cache(cache_interval, tome, controls, base)
         cond, uncond, guide_cond = self._conditions(prompts, negatives, label, (height, width), original_size,
                                                     crop_top_left, use, (ip_image, ip_scale))
-
         # Initial noise on the CPU in float32 (the diffusers convention), for all images at once, then scaled to
         # sigmas[0]; stochastic samplers draw from the same generator, batch after batch.
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -529,28 +530,33 @@ class Pipeline:
             return torch.cat(out)
         return np.concatenate(out) if output == "np" else [im for part in out for im in part]
 
-    def _sampled_denoiser(self, sample_fn, controls: list | None = None, sigmas: Tensor | None = None) -> Denoiser:
+    def _sampled_denoiser(self, sample_fn, controls: list | None = None, sigmas: Tensor | None = None,
+                          tome: float = 0.0) -> Denoiser:
         """The denoiser the sampler calls (before guidance): the model's own, with ControlNets a
         ``ControlledDenoiser``. LCM sampling of a discrete model that is not a consistency model (an SD checkpoint
         with a diffusers LCM-LoRA) gets LCM's boundary scalings (sigma_data 0.5, timestep scaling 10:
         ``parameterization.Consistency``), as diffusers' LCMScheduler applies them: a new Denoiser on the same
-        network, the pipeline unchanged."""
+        network, the pipeline unchanged. ``tome`` > 0: the network is a ``TokenMerging`` of the U-Net."""
         denoiser, param = self.denoiser, self.denoiser.parameterization
+        if check_ratio(tome):
+            denoiser = Denoiser(TokenMerging(denoiser.network, tome), param)
         if sample_fn is sample_lcm and not isinstance(param, Consistency) and \
                 getattr(param, "alphas_cumprod", None) is not None:
             denoiser = Denoiser(denoiser.network, Consistency(param))
         return ControlledDenoiser(denoiser, controls, sigmas) if controls else denoiser
 
-    def _step_cache(self, interval: int, controls: list, denoiser: Denoiser) -> object:
+    def _step_cache(self, interval: int, tome: float, controls: list, denoiser: Denoiser) -> object:
         """A function giving each batch its step-cached denoiser (``interval`` > 1: a fresh ``StepCache`` per batch,
-        the pipeline's modules unchanged), or None (no caching: the batch uses the plain or controlled denoiser)."""
+        with token merging ``tome``, the pipeline's modules unchanged), or None (no caching: the batch uses the plain
+        or controlled denoiser)."""
         if interval == 1:
             return lambda: None
         if controls:
             raise ValueError("cache_interval > 1 (DeepCache) cannot take ControlNets: its shallow steps skip the "
                              "layers the residuals go to")
-        StepCache(self.denoiser.network, interval)  # checks the network and the interval before any work
-        return lambda: Denoiser(StepCache(denoiser.network, interval), denoiser.parameterization)
+        network = self.denoiser.network
+        StepCache(network, interval, tome)  # checks the network and the interval before any work
+        return lambda: Denoiser(StepCache(network, interval, tome), denoiser.parameterization)
 
     def clip_length(self, frames: int | None, edited: bool = False) -> int | None:
         """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,

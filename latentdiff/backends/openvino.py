@@ -11,10 +11,13 @@ inside, one folder per precision hint (``CACHE_DIR``, which OpenVINO keys by mod
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +33,19 @@ HINTS = {"fp32": "f32", "bf16": "bf16"}  # our precision names -> OpenVINO's INF
 FORMAT = 1  # what a cache folder holds; bump when that changes
 COND_FIELDS = ("context", "context_mask", "vector", "concat")  # the Cond fields a compiled network takes
 CONVERSIONS = {"count": 0}  # how many torch -> OpenVINO conversions this process ran (tests read it)
+# Parts of a denoiser's graph that a bf16 hint may keep in fp32 (``keep_fp32``): OpenVINO operation types, or pieces
+# of the converted nodes' names (the torch module path). "time" is the sinusoidal embedding of the noise level
+# (``_time_embedding_ops``): in bf16, c_noise * frequency (c_noise up to 1000) keeps 8 bits, and sin / cos of it drift;
+# "time-mlp" adds the embedding's MLP and every resnet's projection of it (no better, and slower: BENCHMARKS.md).
+KEEP_FP32 = {"time": {},
+             "time-mlp": {"names": ("time_embedding", "time_emb_proj")},
+             "norm": {"types": ("GroupNormalization", "MVN")},
+             "attention": {"types": ("ScaledDotProductAttention", "Softmax")}}
+DEFAULT_KEEP_FP32 = ("time",)  # what the bf16 hint keeps in fp32 unless told otherwise (BENCHMARKS.md)
+# The rt_info entry that makes OpenVINO's CPU plugin leave a node in its original precision under a low-precision
+# hint (``ov::disable_conversion``'s ``DisablePrecisionConversion``, from any type to any); the Python API cannot make
+# one, so it is written into the model's XML.
+_PRECISE = '<rt_info><attribute name="DisablePrecisionConversion" version="0" value="dynamic:dynamic" /></rt_info>'
 
 
 def import_openvino():
@@ -77,12 +93,17 @@ class Compiled:
     """A torch module taking only tensors, run by OpenVINO: converted and compiled once per set of input shapes,
     the converted model cached on disk. ``int8``: weights compressed to int8 (``nncf.compress_weights``,
     weight-only; activations stay in the precision hint's type). ``fallback``: a module OpenVINO cannot convert
-    runs in torch (said once on stderr); otherwise that is an error naming the module."""
+    runs in torch (said once on stderr); otherwise that is an error naming the module. ``keep_fp32``: with the bf16
+    hint, the parts of the graph (``KEEP_FP32``'s names) that run in fp32 all the same."""
 
     def __init__(self, module: nn.Module, name: str, precision: str = "auto", int8: bool = False,
-                 fallback: bool = False, cache_dir: str | Path | None = None):
+                 fallback: bool = False, cache_dir: str | Path | None = None, keep_fp32: tuple[str, ...] = ()):
         self.ov = import_openvino()
         self.module, self.name, self.int8, self.fallback = module, name, int8, fallback
+        unknown = sorted(set(keep_fp32) - set(KEEP_FP32))
+        if unknown:
+            raise ValueError(f"keep_fp32 takes {sorted(KEEP_FP32)}, got {unknown}")
+        self.keep_fp32 = tuple(sorted(set(keep_fp32)))
         self.precision = cpu_precision(precision)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
         self.core = self.ov.Core()
@@ -129,9 +150,21 @@ class Compiled:
                 write_json(Path(tmp) / "meta.json", {"openvino": openvino_version(), "name": self.name,
                                                      "int8": self.int8,
                                                      "inputs": [list(map(str, k)) for k in key]})
+        variant = self.precision
+        if self.precision == "bf16" and self.keep_fp32:
+            model = self._kept_fp32(model, folder)
+            variant += "-fp32-" + "+".join(self.keep_fp32)
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.precision], "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(folder / f"compiled-{self.precision}")}
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(folder / f"compiled-{variant}")}
         return self.core.compile_model(model, "CPU", config)
+
+    def _kept_fp32(self, model, folder: Path):
+        """The cached model read again with ``keep_fp32``'s operations marked to stay in fp32."""
+        xml = mark_fp32((folder / "model.xml").read_text(), fp32_nodes(model, self.keep_fp32))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.xml"
+            path.write_text(xml)
+            return self.core.read_model(str(path), str(folder / "model.bin"))
 
     def _convert(self, inputs: tuple[Tensor, ...]):
         """torch -> OpenVINO (traced with these inputs), int8 weights if asked; None when it failed and may fall back."""
@@ -154,6 +187,40 @@ class Compiled:
             nncf.set_log_level(logging.WARNING)  # not its table of bit widths on every conversion
             model = nncf.compress_weights(model)  # weight-only int8 (asymmetric, per output channel)
         return model
+
+
+def fp32_nodes(model, parts: tuple[str, ...]) -> set[str]:
+    """Names of the operations of ``parts`` (``KEEP_FP32``) in a converted denoiser (its second input: c_noise)."""
+    types = {t for p in parts for t in KEEP_FP32[p].get("types", ())}
+    names = tuple(n for p in parts for n in KEEP_FP32[p].get("names", ()))
+    out = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() != "Constant" and
+           (op.get_type_name() in types or any(n in op.get_friendly_name() for n in names))}
+    if {"time", "time-mlp"} & set(parts) and len(model.get_parameters()) > 1:
+        out |= _time_embedding_ops(model.get_parameters()[1])
+    return out
+
+
+def _time_embedding_ops(c_noise) -> set[str]:
+    """The operations from the noise-level input to the first matrix product: the sinusoidal embedding."""
+    seen, todo = set(), [c_noise]
+    while todo:
+        for output in todo.pop().outputs():
+            for target in output.get_target_inputs():
+                node = target.get_node()
+                if node.get_type_name() in ("MatMul", "Result") or node.get_friendly_name() in seen:
+                    continue
+                seen.add(node.get_friendly_name())
+                todo.append(node)
+    return seen
+
+
+def mark_fp32(xml: str, names: set[str]) -> str:
+    """The model XML with every layer named in ``names`` marked to keep its precision (``_PRECISE``)."""
+    def mark(match: re.Match) -> str:
+        name = html.unescape(match.group(1))
+        return match.group(0) + _PRECISE if name in names else match.group(0)
+
+    return re.sub(r'<layer id="\d+" name="([^"]*)"[^>]*>', mark, xml)
 
 
 def _why(error: Exception) -> str:
@@ -181,13 +248,14 @@ class _FlatNetwork(nn.Module):
 
 class OpenVINONetwork(nn.Module):
     """Stands in for a denoiser network: ``(x, c_noise, cond) -> raw`` through OpenVINO, one compiled model per
-    set of shapes and Cond fields present. CFG's cond and uncond arrive as one batch (``guidance.cfg``).
+    set of shapes and Cond fields present. CFG's cond and uncond arrive as one batch (``guidance.cfg``). Under the
+    bf16 hint the noise level's embedding stays in fp32 (``DEFAULT_KEEP_FP32``; option ``keep_fp32``).
     ``wrapped`` is the torch network (its config, family and parameters stay visible)."""
 
     def __init__(self, network: nn.Module, **options):
         super().__init__()
         self.wrapped = network
-        self.options = options  # precision, int8, fallback, cache_dir (``Compiled``)
+        self.options = {"keep_fp32": DEFAULT_KEEP_FP32, **options}  # precision, int8, fallback, cache_dir, keep_fp32
         self._runs: dict[tuple[str, ...], Compiled] = {}
 
     @property

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..types import Cond
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm, timestep_embedding
+from .tome import TokenMerge, bipartite_soft_matching, check_ratio
 
 
 @dataclass
@@ -211,11 +212,14 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                image_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                image_kv: tuple[Tensor, Tensor] | None = None, merge: TokenMerge | None = None) -> Tensor:
+        """``merge``: token merging around the first attention (``tome.TokenMerge``: merged before, unmerged after)."""
+        h = self.norm1(x) if merge is None else merge.merge(self.norm1(x))  # (B, HW - r, D) merged
         if self.cross_only:
-            x = x + self.attn1(self.norm1(x), context, mask)  # (B, HW, D)
+            h = self.attn1(h, context, mask)
         else:
-            x = x + self.attn1(self.norm1(x))  # (B, HW, D)
+            h = self.attn1(h)
+        x = x + (h if merge is None else merge.unmerge(h))  # (B, HW, D)
         if hasattr(self, "attn2"):
             x = x + self.attn2(self.norm2(x), context, mask, image_kv)  # (B, HW, D)
         return x + self.ff(self.norm3(x))
@@ -244,7 +248,8 @@ class Transformer2D(nn.Module):
         self.cross_index: int | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                image_kv: list[Tensor] | None = None) -> Tensor:
+                image_kv: list[Tensor] | None = None, tome: float = 0.0) -> Tensor:
+        """``tome``: the fraction of tokens merged before each block's self-attention (``models/tome.py``; 0: none)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -260,7 +265,8 @@ class Transformer2D(nn.Module):
                                      "whole U-Net, not of a ControlNet or a lone block")
                 i = 2 * (self.cross_index + b)
                 pair = (image_kv[i], image_kv[i + 1])
-            h = block(h, context, mask, pair)  # (B, HW, C)
+            merge = bipartite_soft_matching(h, H, W, tome) if tome else None
+            h = block(h, context, mask, pair, merge)  # (B, HW, C)
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -422,17 +428,36 @@ class UNetEncoder(nn.Module):
                 f"latent size {x.shape[-2]}x{x.shape[-1]} must be divisible by {f} (2 ** (levels - 1)): pad or crop it"
             )
 
+    def _tome_site(self, x: Tensor, tome: float) -> tuple[float, int] | None:
+        """Where token merging applies: (ratio, positions of the highest-resolution level with attention), or None."""
+        if not check_ratio(tome):
+            return None
+        cfg = self.config
+        levels = set(cfg.attention_levels) | ({len(cfg.channel_mult) - 1} if cfg.mid_attention else set())
+        if not levels:
+            return None
+        top = min(levels)
+        return tome, (x.shape[-2] >> top) * (x.shape[-1] >> top)
+
+    def _attend(self, attn: nn.Module, h: Tensor, context: Tensor | None, mask: Tensor | None,
+                image_kv: list[Tensor] | None, tome: tuple[float, int] | None) -> Tensor:
+        """An attention block, with token merging where ``h`` is at ``tome``'s resolution (``_tome_site``)."""
+        if tome is not None and h.shape[-2] * h.shape[-1] == tome[1]:
+            return self._run(attn, h, context, mask, image_kv, tome[0])
+        return self._run(attn, h, context, mask, image_kv)
+
     def _down(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same,
-              image_kv: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+              image_kv: list[Tensor] | None = None, tome: tuple[float, int] | None = None
+              ) -> tuple[Tensor, list[Tensor]]:
         """The down path from conv_in's output: (lowest-resolution features, skips); ``mix`` transforms the features
-        after each resnet and its attention (the video U-Net's temporal layers)."""
+        after each resnet and its attention (the video U-Net's temporal layers); ``tome``: ``_tome_site``."""
         skips = [h]
         for block in self.down_blocks:
             attns = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attn in zip(block.resnets, attns):
                 h = self._run(resnet, h, emb)
                 if attn is not None:
-                    h = self._run(attn, h, context, mask, image_kv)
+                    h = self._attend(attn, h, context, mask, image_kv, tome)
                 h = mix(h)
                 skips.append(h)
             for down in getattr(block, "downsamplers", ()):
@@ -441,10 +466,10 @@ class UNetEncoder(nn.Module):
         return h, skips
 
     def _middle(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None, mix=_same,
-                image_kv: list[Tensor] | None = None) -> Tensor:
+                image_kv: list[Tensor] | None = None, tome: tuple[float, int] | None = None) -> Tensor:
         h = self._run(self.mid_block.resnets[0], h, emb)
         for attn in getattr(self.mid_block, "attentions", ()):
-            h = self._run(attn, h, context, mask, image_kv)
+            h = self._attend(attn, h, context, mask, image_kv, tome)
         h = mix(h)
         return self._run(self.mid_block.resnets[1], h, emb)  # (B, c_last, H/f, W/f)
 
@@ -489,9 +514,11 @@ class UNet(UNetEncoder):
         return [(names[id(block.attn2)], block.attn2) for t in self._transformers()
                 for block in t.transformer_blocks if hasattr(block, "attn2")]
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
-        """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W)."""
-        return self._forward(x, c_noise, cond)
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, tome: float = 0.0) -> Tensor:
+        """x (B, in_channels, H, W), c_noise (B,) -> (B, out_channels, H, W). ``tome`` in [0, 1): token merging
+        (Bolya & Hoffman 2023, ``models/tome.py``) of that fraction of the tokens before each self-attention at the
+        highest-resolution level with transformer blocks; 0 is the plain network exactly."""
+        return self._forward(x, c_noise, cond, tome=tome)
 
     def encoder_features(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> list[Tensor]:
         """The down path's features at every resolution (each level's last resnet and attention, before its
@@ -518,31 +545,33 @@ class UNet(UNetEncoder):
         return down + [width(self.mid_block.resnets[0])] + up
 
     def forward_deep_cache(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, deep: Tensor | None = None,
-                           keep_deep: bool = False) -> tuple[Tensor, Tensor | None]:
+                           keep_deep: bool = False, tome: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """DeepCache, Ma et al. 2023. Without ``deep``: the whole network, and with ``keep_deep`` also its deep
         features (what enters the last up block's second-to-last resnet). With ``deep`` (from a neighbouring step):
         only the shallow path, conv_in, the first down block's first resnet (+ attention), the last up block's last
-        two resnets (+ attentions) and the output head, on the cached deep features. Returns (output, deep)."""
+        two resnets (+ attentions) and the output head, on the cached deep features. Returns (output, deep).
+        ``tome``: token merging, as ``forward``'s."""
         if deep is None:
             kept: dict = {} if keep_deep else None
-            return self._forward(x, c_noise, cond, kept=kept), (kept or {}).get("deep")
+            return self._forward(x, c_noise, cond, kept=kept, tome=tome), (kept or {}).get("deep")
         cond = cond if cond is not None else Cond()
         if cond.control is not None:
             raise ValueError("DeepCache's shallow steps cannot take ControlNet residuals (cond.control)")
         x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
+        site = self._tome_site(x, tome)
         s0 = self.conv_in(x)  # (B, c0, H, W)
         first = self.down_blocks[0]
         s1 = self._run(first.resnets[0], s0, emb)
         attn = getattr(first, "attentions", [None])[0]
         if attn is not None:
-            s1 = self._run(attn, s1, context, mask, image_kv)
+            s1 = self._attend(attn, s1, context, mask, image_kv, site)
         block = self.up_blocks[-1]
         attns = getattr(block, "attentions", [None] * len(block.resnets))
         h = deep
         for resnet, attn, skip in zip(block.resnets[-2:], attns[-2:], (s1, s0)):
             h = self._run(resnet, torch.cat([h, skip], dim=1), emb)
             if attn is not None:
-                h = self._run(attn, h, context, mask, image_kv)
+                h = self._attend(attn, h, context, mask, image_kv, site)
         return self.conv_out(F.silu(self.conv_norm_out(h))), deep
 
     def _inputs(self, x: Tensor, c_noise: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
@@ -581,18 +610,20 @@ class UNet(UNetEncoder):
         return image_kv
 
     def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None,
-                 kept: dict | None = None) -> Tensor:
+                 kept: dict | None = None, tome: float = 0.0) -> Tensor:
         """The forward pass; ``between(h, site)``, if given, transforms the features after each resnet (and its
         attention) on the way down and up, and after the middle's first resnet and attention (the video U-Net's
         temporal layers: ``models/video_unet.py``); sites are numbered in call order (``mixing_sites``).
-        ``kept``, if given, receives DeepCache's deep features under "deep" (``forward_deep_cache``)."""
+        ``kept``, if given, receives DeepCache's deep features under "deep" (``forward_deep_cache``); ``tome``:
+        token merging (``forward``)."""
         site = itertools.count()
         mix = (lambda h: between(h, next(site))) if between is not None else _same
         cond = cond if cond is not None else Cond()
         x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
+        site = self._tome_site(x, tome)
 
         # Down.
-        h, skips = self._down(self.conv_in(x), emb, context, mask, mix, image_kv)  # conv_in: (B, c0, H, W)
+        h, skips = self._down(self.conv_in(x), emb, context, mask, mix, image_kv, site)  # conv_in: (B, c0, H, W)
 
         # ControlNet residuals (diffusers' down_block_additional_residuals, then mid_block_additional_residual):
         # one added to each skip, the last to the middle block's output.
@@ -602,7 +633,7 @@ class UNet(UNetEncoder):
             skips = [s + r for s, r in zip(skips, control)]
 
         # Middle.
-        h = self._middle(h, emb, context, mask, mix, image_kv)  # (B, c_last, H/f, W/f)
+        h = self._middle(h, emb, context, mask, mix, image_kv, site)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
 
@@ -615,7 +646,7 @@ class UNet(UNetEncoder):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
                 h = self._run(resnet, h, emb)
                 if attn is not None:
-                    h = self._run(attn, h, context, mask, image_kv)
+                    h = self._attend(attn, h, context, mask, image_kv, site)
                 h = mix(h)
             for up in getattr(block, "upsamplers", ()):
                 h = up(h)  # (B, c, 2h, 2w)
@@ -633,17 +664,22 @@ def _check_control(control: list[Tensor], targets: list[Tensor]) -> None:
             raise ValueError(f"cond.control[{k}] has shape {tuple(r.shape)}, {what} has {tuple(t.shape)}")
 
 
+def _check_image_unet(unet: nn.Module, what: str) -> None:
+    if type(unet) is not UNet:  # a video U-Net's temporal layers have no shallow path and ToMe is not made for them
+        raise TypeError(f"{what} works on our U-Net in torch, not on {type(unet).__name__}")
+
+
 class StepCache(nn.Module):
     """DeepCache, Ma et al. 2023: a U-Net that runs whole every ``interval`` calls (the first included) and only its
-    shallow path in between, on the deep features of the last whole call. One per generation: it holds them."""
+    shallow path in between, on the deep features of the last whole call. One per generation: it holds them.
+    ``tome``: token merging on every call (``UNet.forward``)."""
 
-    def __init__(self, unet: UNet, interval: int):
+    def __init__(self, unet: UNet, interval: int, tome: float = 0.0):
         super().__init__()
-        if type(unet) is not UNet:  # a video U-Net's temporal layers have no shallow path
-            raise TypeError(f"step caching (cache_interval) works on our U-Net, not on {type(unet).__name__}")
+        _check_image_unet(unet, "step caching (cache_interval)")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"cache_interval must be a whole number >= 1, got {interval!r}")
-        self.unet, self.interval = unet, interval
+        self.unet, self.interval, self.tome = unet, interval, check_ratio(tome)
         self.calls, self.deep = 0, None
 
     @property
@@ -654,7 +690,24 @@ class StepCache(nn.Module):
         full = self.calls % self.interval == 0 or self.deep is None or self.deep.shape[0] != x.shape[0]
         self.calls += 1
         if full:
-            out, deep = self.unet.forward_deep_cache(x, c_noise, cond, keep_deep=self.interval > 1)
+            out, deep = self.unet.forward_deep_cache(x, c_noise, cond, keep_deep=self.interval > 1, tome=self.tome)
             self.deep = deep
             return out
-        return self.unet.forward_deep_cache(x, c_noise, cond, self.deep)[0]
+        return self.unet.forward_deep_cache(x, c_noise, cond, self.deep, tome=self.tome)[0]
+
+
+class TokenMerging(nn.Module):
+    """A U-Net run with token merging (``UNet.forward``'s ``tome``): a network of its own, holding no state, so a
+    pipeline passes the ratio without changing the U-Net, and a backend can convert it whole."""
+
+    def __init__(self, unet: UNet, ratio: float):
+        super().__init__()
+        _check_image_unet(unet, "token merging (tome)")
+        self.unet, self.ratio = unet, check_ratio(ratio)
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        return self.unet(x, c_noise, cond, tome=self.ratio)
