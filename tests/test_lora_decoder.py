@@ -157,3 +157,15 @@ def test_train_lora_with_decoder_rank_lowers_the_new_colours_reconstruction_erro
     pipe.unload_loras()
     assert error() == base
     assert all(torch.equal(pipe.autoencoder.state_dict()[k], before[k]) for k in before)
+
+
+def test_decoder_rank_needs_a_cache_with_scenes():
+    from latentdiff.train.lora import LoRATrainConfig, check_scenes
+
+    class Cache(list):  # a folder cache's items: captions, no scenes
+        def __init__(self):
+            super().__init__([0, 0])
+            self.meta = [{"caption": "a cat", "scene": None}, {"caption": "a dog"}]
+
+    with pytest.raises(ValueError, match="2 of the 2 items of c have none: use a cache of shapes data"):
+        check_scenes(Cache(), LoRATrainConfig(cache="c", decoder_rank=8))
