@@ -667,7 +667,9 @@ def _config_commands() -> list[_Command]:
         _Command("train-lora", cmd_train_lora, LoRATrainConfig, LORA_PRESETS,
                  help="train a LoRA for a frozen model's denoiser",
                  description="Train low-rank adapters for a frozen model's denoiser on a latent cache made with its "
-                             "autoencoder; writes OUT/lora.safetensors (load it with generate --lora).",
+                             "autoencoder (with --set decoder_rank=R also for its autoencoder's decoder, on the "
+                             "cache's shapes scenes rendered); writes OUT/lora.safetensors (load it with generate "
+                             "--lora).",
                  flags={"model": "base model: a model folder, a diffusers folder, or 'default'",
                         "cache": "latent cache folder", "out": _OUT, "rank": "LoRA rank", "steps": _STEPS,
                         "resume": _RESUME, "dry_run": _DRY}),

@@ -81,8 +81,8 @@ class Pipeline:
         self.backend = "torch"  # what runs the denoiser network and the autoencoder (``to_backend``)
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
-        """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, and its text-encoder
-        layers to a CLIP text encoder, at strength ``weight``; several may be attached. Returns it: change its
+        """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, its text-encoder
+        layers to a CLIP text encoder and (ours) its autoencoder layers to the autoencoder, at strength ``weight``; several may be attached. Returns it: change its
         ``weight`` or ``enabled``, ``merge()`` it into the weights, ``detach()`` it. A file whose layers or shapes
         do not fit this model is refused before anything changes.
 
@@ -92,7 +92,8 @@ class Pipeline:
         it."""
         from latentdiff.interop.lora import lora_for_model
 
-        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, weight=weight, name=name)
+        lora = lora_for_model(path, self.denoiser.network, self.text_encoder, autoencoder=self.autoencoder,
+                              weight=weight, name=name)
         student = self._lora_student(lora.metadata, str(path))
         lora.attach()
         self.loras.append(lora)

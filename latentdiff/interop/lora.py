@@ -29,8 +29,9 @@ from latentdiff.models.lora import METADATA_KEY, LoRASet, listed, lora_from_pair
 from latentdiff.models.unet import UNet
 
 DENOISER = "denoiser"
+AUTOENCODER = "autoencoder"  # our files' autoencoder (decoder) adapters, ``autoencoder.decoder....``
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # diffusers' names, encoder 0, 1, 2
-_DIFFUSERS_PREFIXES = {"unet": DENOISER, "transformer": DENOISER, DENOISER: DENOISER,
+_DIFFUSERS_PREFIXES = {"unet": DENOISER, "transformer": DENOISER, DENOISER: DENOISER, AUTOENCODER: AUTOENCODER,
                        **{t: t for t in TEXT_ENCODERS}}
 _KOHYA_PREFIXES = {"lora_unet_": DENOISER, "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                    "lora_te2_": "text_encoder_2"}
@@ -208,9 +209,10 @@ def _text_names(text_encoder: nn.Module, index: int, source: str, n_layers: int)
 
 
 def lora_for_model(path: str | Path, network: nn.Module, text_encoder: nn.Module | None = None, *,
-                   weight: float = 1.0, name: str | None = None) -> LoRASet:
-    """Read a LoRA file and make its LoRAs for ``network`` (a denoiser's network) and ``text_encoder``, checked
-    against them (names and shapes) but not yet attached: ``.attach()`` the result."""
+                   autoencoder: nn.Module | None = None, weight: float = 1.0, name: str | None = None) -> LoRASet:
+    """Read a LoRA file and make its LoRAs for ``network`` (a denoiser's network), ``text_encoder`` and
+    ``autoencoder`` (our files' decoder adapters), checked against them (names and shapes) but not yet attached:
+    ``.attach()`` the result."""
     path = Path(path)
     source = str(path)
     state, meta = read_lora(path)
@@ -222,23 +224,17 @@ def lora_for_model(path: str | Path, network: nn.Module, text_encoder: nn.Module
     name = name or path.stem
     loras, unmatched = [], []
     for component, adapters in parts.items():
-        if component == DENOISER:
-            root, names = network, _denoiser_names(network)
-        else:
-            if text_encoder is None:
-                raise ValueError(f"{source} holds text-encoder layers, and no text encoder was given to load them on")
-            root = text_encoder
-            names = _text_names(text_encoder, TEXT_ENCODERS.index(component), source, len(adapters))
+        root, names = _component_root(component, adapters, network, text_encoder, autoencoder, source)
         pairs = {}
         for n, a in adapters.items():
-            target = names.get(canonical_clip_key(n) if component != DENOISER and "." in n else n)
+            target = names.get(canonical_clip_key(n) if component in TEXT_ENCODERS and "." in n else n)
             if target is None:
                 unmatched.append(f"{component}: {n}")
             else:
                 pairs[target] = (a.down, a.up, a.alpha)
         if pairs:
-            lora = lora_from_pairs(pairs, default_alpha=ours.get("alpha") if ours else None,
-                                   targets=tuple(ours.get("targets", ())) if ours else (),
+            own = (ours.get(AUTOENCODER) or {}) if ours and component == AUTOENCODER else (ours or {})
+            lora = lora_from_pairs(pairs, default_alpha=own.get("alpha"), targets=tuple(own.get("targets", ())),
                                    family=family_of(network) if component == DENOISER else None,
                                    name=f"{name}:{component}")
             loras.append((lora, root))
@@ -250,3 +246,17 @@ def lora_for_model(path: str | Path, network: nn.Module, text_encoder: nn.Module
     return LoRASet([lora for lora, _ in loras], [root for _, root in loras], weight=weight, name=name,
                    format=fmt, metadata=ours)
 
+
+def _component_root(component: str, adapters: dict, network: nn.Module, text_encoder: nn.Module | None,
+                    autoencoder: nn.Module | None, source: str) -> tuple[nn.Module, dict[str, str]]:
+    """The model part a file's component loads onto, and the names by which the file may call its layers."""
+    if component == DENOISER:
+        return network, _denoiser_names(network)
+    if component == AUTOENCODER:
+        if autoencoder is None:
+            raise ValueError(f"{source} holds {len(adapters)} autoencoder (decoder) layers, and no autoencoder was "
+                             "given to load them on")
+        return autoencoder, _layer_names(autoencoder)
+    if text_encoder is None:
+        raise ValueError(f"{source} holds text-encoder layers, and no text encoder was given to load them on")
+    return text_encoder, _text_names(text_encoder, TEXT_ENCODERS.index(component), source, len(adapters))

@@ -34,15 +34,18 @@ from torch import Tensor, nn
 from latentdiff.io import write_safetensors
 
 FORMAT = "latentdiff-lora"  # the ``format`` of our files' metadata
-VERSION = 1
+VERSION = 2  # 2: files may hold autoencoder adapters too (written as version 1 when they do not)
 METADATA_KEY = "latentdiff_lora"  # safetensors metadata entry holding our JSON
 
 # Module-name patterns (matched against a module's path: whole dotted components from the end, or a glob).
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 CONVOLUTIONS = ("resnets.*.conv1", "resnets.*.conv2", "resnets.*.conv_shortcut", "downsamplers.0.conv",
                 "upsamplers.0.conv")
+# An autoencoder's decoder convolutions (paths from the autoencoder: a LoRA that teaches the decoder new colours).
+DECODER = ("decoder.conv_in", "decoder.conv_out", "decoder.*.conv1", "decoder.*.conv2", "decoder.*.conv_shortcut",
+           "decoder.*.conv")
 TARGET_GROUPS = {"attention": ATTENTION, "conv": CONVOLUTIONS,
-                 "ff": ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")}
+                 "ff": ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"), "decoder": DECODER}
 
 
 def expand_targets(targets: Iterable[str]) -> tuple[str, ...]:
@@ -371,16 +374,26 @@ def listed(items: list[str], n: int = 8) -> str:
 
 
 PREFIX = "denoiser."  # our files name the denoiser network's layers under this prefix
+AUTOENCODER_PREFIX = "autoencoder."  # ... and the autoencoder's (its decoder's) under this one
 
 
-def save_lora(path: str | Path, lora: LoRA, extra: dict | None = None) -> Path:
+def save_lora(path: str | Path, lora: LoRA, extra: dict | None = None, *, autoencoder: LoRA | None = None) -> Path:
     """Write ``lora`` as safetensors (atomically): its tensors under ``denoiser.``, our JSON in the metadata
-    (format, version, rank, alpha, targets, family, name, and ``extra``, e.g. the base model)."""
+    (format, version, rank, alpha, targets, family, name, and ``extra``, e.g. the base model). ``autoencoder``: a
+    LoRA of the model's autoencoder (its decoder) in the same file, under ``autoencoder.``, its rank, alpha and
+    targets in the metadata's ``autoencoder`` entry (version 2; files without one stay version 1)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are safetensors: {path} must end in .safetensors")
     meta = {**lora.metadata(), **(extra or {})}
-    write_safetensors(path, {k: v.float().cpu() for k, v in lora.to_state(PREFIX).items()},
+    state = lora.to_state(PREFIX)
+    if autoencoder is not None:
+        ae = autoencoder.metadata()
+        meta.update(version=2, autoencoder={k: ae[k] for k in ("rank", "alpha", "targets")})
+        state.update(autoencoder.to_state(AUTOENCODER_PREFIX))
+    else:
+        meta["version"] = 1
+    write_safetensors(path, {k: v.float().cpu() for k, v in state.items()},
                       metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     return path
 

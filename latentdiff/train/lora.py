@@ -4,6 +4,12 @@ build -> loop (loss, step, EMA, log, samples, checkpoint) -> save ``RUN/lora.saf
 Only the adapters train (``models/lora.py``); the network, its text encoder and its autoencoder stay frozen. The
 loss is the model's own denoising loss (its parameterization, the same per-sample random streams as ``train``),
 so a LoRA teaches the model new captions (a new colour word) the way its training taught it the old ones.
+
+With ``decoder_rank`` a second LoRA, on the autoencoder's decoder, trains alongside (same steps, same batch): each
+item's scene (a shapes cache keeps them) is rendered, encoded by the frozen encoder (a posterior sample), decoded
+by the adapted decoder, and its L1 / L2 error joins the loss. It teaches the decoder to draw what the frozen
+decoder cannot (a colour outside its palette) while the other colours, in the same images, keep their pixels;
+both LoRAs go into one file (``denoiser.`` and ``autoencoder.`` keys), which ``generate --lora`` loads whole.
 """
 
 from __future__ import annotations
@@ -14,20 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from latentdiff.components import ModelFolder, read_model_folder
 from latentdiff.config import COUNT, FINITE, FRACTION, above, at_least, between, bounds, one_of
 from latentdiff.data.cache import LatentCache
+from latentdiff.data.shapes import render, scene_from_dict, to_tensor
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
 from latentdiff.io import file_digest
 from latentdiff.model_index import MAX_STEPS
+from latentdiff.models.autoencoder import pixel_errors
 from latentdiff.models.families import family_of
 from latentdiff.models.lora import LoRA, save_lora
 from latentdiff.models.runtime import autocast
 from latentdiff.train.common import refuse_fsdp
 from latentdiff.train.denoiser import draw_samples, sample_grid
-from latentdiff.train.distributed import Context
+from latentdiff.train.distributed import Context, per_sample
 from latentdiff.train.run import Run, RunConfig, processes
 
 
@@ -58,8 +66,15 @@ class LoRATrainConfig(RunConfig):
     sample_guidance: float = 4.0  # CFG scale for the grids
     sample_schedule: str | None = None  # sigma grid for the sample grids; None: the model's own
     save_every: int = 250  # steps between checkpoints
+    decoder_rank: int = 0  # rank of a LoRA on the autoencoder's decoder, trained on the cache's rendered scenes (0: none)
+    decoder_alpha: float = 0.0  # its alpha; 0: alpha = decoder_rank
+    decoder_targets: tuple[str, ...] = ("decoder",)  # its layers: patterns from the autoencoder (group "decoder": the
+    # decoder's convolutions)
+    decoder_loss: str = "l1"  # its pixel loss: "l1" or "l2"
+    decoder_weight: float = 1.0  # weight of the pixel loss in the sum with the denoising loss
 
-    BOUNDS = bounds({"rank": between(1, 4096), "alpha": at_least(0), "caption_dropout": FRACTION,
+    BOUNDS = bounds({"rank": between(1, 4096), "decoder_rank": between(0, 4096), "decoder_alpha": at_least(0),
+                     "decoder_loss": one_of("l1", "l2"), "decoder_weight": above(0), "alpha": at_least(0), "caption_dropout": FRACTION,
                      "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0),
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "lr": above(0),
                      "steps": COUNT})
@@ -70,7 +85,7 @@ LORA_PRESETS: dict[str, dict] = {
                     "quiet": True, "tensorboard": False},
     # The bundled default model taught a colour it never saw ("orange"; BENCHMARKS.md, "LoRA: a new colour word").
     "shapes-orange": {"steps": 600, "batch_size": 32, "lr": 2e-3, "rank": 8, "targets": ("attention", "conv"),
-                      "save_every": 200},
+                      "save_every": 200, "decoder_rank": 8},
 }
 
 
@@ -89,19 +104,30 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
     base, cache, sigma_sampler, sampler_name = frozen_base(cfg, ctx)
     denoiser, text_encoder, autoencoder = base.denoiser, base.text_encoder, base.autoencoder
     network = denoiser.network
+    if cfg.decoder_rank:
+        check_scenes(cache, cfg)
+        autoencoder.requires_grad_(False).eval().to(ctx.device)
 
-    # Build: the adapters are the trained module; the EMA copy rides along, switched off but for the samples.
+    # Build: the adapters are the trained module (the denoiser's LoRA, or it and the decoder's in a ModuleDict);
+    # the EMA copy rides along, switched off but for the samples.
     run.seed()
     lora = LoRA.create(network, cfg.rank, cfg.alpha or None, cfg.targets, family=family_of(network),
                        name=Path(cfg.out).name)
-    run.build(lora)
-    lora.attach(network)
-    ema_lora = run.ema.module
-    ema_lora.enabled = False
-    ema_lora.attach(network)
+    decoder = LoRA.create(autoencoder, cfg.decoder_rank, cfg.decoder_alpha or None, cfg.decoder_targets,
+                          name=Path(cfg.out).name + ":autoencoder") if cfg.decoder_rank else None
+    trained = lora if decoder is None else nn.ModuleDict({"denoiser": lora, "autoencoder": decoder})
+    run.build(trained)
+    pairs = [(lora, run.ema.module if decoder is None else run.ema.module["denoiser"], network)]
+    if decoder is not None:
+        pairs.append((decoder, run.ema.module["autoencoder"], autoencoder))
+    for live, ema, root in pairs:
+        live.attach(root)
+        ema.enabled = False
+        ema.attach(root)
     if ctx.is_main and not cfg.quiet:
-        n = sum(p.numel() for p in lora.parameters())
-        print(f"LoRA rank {cfg.rank} on {len(lora.names)} layers of {cfg.model}'s {family_of(network)} "
+        n = sum(p.numel() for p in trained.parameters())
+        extra = f" and rank {cfg.decoder_rank} on {len(decoder.names)} decoder layers" if decoder is not None else ""
+        print(f"LoRA rank {cfg.rank} on {len(lora.names)} layers of {cfg.model}'s {family_of(network)}{extra} "
               f"({n / 1e6:.3f}M trained parameters, sigma sampler {sampler_name}); {len(cache)} cached latents",
               file=sys.stderr)
 
@@ -111,22 +137,30 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
         return Pipeline(autoencoder, denoiser, text_encoder, base.index)
 
     # Loop.
+    terms: dict[str, Tensor] = {}  # the decoder's pixel loss (of the last micro-batch), logged beside the loss
     with run.guard():
         for step in run.steps():
             idx, chunks = run.batch(cache, step)
 
             def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
-                """Per-sample losses of these global-batch positions (the frozen text encoder runs without grad)."""
-                _, x0, captions, _, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step, idx,
-                                                                positions)
+                """Per-sample losses of these global-batch positions (the frozen text encoder runs without grad),
+                plus the decoder's pixel loss when it trains."""
+                gens, x0, captions, _, sigma, noise = draw_samples(cfg, cache, autoencoder, sigma_sampler, step, idx,
+                                                                   positions)
                 with torch.no_grad():
                     cond = text_encoder(captions).map(lambda t: t.to(ctx.device))
                 with autocast(cfg.precision, ctx.device):
-                    return denoising_loss(denoiser, x0.to(ctx.device), sigma, cond, noise=noise.to(ctx.device))
+                    loss = denoising_loss(denoiser, x0.to(ctx.device), sigma, cond, noise=noise.to(ctx.device))
+                if decoder is not None:
+                    pixels = decoder_loss(autoencoder, cache, idx[positions], gens, cfg.decoder_loss, ctx.device)
+                    terms["decoder_loss"] = pixels.detach().mean()
+                    loss = loss + cfg.decoder_weight * pixels
+                return loss
 
             loss, grad_norm = run.step(step, chunks, loss_fn)
-            run.log(step, loss, grad_norm)
-            with swapped(lora, ema_lora):  # the sample grids show the adapters that will be saved
+            run.log(step, loss, grad_norm, **terms)
+            with swapped([live for live, _, _ in pairs], [ema for _, ema, _ in pairs]):  # the samples show the
+                # adapters that will be saved
                 run.samples(step, lambda pipe, n: sample_grid(pipe, cfg, run.sample_path(n)), target=pipeline)
             run.save(step)
     if cfg.dry_run:
@@ -136,21 +170,49 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
     ema = run.finish()
     path = run.folder / "lora.safetensors"
     if ctx.is_main:
-        save_lora(path, ema, {"base_model": cfg.model, "steps": cfg.steps, "cache": str(cfg.cache)})
+        save_lora(path, ema if decoder is None else ema["denoiser"],
+                  {"base_model": cfg.model, "steps": cfg.steps, "cache": str(cfg.cache)},
+                  autoencoder=None if decoder is None else ema["autoencoder"])
         if not cfg.quiet:
             print(f"LoRA written to {path}", file=sys.stderr)
     ctx.barrier()
     return path
 
 
+def check_scenes(cache: LatentCache, cfg: LoRATrainConfig) -> None:
+    """A decoder LoRA trains on the cache's scenes, rendered: every item needs one (a shapes cache)."""
+    missing = sum(1 for m in cache.meta if not m.get("scene"))
+    if missing:
+        raise ValueError(f"decoder_rank = {cfg.decoder_rank} trains the decoder on the images of the cache's scenes, "
+                         f"and {missing} of the {len(cache)} items of {cfg.cache} have none: use a cache of shapes "
+                         "data (`latentdiff cache --preset shapes-orange`), or decoder_rank = 0")
+
+
+def decoder_loss(autoencoder, cache: LatentCache, indices: Tensor, gens: list[torch.Generator], kind: str,
+                 device: torch.device) -> Tensor:
+    """Per-sample pixel loss of the adapted decoder: each item's scene rendered at the cache's image size (jitter
+    seeded by the item's index), encoded by the frozen encoder (a posterior sample from the item's generator) and
+    decoded."""
+    size = cache.bucket_shapes[cache.bucket_of(indices)][1] * autoencoder.factor  # shapes scenes are square
+    images = torch.stack([to_tensor(render(scene_from_dict(cache.meta[i]["scene"]), size, seed=i))
+                          for i in indices.tolist()]).to(device)
+    with torch.no_grad():
+        posterior = autoencoder.encode_posterior(images)
+    eps = per_sample(gens, lambda g: torch.randn(1, *posterior.mean.shape[1:], generator=g)).to(device)
+    recon = autoencoder.decode_raw(posterior.mean + posterior.std * eps)
+    return pixel_errors(recon.float(), images, kind).flatten(1).mean(1)
+
+
 @contextmanager
-def swapped(active: LoRA, other: LoRA):
-    """Within the block ``other`` is on and ``active`` off; after it, the other way round again."""
-    active.enabled, other.enabled = False, True
+def swapped(active: list[LoRA], other: list[LoRA]):
+    """Within the block the ``other`` LoRAs are on and the ``active`` ones off; after it, the other way round."""
+    for a, o in zip(active, other):
+        a.enabled, o.enabled = False, True
     try:
         yield
     finally:
-        active.enabled, other.enabled = True, False
+        for a, o in zip(active, other):
+            a.enabled, o.enabled = True, False
 
 
 def frozen_base(cfg: RunConfig, ctx: Context) -> tuple[ModelFolder, LatentCache, object, str]:
