@@ -6,6 +6,7 @@ import torch
 
 from latentdiff.components import DenoiserSpec, build_denoiser
 from latentdiff.data.moving_shapes import (
+    HELDOUT_TRIPLES,
     MOTIONS,
     Clip,
     clip_caption,
@@ -14,6 +15,7 @@ from latentdiff.data.moving_shapes import (
     parse_clip_caption,
     render_clip,
     sample_clip,
+    still_caption,
     validate_clips,
 )
 from latentdiff.diffusion.sampling import sample_dpmpp_2m, sample_euler
@@ -40,7 +42,8 @@ def _cond(B: int) -> Cond:
     return Cond(context=torch.randn(B, 5, 12), vector=torch.randn(B, 6))
 
 
-@pytest.mark.parametrize("temporal", [{}, {"temporal_conv": False}, {"temporal_attention": False}])
+@pytest.mark.parametrize("temporal", [{}, {"temporal_conv": False}, {"temporal_attention": False},
+                                      {"temporal_cross_attention": True}])
 def test_inflated_unet_is_the_image_model_per_frame(temporal):
     unet = _image_unet()
     video = inflate(unet, temporal_head_dim=8, **temporal).eval()
@@ -65,6 +68,41 @@ def test_temporal_layers_mix_frames_once_trained():
     assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4  # the first frame sees the last
 
 
+def test_temporal_cross_attention_reads_the_prompt_per_frame():
+    video = inflate(_image_unet(), temporal_head_dim=8, temporal_conv=False, temporal_attention=False,
+                    temporal_cross_attention=True).eval()
+    with torch.no_grad():
+        for p in video.temporal_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, c, cond = torch.randn(1, 4, 1, 8, 8).expand(1, 4, 4, 8, 8).contiguous(), torch.rand(1), _cond(1)  # 4 equal frames
+    other = Cond(context=cond.context + torch.randn_like(cond.context), vector=cond.vector)
+    with torch.no_grad():
+        a, b = video(x, c, cond), video(x, c, other)
+    assert (a[:, :, 0] - a[:, :, 3]).abs().max() > 1e-4  # equal frames come out different: the frame position
+    assert (a - b).abs().max() > 1e-4  # the prompt's tokens reach the temporal layers
+    with pytest.raises(ValueError, match="cond.context"):  # the U-Net refuses a missing prompt first
+        video(x, c, Cond(vector=cond.vector))
+    with pytest.raises(ValueError, match="context_dim"):
+        VideoUNet(VideoUNetConfig(**{**TINY.__dict__, "context_dim": None}, temporal_head_dim=8,
+                                  temporal_cross_attention=True))
+
+
+def test_heldout_triples_split_and_still_captions():
+    rng = np.random.default_rng(0)
+    triples = {(c.color, c.shape, c.motion) for c in (sample_clip(rng, "heldout") for _ in range(60))}
+    assert triples <= HELDOUT_TRIPLES and len(triples) > 10
+    train = [sample_clip(rng, "train") for _ in range(300)]
+    assert not {(c.color, c.shape, c.motion) for c in train} & HELDOUT_TRIPLES
+    assert {c.motion for c in train} == set(MOTIONS)  # every motion still trained
+    assert {m for _, _, m in HELDOUT_TRIPLES} == set(MOTIONS) and len(HELDOUT_TRIPLES) == 18
+    with pytest.raises(ValueError, match="unknown clip split"):
+        sample_clip(rng, "test")
+    clip = Clip("circle", "red", "black", "recolor", "large", "blue")
+    assert [still_caption(clip, f, 4) for f in (0, 3)] == [
+        "a large red circle in the middle on a black background", "a large blue circle in the middle on a black background"]
+    assert still_caption(Clip("square", "red", "gray", "grow"), 3, 4).startswith("a large red square")
+
+
 def test_temporal_parameters_are_only_the_new_layers():
     unet = _image_unet()
     video = inflate(unet, temporal_head_dim=8)
@@ -83,7 +121,7 @@ def test_video_unet_refuses_bad_input():
         video(torch.randn(1, 4, 5, 8, 8), torch.rand(1), _cond(1))
     with pytest.raises(TypeError, match="already has temporal layers"):
         inflate(video)
-    with pytest.raises(ValueError, match="temporal_conv or temporal_attention"):
+    with pytest.raises(ValueError, match="temporal_conv, temporal_attention or temporal_cross_attention"):
         VideoUNetConfig(temporal_conv=False, temporal_attention=False)
 
 

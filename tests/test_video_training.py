@@ -103,3 +103,27 @@ def test_train_video_resumes_bitwise(image_model, tmp_path):
     a = read_model_folder(straight).denoiser.network.state_dict()
     b = read_model_folder(resumed).denoiser.network.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_video_with_temporal_cross_attention_and_the_judges_checkpoint_loader(image_model, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    folder = _train(image_model, tmp_path / "run", "--set", "temporal_cross_attention=true")
+    video = read_model_folder(folder)
+    assert video.spec.video_unet.temporal_cross_attention
+    state = video.denoiser.network.state_dict()
+    assert any(k.startswith("temporal.") and ".cross." in k for k in state)
+    # benchmarks/video_judge.py --checkpoint: the last checkpoint's EMA weights are the model folder's
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "video_judge.py"
+    spec = importlib.util.spec_from_file_location("video_judge", path)
+    judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge)
+    pipe = load(folder)
+    with torch.no_grad():
+        for p in pipe.denoiser.network.temporal_parameters():
+            p.zero_()
+    last = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    judge.load_ema(pipe, last)
+    for k, v in pipe.denoiser.network.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)

@@ -25,6 +25,11 @@ TRAVEL = 0.4  # canvas fractions a moving object's centre covers from the first 
 SIDE_JITTER = 0.1  # a moving object's centre is off the middle line by up to this, across its motion
 MOVE_THRESHOLD = 0.15  # a track moving less than this (canvas fractions) is read as still
 GROW_THRESHOLD = 1.8  # last / first area above this reads as growing (small -> large is about 3.3)
+# (colour, shape, motion) triples only in the held-out split: every (colour, shape) pair once, every motion three
+# times, so each pair and each motion is trained, just never together in these triples.
+HELDOUT_TRIPLES = frozenset((c, s, MOTIONS[i % len(MOTIONS)])
+                            for i, (c, s) in enumerate((c, s) for c in COLORS for s in SHAPES))
+CLIP_SPLITS = ("train", "heldout")
 _PHRASES = {"right": "moving to the right", "left": "moving to the left", "up": "moving up", "down": "moving down"}
 _MOTION_RE = re.compile(r"\bmoving (?:to the )?(right|left|up|down)\b|\b(growing)\b|\bturning ([a-z]+)\b")
 
@@ -57,8 +62,19 @@ class Clip:
         return self.end_color if self.end_color is not None and frame >= frames // 2 else self.color
 
 
-def sample_clip(rng: np.random.Generator) -> Clip:
-    """A random clip: motion, shape, colour (and an end colour), size and background, uniformly."""
+def sample_clip(rng: np.random.Generator, split: str | None = None) -> Clip:
+    """A random clip: motion, shape, colour (and an end colour), size and background, uniformly; with ``split``
+    ("train" / "heldout") drawn again until its (colour, shape, motion) is in ``HELDOUT_TRIPLES`` exactly for
+    "heldout"."""
+    if split is not None and split not in CLIP_SPLITS:
+        raise ValueError(f"unknown clip split {split!r}: expected one of {CLIP_SPLITS} or None")
+    while True:
+        clip = _draw_clip(rng)
+        if split is None or ((clip.color, clip.shape, clip.motion) in HELDOUT_TRIPLES) == (split == "heldout"):
+            return clip
+
+
+def _draw_clip(rng: np.random.Generator) -> Clip:
     motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colors = list(COLORS)
@@ -110,6 +126,14 @@ def clip_caption(clip: Clip) -> str:
     else:
         what = f"a {clip.size} {clip.color} {clip.shape} {_PHRASES[clip.motion]}"
     return f"{what} on a {clip.background} background"
+
+
+def still_caption(clip: Clip, frame: int, frames: int) -> str:
+    """One frame of the clip as an image caption, no motion: "a small red circle in the middle on a black
+    background" (the colour at that frame; a growing object small in the first half, large in the second; the
+    shapes captions always name a place, and the image model draws nothing for most prompts without one)."""
+    size = ("small" if frame < frames / 2 else "large") if clip.motion == "grow" else clip.size
+    return f"a {size} {clip.color_at(frame, frames)} {clip.shape} in the middle on a {clip.background} background"
 
 
 def parse_clip_caption(text: str) -> Clip | None:
@@ -207,15 +231,17 @@ def validate_clips(n: int = 120, frames: int = 8, size: int = 32, seed: int = 0)
 
 class ClipLatents:
     """``n`` moving-shapes clips encoded frame by frame with an autoencoder (posterior mode), held in memory:
-    ``latents`` (n, C, F, h, w) normalized, ``captions``, ``clips``; the data order is ``batch_indices``'s."""
+    ``latents`` (n, C, F, h, w) normalized, ``captions``, ``clips`` (of ``split``: "train", "heldout", or None for
+    any); the data order is ``batch_indices``'s."""
 
     bucketed = False  # the run engine's batch split: one global batch of equal items
 
-    def __init__(self, autoencoder, n: int, frames: int = 8, size: int = 32, seed: int = 0, batch: int = 64):
+    def __init__(self, autoencoder, n: int, frames: int = 8, size: int = 32, seed: int = 0, batch: int = 64,
+                 split: str | None = None):
         if n < 1:
             raise ValueError(f"the clip set needs at least one clip, got {n}")
         rng = np.random.default_rng(seed)
-        self.clips = [sample_clip(rng) for _ in range(n)]
+        self.clips = [sample_clip(rng, split) for _ in range(n)]
         self.captions = [clip_caption(c) for c in self.clips]
         pixels = torch.stack([clip_tensor(render_clip(c, frames, size, seed=seed * 1_000_003 + i))
                               for i, c in enumerate(self.clips)])  # (n, 3, F, H, W)

@@ -31,13 +31,14 @@ class VideoUNetConfig(UNetConfig):
     temporal_conv: bool = True  # temporal convolution (kernel 3 over frames) in every temporal block
     temporal_attention: bool = True  # temporal self-attention in every temporal block
     temporal_head_dim: int = 24  # channels per temporal attention head
+    temporal_cross_attention: bool = False  # each frame's tokens (with their frame position) also read the prompt
 
     def __post_init__(self):
         super().__post_init__()
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
-        if not (self.temporal_conv or self.temporal_attention):
-            raise ValueError("a video U-Net needs temporal_conv or temporal_attention (or both)")
+        if not (self.temporal_conv or self.temporal_attention or self.temporal_cross_attention):
+            raise ValueError("a video U-Net needs temporal_conv, temporal_attention or temporal_cross_attention")
 
 
 class TemporalBlock(nn.Module):
@@ -57,21 +58,39 @@ class TemporalBlock(nn.Module):
             zero_module(self.attn.to_out[0])
             if cfg.vector_dim is not None:
                 self.vector_proj = nn.Linear(cfg.vector_dim, channels)
+        if cfg.temporal_cross_attention:
+            if cfg.context_dim is None:
+                raise ValueError("temporal_cross_attention needs a U-Net with cross-attention (context_dim)")
+            if channels % cfg.temporal_head_dim:
+                raise ValueError(f"hidden size {channels} must be divisible by temporal_head_dim "
+                                 f"{cfg.temporal_head_dim}")
+            self.cross_norm = nn.LayerNorm(channels, eps=cfg.norm_eps)
+            self.cross = Attention(channels, cfg.context_dim, channels // cfg.temporal_head_dim, cfg.temporal_head_dim)
+            zero_module(self.cross.to_out[0])
 
-    def forward(self, h: Tensor, frames: int, vector: Tensor | None) -> Tensor:
-        """h (B*F, C, H, W) with frames F, vector (B, D) or None -> (B*F, C, H, W)."""
+    def forward(self, h: Tensor, frames: int, vector: Tensor | None, context: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """h (B*F, C, H, W) with frames F, vector (B, D) or None, context (B, S, Dc) and its mask (B, S) (read by
+        the temporal cross-attention only) -> (B*F, C, H, W)."""
         BF, C, H, W = h.shape
         B = BF // frames
         x = h.reshape(B, frames, C, H, W).transpose(1, 2)  # (B, C, F, H, W)
         if hasattr(self, "conv"):
             x = x + self.conv(F.silu(self.conv_norm(x)))  # (B, C, F, H, W)
-        if hasattr(self, "attn"):
+        if hasattr(self, "attn") or hasattr(self, "cross"):
             tokens = x.permute(0, 3, 4, 2, 1).reshape(B * H * W, frames, C)  # (BHW, F, C)
-            pos = timestep_embedding(torch.arange(frames, device=h.device, dtype=torch.float32), C)  # (F, C)
-            q = self.norm(tokens) + pos.to(tokens.dtype)
-            if hasattr(self, "vector_proj") and vector is not None:
-                q = q + self.vector_proj(vector.to(q.dtype)).repeat_interleave(H * W, dim=0)[:, None]  # (BHW, 1, C)
-            tokens = tokens + self.attn(q)  # (BHW, F, C)
+            pos = timestep_embedding(torch.arange(frames, device=h.device, dtype=torch.float32), C).to(tokens.dtype)
+            if hasattr(self, "attn"):
+                q = self.norm(tokens) + pos  # (BHW, F, C)
+                if hasattr(self, "vector_proj") and vector is not None:
+                    q = q + self.vector_proj(vector.to(q.dtype)).repeat_interleave(H * W, dim=0)[:, None]
+                tokens = tokens + self.attn(q)  # (BHW, F, C)
+            if hasattr(self, "cross"):
+                if context is None:
+                    raise ValueError("this video U-Net's temporal cross-attention needs cond.context (a prompt)")
+                ctx = context.to(tokens.dtype).repeat_interleave(H * W, dim=0)  # (BHW, S, Dc)
+                m = None if mask is None else mask.repeat_interleave(H * W, dim=0)  # (BHW, S)
+                tokens = tokens + self.cross(self.cross_norm(tokens) + pos, ctx, m)  # (BHW, F, C)
             x = tokens.reshape(B, H, W, frames, C).permute(0, 4, 3, 1, 2)  # (B, C, F, H, W)
         return x.transpose(1, 2).reshape(BF, C, H, W)
 
@@ -101,9 +120,10 @@ class VideoUNet(UNet):
             raise ValueError(f"c_noise must have shape (B,) = ({B},), got {tuple(c_noise.shape)}")
         frames_first = x.transpose(1, 2).reshape(B * frames, C, H, W)  # (B*F, C, h, w): every frame an image
         vector = cond.vector if cfg.vector_dim is not None else None
+        context, mask = (cond.context, cond.context_mask) if cfg.temporal_cross_attention else (None, None)
 
         def between(h: Tensor, site: int) -> Tensor:
-            return self._run(self.temporal[site], h, frames, vector)
+            return self._run(self.temporal[site], h, frames, vector, context, mask)
 
         out = self._forward(frames_first, c_noise.repeat_interleave(frames), cond.repeat(frames), between)
         return out.reshape(B, frames, -1, H, W).transpose(1, 2)  # (B, C_out, F, h, w)

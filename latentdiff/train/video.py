@@ -35,11 +35,13 @@ class VideoTrainConfig(RunConfig):
     model: str = "default"  # the image model folder to inflate ("default": the bundled one); its U-Net and autoencoder
     frames: int = 8  # frames per clip
     clips: int = 1024  # moving-shapes clips rendered and encoded (in memory) before training
+    split: str = "train"  # clips drawn from: "train" (no held-out (colour, shape, motion) triple), "all" (any)
     train: str = "temporal"  # "temporal": only the new temporal layers (image weights frozen); "all": everything
     max_frames: int = 16  # most frames the video model will accept
     temporal_conv: bool = True  # temporal convolutions in the temporal blocks
     temporal_attention: bool = True  # temporal self-attention in the temporal blocks
     temporal_head_dim: int = 24  # channels per temporal attention head
+    temporal_cross_attention: bool = False  # temporal blocks also cross-attend to the prompt (per frame position)
     sigma_sampler: str = "logitnormal"  # training noise levels: "lognormal" (EDM), "logitnormal" (SD3, flow)
     sigma_sampler_args: dict = field(default_factory=dict)  # e.g. logitnormal {mean = 0.0, std = 1.0}
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
@@ -58,14 +60,17 @@ class VideoTrainConfig(RunConfig):
     sample_guidance: float = 4.0  # CFG scale for the grids
 
     BOUNDS = bounds({"frames": between(2, 64), "clips": at_least(1), "train": one_of("temporal", "all"),
+                     "split": one_of("train", "all"),
                      "max_frames": between(2, 64), "temporal_head_dim": at_least(1),
                      "sigma_sampler": one_of("lognormal", "logitnormal"), "caption_dropout": FRACTION,
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE})
 
 
 VIDEO_PRESETS: dict[str, dict] = {
-    # The bundled default model's U-Net inflated; its temporal layers trained on 8-frame clips of 32 pixels.
-    "moving-shapes": {},
+    # The bundled default model's U-Net inflated; its temporal layers (with cross-attention to the prompt) trained on
+    # 8-frame clips of 32 pixels: the run of BENCHMARKS.md "Video" (55 min on one thread of machine A under load).
+    "moving-shapes": {"temporal_cross_attention": True, "clips": 2048, "steps": 2800, "save_every": 400,
+                      "keep_last": 10},
     "moving-shapes-test": {"steps": 3, "batch_size": 2, "clips": 4, "frames": 4, "warmup_steps": 1, "log_every": 1,
                            "sample_every": 2, "save_every": 2, "sample_steps": 2, "quiet": True},
 }
@@ -88,13 +93,15 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
         raise ValueError(f"{cfg.model} has a {family_of(image.denoiser.network)} denoiser: train-video inflates "
                          "U-Net models (latentdiff train with a U-Net preset makes one)")
     size = image.index.sample_size
-    data = ClipLatents(image.autoencoder, cfg.clips, cfg.frames, size, seed=cfg.seed)
+    data = ClipLatents(image.autoencoder, cfg.clips, cfg.frames, size, seed=cfg.seed,
+                      split=None if cfg.split == "all" else cfg.split)
     main, device = ctx.is_main, ctx.device
 
     # Build: the inflated U-Net (spatial weights the image model's), frozen except its temporal layers.
     run.seed()
     network = inflate(image.denoiser.network, max_frames=cfg.max_frames, temporal_conv=cfg.temporal_conv,
-                      temporal_attention=cfg.temporal_attention, temporal_head_dim=cfg.temporal_head_dim)
+                      temporal_attention=cfg.temporal_attention, temporal_head_dim=cfg.temporal_head_dim,
+                      temporal_cross_attention=cfg.temporal_cross_attention)
     denoiser = Denoiser(network, image.denoiser.parameterization)
     text_encoder = image.text_encoder
     everything = cfg.train == "all"
