@@ -620,10 +620,10 @@ class UNet(UNetEncoder):
         mix = (lambda h: between(h, next(site))) if between is not None else _same
         cond = cond if cond is not None else Cond()
         x, emb, context, mask, image_kv = self._inputs(x, c_noise, cond)
-        site = self._tome_site(x, tome)
+        merge_at = self._tome_site(x, tome)
 
         # Down.
-        h, skips = self._down(self.conv_in(x), emb, context, mask, mix, image_kv, site)  # conv_in: (B, c0, H, W)
+        h, skips = self._down(self.conv_in(x), emb, context, mask, mix, image_kv, merge_at)  # conv_in: (B, c0, H, W)
 
         # ControlNet residuals (diffusers' down_block_additional_residuals, then mid_block_additional_residual):
         # one added to each skip, the last to the middle block's output.
@@ -633,7 +633,7 @@ class UNet(UNetEncoder):
             skips = [s + r for s, r in zip(skips, control)]
 
         # Middle.
-        h = self._middle(h, emb, context, mask, mix, image_kv, site)  # (B, c_last, H/f, W/f)
+        h = self._middle(h, emb, context, mask, mix, image_kv, merge_at)  # (B, c_last, H/f, W/f)
         if control is not None:
             h = h + control[-1]
 
@@ -646,7 +646,7 @@ class UNet(UNetEncoder):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, c + c_skip, h, w)
                 h = self._run(resnet, h, emb)
                 if attn is not None:
-                    h = self._attend(attn, h, context, mask, image_kv, site)
+                    h = self._attend(attn, h, context, mask, image_kv, merge_at)
                 h = mix(h)
             for up in getattr(block, "upsamplers", ()):
                 h = up(h)  # (B, c, 2h, 2w)
