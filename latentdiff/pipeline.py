@@ -82,9 +82,9 @@ class Pipeline:
 
     def load_lora(self, path: str | Path, weight: float = 1.0, *, name: str | None = None) -> LoRASet:
         """Attach a LoRA file (ours, diffusers / PEFT, older diffusers, kohya) to the denoiser, its text-encoder
-        layers to a CLIP text encoder and (ours) its autoencoder layers to the autoencoder, at strength ``weight``; several may be attached. Returns it: change its
-        ``weight`` or ``enabled``, ``merge()`` it into the weights, ``detach()`` it. A file whose layers or shapes
-        do not fit this model is refused before anything changes.
+        layers to a CLIP text encoder and (ours) its autoencoder layers to the autoencoder, at strength ``weight``;
+        several may be attached. Returns it: change its ``weight`` or ``enabled``, ``merge()`` it into the weights,
+        ``detach()`` it. A file whose layers or shapes do not fit this model is refused before anything changes.
 
         An LCM-LoRA distilled here (``latentdiff distill --lora-rank R``) makes this pipeline its student: the
         index's generation settings and ``distilled`` entry are the file's (sampler 'lcm', its steps, guidance 1;
