@@ -26,8 +26,10 @@ from latentdiff.train.add import (
     Discriminator,
     DiscriminatorHeads,
     distillation_loss,
+    draw_level,
     generator_hinge,
     hinge_d_loss,
+    level_probabilities,
     renoise_target,
     student_levels,
 )
@@ -121,6 +123,20 @@ def test_distillation_gradient_is_the_oracles_pull_to_the_mode():
     assert torch.equal(distillation_loss(y0, y0 + 1, t, "uniform"), torch.ones(2))
 
 
+def test_level_weights_set_how_often_each_level_is_drawn():
+    uniform = level_probabilities((), 4)
+    assert torch.equal(uniform, torch.full((4,), 0.25, dtype=torch.float64))
+    g, h = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)  # uniform: randint's own stream
+    assert [draw_level(uniform, g).item() for _ in range(20)] == [torch.randint(4, (1,), generator=h).item()
+                                                                   for _ in range(20)]
+    p = level_probabilities((5.0, 1.0, 1.0, 1.0), 4)
+    assert torch.allclose(p, torch.tensor([0.625, 0.125, 0.125, 0.125], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([draw_level(p, g) for _ in range(4000)]), minlength=4).double() / 4000
+    assert (counts - p).abs().max() < 0.03  # about 4 standard errors of the first share
+    assert draw_level(level_probabilities((0.0, 0.0, 1.0, 0.0), 4), g).item() == 2
+
+
 def test_student_levels_hold_the_1_and_2_step_grids():
     flow = student_levels(Flow(), 4, 50)
     t = torch.where(torch.isinf(flow), 1.0, flow / (1 + flow))  # flow time of sigma = t / (1 - t)
@@ -166,6 +182,10 @@ def test_settings_and_teachers_add_cannot_take_are_refused(tiny):
         _refused(tiny, guidance_embed_dim=32, guidance_range=(2.0, 6.0))
     with pytest.raises(ValueError, match=r"steps_range \[1, 8\] must stay within \[1, 4\]"):
         _refused(tiny, steps_range=(1, 8))
+    with pytest.raises(ValueError, match=r"level_weights \[2.0, 1.0\] must give one weight per student level"):
+        _refused(tiny, level_weights=(2.0, 1.0))
+    with pytest.raises(ValueError, match="not all zero"):
+        _refused(tiny, level_weights=(0.0, 0.0, 0.0, 0.0))
     family, net = find_preset("dit-tiny")
     spec = DenoiserSpec(network=family, parameterization="flow", **{family: for_text_data(family, net, 8, 16, 16)})
     dit = ModelFolder(ModelIndex(sample_size=32), None, build_denoiser(spec), spec, None)

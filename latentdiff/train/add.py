@@ -50,6 +50,21 @@ def student_levels(parameterization, steps: int, grid_steps: int) -> Tensor:
     return make_sigmas("lcm", steps, parameterization, original_steps=grid_steps)[:-1]
 
 
+def level_probabilities(weights: tuple[float, ...], n: int) -> Tensor:
+    """The probability of drawing each of the student's ``n`` levels (highest first): ``weights`` normalized, or
+    uniform when empty."""
+    p = torch.tensor(weights, dtype=torch.float64) if weights else torch.ones(n, dtype=torch.float64)
+    return p / p.sum()
+
+
+def draw_level(p: Tensor, g: torch.Generator) -> Tensor:
+    """One level index (shape (1,)) drawn with probabilities ``p`` from ``g``. Uniform ``p`` draws with ``randint``,
+    so runs without level weights keep their random stream (and their checkpoints resume bitwise)."""
+    if bool((p == p[0]).all()):
+        return torch.randint(len(p), (1,), generator=g)
+    return torch.multinomial(p, 1, generator=g)
+
+
 def distill_weight(sigma: Tensor, kind: str) -> Tensor:
     """ADD's c(t): alpha_t = 1 / sqrt(1 + sigma^2) (the signal scale of the variance-preserving x_t), or 1."""
     if kind == "uniform":

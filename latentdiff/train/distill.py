@@ -62,6 +62,8 @@ from latentdiff.train.add import (
     Discriminator,
     DiscriminatorHeads,
     check_add_teacher,
+    draw_level,
+    level_probabilities,
     student_levels,
 )
 from latentdiff.train.add import student_loss as add_loss
@@ -117,6 +119,8 @@ class DistillConfig(RunConfig):
     disc_lr: float = 0.0  # ADD: the discriminator heads' AdamW learning rate (0: lr)
     disc_hidden: int = 64  # ADD: width of the discriminator heads
     disc_sigma_max: float | None = None  # ADD: the highest noise level the discriminator sees (None: every finite one)
+    level_weights: tuple[float, ...] = ()  # ADD: how often each student level is drawn, highest first (one weight per
+    # sample_steps level; empty: uniform). More weight on the first level trains the 1-step student harder.
 
     BOUNDS = bounds({"lora_rank": between(0, 4096), "lora_alpha": at_least(0), "method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
                      "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
@@ -125,7 +129,7 @@ class DistillConfig(RunConfig):
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0),
                      "adv_weight": at_least(0), "distill_weight": at_least(0), "distill_weighting": one_of(*WEIGHTINGS),
                      "disc_lr": at_least(0), "disc_hidden": between(1, 4096),
-                     "disc_sigma_max": above(0)})
+                     "disc_sigma_max": above(0), "level_weights": at_least(0)})
 
 
 DISTILL_PRESETS: dict[str, dict] = {
@@ -255,6 +259,9 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
         if cfg.guidance_embed_dim or cfg.init != "teacher":
             raise ValueError("ADD distils one guidance scale into a student that starts as the teacher: set "
                              "guidance_embed_dim = 0, guidance_range = [w, w] and init = 'teacher'")
+        if cfg.level_weights and (len(cfg.level_weights) != cfg.sample_steps or not sum(cfg.level_weights) > 0):
+            raise ValueError(f"level_weights {list(cfg.level_weights)} must give one weight per student level "
+                             f"(sample_steps = {cfg.sample_steps}), highest level first, not all zero")
         if cfg.steps_range[1] > cfg.sample_steps:
             raise ValueError(f"an ADD student learns the 'lcm' grid's {cfg.sample_steps} levels (sample_steps): "
                              f"steps_range {list(cfg.steps_range)} must stay within [1, {cfg.sample_steps}]")
@@ -409,6 +416,7 @@ def distill(cfg: DistillConfig) -> Path | dict:
         if disc:
             disc.frozen = teacher_mode
             levels = student_levels(teacher.denoiser.parameterization, cfg.sample_steps, cfg.grid_steps)
+            level_p = level_probabilities(cfg.level_weights, len(levels))
         param = student.parameterization
         if main and not cfg.quiet:
             what = f"LoRA rank {cfg.lora_rank} on {len(lora.lora.names)} layers of " if lora else ""
@@ -430,7 +438,7 @@ def distill(cfg: DistillConfig) -> Path | dict:
                     with autocast(cfg.precision, device), torch.no_grad():
                         cond, uncond = conditions(idx[positions], [c[0] for _, c in drawn])
                     if disc:  # ADD: the student's level, then its loss (train/add.py)
-                        s = levels[per_sample(gens, lambda g: torch.randint(len(levels), (1,), generator=g))].to(device)
+                        s = levels[per_sample(gens, lambda g: draw_level(level_p, g))].to(device)
                         w = torch.full((len(positions),), lo, dtype=torch.float64, device=device)
 
                         def teach(x: Tensor, t: Tensor) -> Tensor:
