@@ -2,7 +2,7 @@
 latent blending on a text-to-image model.
 
     python benchmarks/inpaint_compare.py --blend default [--inpaint RUN/model] [--prompts 64] [--steps 20]
-        [--sampler S] [--guidance G] [--threads 2]
+        [--sampler S] [--guidance G] [--mask-grow N] [--threads 2]
 
 Each case is a held-out two-object prompt (its first held-out (colour, shape) pair is the asked object): the input
 is the rendered scene WITHOUT the asked object, the mask the box where the asked object goes (``object_boxes``),
@@ -47,11 +47,12 @@ def psnr_outside(image: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> 
 
 
 def evaluate(pipe, cases_, *, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-             seed: int = 0, t2i_prompts: int = 0) -> dict:
+             seed: int = 0, t2i_prompts: int = 0, mask_grow: int = 1) -> dict:
     """The judge on the asked object, PSNR outside the mask, text-to-image, seconds per image (module docstring);
     the inpainting is whatever ``pipe`` does with a mask: latent blending, or its own concat inputs."""
     use = pipe.settings(sampler=sampler, steps=steps, guidance=guidance)
-    kw = {"steps": use.steps, "sampler": use.sampler, "guidance": use.guidance, "paste_back": False}
+    kw = {"steps": use.steps, "sampler": use.sampler, "guidance": use.guidance, "paste_back": False,
+          "mask_grow": mask_grow}
     t = time.perf_counter()
     images = [np.asarray(pipe.generate(caption, image=image, mask=mask, seed=seed + i, **kw)[0])
               for i, (caption, image, mask, _) in enumerate(cases_)]
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--sampler", default=None, help="default: the model's recommendation")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask-grow", type=int, default=1, help="latent blending's early mask growth (generate's "
+                    "mask_grow; 0: off)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,7 +94,7 @@ def main() -> None:
           "objects_correct | s / image |\n|---|---|---|---|---|---|---|---|")
     for name, pipe in pipes.items():
         r = evaluate(pipe, cases_, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
-                     t2i_prompts=args.t2i_prompts)
+                     t2i_prompts=args.t2i_prompts, mask_grow=args.mask_grow)
         cell = lambda k, r=r: f"{r[k]:.3f} +- {stderr(r[k], r['n']):.3f}"
         t2i = r.get("t2i_objects_correct", float("nan"))
         print(f"| {name} | {r['method']} | {cell('objects_correct')} | {cell('color')} | {cell('shape')} | "

@@ -153,6 +153,9 @@ class GenerateConfig:
                                  ".png, the mel spectrograms as a grid", metavar="S")
     paste_back: bool = _opt(True, "inpainting: keep the decoded pixels outside the mask instead of pasting the "
                             "image's own back", flags=("--no-paste-back",), const=False)
+    mask_grow: int = _opt(1, "inpainting: latent cells the repainted region reaches beyond the mask while noise "
+                          "dominates (the early steps), so an object at the mask's edge can form; 0 turns it off",
+                          flags=("--mask-grow",), type=int, metavar="N")
     controls: tuple = _opt((), "ControlNet: a control image (edges, layout or depth map; resized to the output if "
                            "its size differs); repeat together with --controlnet, one per ControlNet",
                            flags=("--control",), action="append", metavar="FILE", to_config=lambda v: {"controls": tuple(v)})
@@ -453,7 +456,8 @@ def _generate_options(cfg: GenerateConfig) -> dict:
         from latentdiff.edit_inputs import read_image, read_mask
 
         options.update(image=read_image(cfg.image), mask=read_mask(cfg.mask) if cfg.mask else None,
-                       strength=cfg.strength, outpaint=tuple(cfg.outpaint) or None, paste_back=cfg.paste_back)
+                       strength=cfg.strength, outpaint=tuple(cfg.outpaint) or None, paste_back=cfg.paste_back,
+                       mask_grow=cfg.mask_grow)
     elif cfg.mask or cfg.outpaint or cfg.strength is not None:
         raise ValueError("--mask, --outpaint and --strength edit an image: give it with --image FILE")
     if cfg.upscale:
@@ -513,6 +517,8 @@ def _edit_parameters(cfg: GenerateConfig) -> dict:
         out["outpaint"] = dict(zip(("left", "top", "right", "bottom"), cfg.outpaint))
     if (cfg.mask or cfg.outpaint) and not cfg.paste_back:
         out["paste_back"] = False
+    if (cfg.mask or cfg.outpaint) and cfg.mask_grow != 1:
+        out["mask_grow"] = cfg.mask_grow
     return out
 
 

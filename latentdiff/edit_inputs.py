@@ -14,7 +14,8 @@ binomial blur): the repainted latent region covers every repainted pixel and fad
 sampler blends the seam. Max pooling, not the share of repainted pixels (area interpolation): a cell half inside
 the mask holds an object's corner, and blending it half back to the input's latent rounds the corner off (held-out
 squares and triangles inpainted as circles: the asked object right in 0.83 of the shapes cases with area
-interpolation against 0.89 with max pooling, BENCHMARKS.md). In pixel space (``paste_mask``, for pasting the input back after decoding) the ramp lies
+interpolation against 0.89 with max pooling, BENCHMARKS.md). While noise dominates, the sampler uses the mask grown
+by ``grow`` cells (``grown_latent_mask``; ``diffusion/editing.py`` says why). In pixel space (``paste_mask``, for pasting the input back after decoding) the ramp lies
 inside the mask (``min(mask, blur(mask))``, ``factor`` binomial passes: a blur of standard deviation
 sqrt(factor / 2) pixels): every black pixel is the input's exactly, and the generated pixels fade in from half
 weight at the mask's edge to full weight about 2 sqrt(factor / 2) pixels inside it (4 at factor 8); a white
@@ -56,6 +57,7 @@ class Edit:
     strength: float  # in (0, 1]: the share of the grid's steps that are run
     paste_back: bool = True  # inpainting: the input's pixels pasted back outside the mask after decoding
     paste_weight: Tensor | None = None  # (1, 1, H, W): the generated pixels' weight when pasting (``paste_mask``)
+    grow: int = 1  # latent cells the repainted region grows by while noise dominates (``grown_latent_mask``)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -181,7 +183,7 @@ def _fit(t: Tensor, size: tuple[int, int], what: str, target: str, mode: str, ro
 
 
 def prepare_edit(image, *, mask=None, outpaint=None, strength: float | None = None, paste_back: bool = True,
-                 height: int | None = None, width: int | None = None, factor: int) -> Edit | None:
+                 height: int | None = None, width: int | None = None, factor: int, grow: int = 1) -> Edit | None:
     """The edit of a ``generate`` call, checked and at the output size; None without an image (a mask, outpaint
     or strength without one is an error). ``height`` / ``width``: the output asked for (None: the image's own
     size plus the outpainting border, rounded to multiples of ``factor``)."""
@@ -196,6 +198,8 @@ def prepare_edit(image, *, mask=None, outpaint=None, strength: float | None = No
     strength = edit_strength(strength, mask is not None or outpaint is not None)
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if isinstance(grow, bool) or not isinstance(grow, int) or not 0 <= grow <= 16:
+        raise ValueError(f"mask_grow must be a whole number of latent cells in [0, 16], got {grow!r}")
     pixels = read_image(image)
     keep = read_mask(mask) if mask is not None else None
     h, w = pixels.shape[-2:]
@@ -214,7 +218,7 @@ def prepare_edit(image, *, mask=None, outpaint=None, strength: float | None = No
     if outpaint is not None:
         pixels = F.pad(pixels, (left, right, top, bottom), mode="replicate")
         keep = F.pad(keep if keep is not None else torch.zeros(1, 1, *inner), (left, right, top, bottom), value=1.0)
-    return Edit(pixels, keep, strength, paste_back, paste_mask(keep, factor) if keep is not None else None)
+    return Edit(pixels, keep, strength, paste_back, paste_mask(keep, factor) if keep is not None else None, grow)
 
 
 def read_control(image, size: tuple[int, int], channels: int = 3) -> Tensor:
@@ -243,6 +247,15 @@ def latent_mask(mask: Tensor, factor: int) -> Tensor:
     with a repainted pixel (max pooling), grown by a soft ring one latent cell wide (module docstring)."""
     cover = F.max_pool2d(mask, factor)
     return torch.maximum(cover, _blur(cover)).clamp(0, 1)
+
+
+def grown_latent_mask(m: Tensor, cells: int) -> Tensor:
+    """A latent mask (``latent_mask``) whose fully repainted cells are grown by ``cells`` latent cells, hard-edged
+    (covering its soft ring): the mask the sampler uses while noise dominates (``diffusion/editing.py``); 0: ``m``."""
+    if cells == 0:
+        return m
+    cover = (m >= 1).to(m.dtype)
+    return torch.maximum(F.max_pool2d(cover, 2 * cells + 1, stride=1, padding=cells), m)
 
 
 def paste_mask(mask: Tensor, factor: int) -> Tensor:

@@ -26,7 +26,14 @@ from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.parameterization import Consistency
 from latentdiff.diffusion.sampling import FINAL_SIGMA_SAMPLERS, get_sampler, init_x, sample_lcm
 from latentdiff.diffusion.schedules import make_sigmas
-from latentdiff.edit_inputs import Edit, latent_mask, prepare_edit, read_control, read_image
+from latentdiff.edit_inputs import (
+    Edit,
+    grown_latent_mask,
+    latent_mask,
+    prepare_edit,
+    read_control,
+    read_image,
+)
 from latentdiff.images import to_pil, to_uint8
 from latentdiff.model_index import (
     DEFAULT_GENERATION,
@@ -422,7 +429,7 @@ class Pipeline:
                  strength: float | None = None, mask=None, outpaint: tuple[int, int, int, int] | None = None,
                  paste_back: bool = True, frames: int | None = None, control=None, low_res=None,
                  cache_interval: int = 1, noise_level: int | None = None, ip_image=None, ip_scale: float = 1.0,
-                 tome: float = 0.0):
+                 tome: float = 0.0, mask_grow: int = 1):
         """Generate ``num_images`` images per prompt; the same arguments give the same images.
 
         ``sampler``, ``steps``, ``guidance``, ``schedule``: None takes what the model's index recommends, else
@@ -473,7 +480,7 @@ class Pipeline:
         frames = self.clip_length(frames, edited=image is not None or mask is not None or outpaint is not None)
         self.image_size(height, width)  # the sizes asked for are multiples of the factor
         edit = prepare_edit(image, mask=mask, outpaint=outpaint, strength=strength, paste_back=paste_back,
-                            height=height, width=width, factor=self.autoencoder.factor)
+                            height=height, width=width, factor=self.autoencoder.factor, grow=mask_grow)
         height, width = self.image_size(*(edit.size if edit is not None else (height, width)))
         concat_kind = self._check_concat_inputs(edit, low_res, noise_level)
         if concat_kind == LOW_RES:  # the output is the low-res image's size times the model's upscale factor
@@ -519,7 +526,7 @@ class Pipeline:
             denoiser = self._guided(use, pick(cond), pick(uncond), pick(guide_cond), step_cache() or base,
                                     rescale=guidance_rescale, interval=guidance_interval, threshold=dynamic_threshold)
             if keep is not None:  # inpainting: x0_hat is the image's latent outside the mask
-                denoiser = keep_known(denoiser, z0, keep)
+                denoiser = keep_known(denoiser, z0, keep, early=grown_latent_mask(keep, edit.grow))
             # bf16 on the CPU: channels-last convolutions for the loop (an NCHW bf16 step is 2-7x slower, BENCHMARKS).
             convs = [self.denoiser, *(c.net for c in controls)] + ([self.preview_decoder] if preview is not None else [])
             with autocast(self.precision, x.device, *convs):

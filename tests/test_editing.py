@@ -23,7 +23,7 @@ from latentdiff.diffusion.editing import edit_start, keep_known, strength_sigmas
 from latentdiff.diffusion.parameterization import make_parameterization
 from latentdiff.diffusion.sampling import _CANONICAL, init_x
 from latentdiff.diffusion.schedules import flow_sigmas, karras_sigmas
-from latentdiff.edit_inputs import latent_mask, paste_mask
+from latentdiff.edit_inputs import grown_latent_mask, latent_mask, paste_mask
 from latentdiff.images import read_parameters, to_uint8
 from latentdiff.model_index import ModelIndex
 from latentdiff.pipeline import Pipeline, load
@@ -118,6 +118,35 @@ def test_every_sampler_keeps_the_known_region_on_the_images_path(name, grid):
         assert abs(float(n.std()) - 1) < 0.08 and abs(float(n.mean())) < 0.08, (s, n.std(), n.mean())
     torch.testing.assert_close(out[..., kept], z0[..., kept], atol=5e-5, rtol=1e-5)
     assert (out[..., ~kept] - z0[..., ~kept]).abs().mean() > 0.1  # the repainted half did move
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "euler_ancestral"])
+def test_an_early_grown_mask_frees_the_ring_while_noise_dominates_then_lands_on_the_image(name):
+    """keep_known's ``early`` mask: x0_hat is the model's in the grown ring while sigma > until, z0 after; the
+    ring ends on z0 and the cells beyond it stay on the image's path throughout."""
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 3:5, 3:5] = 1
+    early = grown_latent_mask(mask, 1)
+    ring = (early[0, 0] == 1) & (mask[0, 0] == 0)
+    assert ring.sum() == 12 and early[0, 0, 2:6, 2:6].eq(1).all() and early.sum() == 16
+    assert torch.equal(grown_latent_mask(mask, 0), mask)
+    model = lambda x, sigma, cond=None: torch.tanh(x) * 2 - 0.3
+    denoiser = keep_known(model, z0, mask, early=early, until=1.0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    high, low = denoiser(x, torch.tensor(3.0)), denoiser(x, torch.tensor(0.5))
+    torch.testing.assert_close(high[..., ring], model(x, None)[..., ring])  # free while noise dominates
+    torch.testing.assert_close(low[..., ring], z0[..., ring])  # held on the image after
+    both = denoiser(x.repeat(2, 1, 1, 1), torch.tensor([3.0, 0.5]))  # per-sample sigmas
+    torch.testing.assert_close(both, torch.cat([high, low]))
+    sigmas = flow_sigmas(8)
+    start = edit_start(init_x(noise, sigmas), noise, float(sigmas[0]), z0, mask, strength=1.0)
+    out = _CANONICAL[name][0](denoiser, start, sigmas, None, generator=torch.Generator().manual_seed(1))
+    outside = early[0, 0] == 0
+    torch.testing.assert_close(out[..., outside], z0[..., outside], atol=5e-5, rtol=1e-5)
+    if name in DETERMINISTIC:  # an ODE step with x0_hat = z0 lands on z0 at sigma = 0
+        torch.testing.assert_close(out[..., ring], z0[..., ring], atol=5e-5, rtol=1e-5)
 
 
 def test_masks_soft_edges():
@@ -252,6 +281,8 @@ def test_bad_edit_inputs_are_refused_before_any_network_runs(pipes, picture, cap
         ({"image": picture, "height": 16, "width": 32}, r"image is 16x16 but the requested size is 32x16"),
         ({"image": picture, "mask": np.zeros((16, 24), np.uint8)}, "mask is 24x16 but the image is 16x16"),
         ({"image": picture, "mask": torch.full((16, 16), 2.0)}, r"mask's values must lie in \[0, 1\]"),
+        ({"image": picture, "mask": square_mask(), "mask_grow": -1}, r"mask_grow must be a whole number .*\[0, 16\]"),
+        ({"image": picture, "mask": square_mask(), "mask_grow": 1.5}, "mask_grow must be a whole number"),
         ({"image": picture * 1.0}, "image array must be uint8"),
         ({"image": torch.full((3, 16, 16), 255.0)}, r"in \[-1, 1\].*\[0, 255\]"),
         ({"image": torch.zeros(2, 3, 16, 16)}, r"\(one image\)"),

@@ -22,12 +22,21 @@ sampler's loop, and the sampler's own state, its multistep history included, alw
 steps (the history holds z0 in the known region, as it would for data it knew exactly), where blending x after
 each step would leave an SDE sampler's history and state disagreeing. The pipeline sets the known latents to
 z0 once more at the end (``torch.where(m == 0, z0, z)``), so that rounding leaves no trace there.
+
+A grown mask while noise dominates (``early``, used while sigma > ``until``, 1 by default: signal-to-noise below
+one). The repainted region then reaches a latent cell further (``edit_inputs.grown_latent_mask``), so the steps
+that lay out the picture may place an object whose edge sits at the mask's border with the cells around it free
+to agree; the later steps hold that ring on z0 again, and an ODE sampler, whose x0_hat there is then the constant
+z0, lands on z0 at sigma = 0 whatever x was (x = z0 + sigma * n with some n, shrunk to z0). On the shapes
+inpainting benchmark this put the asked object right in 0.91 of the cases against 0.89 without it, at 36.5 dB
+outside the mask against 36.7; growing the mask for every step instead gave 0.91 and 33.3 dB (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 
@@ -62,13 +71,15 @@ def edit_start(x_init: Tensor, noise: Tensor, sigma: float, z0: Tensor, mask: Te
     return mask * start + (1 - mask) * known
 
 
-def keep_known(denoiser, z0: Tensor, mask: Tensor):
+def keep_known(denoiser, z0: Tensor, mask: Tensor, early: Tensor | None = None, until: float = 1.0):
     """A denoiser whose x0_hat is ``z0`` where ``mask`` is 0 and the model's where it is 1 (blended between):
-    inpainting on any sampler (module docstring)."""
-    keep = 1 - mask
+    inpainting on any sampler (module docstring). ``early``: the mask used instead while sigma > ``until``."""
 
     def blended(x: Tensor, sigma: Tensor, cond=None) -> Tensor:
         denoised = denoiser(x, sigma, cond)
-        return mask.to(denoised.dtype) * denoised + keep.to(denoised.dtype) * z0.to(denoised.dtype)
+        m = mask if early is None else torch.where(torch.as_tensor(sigma, device=mask.device).reshape(-1, 1, 1, 1)
+                                                   > until, early, mask)
+        m = m.to(denoised.dtype)
+        return m * denoised + (1 - m) * z0.to(denoised.dtype)
 
     return blended
