@@ -288,6 +288,10 @@ def test_unplaced_captions_name_colours_and_shapes_in_the_maps_label_order():
     assert changed and out == ["a red square and a blue circle", "a red square and a blue circle on a white background",
                                "", "a photo", captions[4]]
     assert unplaced_captions(captions, [stored] * 5, [False] * 5) == (captions, False)
+    # Colours only (``unshaped``): the map alone carries the shapes.
+    assert unplaced_caption(scene, shapes=False) == "a red object and a blue object on a white background"
+    out, _ = unplaced_captions(captions[:2], [stored] * 2, [True, True], [True, False])
+    assert out == ["a red object and a blue object", "a red square and a blue circle on a white background"]
 
 
 # ----------------------------------------------------------------------------------------- CLI end to end
@@ -327,6 +331,23 @@ def test_cache_train_generate_end_to_end(tiny_pipe, tmp_path, capsys):
     recorded = json.loads(Image.open(tmp_path / "o.png").text["parameters"])["controlnets"]
     assert recorded == [{"control": str(control.resolve()), "controlnet": str(folder.resolve()), "scale": 0.5,
                          "start": 0.0, "end": 0.5}]
+    # Fine-tuning from a ControlNet (``init``) with colour-only captions: it starts from those weights; a ControlNet
+    # of another map kind is refused before any training, nothing written.
+    main(["train-controlnet", "--model", str(tiny_pipe), "--cache", str(cache), "--out", str(tmp_path / "tune"),
+          "--preset", "shapes-test", "--set", f"init={folder}", "--set", "unshaped=0.5", "--set", "unplaced=1",
+          "--set", "steps=1", "--set", "lr=1e-12"])
+    tuned, _ = load_controlnet(tmp_path / "tune" / "controlnet")
+    assert net.controlnet_mid_block.weight.abs().max() > 1e-5  # trained away from its zero start ...
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-9)  # ... and the fine-tune starts there, not from zero
+               for a, b in zip(tuned.state_dict().values(), net.state_dict().values()))
+    capsys.readouterr()
+    other = build_cache(ae, ShapesDataset(4, size=16, seed=1), tmp_path / "edges", quiet=True, control="edges",
+                        source={"autoencoder": str(tiny_pipe / "autoencoder")})
+    with pytest.raises(SystemExit):
+        main(["train-controlnet", "--model", str(tiny_pipe), "--cache", str(other), "--out", str(tmp_path / "bad2"),
+              "--preset", "shapes-test", "--set", f"init={folder}"])
+    assert "is a ControlNet for another model or map" in capsys.readouterr().err
+    assert not (tmp_path / "bad2" / "controlnet").exists()
     with pytest.raises(SystemExit):  # unpaired flags are refused before the model loads
         main(["generate", "a red circle", "--model", str(tiny_pipe), "--control", str(control),
               "-o", str(tmp_path / "p.png")])

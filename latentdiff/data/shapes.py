@@ -391,13 +391,14 @@ def caption(scene: Scene, rng: np.random.Generator, background: bool | None = No
     return templates[int(rng.integers(len(templates)))].format(objs=objs, bg=bg)
 
 
-def unplaced_caption(scene: Scene, background: bool = True) -> str:
+def unplaced_caption(scene: Scene, background: bool = True, shapes: bool = True) -> str:
     """A caption naming each object's colour and shape only, in the scene's object order (the order of a layout
     map's labels, ``data.control_maps``), and the background when asked: "a red circle and a blue square on a
-    black background". What a ControlNet prompt says when the map sets every object's size and place."""
+    black background". What a ControlNet prompt says when the map sets every object's size and place.
+    ``shapes=False`` names colours only ("a red object and a blue object ..."): the map sets the shapes too."""
     if not scene.objects or any(o.color is None or o.shape is None for o in scene.objects):
         raise ValueError(f"unplaced_caption needs objects with a colour and a shape, got {scene}")
-    objs = _join([f"a {o.color} {o.shape}" for o in scene.objects])
+    objs = _join([f"a {o.color} {o.shape if shapes else 'object'}" for o in scene.objects])
     if not background or scene.background is None:
         return objs
     return f"{objs} on a {scene.background} background"

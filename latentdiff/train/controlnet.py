@@ -7,6 +7,7 @@ encoder, zero-initialized outputs; Zhang et al. 2023) trained with the base mode
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from latentdiff.data.shapes import parse_caption, scene_from_dict, unplaced_capt
 from latentdiff.diffusion.control import Control, ControlledDenoiser
 from latentdiff.diffusion.losses import denoising_loss, make_sigma_sampler
 from latentdiff.io import atomic_folder, load_state_strict, read_json
-from latentdiff.models.controlnet import ControlNet, for_unet, save_controlnet
+from latentdiff.models.controlnet import ControlNet, for_unet, load_controlnet, save_controlnet
 from latentdiff.models.runtime import autocast
 from latentdiff.models.unet import UNet
 from latentdiff.train.common import check_finite_params
@@ -52,11 +53,15 @@ class ControlNetTrainConfig(RunConfig):
     caption_dropout: float = 0.15  # share of samples on the empty prompt: the map alone must carry the layout
     unplaced: float = 0.5  # share of the other shapes captions that name only colours and shapes (and the
     # background, if the caption did), in the map's label order: the map alone must then set size and place
+    unshaped: float = 0.0  # share of those unplaced captions that name colours only ("a cyan object"): the map alone
+    # must then carry each object's shape too, so the net learns to push shape against the base model's prior
+    init: str = ""  # a ControlNet folder to start from (fine-tune one; "" = copy the denoiser's encoder)
     sigma_sampler: str = ""  # training noise levels; "" = the parameterization's usual one (flow: logitnormal)
     offset_noise: float = 0.0  # offset-noise strength (0 = off), as in `train`
     copy_encoder: bool = True  # start the ControlNet from the denoiser's encoder weights (as the paper does)
 
     BOUNDS = bounds({"control": one_of("", *CONTROL_KINDS), "caption_dropout": FRACTION, "unplaced": FRACTION,
+                     "unshaped": FRACTION,
                      "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0)})
 
 
@@ -99,16 +104,31 @@ def _check_inputs(cfg: ControlNetTrainConfig, model, cache: LatentCache) -> str:
     return kind
 
 
-def unplaced_captions(captions: list[str], scenes: list[dict | None], flags: list[bool]) -> tuple[list[str], bool]:
+def unplaced_captions(captions: list[str], scenes: list[dict | None], flags: list[bool],
+                      unshaped: list[bool] | None = None) -> tuple[list[str], bool]:
     """The captions with each flagged one of a shapes scene (not dropped to "") replaced by its colours and shapes
-    only (``data.shapes.unplaced_caption``, the background kept if the caption names it); and whether any was."""
+    only (``data.shapes.unplaced_caption``, the background kept if the caption names it), or its colours only where
+    ``unshaped`` says so; and whether any was."""
     out = list(captions)
-    for k, (text, scene, flag) in enumerate(zip(captions, scenes, flags)):
+    unshaped = unshaped or [False] * len(captions)
+    for k, (text, scene, flag, bare) in enumerate(zip(captions, scenes, flags, unshaped)):
         if flag and text and scene is not None:
             parsed = parse_caption(text)
             out[k] = unplaced_caption(scene_from_dict(scene), background=parsed is not None and
-                                      parsed.background is not None)
+                                      parsed.background is not None, shapes=not bare)
     return out, out != list(captions)
+
+
+def start_from(folder: str, built: ControlNet) -> ControlNet:
+    """The ControlNet at ``folder`` (``init``), refused unless it is built as ``built`` (this model, this map)."""
+    loaded, _ = load_controlnet(folder)
+    if loaded.config != built.config:
+        diff = [f"{f.name} {getattr(loaded.config, f.name)!r} vs {getattr(built.config, f.name)!r}"
+                for f in dataclasses.fields(built.config) if getattr(loaded.config, f.name) != getattr(built.config,
+                                                                                                         f.name)]
+        raise ValueError(f"init {folder} is a ControlNet for another model or map ({'; '.join(diff)}): start from "
+                         "one trained for this model with this cache's maps, or leave init unset")
+    return loaded
 
 
 def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
@@ -126,7 +146,9 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
     # Build: a copy of the denoiser's encoder, its outputs zero-initialized.
     run.seed()
     controlnet = ControlNet(for_unet(denoiser.network.config, autoencoder.factor, kind))
-    if cfg.copy_encoder:
+    if cfg.init:  # fine-tune a ControlNet of this model and map kind
+        controlnet.load_state_dict(start_from(cfg.init, controlnet).state_dict())
+    elif cfg.copy_encoder:
         own = controlnet.state_dict()
         copied = {k: v for k, v in denoiser.network.state_dict().items() if k in own}
         controlnet.load_state_dict({**own, **copied})
@@ -152,8 +174,10 @@ def _train_controlnet(cfg: ControlNetTrainConfig, ctx: Context) -> Path | dict:
                 x0, items = x0.to(device), idx[positions]
                 image = cache.control[items].to(device, torch.float32) / 255  # (B, 3, H, W) in [0, 1]
                 unplace = per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.unplaced
+                bare = (per_sample(gens, lambda g: torch.rand(1, generator=g)) < cfg.unshaped).tolist() \
+                    if cfg.unshaped else None  # drawn only when asked: runs without it keep their stream
                 captions, changed = unplaced_captions(captions, [cache.meta[i]["scene"] for i in items.tolist()],
-                                                      unplace.tolist())
+                                                      unplace.tolist(), bare)
                 with torch.no_grad():
                     cond = cache.text_cond(items, drop).map(lambda t: t.to(device)) if cached_text and not changed \
                         else text_encoder(captions)
