@@ -1,7 +1,7 @@
 """Score distillation from a shapes model: the judge on each asset's turntable views, for centred single objects.
 
     OMP_NUM_THREADS=1 python benchmarks/sds_judge.py [--model default] [--split heldout] [--prompts 12] [--seed 0]
-        [--first 0] [--set KEY=VALUE ...] [--reference 8] [--jsonl FILE]
+        [--first 0] [--set KEY=VALUE ...] [--reference 8] [--jsonl FILE] [--fixed-point 1,3,20]
 
 Prompts (``centred_prompts``): the held-out (colour, shape) pairs at both sizes (or ``train_prompts`` scenes), the
 object at the centre, in template words with the background. Each prompt is distilled with ``SDSConfig`` (``--set`` overrides its keys, e.g.
@@ -10,6 +10,8 @@ Prints one row per prompt and a summary: views right (colour and shape of the on
 over prompts +- one standard error), views right on every attribute (also size, position, background), the share
 of prompts with >= 0.8 of views right, multi-view consistency (the share of views agreeing with the commonest
 reading), the silhouette area's coefficient of variation across views, and CPU minutes per asset.
+``--fixed-point G1,G2``: no assets; the image-space SDS target's RMS error from the prompts' ground-truth renders
+per guidance and noise level (a right image should be near the update's fixed point).
 ``--reference N``: the 2D model's own images of the same prompts (N seeds, its own settings) judged the same way.
 """
 
@@ -24,9 +26,17 @@ import numpy as np
 import torch
 
 from latentdiff.config import build_config, parse_override
-from latentdiff.data.shapes import BACKGROUNDS, HELDOUT_PAIRS, Scene, ShapeObject, caption, train_prompts
+from latentdiff.data.shapes import (
+    BACKGROUNDS,
+    HELDOUT_PAIRS,
+    Scene,
+    ShapeObject,
+    caption,
+    render,
+    train_prompts,
+)
 from latentdiff.pipeline import load
-from latentdiff.threed.sds import SDSConfig, distill, evaluate, judge_views, plan_prompt
+from latentdiff.threed.sds import SDSConfig, distill, evaluate, fixed_point_error, judge_views, plan_prompt
 
 
 def centred_prompts(split: str, n: int, seed: int) -> list[tuple[str, Scene]]:
@@ -59,6 +69,20 @@ def reference(pipe, prompts: list[tuple[str, object]], seeds: int) -> float:
     return float(np.mean(rights))
 
 
+def fixed_points(pipe, prompts: list[tuple[str, Scene]], guidances: list[float], seed: int) -> None:
+    """The SDS target's RMS pixel error from the prompts' ground-truth renders (``fixed_point_error``) per
+    guidance and flow time: the model and the data's renderer only, no judge and no asset."""
+    images = torch.stack([torch.from_numpy(render(scene, pipe.default_size)).permute(2, 0, 1).float() / 255
+                          for _, scene in prompts])
+    times = [0.1, 0.3, 0.5, 0.7, 0.9]
+    print("| guidance | " + " | ".join(f"t = {t}" for t in times) + " | mean |")
+    print("|---" * (len(times) + 2) + "|")
+    for guidance in guidances:
+        errors = fixed_point_error(pipe, images, [p for p, _ in prompts], guidance, times,
+                                   torch.Generator().manual_seed(seed))
+        print(f"| {guidance:g} | " + " | ".join(f"{e:.3f}" for e in errors) + f" | {np.mean(errors):.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -70,6 +94,8 @@ def main() -> None:
     ap.add_argument("--reference", type=int, default=0, metavar="N", help="also judge the 2D model's own images")
     ap.add_argument("--jsonl", default=None, help="append one JSON row per prompt")
     ap.add_argument("--reference-only", action="store_true", help="only the 2D model's own images (--reference N)")
+    ap.add_argument("--fixed-point", default=None, metavar="G1,G2,...",
+                    help="only the SDS target's error from the prompts' ground-truth renders at these guidances")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = build_config(SDSConfig, {}, None, None, dict(parse_override(o) for o in args.overrides))
@@ -77,6 +103,9 @@ def main() -> None:
     prompts = centred_prompts(args.split, args.prompts, args.seed)[args.first:]
     changed = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(SDSConfig(), k)}
     print(f"{args.split} prompts: {len(prompts)}, settings: {changed or 'defaults'}")
+    if args.fixed_point:
+        fixed_points(pipe, prompts, [float(g) for g in args.fixed_point.split(",")], args.seed)
+        return
     if args.reference_only:
         print(f"2D model's own images ({args.reference} per prompt): right {reference(pipe, prompts, args.reference):.2f}")
         return

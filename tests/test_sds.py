@@ -13,13 +13,18 @@ import latentdiff
 from latentdiff.threed.asset import have_marching_cubes, load_voxels, mesh_obj, save_asset
 from latentdiff.threed.sds import (
     SDSConfig,
+    background_variants,
     check_text_to_image,
     distill,
     evaluate,
+    fixed_point_error,
     judge_views,
     make_field,
+    opacity_entropy,
     plan_prompt,
+    ramp,
     sds_update,
+    swap_backgrounds,
 )
 from latentdiff.threed.voxels import turntable
 from latentdiff.types import Cond
@@ -56,6 +61,10 @@ def test_sds_update_formulas_and_sign():
     assert torch.allclose(sds_update(den, z, sigma, eps, cond, uncond, 7.0, "csd"), 7 * (b - a).expand_as(z))
     with pytest.raises(ValueError, match="method"):
         sds_update(den, z, sigma, eps, cond, uncond, 7.0, "vsd")
+    assert torch.allclose(sds_update(den, z, sigma, eps, cond, uncond, 1.0, "sds"), z - a, atol=1e-6)  # cond only
+    rows = Cond(vector=torch.tensor([[1.0], [0.0], [1.0]]))  # a conditioning row per view
+    assert torch.allclose(sds_update(den, z, sigma, eps, rows, uncond, 1.0, "sds"),
+                          z - torch.cat([a, b, a]), atol=1e-6)
     param = torch.zeros(3, 4, 2, 2, requires_grad=True)
     opt = torch.optim.SGD([param], lr=0.2)
     target = _TwoWay(a, a)
@@ -146,6 +155,112 @@ def test_sparsity_thins_the_field(tmp_path):
         result = distill(pipe, plan, SDSConfig(steps=10, views=2, resolution=8, samples=8, sparsity=weight, lr=0.2))
         opacity[weight] = float(result.views(turntable(2), 16)[1].mean())
     assert opacity[100.0] < 0.7 * opacity[0.0], opacity
+
+
+def test_fixed_point_error_of_guidance():
+    """An identity autoencoder and a denoiser whose conditional estimate is the right image z and unconditional one
+    b: the target D_u + w (D_c - D_u) is the image at w = 1 (error 0) and strays by (w - 1) (z - b) / 2 in pixels."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 4, 4)
+    z, b = images * 2 - 1, torch.zeros(1, 3, 4, 4)
+
+    def denoiser(x, sigma, cond):
+        pick = cond.vector.view(-1, 1, 1, 1)
+        return pick * z.repeat(len(x) // len(z), 1, 1, 1) + (1 - pick) * b  # cond only (w = 1) or cond + uncond
+
+    pipe = SimpleNamespace(
+        denoiser=denoiser, autoencoder=SimpleNamespace(encode=lambda x: x, decode=lambda x: x),
+        encode_prompts=lambda p, n: (Cond(vector=torch.ones(len(p), 1)), Cond(vector=torch.zeros(len(n), 1))))
+    g = torch.Generator().manual_seed(0)
+    assert fixed_point_error(pipe, images, ["a", "b"], 1.0, [0.2, 0.8], g) == pytest.approx([0.0, 0.0], abs=1e-6)
+    strayed = fixed_point_error(pipe, images, ["a", "b"], 5.0, [0.5], g)[0]
+    assert strayed == pytest.approx(float((4 * (z - b) / 2).square().mean().sqrt()), rel=1e-5)
+
+
+def test_opacity_entropy_is_the_binary_entropy_and_pushes_away_from_one_half():
+    """H(a) = -a log a - (1 - a) log(1 - a), summed per view and averaged over views; its gradient log((1 - a) / a)
+    is 0 at 1/2, and a descent step moves every opacity away from 1/2 (toward 0 below it, toward 1 above it)."""
+    a = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 0.999]], requires_grad=True)
+    h = lambda p: -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    expected = sum(h(p) for p in (0.1, 0.5, 0.9, 0.3, 0.7, 0.999)) / 2
+    value = opacity_entropy(a)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert torch.allclose(a.grad, torch.log((1 - a) / a).detach() / 2, atol=1e-5)
+    stepped = a.detach() - 0.01 * a.grad
+    below, above = a.detach() < 0.5, a.detach() > 0.5
+    assert (stepped[below] < a.detach()[below]).all() and (stepped[above] > a.detach()[above]).all()
+    assert a.grad[0, 1] == 0
+    empty = torch.zeros(1, 4, requires_grad=True)  # rays that miss the object: clamped, no gradient, ~0 cost
+    opacity_entropy(empty).backward()
+    assert float(opacity_entropy(empty)) < 1e-2 and torch.equal(empty.grad, torch.zeros(1, 4))
+
+
+def test_ramp():
+    assert [ramp(s, 11, 0.5) for s in (0, 1, 5, 8, 10)] == [0.0, pytest.approx(0.2), 1.0, 1.0, 1.0]
+    assert ramp(0, 11, 0.0) == 1.0 and ramp(0, 1, 0.5) == 0.0
+
+
+def test_opacity_entropy_makes_the_field_binary(tmp_path):
+    """The entropy penalty, strong above the SDS update of a random model, leaves fewer rays of middling opacity
+    (0.1 < a < 0.9) than the same run without it (same seed, same steps)."""
+    pipe = latentdiff.load(tiny_model_folder(tmp_path / "m"))
+    plan = plan_prompt(pipe, PROMPT)
+    middling = {}
+    for weight in (0.0, 20.0):
+        cfg = SDSConfig(steps=12, views=2, resolution=8, samples=8, opacity_entropy=weight, entropy_ramp=0.0, lr=0.2)
+        opacity = distill(pipe, plan, cfg).views(turntable(2), 16)[1]
+        middling[weight] = float(((opacity > 0.1) & (opacity < 0.9)).float().mean())
+    assert middling[20.0] < 0.7 * middling[0.0], middling
+
+
+def test_background_variants(pipe):
+    from latentdiff.data.shapes import parse_caption
+    plan = plan_prompt(pipe, "a small blue square in the center, grey background")
+    variants = background_variants(plan)
+    assert variants[0] == (plan.model_prompt, (128 / 255,) * 3) and len(variants) == 3
+    assert [parse_caption(p).background for p, _ in variants] == ["gray", "black", "white"]
+    assert [c for _, c in variants[1:]] == [(0.0,) * 3, (1.0,) * 3]
+    assert all(parse_caption(p).objects == plan.scene.objects for p, _ in variants)
+    assert background_variants(plan_prompt(pipe, "a red ball")) == [("a red circle", None)]
+
+
+def test_swapped_background_equals_rendering_on_it():
+    """A view recomposited over another background is the view rendered with that background (compositing is
+    linear in the background); the conditioning rows follow the picks; share 0 moves nothing, share 1 every view."""
+    from latentdiff.threed.voxels import VoxelField
+    torch.manual_seed(0)
+    field = VoxelField(8, background=(0.5, 0.5, 0.5), init_radius=0.5)
+    white = VoxelField(8, background=(1.0, 1.0, 1.0), init_radius=0.5)
+    white.load_state_dict(field.state_dict())
+    white.background_raw.data = torch.logit(torch.tensor([1.0] * 3).clamp(1e-3, 1 - 1e-3))
+    cameras = turntable(3)
+    images, opacity = field.render(cameras, 16, samples=16)
+    conds = Cond(vector=torch.arange(3.0).view(3, 1))
+    others = white.background().view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    moved, cond = swap_backgrounds(images, opacity, field.background(), others, conds, 1.0, g)
+    assert torch.allclose(moved, white.render(cameras, 16, samples=16)[0], atol=1e-5)
+    assert cond.vector.flatten().tolist() == [1.0, 1.0, 1.0]
+    same, cond = swap_backgrounds(images, opacity, field.background(), others, conds, 0.0, g)
+    assert torch.equal(same, images) and cond.vector.flatten().tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="latent"):
+        SDSConfig(space="latent", other_backgrounds=0.5)
+
+
+def test_distill_with_other_backgrounds(tmp_path):
+    """Views on the other backgrounds, each with its own prompt row: the denoiser sees three distinct conditional
+    rows over a run, and the stated background stays the field's."""
+    pipe = latentdiff.load(tiny_model_folder(tmp_path / "m"))
+    seen = []
+    pipe.denoiser.network.register_forward_pre_hook(
+        lambda module, args: seen.append((args[2].context if args[2].context is not None else args[2].vector).flatten(1)))
+    plan = plan_prompt(pipe, PROMPT)
+    result = distill(pipe, plan, SDSConfig(steps=6, views=4, resolution=8, samples=8, other_backgrounds=0.7))
+    rows = torch.cat([v[: len(v) // 2] for v in seen])  # the conditional half of each batch
+    assert len(torch.unique(rows, dim=0)) == 3
+    assert torch.allclose(result.field.background(), torch.zeros(3), atol=1e-3)
 
 
 def test_judge_views_counts_right_and_consistent_views():
