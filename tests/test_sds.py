@@ -185,7 +185,7 @@ def test_opacity_entropy_is_the_binary_entropy_and_pushes_away_from_one_half():
     h = lambda p: -(p * np.log(p) + (1 - p) * np.log(1 - p))
     expected = sum(h(p) for p in (0.1, 0.5, 0.9, 0.3, 0.7, 0.999)) / 2
     value = opacity_entropy(a)
-    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert torch.allclose(a.grad, torch.log((1 - a) / a).detach() / 2, atol=1e-5)
     stepped = a.detach() - 0.01 * a.grad
