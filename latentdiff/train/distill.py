@@ -159,10 +159,10 @@ DISTILL_PRESETS: dict[str, dict] = {
     # Reflow of the bundled model (train/reflow.py): pairs from the teacher's DPM++ 2M with CFG 4, the student (the
     # teacher's weights, no consistency scalings) on Euler's flow grid; BENCHMARKS.md, "Few-step students: reflow
     # against consistency training".
-    "shapes-reflow": {"teacher": "default", "method": "reflow", "steps": 1000, "batch_size": 32, "lr": 1e-4,
+    "shapes-reflow": {"teacher": "default", "method": "reflow", "steps": 2000, "batch_size": 32, "lr": 1e-4,
                       "warmup_steps": 20, "guidance_range": (4.0, 4.0), "guidance": 4.0, "guidance_embed_dim": 0,
-                      "steps_range": (1, 4), "sample_steps": 2, "ema_decay": 0.99, "reflow_pairs": 2048,
-                      "reflow_sampler": "dpmpp_2m", "reflow_steps": 10, "reflow_chunk": 256, "sample_every": 500,
+                      "steps_range": (1, 4), "sample_steps": 2, "ema_decay": 0.99, "reflow_pairs": 3072,
+                      "reflow_sampler": "dpmpp_2m", "reflow_steps": 12, "reflow_chunk": 256, "sample_every": 500,
                       "save_every": 250, "keep_last": 2},
     "shapes-reflow-test": {"method": "reflow", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
                            "sample_every": 2, "save_every": 2, "guidance_range": (3.0, 3.0), "guidance_embed_dim": 0,
