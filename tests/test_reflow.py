@@ -134,6 +134,8 @@ def test_cli_end_to_end_then_load_and_generate_in_1_2_4_steps(tiny, tmp_path):
             assert pipe.generate("a red circle", steps=steps, output="np").shape == (1, 32, 32, 3)
     with pytest.warns(UserWarning, match="reflow student was distilled for 1 to 4"):
         pipe.generate("a red circle", steps=6, output="np")
+    main(_args(tiny, tmp_path / "dry", "--set", "dry_run=true", "--set", "dry_run_steps=2"))  # one chunk, in memory
+    assert not (tmp_path / "dry").exists()
 
 
 def test_resume_is_bitwise_also_after_an_interrupted_pair_generation(tiny, tmp_path, capsys):
