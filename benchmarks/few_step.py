@@ -1,6 +1,6 @@
 """Few-step generation on a shapes model: a distilled student (an LCM-LoRA file, or a model folder from distill
---method lcm / ct / add, named by its index's method) at 1, 2 and 4 steps against its teacher with DPM++ 2M and
-UniPC at the same steps and at 20.
+--method lcm / ct / add / reflow, named by its index's method, run with its index's sampler) at 1, 2 and 4 steps
+against its teacher with DPM++ 2M and UniPC at the same steps and at 20.
 
     python benchmarks/few_step.py [--teacher default] [--lora RUN/lora.safetensors] [--student RUN/model]
         [--prompts 512] [--steps 1 2 4] [--teacher-steps 1 2 4 20] [--threads 1] [--seed 1]
@@ -78,9 +78,10 @@ def main() -> None:
         method = student.index.distilled.method if student.index.distilled is not None else "lcm"
         students.append((f"{method.upper()} student", student))
     for name, pipe in students:
+        sampler = pipe.settings().sampler  # the student's own: 'lcm', or 'euler' for a reflow student
         for steps in args.steps:
-            images, seconds = generate(pipe, prompts, steps=steps, sampler="lcm", guidance=None, seed=args.seed)
-            print(row(f"{name}, lcm, {steps}", images, seconds, prompts, extractor, reference), flush=True)
+            images, seconds = generate(pipe, prompts, steps=steps, sampler=sampler, guidance=None, seed=args.seed)
+            print(row(f"{name}, {sampler}, {steps}", images, seconds, prompts, extractor, reference), flush=True)
     for sampler in args.samplers:
         for steps in args.teacher_steps:
             images, seconds = generate(teacher, prompts, steps=steps, sampler=sampler, guidance=guidance,

@@ -132,7 +132,8 @@ class SizeConditioning:
 class Distilled:
     """A few-step student (``train/distill.py``): how it was distilled and how it must be called."""
 
-    method: str = "lcm"  # "lcm" (latent consistency distillation), "ct" (consistency training), "add" (adversarial)
+    method: str = "lcm"  # "lcm" (latent consistency distillation), "ct" (consistency training), "add" (adversarial),
+    # "reflow" (rectified-flow straightening: a plain flow model, no consistency scalings)
     teacher: str = ""  # the teacher's model folder, for the record
     guidance_embed_dim: int = 0  # > 0: Fourier features of the guidance scale w follow cond.vector
     embedded_guidance: float = 1.0  # the w the student is given (its CFG is baked in: generate with guidance 1)
@@ -140,7 +141,7 @@ class Distilled:
     steps_range: tuple[int, int] = (1, 8)  # the sampler steps it was distilled for; others work with a warning
     grid_steps: int = 50  # points of the teacher grid it was trained on (the 'lcm' grid's original_steps)
 
-    BOUNDS = bounds({"method": one_of("lcm", "ct", "add"), "guidance_embed_dim": between(0, 4096),
+    BOUNDS = bounds({"method": one_of("lcm", "ct", "add", "reflow"), "guidance_embed_dim": between(0, 4096),
                      "embedded_guidance": FINITE, "guidance_range": FINITE, "steps_range": between(1, MAX_STEPS),
                      "grid_steps": between(1, MAX_STEPS)})
 

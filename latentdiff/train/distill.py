@@ -70,10 +70,11 @@ from latentdiff.train.add import student_loss as add_loss
 from latentdiff.train.common import Trainable, check_finite_params, refuse_fsdp
 from latentdiff.train.denoiser import ema_parts, sample_grid
 from latentdiff.train.distributed import per_sample, sample_generators
+from latentdiff.train.reflow import check_reflow_teacher, make_pairs
 from latentdiff.train.run import Run, RunConfig, processes
 from latentdiff.types import Cond
 
-METHODS = ("lcm", "ct", "add")
+METHODS = ("lcm", "ct", "add", "reflow")
 
 
 @dataclass
@@ -83,7 +84,8 @@ class DistillConfig(RunConfig):
     out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, samples/, and the student's model/
     teacher: str = ""  # the teacher's model folder (ours; "default": the bundled model)
     method: str = "lcm"  # "lcm": consistency distillation of the teacher's ODE; "ct": consistency training (no ODE);
-    # "add": adversarial diffusion distillation (train/add.py)
+    # "add": adversarial diffusion distillation (train/add.py); "reflow": rectified-flow straightening of a flow
+    # teacher on its own CFG samples (train/reflow.py)
     init: str = "teacher"  # the student's first weights: the teacher's, or "random" (ct from scratch)
     cache: str = ""  # the latent cache the teacher was trained on (`latentdiff cache`)
     grid_steps: int = 50  # N: points of the teacher's own grid the student learns (LCM: 50 DDIM timesteps)
@@ -98,7 +100,8 @@ class DistillConfig(RunConfig):
     steps_range: tuple[int, int] = (1, 8)  # sampler steps the student is meant for (the index says; others warn)
     sample_steps: int = 4  # the steps the index recommends, and the sample grids'
     sample_guidance: float = 1.0  # CFG on top of the student in the sample grids (its w is embedded)
-    sample_schedule: str | None = "lcm"  # sigma grid of the sample grids
+    sample_schedule: str | None = None  # sigma grid of the sample grids; None: the student's index's ('lcm'; reflow:
+    # the flow grid)
     sample_prompts: tuple[str, ...] = ("a large red circle on the left", "a small blue square at the top",
                                        "a large green triangle on the right", "a small yellow circle at the bottom")
     cached_text: bool = True  # read a frozen pretrained text encoder's embeddings from the cache when it has them
@@ -121,6 +124,10 @@ class DistillConfig(RunConfig):
     disc_sigma_max: float | None = None  # ADD: the highest noise level the discriminator sees (None: every finite one)
     level_weights: tuple[float, ...] = ()  # ADD: how often each student level is drawn, highest first (one weight per
     # sample_steps level; empty: uniform). More weight on the first level trains the 1-step student harder.
+    reflow_pairs: int = 4096  # reflow: (noise, teacher sample) pairs made before training, from the cache's prompts
+    reflow_sampler: str = "dpmpp_2m"  # reflow: the teacher's deterministic sampler that makes the pairs
+    reflow_steps: int = 10  # reflow: its steps (CFG: the guidance_range's one w)
+    reflow_chunk: int = 256  # reflow: pairs made (and written) at a time; an interrupted run keeps whole chunks
 
     BOUNDS = bounds({"lora_rank": between(0, 4096), "lora_alpha": at_least(0), "method": one_of(*METHODS), "init": one_of("teacher", "random"), "grid_steps": between(2, 1000), "skip": COUNT,
                      "guidance_range": FINITE, "guidance": FINITE, "guidance_embed_dim": between(0, 4096),
@@ -129,7 +136,8 @@ class DistillConfig(RunConfig):
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": at_least(0),
                      "adv_weight": at_least(0), "distill_weight": at_least(0), "distill_weighting": one_of(*WEIGHTINGS),
                      "disc_lr": at_least(0), "disc_hidden": between(1, 4096),
-                     "disc_sigma_max": above(0), "level_weights": at_least(0)})
+                     "disc_sigma_max": above(0), "level_weights": at_least(0), "reflow_pairs": COUNT,
+                     "reflow_steps": between(1, MAX_STEPS), "reflow_chunk": COUNT})
 
 
 DISTILL_PRESETS: dict[str, dict] = {
@@ -152,6 +160,25 @@ DISTILL_PRESETS: dict[str, dict] = {
                    "disc_lr": 1e-3, "warmup_steps": 20, "guidance_range": (4.0, 4.0),
                    "guidance": 4.0, "guidance_embed_dim": 0, "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.99,
                    "sample_every": 500, "save_every": 250, "keep_last": 2},
+    # Reflow of the bundled model (train/reflow.py): pairs from the teacher's DPM++ 2M with CFG 4, the student (the
+    # teacher's weights, no consistency scalings) on Euler's flow grid; BENCHMARKS.md, "Few-step students: reflow
+    # against consistency training".
+    "shapes-reflow": {"teacher": "default", "method": "reflow", "steps": 2000, "batch_size": 32, "lr": 1e-4,
+                      "warmup_steps": 20, "guidance_range": (4.0, 4.0), "guidance": 4.0, "guidance_embed_dim": 0,
+                      "steps_range": (1, 4), "sample_steps": 2, "ema_decay": 0.99, "reflow_pairs": 3072,
+                      "reflow_sampler": "dpmpp_2m", "reflow_steps": 12, "reflow_chunk": 256, "sample_every": 500,
+                      "save_every": 250, "keep_last": 2},
+    "shapes-reflow-test": {"method": "reflow", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
+                           "sample_every": 2, "save_every": 2, "guidance_range": (3.0, 3.0), "guidance_embed_dim": 0,
+                           "steps_range": (1, 4), "sample_steps": 2, "reflow_pairs": 8, "reflow_chunk": 4,
+                           "reflow_steps": 3, "quiet": True},
+    # Consistency training (Song et al. 2023) of the bundled model's architecture, starting from its weights: no
+    # teacher ODE, so no guidance (w = 1); the 'lcm' grid. BENCHMARKS.md, "Few-step students: reflow against
+    # consistency training".
+    "shapes-ct": {"teacher": "default", "method": "ct", "init": "teacher", "steps": 1200, "batch_size": 32,
+                  "lr": 1e-4, "warmup_steps": 20, "guidance_range": (1.0, 1.0), "guidance_embed_dim": 0,
+                  "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.95, "sample_every": 500, "save_every": 200,
+                  "keep_last": 2},
     "shapes-add-test": {"method": "add", "steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1,
                         "sample_every": 2, "save_every": 2, "grid_steps": 10, "guidance_range": (3.0, 3.0),
                         "guidance_embed_dim": 0, "steps_range": (1, 4), "quiet": True},
@@ -254,6 +281,11 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
     if cfg.method == "ct" and ((lo, hi) != (1.0, 1.0) or cfg.guidance_embed_dim):
         raise ValueError("consistency training has no teacher ODE to take guidance from: set guidance_range = [1, 1] "
                          "and guidance_embed_dim = 0")
+    if cfg.method == "reflow":
+        check_reflow_teacher(teacher, cfg, name)
+        if len(cache.bucket_shapes) != 1:
+            raise ValueError(f"the cache {cfg.cache} has {len(cache.bucket_shapes)} buckets: reflow makes its pairs at "
+                             "one latent size; use a cache of one size")
     if cfg.method == "add":
         check_add_teacher(teacher.denoiser.network, name)
         if cfg.guidance_embed_dim or cfg.init != "teacher":
@@ -298,7 +330,8 @@ def check_teacher(teacher: ModelFolder, cfg: DistillConfig, cache: LatentCache) 
 
 def student_of(teacher: ModelFolder, cfg: DistillConfig) -> tuple[Denoiser, object]:
     """The student (the teacher's network, widened for the w embedding, with the boundary scalings) and its spec."""
-    spec = dataclasses.replace(teacher.spec, consistency=ConsistencyScalings(cfg.sigma_data, cfg.timestep_scaling))
+    scalings = None if cfg.method == "reflow" else ConsistencyScalings(cfg.sigma_data, cfg.timestep_scaling)
+    spec = dataclasses.replace(teacher.spec, consistency=scalings)  # reflow: a plain flow model
     if cfg.guidance_embed_dim:
         family = spec.network
         spec = dataclasses.replace(spec, **{family: for_guidance_embedding(getattr(spec, family),
@@ -352,12 +385,14 @@ class LoRAStudent:
 
 
 def student_index(teacher: ModelFolder, cfg: DistillConfig):
-    """The student's model index: the teacher's, with the LCM sampler, its steps, guidance 1 and ``Distilled``."""
+    """The student's model index: the teacher's, with the LCM sampler (reflow: Euler), its steps, guidance 1 and
+    ``Distilled``."""
     lo, hi = cfg.guidance_range
     w = cfg.guidance
     if w is None:
         w = min(max(teacher.index.generation.guidance or DEFAULT_GENERATION.guidance, lo), hi)
-    generation = GenerationSettings(sampler="lcm", steps=cfg.sample_steps, guidance=1.0, schedule="lcm",
+    sampler, schedule = ("euler", None) if cfg.method == "reflow" else ("lcm", "lcm")  # reflow: Euler, flow grid
+    generation = GenerationSettings(sampler=sampler, steps=cfg.sample_steps, guidance=1.0, schedule=schedule,
                                     guidance_method="cfg", pag_scale=0.0)
     return dataclasses.replace(teacher.index, generation=generation, distilled=Distilled(
         method=cfg.method, teacher=str(cfg.teacher), guidance_embed_dim=cfg.guidance_embed_dim,
@@ -398,7 +433,9 @@ def distill(cfg: DistillConfig) -> Path | dict:
         cached_text = cfg.cached_text and isinstance(te_cfg, TextEncoderConfig) and cache.uses_text(te_cfg)
         ae, t_den = teacher.autoencoder, teacher.denoiser.to(device)
         lo, hi = cfg.guidance_range
-        conditions = Conditions(cache, teacher.text_encoder.to(device), cached_text, (lo, hi) != (1.0, 1.0), device)
+        reflow = cfg.method == "reflow"  # the student learns the pairs' conditional velocity: no uncond
+        conditions = Conditions(cache, teacher.text_encoder.to(device), cached_text,
+                                (lo, hi) != (1.0, 1.0) and not reflow, device)
         index = student_index(teacher, cfg)
 
         # Build: the student from the teacher (or a LoRA on it); the engine's EMA of it is the target network.
@@ -418,6 +455,8 @@ def distill(cfg: DistillConfig) -> Path | dict:
             levels = student_levels(teacher.denoiser.parameterization, cfg.sample_steps, cfg.grid_steps)
             level_p = level_probabilities(cfg.level_weights, len(levels))
         param = student.parameterization
+        pairs = make_pairs(cfg, run.folder, teacher, cache, Conditions(cache, conditions.text_encoder, cached_text, True,
+                                                                       device), device, main, ctx.barrier) if reflow else None
         if main and not cfg.quiet:
             what = f"LoRA rank {cfg.lora_rank} on {len(lora.lora.names)} layers of " if lora else ""
             print(f"distill ({cfg.method}) {what}{cfg.teacher}: {teacher.spec.network} ({param.name}), {len(grid)} "
@@ -427,11 +466,14 @@ def distill(cfg: DistillConfig) -> Path | dict:
         # Loop.
         with run.guard():
             for step in run.steps():
-                idx, chunks = run.batch(cache, step)
+                idx, chunks = run.batch(cache if pairs is None else pairs, step)
 
                 def loss_fn(positions: Tensor, step: int = step, idx: Tensor = idx) -> Tensor:
                     """Per-sample losses of these global-batch positions, each from its own generator."""
                     gens = sample_generators(cfg.seed, step, positions)
+                    if pairs is not None:  # reflow: flow matching on the straight line of each pair (train/reflow.py)
+                        with autocast(cfg.precision, device):
+                            return pairs.loss(student, idx[positions], gens, conditions, cache, device)
                     drawn = [cache.sample(idx[p:p + 1], g) for p, g in zip(positions.tolist(), gens)]
                     x0 = ae.normalize(torch.cat([raw for raw, _ in drawn])).to(device)
                     noise = per_sample(gens, lambda g: torch.randn(1, *x0.shape[1:], generator=g)).to(device)
