@@ -175,7 +175,7 @@ DISTILL_PRESETS: dict[str, dict] = {
     # Consistency training (Song et al. 2023) of the bundled model's architecture, starting from its weights: no
     # teacher ODE, so no guidance (w = 1); the 'lcm' grid. BENCHMARKS.md, "Few-step students: reflow against
     # consistency training".
-    "shapes-ct": {"teacher": "default", "method": "ct", "init": "teacher", "steps": 1200, "batch_size": 32,
+    "shapes-ct": {"teacher": "default", "method": "ct", "init": "teacher", "steps": 2200, "batch_size": 32,
                   "lr": 1e-4, "warmup_steps": 20, "guidance_range": (1.0, 1.0), "guidance_embed_dim": 0,
                   "steps_range": (1, 4), "sample_steps": 4, "ema_decay": 0.95, "sample_every": 500, "save_every": 200,
                   "keep_last": 2},
