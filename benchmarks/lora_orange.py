@@ -1,14 +1,15 @@
 """Does a LoRA teach a model a colour word it never saw, and leave the rest alone?
 
     python benchmarks/lora_orange.py LORA [--model default] [--color orange] [--prompts 128] [--threads 1]
-                                     [--round-trip-only]
+                                     [--round-trip-only] [--weight 1] [--skip-base]
 
-Scores the model without and with the LoRA (weight 1) on two prompt sets, with one standard error: prompts whose
+Scores the model without and with the LoRA (at ``--weight``, default 1) on two prompt sets, with one standard error: prompts whose
 first object has the new colour (``shapes.extra_color_prompts``, judged with the extended palette
 ``shapes.ALL_COLORS``), and the held-out prompts without it (``shapes.heldout_prompts``, judged as always). The
 model's own generation settings, seeds 0.. per prompt set. Prints one markdown row per (model, prompt set), after
 the ceiling the autoencoder sets: its round trip (encode, decode) of both sets' rendered scenes, judged alike,
 without and with the LoRA (whose decoder adapters, when the file has them, raise the new colour's ceiling).
+``--skip-base``: the LoRA's rows only (the base rows do not depend on the file).
 """
 
 from __future__ import annotations
@@ -33,23 +34,27 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--round-trip-only", action="store_true", help="the autoencoder rows alone (no generation)")
+    ap.add_argument("--weight", type=float, default=1.0, help="the LoRA's strength (Pipeline.load_lora's weight)")
+    ap.add_argument("--skip-base", action="store_true", help="only the rows with the LoRA")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load(args.model)
     sets = {f"{args.color} (new word)": (extra_color_prompts(args.prompts, color=args.color), ALL_COLORS),
             "heldout (without it)": (heldout_prompts(args.prompts), None)}
     keys = ("color", "shape", "size", "position", "all_correct")
-    print(f"model {args.model}, LoRA {args.lora}, {args.prompts} prompts per set, the model's generation settings\n")
+    print(f"model {args.model}, LoRA {args.lora} (weight {args.weight:g}), {args.prompts} prompts per set, the model's "
+          "generation settings\n")
+    labels = ("base + LoRA",) if args.skip_base else ("base", "base + LoRA")
     print("| model | prompts | " + " | ".join(keys) + " | s / image |\n|" + "---|" * (len(keys) + 3))
-    for label in ("base", "base + LoRA"):
-        lora = pipe.load_lora(args.lora) if label != "base" else None
+    for label in labels:
+        lora = pipe.load_lora(args.lora, args.weight) if label != "base" else None
         for name, (prompts, colors) in sets.items():
             print(f"| autoencoder round trip, {label} | {name}, rendered scenes | "
                   + " | ".join(round_trip(pipe, prompts, colors, keys)) + " | |", flush=True)
         if lora is not None:
             pipe.unload_loras()
-    for label in () if args.round_trip_only else ("base", "base + LoRA"):
-        lora = pipe.load_lora(args.lora) if label != "base" else None
+    for label in () if args.round_trip_only else labels:
+        lora = pipe.load_lora(args.lora, args.weight) if label != "base" else None
         for name, (prompts, colors) in sets.items():
             t = time.perf_counter()
             scores, _ = score_prompts(pipe, prompts, steps=None, sampler=None, guidance=None, seed=0, batch=64,
