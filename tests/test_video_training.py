@@ -11,7 +11,7 @@ from latentdiff.components import read_model_folder
 from latentdiff.images import read_parameters
 from latentdiff.pipeline import load
 
-PROMPT = "a small red circle in the middle moving to the right on a black background"
+PROMPT = "a small red circle moving to the right on a black background"
 
 
 @pytest.fixture(scope="module")

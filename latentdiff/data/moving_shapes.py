@@ -118,19 +118,14 @@ def clip_tensor(frames: np.ndarray) -> torch.Tensor:
 
 
 def clip_caption(clip: Clip) -> str:
-    """The clip's caption: "a small red circle in the middle moving to the right on a black background".
-
-    Every caption names the middle, where each clip's path is centred: the image model a video model is inflated
-    from was trained on captions that always name a place, and without one it draws the wrong object or none
-    (frame agreement of the untrained inflated model on held-out clips: 0.33 without the words, 0.86 with them;
-    BENCHMARKS.md, "Video")."""
+    """The clip's caption: "a small red circle moving to the right on a black background"."""
     if clip.motion == "grow":
-        return f"a {clip.color} {clip.shape} in the middle growing on a {clip.background} background"
-    if clip.motion == "recolor":
-        what = f"turning {clip.end_color}"
+        what = f"a {clip.color} {clip.shape} growing"
+    elif clip.motion == "recolor":
+        what = f"a {clip.size} {clip.color} {clip.shape} turning {clip.end_color}"
     else:
-        what = _PHRASES[clip.motion]
-    return f"a {clip.size} {clip.color} {clip.shape} in the middle {what} on a {clip.background} background"
+        what = f"a {clip.size} {clip.color} {clip.shape} {_PHRASES[clip.motion]}"
+    return f"{what} on a {clip.background} background"
 
 
 def still_caption(clip: Clip, frame: int, frames: int) -> str:

@@ -52,10 +52,10 @@ class VideoTrainConfig(RunConfig):
     ema_decay: float = 0.995  # EMA of weights: the weights saved at the end
     sample_every: int = 500  # steps between sample grids (0 = never)
     save_every: int = 500  # steps between checkpoints
-    sample_prompts: tuple[str, ...] = ("a small red circle in the middle moving to the right on a black background",
-                                       "a large blue square in the middle moving up on a gray background",
-                                       "a yellow triangle in the middle growing on a white background",
-                                       "a small green circle in the middle turning purple on a black background")
+    sample_prompts: tuple[str, ...] = ("a small red circle moving to the right on a black background",
+                                       "a large blue square moving up on a gray background",
+                                       "a yellow triangle growing on a white background",
+                                       "a small green circle turning purple on a black background")
     sample_steps: int = 20  # sampler steps for the grids
     sample_guidance: float = 4.0  # CFG scale for the grids
 
