@@ -19,7 +19,7 @@ Guidance defaults to 1 (the conditional estimate alone, one network pass per ste
 (~100) sharpens a blurry text-to-image model's mode; our shapes model already draws a prompt's one right image, and
 with w > 1 the target z - update = D_u + w (D_c - D_u) overshoots that image by (w - 1) (D_c - D_u), so a right
 asset is not a fixed point of the update (``fixed_point_error`` measures the stray; ``benchmarks/sds_judge.py
---fixed-point``). On the held-out prompts guidance 20 left 0.54 of views right, guidance 1 0.92 (BENCHMARKS.md).
+--fixed-point``). On the held-out prompts guidance 20 left 0.65 of views right, guidance 1 0.92 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
