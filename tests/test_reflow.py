@@ -59,7 +59,7 @@ def test_gaussian_pairs_lie_on_the_teachers_exact_ode_map_and_reflow_straightens
     x0 = teacher_samples(gaussian_teacher, "heun", flow_sigmas(80), z, Cond(), Cond(), 3.0)  # second order
     assert float((x0 - SD * z).abs().max()) < 5e-4
 
-    pairs = ReflowPairs(z, x0, torch.zeros(len(z), dtype=torch.long), 0.0)
+    pairs = ReflowPairs(z, x0, torch.zeros(len(z), dtype=torch.long))
     student = Denoiser(StraightField(), Flow())
     gens = [torch.Generator().manual_seed(i) for i in range(len(z))]
 

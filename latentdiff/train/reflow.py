@@ -85,15 +85,14 @@ class ReflowPairs:
 
     bucketed = False
 
-    def __init__(self, noise: Tensor, x0: Tensor, index: Tensor, seconds: float):
-        self.noise, self.x0, self.index, self.seconds = noise, x0, index, seconds
+    def __init__(self, noise: Tensor, x0: Tensor, index: Tensor):
+        self.noise, self.x0, self.index = noise, x0, index
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def batch_indices(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        glob = batch_indices(step, batch_size * world_size, len(self), seed)
-        return glob[rank * batch_size: (rank + 1) * batch_size]
+    def batch_indices(self, step: int, batch_size: int, seed: int) -> Tensor:
+        return batch_indices(step, batch_size, len(self), seed)
 
     def loss(self, student, pairs: Tensor, gens: list[torch.Generator], conditions, cache, device) -> Tensor:
         """Per-sample flow-matching loss on the straight line between each pair, t ~ U(t_min, 1) from its own
@@ -136,10 +135,10 @@ def make_pairs(cfg, run_folder: Path, teacher, cache, conditions, device, main: 
     folder = Path(run_folder) / PAIRS_FOLDER
     want, items = settings_of(cfg, teacher), pair_items(cfg, len(cache))
     starts = list(range(0, len(items), cfg.reflow_chunk))
-    cpu = time.process_time()
     if cfg.dry_run:
         chunk = _make_chunk(cfg, teacher, cache, conditions, device, items[:cfg.reflow_chunk], 0)
-        return ReflowPairs(chunk["noise"], chunk["x0"], chunk["index"], time.process_time() - cpu)
+        return ReflowPairs(chunk["noise"], chunk["x0"], chunk["index"])
+    cpu = time.process_time()
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         for k, first in enumerate(starts):
@@ -154,8 +153,7 @@ def make_pairs(cfg, run_folder: Path, teacher, cache, conditions, device, main: 
                       f"steps, CFG {cfg.guidance_range[0]:g}), {time.process_time() - cpu:.0f} CPU-s", file=sys.stderr)
     barrier()
     parts = [_read_chunk(folder / f"chunk_{k:05d}.safetensors", want) for k in range(len(starts))]
-    return ReflowPairs(*(torch.cat([p[key] for p in parts]) for key in ("noise", "x0", "index")),
-                       seconds=time.process_time() - cpu)
+    return ReflowPairs(*(torch.cat([p[key] for p in parts]) for key in ("noise", "x0", "index")))
 
 
 def _make_chunk(cfg, teacher, cache, conditions, device, idx: Tensor, first: int) -> dict[str, Tensor]:
