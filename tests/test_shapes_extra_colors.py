@@ -40,3 +40,26 @@ def test_judge_reads_orange_with_the_extended_palette():
     default = score(images, [s for _, s in prompts])  # the default judge has no word for it
     assert default["color"] < 0.6
     assert np.asarray(images).std() > 0
+
+
+def test_extra_share_sets_how_often_objects_take_the_extra_colour():
+    from latentdiff.data.shapes import sample_scene
+
+    def share(value: float, n: int = 600) -> float:
+        rng = np.random.default_rng(5)
+        colors = [o.color for _ in range(n) for o in sample_scene(rng, extra_colors=("orange",),
+                                                                   extra_share=value).objects]
+        return float(np.mean([c == "orange" for c in colors]))
+
+    assert 0.16 < share(0.0) < 0.24  # the default: the 3 orange pairs among 15, one object in five
+    assert 0.45 < share(0.5) < 0.55 and share(1.0) == 1.0
+    data = ShapesDataset(60, size=32, seed=1, extra_colors=("orange",))
+    same = ShapesDataset(60, size=32, seed=1, extra_colors=("orange",), extra_share=0.0)
+    assert all(data[i]["caption"] == same[i]["caption"] for i in range(60))  # 0 draws as before, draw for draw
+    rng = np.random.default_rng(2)
+    held = sample_scene(rng, "heldout", extra_colors=("orange",), extra_share=1.0)  # the held-out object stays
+    assert (held.objects[0].color, held.objects[0].shape) in _pairs("heldout")
+    with pytest.raises(ValueError, match="extra_share is a probability in \\[0, 1\\] for data with extra_colors"):
+        ShapesDataset(4, extra_share=0.5)
+    with pytest.raises(ValueError, match="extra_share is a probability"):
+        ShapesDataset(4, extra_colors=("orange",), extra_share=1.5)

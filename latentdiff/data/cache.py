@@ -65,6 +65,7 @@ class CacheConfig:
     seed: int = 0  # shapes: data set seed
     attribute_dropout: float = 0.0  # shapes: chance a caption's object leaves out its size, colour or shape word
     extra_colors: tuple[str, ...] = ()  # shapes: colours beyond the default vocabulary (data.shapes.EXTRA_COLORS)
+    extra_share: float = 0.0  # shapes: chance an object takes an extra colour (0: as often as any other pair)
     batch_size: int = 64  # images encoded per batch
     shard_size: int = 8192  # items per shard file
     class_folders: bool = False  # folder: each subfolder is a class (integer labels + class names are cached)
@@ -78,7 +79,7 @@ class CacheConfig:
     control: str = ""  # also store each image's condition map for train-controlnet: "edges", "layout", "depth"
 
     BOUNDS = bounds({"num_images": COUNT, "image_size": IMAGE_SIDE, "split": one_of("train", "heldout"),
-                     "attribute_dropout": FRACTION, "batch_size": COUNT,
+                     "attribute_dropout": FRACTION, "extra_share": FRACTION, "batch_size": COUNT,
                      "shard_size": COUNT, "missing_caption": one_of(*MISSING_CAPTION_CHOICES), "min_size": COUNT,
                      "bucket_area": at_least(0), "bucket_step": at_least(0), "bucket_max_aspect": at_least(1),
                      "control": one_of("", *CONTROL_KINDS)})
@@ -294,7 +295,8 @@ def open_source(cfg: CacheConfig) -> tuple[object, list[str] | None]:
 
     if cfg.data == "shapes":
         return ShapesDataset(cfg.num_images, size=cfg.image_size, seed=cfg.seed, split=cfg.split,
-                             attribute_dropout=cfg.attribute_dropout, extra_colors=cfg.extra_colors), None
+                             attribute_dropout=cfg.attribute_dropout, extra_colors=cfg.extra_colors,
+                             extra_share=cfg.extra_share), None
     if is_tar_source(cfg.data):
         if cfg.class_folders:
             raise ValueError("class_folders is for image folders; tar shards carry labels in .cls members")

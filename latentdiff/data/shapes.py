@@ -188,12 +188,17 @@ def _pairs(split: str, extra_colors: tuple[str, ...] = ()) -> list[tuple[str, st
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: int = 3,
-                 n_objects: int | None = None, extra_colors: tuple[str, ...] = ()) -> Scene:
+                 n_objects: int | None = None, extra_colors: tuple[str, ...] = (), extra_share: float = 0.0) -> Scene:
     """A random scene; train scenes avoid HELDOUT_PAIRS, held-out scenes contain at least one of them.
 
     The number of objects is uniform in 1..max_objects, or exactly n_objects when given; ``extra_colors`` (names
-    of EXTRA_COLORS) join the colours objects may take (none: the default data, draw for draw).
+    of EXTRA_COLORS) join the colours objects may take (none: the default data, draw for draw). ``extra_share``
+    (train scenes with extra colours): the chance each object takes an extra colour (0: the extra pairs are drawn
+    as often as any other pair; with orange, one object in five).
     """
+    if not 0 <= extra_share <= 1 or (extra_share and not extra_colors):
+        raise ValueError(f"extra_share is a probability in [0, 1] for data with extra_colors, got {extra_share} "
+                         f"with extra colours {list(extra_colors)}")
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects must be in 1..3, got {max_objects}")
     if n_objects is not None and not 1 <= n_objects <= 3:
@@ -205,6 +210,9 @@ def sample_scene(rng: np.random.Generator, split: str = "train", max_objects: in
         for k in range(n):
             # The first object of a held-out scene has a held-out pair; the others may have any pair.
             pairs = own_pairs if k == 0 else (train_pairs if split == "train" else train_pairs + own_pairs)
+            if extra_share and split == "train":  # one more draw per object only then: the default data is unchanged
+                extra = rng.random() < extra_share
+                pairs = [(c, s) for c, s in pairs if (c in extra_colors) == extra]
             color, shape = pairs[int(rng.integers(len(pairs)))]
             size = SIZES[int(rng.integers(len(SIZES)))]
             free = [
@@ -480,7 +488,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     """n shape images; item i depends only on (seed, split, i), whatever the access order."""
 
     def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", max_objects: int = 3,
-                 phrasing: str = "mixed", attribute_dropout: float = 0.0, extra_colors: tuple[str, ...] = ()):
+                 phrasing: str = "mixed", attribute_dropout: float = 0.0, extra_colors: tuple[str, ...] = (),
+                 extra_share: float = 0.0):
         if not 0 <= attribute_dropout <= 1:
             raise ValueError(f"attribute_dropout is a probability in [0, 1], got {attribute_dropout}")
         if phrasing not in PHRASINGS:
@@ -494,6 +503,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.phrasing = phrasing  # captions: half template words, half paraphrases by default
         self.attribute_dropout = attribute_dropout  # chance an object's phrase leaves out one attribute word
         self.extra_colors = check_extra_colors(extra_colors)  # colours beyond the default vocabulary (EXTRA_COLORS)
+        self.extra_share = extra_share  # chance an object takes one of them (0: as often as any other pair)
+        sample_scene(np.random.default_rng(0), split, extra_colors=self.extra_colors, extra_share=extra_share)  # checks
 
     def __len__(self) -> int:
         return self.n
@@ -504,7 +515,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.n} items")
         index %= self.n
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-        scene = sample_scene(rng, self.split, self.max_objects, extra_colors=self.extra_colors)
+        scene = sample_scene(rng, self.split, self.max_objects, extra_colors=self.extra_colors,
+                             extra_share=self.extra_share)
         render_seed = int(rng.integers(2**31))
         image = render(scene, self.size, seed=render_seed)
         words = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])  # images apart from words
