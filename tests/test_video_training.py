@@ -127,3 +127,35 @@ def test_train_video_with_temporal_cross_attention_and_the_judges_checkpoint_loa
     judge.load_ema(pipe, last)
     for k, v in pipe.denoiser.network.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_train_video_init_fine_tunes_a_video_model_with_a_lower_spatial_lr(image_model, tmp_path):
+    import json
+
+    start = _train(image_model, tmp_path / "all", "--set", "train=all")  # spatial weights differ from the image's
+    # train = temporal from it: the frozen spatial weights are the init's, not the image model's
+    tuned = _train(image_model, tmp_path / "tuned", "--set", f"init={start}")
+    init, image = read_model_folder(start).denoiser.network.state_dict(), read_model_folder(image_model)
+    state = read_model_folder(tuned).denoiser.network.state_dict()
+    spatial = image.denoiser.network.state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in spatial.items())
+    for k in spatial:
+        torch.testing.assert_close(state[k], init[k], rtol=0, atol=0)
+    assert any(not torch.equal(state[k], init[k]) for k in state if k.startswith("temporal."))
+    # train = all with spatial_lr: the image weights' group runs at spatial_lr / lr of the schedule
+    _train(image_model, tmp_path / "both", "--set", f"init={start}", "--set", "train=all", "--set", "lr=1e-3",
+           "--set", "spatial_lr=1e-4")
+    last = tmp_path / "both" / "checkpoints" / (tmp_path / "both" / "checkpoints" / "latest").read_text().strip()
+    groups = json.loads((last / "optimizer.json").read_text())["param_groups"]
+    assert len(groups) == 2 and groups[0]["lr"] > 0
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] / 10) and groups[1]["lr_scale"] == pytest.approx(0.1)
+
+
+def test_train_video_init_refuses_what_it_cannot_start_from(image_model, video_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(image_model, tmp_path / "a", "--set", f"init={image_model}")
+    assert "is a unet model, not a train-video one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(image_model, tmp_path / "b", "--set", f"init={video_model}", "--set", "temporal_cross_attention=true")
+    assert "differing: temporal_cross_attention" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

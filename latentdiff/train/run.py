@@ -159,10 +159,11 @@ class Run:
         torch.manual_seed(self.cfg.seed)
         self.seeded = True
 
-    def build(self, model: nn.Module, params: list[nn.Parameter] | None = None,
+    def build(self, model: nn.Module, params: list[nn.Parameter] | list[dict] | None = None,
               extra: dict[str, nn.Module | torch.optim.Optimizer] | None = None) -> int:
         """Make ``model`` trainable: channels-last, EMA and post-hoc EMA tracks, DDP / FSDP, AdamW over ``params``
-        (default: all of ``model``'s), then resume from the checkpoint and open the run folder's metrics log.
+        (default: all of ``model``'s; or AdamW's parameter groups, each may have an "lr_scale" on the schedule's
+        learning rate), then resume from the checkpoint and open the run folder's metrics log.
 
         ``extra`` names further modules and optimizers the checkpoints keep (a discriminator and its optimizer);
         their modules' weights are checked for NaN and inf before every checkpoint, as the model's are.
@@ -239,8 +240,8 @@ class Run:
         positions; ``loss_fn(positions)`` gives their per-sample losses), then the EMA and post-hoc EMA updates.
         Returns the global mean loss and the gradient norm (None: a non-finite step, skipped)."""
         cfg = self.cfg
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        for group in self.opt.param_groups:  # a group's "lr_scale" (build's params as groups) scales the schedule
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule) * group.get("lr_scale", 1)
         loss, grad_norm, self.stop_now = train_step(self.ctx, self.wrapped, self.model, self.opt, self.skipper, chunks,
                                                     loss_fn, cfg.batch_size, step, cfg.grad_clip, self.stop)
         if grad_norm is not None:

@@ -8,6 +8,7 @@ setup (image model, clips encoded) -> build (inflate, freeze) -> loop (loss, ste
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class VideoTrainConfig(RunConfig):
     steps: int = 2000  # optimizer steps
     batch_size: int = 8  # clips per step
     lr: float = 1e-3  # peak AdamW learning rate
+    spatial_lr: float = 0.0  # train = "all": the image model's own weights' peak learning rate (0: lr)
+    init: str = ""  # a train-video model folder whose weights start this run (the same temporal layers: a fine-tune)
     warmup_steps: int = 50  # linear warm-up
     ema_decay: float = 0.995  # EMA of weights: the weights saved at the end
     sample_every: int = 500  # steps between sample grids (0 = never)
@@ -60,7 +63,7 @@ class VideoTrainConfig(RunConfig):
     sample_guidance: float = 4.0  # CFG scale for the grids
 
     BOUNDS = bounds({"frames": between(2, 64), "clips": at_least(1), "train": one_of("temporal", "all"),
-                     "split": one_of("train", "all"),
+                     "split": one_of("train", "all"), "spatial_lr": at_least(0),
                      "max_frames": between(2, 64), "temporal_head_dim": at_least(1),
                      "sigma_sampler": one_of("lognormal", "logitnormal"), "caption_dropout": FRACTION,
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE})
@@ -92,6 +95,7 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     if family_of(image.denoiser.network) != "unet":
         raise ValueError(f"{cfg.model} has a {family_of(image.denoiser.network)} denoiser: train-video inflates "
                          "U-Net models (latentdiff train with a U-Net preset makes one)")
+    start = init_model(cfg, image) if cfg.init else None  # checked before the clips are encoded
     size = image.index.sample_size
     data = ClipLatents(image.autoencoder, cfg.clips, cfg.frames, size, seed=cfg.seed,
                       split=None if cfg.split == "all" else cfg.split)
@@ -102,17 +106,25 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     network = inflate(image.denoiser.network, max_frames=cfg.max_frames, temporal_conv=cfg.temporal_conv,
                       temporal_attention=cfg.temporal_attention, temporal_head_dim=cfg.temporal_head_dim,
                       temporal_cross_attention=cfg.temporal_cross_attention)
-    denoiser = Denoiser(network, image.denoiser.parameterization)
     text_encoder = image.text_encoder
+    if start is not None:  # the fine-tuned model's weights, its text encoder's too (train = "all" trains it)
+        network.load_state_dict(start.denoiser.network.state_dict())
+        text_encoder = start.text_encoder
+    denoiser = Denoiser(network, image.denoiser.parameterization)
     everything = cfg.train == "all"
     joint = everything and any(True for _ in text_encoder.parameters())  # a hashed encoder has weights to train
     model = Trainable(network, text_encoder if joint else None)
-    trained = list(model.parameters()) if everything else network.temporal_parameters()
+    temporal = network.temporal_parameters()
+    temporal_ids = {id(p) for p in temporal}
+    spatial = [p for p in model.parameters() if id(p) not in temporal_ids] if everything else []
+    trained = temporal + spatial
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    run.build(model, params=trained)
+    groups = [{"params": temporal}] + ([{"params": spatial, "lr_scale": (cfg.spatial_lr or cfg.lr) / cfg.lr}]
+                                       if spatial else [])
+    run.build(model, params=groups)
     text_encoder.to(device)
     sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
     if main and not cfg.quiet:
@@ -126,7 +138,7 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
         for step in run.steps():
             idx, chunks = run.batch(data, step)
             run.advance(step, chunks, loss_for(step, idx), lambda folder, n: sample_clips(folder, cfg, run.sample_path(n, "")),
-                        lambda ema: _folder(ema, image, denoiser, cfg))
+                        lambda ema: _folder(ema, image, text_encoder, denoiser, cfg))
     if cfg.dry_run:
         return run.dry_run_report()
 
@@ -134,12 +146,34 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     ema = run.finish()
     folder = run.folder / "model"
     if main:
-        video = _folder(ema, image, denoiser, cfg)
+        video = _folder(ema, image, text_encoder, denoiser, cfg)
         check_finite_params(video.denoiser.network)
         write_model_folder(folder, video)
         if not cfg.quiet:
             print(f"video model written to {folder}", file=sys.stderr)
     ctx.barrier()
+    return folder
+
+
+def init_model(cfg: VideoTrainConfig, image: ModelFolder) -> ModelFolder:
+    """The video model folder ``cfg.init`` that starts a fine-tune, checked against the run's own inflation of
+    ``image``: the same U-Net and temporal layers, the same latent size."""
+    folder = read_model_folder(Path(cfg.init))
+    network = folder.denoiser.network
+    if family_of(network) != "video_unet":
+        raise ValueError(f"init {cfg.init} is a {family_of(network)} model, not a train-video one: give the model "
+                         "folder a train-video run wrote (RUN/model), or leave init empty to inflate cfg.model")
+    wanted = json.loads(json.dumps(dataclasses.asdict(network.config)))  # tuples and lists alike
+    ours = json.loads(json.dumps({**{f.name: getattr(image.denoiser.network.config, f.name)
+               for f in dataclasses.fields(image.denoiser.network.config)},
+            "max_frames": cfg.max_frames, "temporal_conv": cfg.temporal_conv,
+            "temporal_attention": cfg.temporal_attention, "temporal_head_dim": cfg.temporal_head_dim,
+            "temporal_cross_attention": cfg.temporal_cross_attention}))
+    differ = sorted(k for k in wanted if wanted[k] != ours.get(k))
+    if differ or folder.index.sample_size != image.index.sample_size:
+        raise ValueError(f"init {cfg.init} does not match this run's video U-Net (differing: "
+                         f"{', '.join(differ) or 'sample_size'}): set the same model and temporal keys as its run "
+                         f"({', '.join(f'{k}={wanted[k]!r}' for k in differ)})")
     return folder
 
 
@@ -152,9 +186,11 @@ def image_model_path(model: str) -> Path:
     return Path(model)
 
 
-def _folder(ema: Trainable, image: ModelFolder, denoiser: Denoiser, cfg: VideoTrainConfig) -> ModelFolder:
-    """The video model folder of the EMA weights: the image model's autoencoder, a ``video_unet`` denoiser."""
-    ema_denoiser, text_encoder = ema_parts(ema, image.text_encoder, denoiser)
+def _folder(ema: Trainable, image: ModelFolder, text_encoder, denoiser: Denoiser, cfg: VideoTrainConfig
+            ) -> ModelFolder:
+    """The video model folder of the EMA weights: the image model's autoencoder, a ``video_unet`` denoiser, the
+    run's text encoder (the image model's or the init's; the EMA's when trained)."""
+    ema_denoiser, text_encoder = ema_parts(ema, text_encoder, denoiser)
     spec = DenoiserSpec(network="video_unet", parameterization=image.spec.parameterization,
                         schedule=image.spec.schedule, video_unet=ema_denoiser.network.config)
     index = dataclasses.replace(image.index, frames=cfg.frames)
