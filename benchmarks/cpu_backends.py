@@ -8,7 +8,8 @@ Every row runs in its own process (peak RSS is that process's ``ru_maxrss``: wei
 The sampler is always ours (DPM++ 2M on the model's grid, CFG as one batch of 2); only the network changes.
 "diffusers" rows run ``UNet2DConditionModel`` built from SD 1.5's config (random weights, seeded) behind our
 Denoiser; our rows load those same weights. bf16 torch rows cast the weights to bf16 and store convolutions
-channels-last (the fast CPU layout). OpenVINO rows convert our U-Net (``backends/openvino.py``, a fresh cache
+channels-last (the fast CPU layout). "ovdiffusers" rows are OpenVINO as a user without us would run it:
+``openvino.convert_model`` on diffusers' U-Net itself, compiled with the precision hint. OpenVINO rows convert our U-Net (``backends/openvino.py``, a fresh cache
 folder, so the first call's conversion + compilation is reported apart from the timing). The SD-shaped model has
 no autoencoder: its "max diff" column is the largest latent difference to the fp32 torch row (latents have unit
 scale); for the default model it is the largest pixel difference (of 255) to the fp32 torch image.
@@ -33,7 +34,8 @@ from pathlib import Path
 import torch
 
 SD_ROWS = ("diffusers-fp32", "diffusers-bf16", "torch-fp32", "torch-bf16", "torch-bf16-deepcache", "torch-bf16-tome",
-           "openvino-fp32", "openvino-bf16", "openvino-bf16-int8")
+           "ovdiffusers-fp32", "ovdiffusers-bf16", "openvino-fp32", "openvino-bf16", "openvino-bf16-int8")
+OPENVINO_ROWS = ("openvino", "ovdiffusers")  # rows whose network takes fp32 inputs (the hint sets the precision)
 DEFAULT_ROWS = ("torch-fp32", "torch-bf16", "torch-fp32-deepcache", "torch-fp32-tome", "openvino-fp32", "openvino-bf16",
                 "openvino-bf16-int8")
 DIFFUSERS_CONFIGS = {  # SD 1.5's U-Net; sd15-small: its layout at a fifth of the width (for a quick check)
@@ -93,14 +95,16 @@ def _sd_denoiser(row: str, preset: str, cache_interval: int, cache_dir: str, tom
 
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**DIFFUSERS_CONFIGS[preset]).eval()
-    if row.startswith("diffusers"):
+    if row.startswith("ovdiffusers"):
+        net = _OpenVINODiffusers(ref, "bf16" if "bf16" in row else "f32")
+    elif row.startswith("diffusers"):
         net = _DiffusersNetwork(ref)
     else:
         with torch.device("meta"):
             net = UNet(our_config(preset)).eval()
         net.load_state_dict(ref.state_dict(), strict=True, assign=True)
         del ref
-    if "bf16" in row and not row.startswith("openvino"):
+    if "bf16" in row and not row.startswith(OPENVINO_ROWS):
         net.to(torch.bfloat16).to(memory_format=torch.channels_last)
     if "deepcache" in row:
         net = StepCache(net, cache_interval)
@@ -125,6 +129,38 @@ class _DiffusersNetwork(torch.nn.Module):
         return self.unet(x, c_noise, cond.context.to(x.dtype)).sample
 
 
+class _OpenVINODiffusers(torch.nn.Module):
+    """OpenVINO as a user without latentdiff would run it: ``openvino.convert_model`` on diffusers' own U-Net (with
+    example inputs of the first call's shapes, so the graph is static), compiled for latency with the precision
+    hint; no disk cache, no fp32 islands. Our sampler still drives it."""
+
+    def __init__(self, unet, hint: str):
+        super().__init__()
+        self.unet, self.hint, self.compiled = unet, hint, None
+
+    def forward(self, x, c_noise, cond):
+        import openvino
+
+        inputs = (x.float(), c_noise.float().reshape(x.shape[0]), cond.context.float())
+        if self.compiled is None:
+            model = openvino.convert_model(_SampleOnly(self.unet), example_input=inputs)
+            self.compiled = openvino.Core().compile_model(model, "CPU", {
+                "INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        return torch.from_numpy(self.compiled([t.numpy() for t in inputs])[0]).to(x.dtype)
+
+
+class _SampleOnly(torch.nn.Module):
+    """diffusers' U-Net returning the tensor, not its output dataclass (what convert_model traces)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context):
+        return self.unet(x, t, context, return_dict=False)[0]
+
+
 def run_sd_row(args, row: str, out: Path) -> dict:
     from latentdiff.diffusion import guidance
     from latentdiff.diffusion.sampling import sample_dpmpp_2m
@@ -137,7 +173,7 @@ def run_sd_row(args, row: str, out: Path) -> dict:
     latent = args.size // 8
     g = torch.Generator().manual_seed(0)
     width = DIFFUSERS_CONFIGS[args.preset]["cross_attention_dim"]
-    dtype = torch.bfloat16 if "bf16" in row and not row.startswith("openvino") else torch.float32
+    dtype = torch.bfloat16 if "bf16" in row and not row.startswith(OPENVINO_ROWS) else torch.float32
     cond, uncond = (Cond(context=torch.randn(1, 77, width, generator=g).to(dtype)) for _ in range(2))
     steps = args.sd_steps or args.steps
     sigmas = make_sigmas("trailing", steps, denoiser.parameterization)
