@@ -159,3 +159,10 @@ def test_train_video_init_refuses_what_it_cannot_start_from(image_model, video_m
         _train(image_model, tmp_path / "b", "--set", f"init={video_model}", "--set", "temporal_cross_attention=true")
     assert "differing: temporal_cross_attention" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_video_guidance_is_the_folders_recommendation(image_model, video_model, tmp_path):
+    assert read_model_folder(video_model).index.generation.guidance == read_model_folder(image_model).index.generation.guidance
+    folder = _train(image_model, tmp_path / "run", "--set", "guidance=1.5", "--set", "steps=1")
+    assert read_model_folder(folder).index.generation.guidance == 1.5
+    assert load(folder).settings().guidance == 1.5 and load(folder).settings(guidance=3.0).guidance == 3.0

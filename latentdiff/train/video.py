@@ -61,12 +61,13 @@ class VideoTrainConfig(RunConfig):
                                        "a small green circle turning purple on a black background")
     sample_steps: int = 20  # sampler steps for the grids
     sample_guidance: float = 4.0  # CFG scale for the grids
+    guidance: float = 0.0  # the model folder's recommended CFG scale (its index's generation.guidance; 0: the image's)
 
     BOUNDS = bounds({"frames": between(2, 64), "clips": at_least(1), "train": one_of("temporal", "all"),
                      "split": one_of("train", "all"), "spatial_lr": at_least(0),
                      "max_frames": between(2, 64), "temporal_head_dim": at_least(1),
                      "sigma_sampler": one_of("lognormal", "logitnormal"), "caption_dropout": FRACTION,
-                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE})
+                     "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "guidance": at_least(0)})
 
 
 VIDEO_PRESETS: dict[str, dict] = {
@@ -194,6 +195,8 @@ def _folder(ema: Trainable, image: ModelFolder, text_encoder, denoiser: Denoiser
     spec = DenoiserSpec(network="video_unet", parameterization=image.spec.parameterization,
                         schedule=image.spec.schedule, video_unet=ema_denoiser.network.config)
     index = dataclasses.replace(image.index, frames=cfg.frames)
+    if cfg.guidance:
+        index = dataclasses.replace(index, generation=dataclasses.replace(index.generation, guidance=cfg.guidance))
     return ModelFolder(index, image.autoencoder, ema_denoiser.eval(), spec, text_encoder.eval())
 
 
