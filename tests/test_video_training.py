@@ -158,6 +158,10 @@ def test_train_video_init_refuses_what_it_cannot_start_from(image_model, video_m
     with pytest.raises(SystemExit):
         _train(image_model, tmp_path / "b", "--set", f"init={video_model}", "--set", "temporal_cross_attention=true")
     assert "differing: temporal_cross_attention" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(image_model, tmp_path / "c", "--set", "spatial_lr=1e-4")  # train = temporal trains no image weight
+    assert "only train = 'all' trains" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -166,3 +170,12 @@ def test_train_video_guidance_is_the_folders_recommendation(image_model, video_m
     folder = _train(image_model, tmp_path / "run", "--set", "guidance=1.5", "--set", "steps=1")
     assert read_model_folder(folder).index.generation.guidance == 1.5
     assert load(folder).settings().guidance == 1.5 and load(folder).settings(guidance=3.0).guidance == 3.0
+
+
+@pytest.mark.parametrize("preset", ["moving-shapes", "moving-shapes-ft", "moving-shapes-test"])
+def test_video_presets_are_valid_configs(preset):
+    from latentdiff.config import from_dict
+    from latentdiff.train.video import VIDEO_PRESETS, VideoTrainConfig
+
+    cfg = from_dict(VideoTrainConfig, VIDEO_PRESETS[preset])
+    assert cfg.frames <= cfg.max_frames and (cfg.train == "all" or not cfg.spatial_lr)
