@@ -1,6 +1,6 @@
 """Temporal consistency of a video model on moving-shapes prompts, read by the clip judge.
 
-    python benchmarks/video_judge.py MODEL_DIR [--clips 60] [--frames 8] [--steps 20] [--guidance 4] [--seed 0]
+    python benchmarks/video_judge.py MODEL_DIR [--clips 60] [--frames 8] [--steps 20] [--guidance G] [--seed 0]
     python benchmarks/video_judge.py --inflate default ...   (the baseline: an image model inflated, untrained)
     python benchmarks/video_judge.py --still default ...     (the image model drawing each frame from its still caption)
     python benchmarks/video_judge.py RUN/model --checkpoint RUN/checkpoints/step_0000800   (a point of the curve)
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=60)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own, its index's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=12)
     args = ap.parse_args()
@@ -76,6 +76,7 @@ def main() -> None:
                         dataclasses.replace(pipe.index, frames=args.frames))
     if args.checkpoint:
         load_ema(pipe, Path(args.checkpoint))
+    args.guidance = pipe.settings(guidance=args.guidance).guidance
     size = pipe.default_size
     truth = ClipLatents(pipe.autoencoder, args.clips, args.frames, size, seed=10_000 + args.seed,  # a seed not trained
                         split=None if args.split == "any" else args.split)
