@@ -9,8 +9,9 @@ The sampler is always ours (DPM++ 2M on the model's grid, CFG as one batch of 2)
 "diffusers" rows run ``UNet2DConditionModel`` built from SD 1.5's config (random weights, seeded) behind our
 Denoiser; our rows load those same weights. bf16 torch rows cast the weights to bf16 and store convolutions
 channels-last (the fast CPU layout). "ovdiffusers" rows are OpenVINO as a user without us would run it:
-``openvino.convert_model`` on diffusers' U-Net itself, compiled with the precision hint. OpenVINO rows convert our U-Net (``backends/openvino.py``, a fresh cache
-folder, so the first call's conversion + compilation is reported apart from the timing). The SD-shaped model has
+``openvino.convert_model`` on diffusers' U-Net itself, compiled with the precision hint. OpenVINO rows convert our
+U-Net (``backends/openvino.py``, a fresh cache folder, so the first call's conversion + compilation is reported
+apart from the timing). The SD-shaped model has
 no autoencoder: its "max diff" column is the largest latent difference to the fp32 torch row (latents have unit
 scale); for the default model it is the largest pixel difference (of 255) to the fp32 torch image.
 

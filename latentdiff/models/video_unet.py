@@ -133,13 +133,17 @@ class VideoUNet(UNet):
         return list(self.temporal.parameters())
 
 
+def inflated_config(config: UNetConfig, **temporal) -> VideoUNetConfig:
+    """The config ``inflate`` gives a U-Net of this config: its fields plus the temporal ones."""
+    return VideoUNetConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(UNetConfig)}, **temporal)
+
+
 def inflate(unet: UNet, **temporal) -> VideoUNet:
     """An image U-Net as a video U-Net with fresh temporal layers (``VideoUNetConfig`` fields in ``temporal``);
     the spatial weights are the image model's, so at init the video model is the image model frame by frame."""
     if isinstance(unet, VideoUNet):
         raise TypeError("this U-Net already has temporal layers")
-    fields = {f.name: getattr(unet.config, f.name) for f in dataclasses.fields(UNetConfig)}
-    video = VideoUNet(VideoUNetConfig(**fields, **temporal))
+    video = VideoUNet(inflated_config(unet.config, **temporal))
     # Strict: every spatial tensor comes from the image model, every temporal one stays as initialized.
     temporal_state = {f"temporal.{k}": v for k, v in video.temporal.state_dict().items()}
     video.load_state_dict({**unet.state_dict(), **temporal_state})

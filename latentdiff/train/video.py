@@ -20,7 +20,7 @@ from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import make_sigma_sampler
 from latentdiff.model_index import MAX_STEPS
 from latentdiff.models.families import family_of
-from latentdiff.models.video_unet import inflate
+from latentdiff.models.video_unet import inflate, inflated_config
 from latentdiff.train.common import Trainable, captioned_latents_loss, check_finite_params
 from latentdiff.train.denoiser import ema_parts
 from latentdiff.train.distributed import Context
@@ -111,9 +111,7 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
 
     # Build: the inflated U-Net (spatial weights the image model's), frozen except its temporal layers.
     run.seed()
-    network = inflate(image.denoiser.network, max_frames=cfg.max_frames, temporal_conv=cfg.temporal_conv,
-                      temporal_attention=cfg.temporal_attention, temporal_head_dim=cfg.temporal_head_dim,
-                      temporal_cross_attention=cfg.temporal_cross_attention)
+    network = inflate(image.denoiser.network, **temporal_keys(cfg))
     text_encoder = image.text_encoder
     if start is not None:  # the fine-tuned model's weights, its text encoder's too (train = "all" trains it)
         network.load_state_dict(start.denoiser.network.state_dict())
@@ -163,6 +161,13 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     return folder
 
 
+def temporal_keys(cfg: VideoTrainConfig) -> dict:
+    """The run's ``VideoUNetConfig`` temporal fields (what ``inflate`` adds to the image U-Net)."""
+    return {"max_frames": cfg.max_frames, "temporal_conv": cfg.temporal_conv,
+            "temporal_attention": cfg.temporal_attention, "temporal_head_dim": cfg.temporal_head_dim,
+            "temporal_cross_attention": cfg.temporal_cross_attention}
+
+
 def init_model(cfg: VideoTrainConfig, image: ModelFolder) -> ModelFolder:
     """The video model folder ``cfg.init`` that starts a fine-tune, checked against the run's own inflation of
     ``image``: the same U-Net and temporal layers, the same latent size."""
@@ -171,12 +176,9 @@ def init_model(cfg: VideoTrainConfig, image: ModelFolder) -> ModelFolder:
     if family_of(network) != "video_unet":
         raise ValueError(f"init {cfg.init} is a {family_of(network)} model, not a train-video one: give the model "
                          "folder a train-video run wrote (RUN/model), or leave init empty to inflate cfg.model")
-    wanted = json.loads(json.dumps(dataclasses.asdict(network.config)))  # tuples and lists alike
-    ours = json.loads(json.dumps({**{f.name: getattr(image.denoiser.network.config, f.name)
-               for f in dataclasses.fields(image.denoiser.network.config)},
-            "max_frames": cfg.max_frames, "temporal_conv": cfg.temporal_conv,
-            "temporal_attention": cfg.temporal_attention, "temporal_head_dim": cfg.temporal_head_dim,
-            "temporal_cross_attention": cfg.temporal_cross_attention}))
+    plain = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # tuples and lists alike
+    wanted = plain(network.config)
+    ours = plain(inflated_config(image.denoiser.network.config, **temporal_keys(cfg)))
     differ = sorted(k for k in wanted if wanted[k] != ours.get(k))
     if differ or folder.index.sample_size != image.index.sample_size:
         raise ValueError(f"init {cfg.init} does not match this run's video U-Net (differing: "
