@@ -120,6 +120,7 @@ def denoising_loss(
     noise: Tensor | None = None,
     offset_noise: float = 0.0,
     generator: torch.Generator | None = None,
+    target=None,
 ) -> Tensor:
     """Per-sample denoising loss (B,), Karras et al. 2022: lambda(sigma) * mean ||D(x0 + sigma n) - x0||^2.
 
@@ -129,6 +130,8 @@ def denoising_loss(
     eps-model), i.e. lambda = 1 / c_out^2, computed directly in the raw space for a ``Denoiser``.
     weighting=callable: lambda(sigma) on the x0 loss, e.g. ``lambda s: min_snr_weight(s, 5.0, param)``.
     offset_noise: adds offset_noise * N(0, 1) per (sample, channel), Guttenberg 2023.
+    target: None (the loss pulls D(x) toward x0), or a callable (x, sigma) -> the x0 to pull toward instead, from
+    the noised x and sigma (B,) (float64): a teacher's D(x) for self-distillation (``train-lora``'s ``preserve``).
     """
     B = x0.shape[0]
     sigma = torch.as_tensor(sigma)
@@ -150,6 +153,8 @@ def denoising_loss(
         inf, noise, x0 + torch.where(inf, 0, s.view_as(inf)).to(x0.dtype) * noise
     )  # x = noise at inf
     dims = tuple(range(1, x0.ndim))
+    if target is not None:
+        x0 = target(x, s).to(x0.dtype)  # the noised x stays the data's
     if isinstance(denoiser, Denoiser):
         # Raw space: F(c_in x, c_noise) against the raw output that gives x0; D - x0 = c_out (F - F_target).
         scalings = denoiser.scalings(x, s)

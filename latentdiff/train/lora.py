@@ -14,6 +14,7 @@ both LoRAs go into one file (``denoiser.`` and ``autoencoder.`` keys), which ``g
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,9 +73,13 @@ class LoRATrainConfig(RunConfig):
     # decoder's convolutions)
     decoder_loss: str = "l1"  # its pixel loss: "l1" or "l2"
     decoder_weight: float = 1.0  # weight of the pixel loss in the sum with the denoising loss
+    preserve: float = 0.0  # self-distillation toward the frozen base: items whose caption has none of preserve_words
+    # are pulled toward (1 - preserve) * their data + preserve * the base model's own D(x) (0: off; 1: the base's
+    # output only, so prompts without the new words keep the base model's behaviour)
+    preserve_words: tuple[str, ...] = ()  # the new concept's words, e.g. ["orange"]: captions holding one teach it
 
     BOUNDS = bounds({"rank": between(1, 4096), "decoder_rank": between(0, 4096), "decoder_alpha": at_least(0),
-                     "decoder_loss": one_of("l1", "l2"), "decoder_weight": above(0), "alpha": at_least(0), "caption_dropout": FRACTION,
+                     "decoder_loss": one_of("l1", "l2"), "decoder_weight": above(0), "alpha": at_least(0), "preserve": FRACTION, "caption_dropout": FRACTION,
                      "sigma_sampler": one_of("", "discrete", "lognormal", "logitnormal"), "offset_noise": at_least(0),
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "lr": above(0),
                      "steps": COUNT})
@@ -100,6 +105,7 @@ def train_lora(cfg: LoRATrainConfig) -> Path | dict:
 
 def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
     # Setup: the frozen base model and the cache its autoencoder made.
+    check_preserve(cfg)
     run = Run(cfg, ctx)
     base, cache, sigma_sampler, sampler_name = frozen_base(cfg, ctx)
     denoiser, text_encoder, autoencoder = base.denoiser, base.text_encoder, base.autoencoder
@@ -149,8 +155,10 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
                                                                    positions)
                 with torch.no_grad():
                     cond = text_encoder(captions).map(lambda t: t.to(ctx.device))
+                x0 = x0.to(ctx.device)
+                target = preservation_target(denoiser, lora, cond, x0, captions, cfg) if cfg.preserve else None
                 with autocast(cfg.precision, ctx.device):
-                    loss = denoising_loss(denoiser, x0.to(ctx.device), sigma, cond, noise=noise.to(ctx.device))
+                    loss = denoising_loss(denoiser, x0, sigma, cond, noise=noise.to(ctx.device), target=target)
                 if decoder is not None:
                     pixels = decoder_loss(autoencoder, cache, idx[positions], gens, cfg.decoder_loss, ctx.device)
                     terms["decoder_loss"] = pixels.detach().mean()
@@ -177,6 +185,39 @@ def _train_lora(cfg: LoRATrainConfig, ctx: Context) -> Path | dict:
             print(f"LoRA written to {path}", file=sys.stderr)
     ctx.barrier()
     return path
+
+
+def check_preserve(cfg: LoRATrainConfig) -> None:
+    """``preserve`` needs the words that mark the new concept's captions (else every item would be preserved and
+    nothing learnt)."""
+    if cfg.preserve and not [w for w in cfg.preserve_words if w.strip()]:
+        raise ValueError(f"preserve = {cfg.preserve} keeps the base model's output for captions without the new "
+                         "concept's words, and preserve_words is empty: name them (--set 'preserve_words=[\"orange\"]'),"
+                         " or set preserve = 0")
+
+
+def preserved(captions: list[str], words: tuple[str, ...]) -> Tensor:
+    """(B,) bool: the captions holding none of ``words`` (whole words, any case)."""
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in words if w.strip()) + r")\b", re.IGNORECASE)
+    return torch.tensor([pattern.search(c) is None for c in captions])
+
+
+def preservation_target(denoiser, lora: LoRA, cond, x0: Tensor, captions: list[str], cfg: LoRATrainConfig):
+    """``denoising_loss``'s target for ``cfg.preserve``: for the captions without ``cfg.preserve_words``, the mix
+    (1 - preserve) x0 + preserve D_base(x) with the adapters switched off (no gradient); the others keep x0. The loss
+    is quadratic, so one target mixed is the two losses mixed (up to a constant)."""
+    keep = preserved(captions, cfg.preserve_words).to(x0.device).view(-1, *(1,) * (x0.ndim - 1))
+
+    def target(x: Tensor, sigma: Tensor) -> Tensor:
+        lora.enabled = False
+        try:
+            with torch.no_grad():
+                base = denoiser(x, sigma, cond).to(x0.dtype)
+        finally:
+            lora.enabled = True
+        return torch.where(keep, (1 - cfg.preserve) * x0 + cfg.preserve * base, x0)
+
+    return target
 
 
 def check_scenes(cache: LatentCache, cfg: LoRATrainConfig) -> None:
