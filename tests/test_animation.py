@@ -142,7 +142,7 @@ def test_a_failing_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, su
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch):
+def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch, capsys):
     import builtins
 
     real = builtins.__import__
@@ -155,6 +155,11 @@ def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_av)
     with pytest.raises(ImportError, match=r"pip install av .*latentdiff\[video\]"):
         images_mod.save_mp4(moving_square(16, 16), tmp_path / "c.mp4")
+    from latentdiff.cli import main
+
+    with pytest.raises(SystemExit):  # said before the model is looked for
+        main(["generate", "a red circle", "--model", str(tmp_path / "no_model"), "-o", str(tmp_path / "c.mp4")])
+    assert "pip install av" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
