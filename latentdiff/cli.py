@@ -116,7 +116,8 @@ class GenerateConfig:
     tome: float = _opt(0.0, "token merging (U-Nets, torch backend): merge this fraction of the tokens before each "
                        "self-attention of the highest-resolution transformer blocks (0: off; e.g. 0.5)",
                        metavar="RATIO")
-    out: str = _opt("out.png", "output .png (numbered when several images)", flags=("-o", "--out"), metavar="FILE")
+    out: str = _opt("out.png", "output .png (numbered when several images); a video model's clips: .gif, .webp or "
+                    ".mp4 (see --frames); an audio model's: .wav", flags=("-o", "--out"), metavar="FILE")
     tokenizer: str = _opt("", "single-file checkpoints: the model's diffusers folder (tokenizer/, and tokenizer_2/ "
                           "for SDXL and SD3) or, for SD 1.x/2.x, a CLIP tokenizer folder", metavar="DIR")
     labels: tuple = _opt((), "class-conditional models: a class name or index (repeat for several; one prompt, or "
@@ -146,8 +147,11 @@ class GenerateConfig:
                         "for several", flags=("--lora",), action="append", metavar="FILE[:WEIGHT]",
                         to_config=lambda v: {"loras": tuple(v)})
     frames: int | None = _opt(None, "video models (`latentdiff train-video`): frames per clip (default: the model's "
-                              "clip length); writes OUT with .gif (animated, numbered when several) and OUT, the "
-                              "frames as a grid, one row per clip", metavar="N")
+                              "clip length); writes the clips (numbered when several) in OUT's format: .gif, .webp "
+                              "(lossless), .mp4 (H.264; needs `pip install av`; frames under 128 px enlarged by a "
+                              "whole factor, nearest neighbour), .png: GIFs; and OUT with .png, the frames as a "
+                              "grid, one row per clip", metavar="N")
+    fps: float = _opt(8.0, "video models: frames per second of the written clips", metavar="FPS")
     seconds: float | None = _opt(None, "audio models (`latentdiff train-audio`): clip length in seconds (default: the "
                                  "model's); writes OUT with .wav (16-bit PCM, numbered when several) and OUT with "
                                  ".png, the mel spectrograms as a grid", metavar="S")
@@ -189,7 +193,7 @@ class GenerateConfig:
 
     BOUNDS = bounds({**GenerationSettings.BOUNDS, **GenerateRequest.BOUNDS, "preview_every": at_least(0),
                      "original_size": COUNT, "crop_top_left": at_least(0), "cache_interval": COUNT,
-                     "ip_scale": FINITE, "tome": between(0, 1, hi_open=True)})
+                     "ip_scale": FINITE, "tome": between(0, 1, hi_open=True), "fps": between(0.1, 100)})
 
 
 @dataclass
@@ -317,6 +321,7 @@ def cmd_export_checkpoint(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from latentdiff.images import ANIMATION_SUFFIXES, import_av
     from latentdiff.pipeline import load, save_clips, save_images
 
     cfg = config_from_args(GenerateConfig, {}, args)
@@ -326,8 +331,12 @@ def cmd_generate(args) -> None:
     if len(cfg.labels) > 1 and len(prompts) == 1:
         prompts = prompts * len(cfg.labels)  # one prompt for every label, as Pipeline.generate does
     out = Path(cfg.out)
-    if out.suffix.lower() not in (".png", ".wav"):
-        raise ValueError(f"output {out} must end in .png (or .wav for an audio model)")
+    clip_out = out.suffix.lower() in ANIMATION_SUFFIXES
+    if out.suffix.lower() not in (".png", ".wav", *ANIMATION_SUFFIXES):
+        raise ValueError(f"output {out} must end in .png (or, for a video model's clips, {', '.join(ANIMATION_SUFFIXES)}"
+                         "; for an audio model, .wav)")
+    if out.suffix.lower() == ".mp4":
+        import_av()  # a missing PyAV is said before the model is loaded
     options = _generate_options(cfg)  # the edit's image and mask are read here, before the model is loaded
     loras = [_lora_flag(spec) for spec in cfg.loras]  # checked before the model loads
     controlnets = _controlnet_args(cfg)  # the control images are read here too, before the model is loaded
@@ -351,6 +360,9 @@ def cmd_generate(args) -> None:
         pipe = pipe.to_backend(cfg.backend, precision=cfg.precision or "auto", int8=cfg.int8)
     use = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
                         guidance_method=cfg.guidance_method, pag_scale=cfg.pag_scale)
+    if clip_out and (pipe.index.audio is not None or pipe.clip_length(cfg.frames) is None):
+        raise ValueError(f"output {out} is a video model's clip, and {cfg.model!r} is not a video model: write a .png "
+                         "(an image model) or .wav (an audio model)")
     if pipe.index.audio is not None or cfg.seconds is not None or out.suffix.lower() == ".wav":
         for path in _generate_audio(pipe, prompts, cfg, use, options, out):
             print(path)
@@ -373,7 +385,7 @@ def cmd_generate(args) -> None:
               **({"backend": pipe.backend} if pipe.backend != "torch" else {})}
     labels = [{"label": cfg.labels[i if len(cfg.labels) > 1 else 0]} if cfg.labels else {} for i in range(len(prompts))]
     per_image = [{"prompt": p, **labels[i]} for i, p in enumerate(prompts) for _ in range(cfg.num_images)]
-    saved = save_clips(images, out, params, per_image) if clips else \
+    saved = save_clips(images, out, params, per_image, fps=cfg.fps) if clips else \
         save_images(images, out, params, grid=cfg.grid, per_image=per_image)
     for path in saved:
         print(path)

@@ -877,19 +877,35 @@ def _is_diffusers(folder: Path) -> bool:
     return is_diffusers_folder(folder)
 
 
-def save_clips(clips: list[list[Image.Image]], path: str | Path, parameters: dict,
-               per_clip: list[dict] | None = None) -> list[Path]:
-    """Write clips as animated GIFs (``path`` with .gif; numbered when several) and one PNG grid of their frames,
-    a row per clip, carrying ``parameters`` (and each key of ``per_clip`` once, or the list of its values)."""
-    from latentdiff.images import save_gif
+def clip_paths(path: str | Path, count: int) -> tuple[list[Path], Path]:
+    """Where :func:`save_clips` writes ``count`` clips for OUT = ``path``, and its frame grid: OUT's suffix picks
+    the clip format (.gif, .webp, .mp4); OUT with .png or no suffix gets GIFs. Clips are OUT with that suffix
+    (``stem_000``, ``stem_001``, ... when several), the grid OUT with .png. Any other suffix is refused."""
+    from latentdiff.images import ANIMATION_SUFFIXES
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gifs = [path.with_suffix(".gif")] if len(clips) == 1 else \
-        [path.with_name(f"{path.stem}_{i:03d}.gif") for i in range(len(clips))]
-    written = [save_gif(clip, gif) for clip, gif in zip(clips, gifs)]
+    suffix = path.suffix.lower()
+    if suffix not in (*ANIMATION_SUFFIXES, ".png", ""):
+        raise ValueError(f"a video model's output {path} must end in {', '.join(ANIMATION_SUFFIXES)} (the clips; "
+                         "the frame grid goes beside it as .png) or .png (GIF clips)")
+    clip = path.suffix if suffix in ANIMATION_SUFFIXES else ".gif"
+    clips = [path.with_suffix(clip)] if count == 1 else \
+        [path.with_name(f"{path.stem}_{i:03d}{clip}") for i in range(count)]
+    return clips, path.with_suffix(".png")
+
+
+def save_clips(clips: list[list[Image.Image]], path: str | Path, parameters: dict,
+               per_clip: list[dict] | None = None, fps: float = 8.0) -> list[Path]:
+    """Write clips as animations at ``fps`` in the format OUT = ``path`` names (see :func:`clip_paths`: .gif,
+    .webp, .mp4; .png or none: GIF) and one PNG grid of their frames, a row per clip, carrying ``parameters``
+    (and each key of ``per_clip`` once, or the list of its values)."""
+    from latentdiff.images import save_animation
+
+    files, grid_path = clip_paths(path, len(clips))
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    written = [save_animation(clip, file, fps) for clip, file in zip(clips, files)]
     frames = [f for clip in clips for f in clip]
-    grid = save_images(frames, path, {**parameters, "frames": len(clips[0])}, grid=True,
+    grid = save_images(frames, grid_path, {**parameters, "frames": len(clips[0]), "fps": fps}, grid=True,
                        per_image=[d for d in per_clip for _ in clips[0]] if per_clip else None, ncols=len(clips[0]))
     return written + grid
 

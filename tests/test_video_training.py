@@ -96,6 +96,34 @@ def test_cli_writes_gif_and_frame_grid(video_model, image_model, tmp_path, capsy
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.gif").exists()
 
 
+def test_cli_writes_webp_and_mp4_clips(video_model, image_model, tmp_path, capsys):
+    """OUT's suffix picks the clip format (the grid is OUT with .png); a bad suffix or an image model is refused
+    before any sampling, and nothing is written."""
+    main(["generate", PROMPT, "--model", str(video_model), "--frames", "3", "--steps", "2", "--fps", "4",
+          "-o", str(tmp_path / "clip.webp")])
+    webp = Image.open(tmp_path / "clip.webp")
+    assert webp.format == "WEBP" and webp.n_frames == 3 and webp.size == (16, 16)
+    webp.load()
+    assert webp.info["duration"] == 250
+    grid = Image.open(tmp_path / "clip.png")  # the frames, lossless in both: the WebP's first frame is the grid's
+    np.testing.assert_array_equal(np.asarray(webp.convert("RGB")), np.asarray(grid.convert("RGB"))[2:18, 2:18])
+    assert read_parameters(tmp_path / "clip.png")["fps"] == 4
+    av = pytest.importorskip("av")
+    main(["generate", PROMPT, "--model", str(video_model), "--frames", "3", "--steps", "2", "--num-images", "2",
+          "-o", str(tmp_path / "m.mp4")])
+    assert {p.name for p in tmp_path.glob("m*")} == {"m_000.mp4", "m_001.mp4", "m.png"}
+    with av.open(str(tmp_path / "m_001.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (128, 128, 3)  # 16 px frames enlarged 8x, nearest neighbour
+    capsys.readouterr()
+    for model, out, message in [("no/such/model", "x.avi", "must end in .png"),
+                                (image_model, "x.webp", "not a video model")]:
+        with pytest.raises(SystemExit):
+            main(["generate", PROMPT, "--model", str(model), "-o", str(tmp_path / out)])
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
 def test_train_video_resumes_bitwise(image_model, tmp_path):
     straight = _train(image_model, tmp_path / "a", "--set", "steps=4")
     _train(image_model, tmp_path / "b", "--set", "steps=2")  # a checkpoint at step 2
