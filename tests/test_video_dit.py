@@ -205,6 +205,11 @@ def test_generate_clips_from_a_video_dit(dit_video):
     assert len(clips) == 2 and all(len(c) == 4 and c[0].size == (16, 16) for c in clips)  # the model's 4 frames
     z = pipe.generate(PROMPT, steps=2, frames=3, output="latent")
     assert z.shape == (1, 4, 3, 8, 8) and torch.isfinite(z).all()
+    for method in ({"guidance_method": "apg"}, {"pag_scale": 1.0}):  # PAG perturbs the temporal attention too
+        z = pipe.generate(PROMPT, steps=2, frames=3, output="latent", **method)
+        assert z.shape == (1, 4, 3, 8, 8) and torch.isfinite(z).all()
+    with pytest.raises(TypeError, match="not on VideoDiT"):  # DeepCache is the U-Net's
+        pipe.generate(PROMPT, steps=2, frames=3, cache_interval=2)
     with pytest.raises(ValueError, match="1 to 16 frames"):
         pipe.generate(PROMPT, frames=17)
 
