@@ -27,8 +27,8 @@ import torch
 from latentdiff.data.moving_shapes import ClipLatents, score_clips, still_caption
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.images import to_uint8
+from latentdiff.models.families import INFLATABLE, family_of
 from latentdiff.models.vae_inference import decode_latents
-from latentdiff.models.video_unet import inflate
 from latentdiff.pipeline import Pipeline, load
 
 
@@ -71,7 +71,10 @@ def main() -> None:
         ap.error("give one of: a video model folder, --inflate IMAGE_MODEL, --still IMAGE_MODEL")
     pipe = load(args.model or args.inflate or args.still)
     if args.inflate:
-        network = inflate(pipe.denoiser.network)
+        image = pipe.denoiser.network
+        if family_of(image) not in INFLATABLE:
+            ap.error(f"--inflate {args.inflate}: a {family_of(image)} denoiser; only U-Net and DiT models inflate")
+        network = INFLATABLE[family_of(image)][2](image)
         pipe = Pipeline(pipe.autoencoder, Denoiser(network, pipe.denoiser.parameterization), pipe.text_encoder,
                         dataclasses.replace(pipe.index, frames=args.frames))
     if args.checkpoint:

@@ -701,9 +701,9 @@ def _config_commands() -> list[_Command]:
                         "cache": "latent cache folder", "out": _OUT, "steps": _STEPS, "resume": _RESUME,
                         "dry_run": _DRY}),
         _Command("train-video", cmd_train_video, VideoTrainConfig, VIDEO_PRESETS,
-                 help="inflate an image U-Net to video and train it on moving-shapes clips",
-                 description="Add zero-initialized temporal layers to an image model's U-Net (by default the "
-                             "bundled one) and train them (train=all: everything) on the built-in moving-shapes "
+                 help="inflate an image U-Net or DiT to video and train it on moving-shapes clips",
+                 description="Add zero-initialized temporal layers to an image model's U-Net or DiT (by default "
+                             "the bundled U-Net) and train them (train=all: everything) on the built-in moving-shapes "
                              "clips; writes OUT/model, a video model folder (`generate --frames N`).",
                  flags={"model": "image model folder to inflate ('default': the bundled model)", "out": _OUT,
                         "steps": _STEPS, "resume": _RESUME, "dry_run": _DRY}),

@@ -39,6 +39,7 @@ from latentdiff.models.dit import DiTConfig
 from latentdiff.models.families import FAMILIES
 from latentdiff.models.mmdit import MMDiTConfig
 from latentdiff.models.unet import UNetConfig
+from latentdiff.models.video_dit import VideoDiTConfig
 from latentdiff.models.video_unet import VideoUNetConfig
 from latentdiff.models.vq import build_autoencoder
 
@@ -74,7 +75,7 @@ class ConsistencyScalings:
 class DenoiserSpec:
     """Everything needed to rebuild a Denoiser apart from its weights."""
 
-    network: str = "unet"  # network family: "unet", "dit", "mmdit" or "video_unet" (models/families.py)
+    network: str = "unet"  # network family: "unet", "dit", "mmdit", "video_unet" or "video_dit" (models/families.py)
     parameterization: str = "eps"  # "eps", "v", "x0", "edm" or "flow"
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # used by eps, v and x0
     unet: UNetConfig = field(default_factory=UNetConfig)  # the network's config (network = "unet")
@@ -82,6 +83,7 @@ class DenoiserSpec:
     mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)  # the network's config (network = "mmdit")
     consistency: ConsistencyScalings | None = None  # a consistency model (`latentdiff distill`): its scalings
     video_unet: VideoUNetConfig = field(default_factory=VideoUNetConfig)  # the network's config (network = "video_unet")
+    video_dit: VideoDiTConfig = field(default_factory=VideoDiTConfig)  # the network's config (network = "video_dit")
 
 
 def build_parameterization(spec: DenoiserSpec):

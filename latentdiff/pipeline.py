@@ -47,7 +47,7 @@ from latentdiff.model_index import (
 )
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.controlnet import ControlNet, check_compatible
-from latentdiff.models.families import family_of, spatial_factor
+from latentdiff.models.families import family_of, is_video_network, spatial_factor
 from latentdiff.models.ip_adapter import IPAdapter
 from latentdiff.models.layers import perturbed_self_attention
 from latentdiff.models.lora import LoRASet
@@ -570,7 +570,7 @@ class Pipeline:
         """The frames per clip of a request: ``frames``, else a video model's clip length; None for an image model,
         which refuses ``frames`` (its denoiser has no temporal layers)."""
         network = getattr(self.denoiser, "network", None)
-        if network is None or family_of(network) != "video_unet":
+        if not is_video_network(network):
             if frames is not None:
                 raise ValueError(f"frames={frames} asked, but {self.name!r} is an image model: its denoiser has no "
                                  "temporal layers (make a video model with `latentdiff train-video`)")

@@ -25,11 +25,13 @@ def make_tiny_cache(root: Path) -> Path:
                        source={"autoencoder": str(root / "ae")}, quiet=True)
 
 
-def tiny_model_folder(path: Path, size: int = 16, seed: int = 0) -> Path:
-    """A random model folder: factor-2 autoencoder, 2-level U-Net with self-attention, hashed text encoder."""
+def tiny_model_folder(path: Path, size: int = 16, seed: int = 0, dit: bool = False) -> Path:
+    """A random model folder: factor-2 autoencoder, 2-level U-Net with self-attention (``dit``: a 2-block DiT of
+    patch 2, its zero-initialized layers made non-zero, as a trained DiT's), hashed text encoder."""
     from latentdiff.components import DenoiserSpec, build_denoiser
     from latentdiff.conditioning.text import TextEncoderConfig, build_text_encoder
     from latentdiff.models.autoencoder import AutoencoderConfig
+    from latentdiff.models.dit import DiTConfig
     from latentdiff.models.unet import UNetConfig
     from latentdiff.train.denoiser import save_model_folder
 
@@ -38,8 +40,25 @@ def tiny_model_folder(path: Path, size: int = 16, seed: int = 0) -> Path:
     spec = DenoiserSpec(unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                                         attention_levels=(1,), num_heads=2, context_dim=16, vector_dim=16,
                                         norm_groups=8))
+    if dit:
+        spec = DenoiserSpec(network="dit", dit=DiTConfig(sample_size=size // 2, patch_size=2, hidden_size=32, depth=2,
+                                                         num_heads=2, context_dim=16, vector_dim=16))
     text = build_text_encoder(TextEncoderConfig(dim=16, vocab_size=64, num_layers=1, num_heads=2))
-    return save_model_folder(path, build_denoiser(spec), text, spec, ae, size)
+    denoiser = build_denoiser(spec)
+    if dit:  # an untrained DiT's output layer is zero: nothing behind it would get a gradient
+        with torch.no_grad():
+            for p in denoiser.network.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return save_model_folder(path, denoiser, text, spec, ae, size)
+
+
+def train_video(image_model: Path, out: Path, *extra: str) -> Path:
+    """A ``moving-shapes-test`` train-video run of ``image_model`` (temporal heads of 8 channels) -> its model folder."""
+    from latentdiff.cli import main
+
+    main(["train-video", "--preset", "moving-shapes-test", "--out", str(out), "--set", f"model={image_model}",
+          "--set", "temporal_head_dim=8", *extra])
+    return out / "model"
 
 
 def env(**extra) -> dict:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny import tiny_model_folder
+from _tiny import train_video as _train
 from PIL import Image
 
 from latentdiff.cli import main
@@ -17,12 +18,6 @@ PROMPT = "a small red circle moving to the right on a black background"
 @pytest.fixture(scope="module")
 def image_model(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("image") / "model")
-
-
-def _train(image_model, out, *extra):
-    main(["train-video", "--preset", "moving-shapes-test", "--out", str(out), "--set", f"model={image_model}",
-          "--set", "temporal_head_dim=8", *extra])
-    return out / "model"
 
 
 @pytest.fixture(scope="module")

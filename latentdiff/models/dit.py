@@ -217,6 +217,17 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         """x (B, C, H, W), c_noise (B,) timesteps in [0, 1000) -> (B, C, H, W)."""
+        return self._forward(x, c_noise, cond)
+
+    def _run(self, module: nn.Module, *args):
+        """Call a block, recomputing it in backward when gradient checkpointing is on."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None, between=None) -> Tensor:
+        """The forward pass; ``between(tokens, c, i)``, if given, transforms the tokens (B, N, D) after block i,
+        with the block's conditioning vector c (B, D) (the video DiT's temporal blocks: ``models/video_dit.py``)."""
         cond = cond if cond is not None else Cond()
         if cond.concat is not None or cond.control is not None:
             raise ValueError("DiT takes no cond.concat or cond.control")
@@ -225,11 +236,10 @@ class DiT(nn.Module):
         c = self.embed(c_noise, cond, B)  # (B, D)
         context, mask = self._context(cond, B)
         tokens = self.pos_embed(x)  # (B, h*w, D)
-        for block in self.transformer_blocks:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, mask)  # (B, h*w, D)
+        for i, block in enumerate(self.transformer_blocks):
+            tokens = self._run(block, tokens, c, context, mask)  # (B, h*w, D)
+            if between is not None:
+                tokens = between(tokens, c, i)
         shift, scale = self.proj_out_1(F.silu(c)).chunk(2, dim=1)  # (B, D) each
         tokens = self.proj_out_2(modulate(self.norm_out(tokens), shift, scale))  # (B, h*w, p*p*C_out)
         out = unpatchify(tokens, self.config.patch_size, h, w)  # (B, C_out, H, W)

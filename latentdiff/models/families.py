@@ -1,4 +1,4 @@
-"""The denoiser network families (U-Net, DiT, MMDiT): their classes, presets, and how a preset meets the data.
+"""The denoiser network families (U-Net, DiT, MMDiT, and the video U-Net and DiT): their classes, presets, and how a preset meets the data.
 
 Every family is a ``Network``: ``network(x, c_noise, cond) -> raw output`` of x's shape, configured by one
 dataclass, with its presets in a dict next to it (``models/unet.py``, ``models/dit.py``, ``models/mmdit.py``).
@@ -12,22 +12,28 @@ from typing import Any
 
 from torch import nn
 
+from . import video_dit, video_unet
 from .dit import PRESETS as DIT_PRESETS
 from .dit import DiT
 from .mmdit import PRESETS as MMDIT_PRESETS
 from .mmdit import MMDiT
 from .unet import PRESETS as UNET_PRESETS
 from .unet import UNet
-from .video_unet import PRESETS as VIDEO_PRESETS
-from .video_unet import VideoUNet
 
 # family name (also the DenoiserSpec field holding its config) -> (network class, presets)
 FAMILIES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "unet": (UNet, UNET_PRESETS),
     "dit": (DiT, DIT_PRESETS),
     "mmdit": (MMDiT, MMDIT_PRESETS),
-    "video_unet": (VideoUNet, VIDEO_PRESETS),  # inflated from a U-Net (models/video_unet.py), no presets
+    "video_unet": (video_unet.VideoUNet, video_unet.PRESETS),  # inflated from a U-Net (models/video_unet.py), no presets
+    "video_dit": (video_dit.VideoDiT, video_dit.PRESETS),  # inflated from a DiT (models/video_dit.py), no presets
 }
+# image family -> (its video family, the inflated config of an image config, inflate)
+INFLATABLE: dict[str, tuple[str, Any, Any]] = {
+    "unet": ("video_unet", video_unet.inflated_config, video_unet.inflate),
+    "dit": ("video_dit", video_dit.inflated_config, video_dit.inflate),
+}
+VIDEO_FAMILIES = tuple(video for video, _, _ in INFLATABLE.values())
 
 _clash = set(UNET_PRESETS) & set(DIT_PRESETS) | set(UNET_PRESETS) & set(MMDIT_PRESETS) | set(DIT_PRESETS) & set(MMDIT_PRESETS)
 assert not _clash, f"preset names must be unique across families: {_clash}"
@@ -65,6 +71,11 @@ def family_of(network: nn.Module) -> str | None:
     """The family name of a network instance (None for a network of no family here)."""
     exact = next((family for family, (cls, _) in FAMILIES.items() if type(network) is cls), None)
     return exact or next((family for family, (cls, _) in FAMILIES.items() if isinstance(network, cls)), None)
+
+
+def is_video_network(network: nn.Module | None) -> bool:
+    """Whether a network is a video one (temporal layers; latents (B, C, F, h, w)): a video U-Net or DiT."""
+    return network is not None and family_of(network) in VIDEO_FAMILIES
 
 
 def spatial_factor(family: str, config: Any) -> int:

@@ -11,7 +11,6 @@ temporal layers). Both end in zero-initialized projections, so an image model in
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from ..types import Cond
 from .layers import Attention, group_norm, timestep_embedding, zero_module
 from .unet import UNet, UNetConfig
+from .video_common import fold_clip, inflate_network, inflated_fields, unfold_clip
 
 
 @dataclass
@@ -106,27 +106,15 @@ class VideoUNet(UNet):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         cfg = self.config
-        if x.ndim != 5:
-            raise ValueError(f"a video U-Net takes latents (B, C, F, h, w), got shape {tuple(x.shape)}")
-        B, C, frames, H, W = x.shape
-        if not 1 <= frames <= cfg.max_frames:
-            raise ValueError(f"{frames} frames asked, but this model takes 1 to {cfg.max_frames} frames per clip")
-        cond = cond if cond is not None else Cond()
-        if cond.concat is not None or cond.control is not None:
-            raise ValueError("a video U-Net takes no cond.concat or cond.control (no video inpainting or "
-                             "ControlNet yet)")
-        c_noise = c_noise.expand(B) if c_noise.ndim == 0 else c_noise
-        if c_noise.shape != (B,):
-            raise ValueError(f"c_noise must have shape (B,) = ({B},), got {tuple(c_noise.shape)}")
-        frames_first = x.transpose(1, 2).reshape(B * frames, C, H, W)  # (B*F, C, h, w): every frame an image
+        frames_first, c_frames, cond_frames, cond = fold_clip(x, c_noise, cond, cfg.max_frames, "video U-Net")
+        frames = x.shape[2]
         vector = cond.vector if cfg.vector_dim is not None else None
         context, mask = (cond.context, cond.context_mask) if cfg.temporal_cross_attention else (None, None)
 
         def between(h: Tensor, site: int) -> Tensor:
             return self._run(self.temporal[site], h, frames, vector, context, mask)
 
-        out = self._forward(frames_first, c_noise.repeat_interleave(frames), cond.repeat(frames), between)
-        return out.reshape(B, frames, -1, H, W).transpose(1, 2)  # (B, C_out, F, h, w)
+        return unfold_clip(self._forward(frames_first, c_frames, cond_frames, between), frames)  # (B, C_out, F, h, w)
 
     def temporal_parameters(self) -> list[nn.Parameter]:
         """The parameters of the temporal layers (what ``train-video`` trains by default)."""
@@ -135,7 +123,7 @@ class VideoUNet(UNet):
 
 def inflated_config(config: UNetConfig, **temporal) -> VideoUNetConfig:
     """The config ``inflate`` gives a U-Net of this config: its fields plus the temporal ones."""
-    return VideoUNetConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(UNetConfig)}, **temporal)
+    return inflated_fields(VideoUNetConfig, UNetConfig, config, temporal)
 
 
 def inflate(unet: UNet, **temporal) -> VideoUNet:
@@ -143,11 +131,7 @@ def inflate(unet: UNet, **temporal) -> VideoUNet:
     the spatial weights are the image model's, so at init the video model is the image model frame by frame."""
     if isinstance(unet, VideoUNet):
         raise TypeError("this U-Net already has temporal layers")
-    video = VideoUNet(inflated_config(unet.config, **temporal))
-    # Strict: every spatial tensor comes from the image model, every temporal one stays as initialized.
-    temporal_state = {f"temporal.{k}": v for k, v in video.temporal.state_dict().items()}
-    video.load_state_dict({**unet.state_dict(), **temporal_state})
-    return video.to(next(unet.parameters()).dtype)
+    return inflate_network(unet, VideoUNet, inflated_config(unet.config, **temporal))
 
 
 PRESETS: dict[str, VideoUNetConfig] = {}  # video models are inflated from image models (``inflate``)

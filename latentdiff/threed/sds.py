@@ -37,7 +37,7 @@ from latentdiff.conditioning.text import HashedTextEncoder
 from latentdiff.config import COUNT, FINITE, above, at_least, between, bounds, one_of
 from latentdiff.data.judge import judge
 from latentdiff.data.shapes import BACKGROUNDS, SIZE_RADIUS, Scene, parse_caption
-from latentdiff.models.families import family_of
+from latentdiff.models.families import is_video_network
 from latentdiff.threed.voxels import Camera, VoxelField, turntable
 
 METHODS = ("sds", "csd")
@@ -123,7 +123,7 @@ def check_text_to_image(pipe) -> None:
         raise ValueError(f"{name} is a super-resolution model (x{pipe.index.upscale}), not text-to-image: use a "
                          "text-to-image model for SDS")
     network = getattr(pipe.denoiser, "network", None)
-    if pipe.index.frames is not None or (network is not None and family_of(network) == "video_unet"):
+    if pipe.index.frames is not None or is_video_network(network):
         raise ValueError(f"{name} is a video model: SDS distills single images; use an image model")
     if pipe.text_encoder is None:
         raise ValueError(f"{name} has no text encoder: SDS needs a text-to-image model")

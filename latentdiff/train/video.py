@@ -1,8 +1,13 @@
-"""Video training on the run engine (``train.run``): an image model inflated to video (``models/video_unet.py``),
-its temporal layers (or everything) trained on moving-shapes clips encoded frame by frame with its autoencoder.
+"""Video training on the run engine (``train.run``): an image model inflated to video (a U-Net:
+``models/video_unet.py``; a DiT: ``models/video_dit.py``), its temporal layers (or everything) trained on
+moving-shapes clips encoded frame by frame with its autoencoder.
 
 setup (image model, clips encoded) -> build (inflate, freeze) -> loop (loss, step, EMA, log, samples, checkpoint)
--> save a model folder whose denoiser is a ``video_unet`` and whose index says its clip length.
+-> save a model folder whose denoiser is a ``video_unet`` or ``video_dit`` and whose index says its clip length.
+
+The temporal keys: ``max_frames``, ``temporal_attention``, ``temporal_head_dim`` and ``temporal_cross_attention``
+apply to both families; ``temporal_conv`` (a convolution over frames of the U-Net's feature maps) to a U-Net only:
+unset, it is on for a U-Net, and a DiT refuses it set to true (its temporal blocks are attention only).
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from latentdiff.data.moving_shapes import ClipLatents
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.diffusion.losses import make_sigma_sampler
 from latentdiff.model_index import MAX_STEPS
-from latentdiff.models.families import family_of
-from latentdiff.models.video_unet import inflate, inflated_config
+from latentdiff.models.families import INFLATABLE, VIDEO_FAMILIES, family_of
 from latentdiff.train.common import Trainable, captioned_latents_loss, check_finite_params
 from latentdiff.train.denoiser import ema_parts
 from latentdiff.train.distributed import Context
@@ -29,19 +33,19 @@ from latentdiff.train.run import Run, RunConfig, processes
 
 @dataclass
 class VideoTrainConfig(RunConfig):
-    """``latentdiff train-video``: an image U-Net inflated to video, trained on moving-shapes clips (the keys every
-    run shares: ``train.run.RunConfig``)."""
+    """``latentdiff train-video``: an image U-Net or DiT inflated to video, trained on moving-shapes clips (the keys
+    every run shares: ``train.run.RunConfig``)."""
 
     out: str = "runs/video"  # run folder: checkpoints/, metrics.jsonl, samples/, and the final model/
-    model: str = "default"  # the image model folder to inflate ("default": the bundled one); its U-Net and autoencoder
+    model: str = "default"  # the image model folder to inflate ("default": the bundled one); its U-Net or DiT, autoencoder
     frames: int = 8  # frames per clip
     clips: int = 1024  # moving-shapes clips rendered and encoded (in memory) before training
     split: str = "train"  # clips drawn from: "train" (no held-out (colour, shape, motion) triple), "all" (any)
     train: str = "temporal"  # "temporal": only the new temporal layers (image weights frozen); "all": everything
     max_frames: int = 16  # most frames the video model will accept
-    temporal_conv: bool = True  # temporal convolutions in the temporal blocks
+    temporal_conv: bool | None = None  # U-Net only: temporal convolutions in its temporal blocks (unset: on)
     temporal_attention: bool = True  # temporal self-attention in the temporal blocks
-    temporal_head_dim: int = 24  # channels per temporal attention head
+    temporal_head_dim: int = 0  # channels per temporal attention head (0: 24 for a U-Net, a DiT's own head width)
     temporal_cross_attention: bool = False  # temporal blocks also cross-attend to the prompt (per frame position)
     sigma_sampler: str = "logitnormal"  # training noise levels: "lognormal" (EDM), "logitnormal" (SD3, flow)
     sigma_sampler_args: dict = field(default_factory=dict)  # e.g. logitnormal {mean = 0.0, std = 1.0}
@@ -65,7 +69,7 @@ class VideoTrainConfig(RunConfig):
 
     BOUNDS = bounds({"frames": between(2, 64), "clips": at_least(1), "train": one_of("temporal", "all"),
                      "split": one_of("train", "all"), "spatial_lr": at_least(0),
-                     "max_frames": between(2, 64), "temporal_head_dim": at_least(1),
+                     "max_frames": between(2, 64), "temporal_head_dim": at_least(0),
                      "sigma_sampler": one_of("lognormal", "logitnormal"), "caption_dropout": FRACTION,
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "guidance": at_least(0)})
 
@@ -85,7 +89,7 @@ VIDEO_PRESETS: dict[str, dict] = {
 
 
 def train_video(cfg: VideoTrainConfig) -> Path | dict:
-    """Inflate ``cfg.model``'s U-Net and train it on moving-shapes clips; write ``cfg.out/model`` and return it
+    """Inflate ``cfg.model``'s U-Net or DiT and train it on moving-shapes clips; write ``cfg.out/model`` and return it
     (with ``cfg.dry_run``: the dry-run report, nothing written)."""
     if cfg.frames > cfg.max_frames:
         raise ValueError(f"frames ({cfg.frames}) must be at most max_frames ({cfg.max_frames})")
@@ -100,18 +104,21 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     # Setup: the image model, and the clips encoded with its autoencoder.
     run = Run(cfg, ctx)
     image = read_model_folder(image_model_path(cfg.model))
-    if family_of(image.denoiser.network) != "unet":
-        raise ValueError(f"{cfg.model} has a {family_of(image.denoiser.network)} denoiser: train-video inflates "
-                         "U-Net models (latentdiff train with a U-Net preset makes one)")
+    family = family_of(image.denoiser.network)
+    if family not in INFLATABLE:
+        raise ValueError(f"{cfg.model} has a {family} denoiser: train-video inflates U-Net and DiT models "
+                         "(latentdiff train with a U-Net or DiT preset makes one)")
+    keys = temporal_keys(cfg, family)
+    INFLATABLE[family][1](image.denoiser.network.config, **keys)  # the video config checks them before any work
     start = init_model(cfg, image) if cfg.init else None  # checked before the clips are encoded
     size = image.index.sample_size
     data = ClipLatents(image.autoencoder, cfg.clips, cfg.frames, size, seed=cfg.seed,
                       split=None if cfg.split == "all" else cfg.split)
     main, device = ctx.is_main, ctx.device
 
-    # Build: the inflated U-Net (spatial weights the image model's), frozen except its temporal layers.
+    # Build: the inflated network (spatial weights the image model's), frozen except its temporal layers.
     run.seed()
-    network = inflate(image.denoiser.network, **temporal_keys(cfg))
+    network = INFLATABLE[family][2](image.denoiser.network, **keys)
     text_encoder = image.text_encoder
     if start is not None:  # the fine-tuned model's weights, its text encoder's too (train = "all" trains it)
         network.load_state_dict(start.denoiser.network.state_dict())
@@ -134,7 +141,7 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     text_encoder.to(device)
     sigma_sampler = make_sigma_sampler(cfg.sigma_sampler, denoiser.parameterization, **cfg.sigma_sampler_args)
     if main and not cfg.quiet:
-        print(f"video U-Net from {cfg.model}: {sum(p.numel() for p in trained) / 1e6:.2f}M trained parameters "
+        print(f"{INFLATABLE[family][0]} from {cfg.model}: {sum(p.numel() for p in trained) / 1e6:.2f}M trained parameters "
               f"({cfg.train}); {len(data)} clips of {cfg.frames} frames at {size} px", file=sys.stderr)
 
     loss_for = captioned_latents_loss(cfg, data, denoiser, text_encoder, sigma_sampler, device)  # a step's loss_fn
@@ -161,27 +168,38 @@ def _train_video(cfg: VideoTrainConfig, ctx: Context) -> Path | dict:
     return folder
 
 
-def temporal_keys(cfg: VideoTrainConfig) -> dict:
-    """The run's ``VideoUNetConfig`` temporal fields (what ``inflate`` adds to the image U-Net)."""
-    return {"max_frames": cfg.max_frames, "temporal_conv": cfg.temporal_conv,
-            "temporal_attention": cfg.temporal_attention, "temporal_head_dim": cfg.temporal_head_dim,
-            "temporal_cross_attention": cfg.temporal_cross_attention}
+def temporal_keys(cfg: VideoTrainConfig, family: str = "unet") -> dict:
+    """The run's temporal fields for an image network of ``family`` (what ``inflate`` adds: ``VideoUNetConfig``'s,
+    ``VideoDiTConfig``'s); a key of the other family set is refused."""
+    shared = {"max_frames": cfg.max_frames, "temporal_attention": cfg.temporal_attention,
+              "temporal_cross_attention": cfg.temporal_cross_attention}
+    if family == "dit":
+        if cfg.temporal_conv:
+            raise ValueError("temporal_conv is a U-Net key (a convolution over frames of its feature maps); a DiT's "
+                             "temporal blocks are attention over frames: leave temporal_conv unset")
+        return {**shared, "temporal_head_dim": cfg.temporal_head_dim}
+    return {**shared, "temporal_conv": cfg.temporal_conv is not False, "temporal_head_dim": cfg.temporal_head_dim or 24}
 
 
 def init_model(cfg: VideoTrainConfig, image: ModelFolder) -> ModelFolder:
     """The video model folder ``cfg.init`` that starts a fine-tune, checked against the run's own inflation of
-    ``image``: the same U-Net and temporal layers, the same latent size."""
+    ``image``: the same network and temporal layers, the same latent size."""
     folder = read_model_folder(Path(cfg.init))
     network = folder.denoiser.network
-    if family_of(network) != "video_unet":
+    family = family_of(image.denoiser.network)
+    video_family, inflated_config, _ = INFLATABLE[family]
+    if family_of(network) != video_family:
+        if family_of(network) in VIDEO_FAMILIES:
+            raise ValueError(f"init {cfg.init} is a {family_of(network)} model, but {cfg.model} inflates to a "
+                             f"{video_family}: give a train-video model of the same image model")
         raise ValueError(f"init {cfg.init} is a {family_of(network)} model, not a train-video one: give the model "
                          "folder a train-video run wrote (RUN/model), or leave init empty to inflate cfg.model")
     plain = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # tuples and lists alike
     wanted = plain(network.config)
-    ours = plain(inflated_config(image.denoiser.network.config, **temporal_keys(cfg)))
+    ours = plain(inflated_config(image.denoiser.network.config, **temporal_keys(cfg, family)))
     differ = sorted(k for k in wanted if wanted[k] != ours.get(k))
     if differ or folder.index.sample_size != image.index.sample_size:
-        raise ValueError(f"init {cfg.init} does not match this run's video U-Net (differing: "
+        raise ValueError(f"init {cfg.init} does not match this run's {video_family} (differing: "
                          f"{', '.join(differ) or 'sample_size'}): set the same model and temporal keys as its run "
                          f"({', '.join(f'{k}={wanted[k]!r}' for k in differ)})")
     return folder
@@ -198,11 +216,12 @@ def image_model_path(model: str) -> Path:
 
 def _folder(ema: Trainable, image: ModelFolder, text_encoder, denoiser: Denoiser, cfg: VideoTrainConfig
             ) -> ModelFolder:
-    """The video model folder of the EMA weights: the image model's autoencoder, a ``video_unet`` denoiser, the
-    run's text encoder (the image model's or the init's; the EMA's when trained)."""
+    """The video model folder of the EMA weights: the image model's autoencoder, a ``video_unet`` or ``video_dit``
+    denoiser, the run's text encoder (the image model's or the init's; the EMA's when trained)."""
     ema_denoiser, text_encoder = ema_parts(ema, text_encoder, denoiser)
-    spec = DenoiserSpec(network="video_unet", parameterization=image.spec.parameterization,
-                        schedule=image.spec.schedule, video_unet=ema_denoiser.network.config)
+    family = family_of(ema_denoiser.network)
+    spec = DenoiserSpec(network=family, parameterization=image.spec.parameterization,
+                        schedule=image.spec.schedule, **{family: ema_denoiser.network.config})
     index = dataclasses.replace(image.index, frames=cfg.frames)
     if cfg.guidance:
         index = dataclasses.replace(index, generation=dataclasses.replace(index.generation, guidance=cfg.guidance))
