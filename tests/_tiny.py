@@ -42,6 +42,25 @@ def tiny_model_folder(path: Path, size: int = 16, seed: int = 0) -> Path:
     return save_model_folder(path, build_denoiser(spec), text, spec, ae, size)
 
 
+def tiny_video_model(out: Path, image_model: Path, *extra: str) -> Path:
+    """train-video's test preset (2 steps, 4-frame clips, 16 px) on ``image_model``; returns OUT/model."""
+    from latentdiff.cli import main
+
+    main(["train-video", "--preset", "moving-shapes-test", "--out", str(out), "--set", f"model={image_model}",
+          "--set", "temporal_head_dim=8", *extra])
+    return out / "model"
+
+
+def tiny_audio_model(root: Path) -> Path:
+    """train-vae and train-audio's test presets (16 mel bands, 16-frame clips of 0.256 s); returns the model folder."""
+    from latentdiff.cli import main
+
+    main(["train-vae", "--preset", "tones-test", "--out", str(root / "vae")])
+    main(["train-audio", "--preset", "tones-test", "--out", str(root / "run"), "--set",
+          f"autoencoder={root / 'vae' / 'autoencoder'}"])
+    return root / "run" / "model"
+
+
 def env(**extra) -> dict:
     """The environment of a training subprocess: this checkout first on the path, 2 threads."""
     out = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny_model_folder
+from _tiny import tiny_model_folder, tiny_video_model
 from PIL import Image
 
 from latentdiff.cli import main
@@ -20,9 +20,7 @@ def image_model(tmp_path_factory):
 
 
 def _train(image_model, out, *extra):
-    main(["train-video", "--preset", "moving-shapes-test", "--out", str(out), "--set", f"model={image_model}",
-          "--set", "temporal_head_dim=8", *extra])
-    return out / "model"
+    return tiny_video_model(out, image_model, *extra)
 
 
 @pytest.fixture(scope="module")
