@@ -8,6 +8,7 @@ stored in an audio model's ``model_index.json``.
 
 from __future__ import annotations
 
+import io
 import math
 import wave
 from dataclasses import dataclass
@@ -174,24 +175,41 @@ def mel_to_wave(mel: Tensor, spec: MelSpec, iters: int | None = None, seed: int 
 
 def write_wav(path: str | Path, wave_: Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write a mono waveform (T,) in [-1, 1] as a 16-bit PCM WAV file, atomically; values outside are clipped."""
+    pcm = _pcm16(wave_, f"the waveform for {path}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        _write_wav(str(tmp), pcm, sample_rate)
+    return path
+
+
+def wav_bytes(wave_: Tensor | np.ndarray, sample_rate: int) -> bytes:
+    """The WAV file :func:`write_wav` writes, as bytes (the server's responses)."""
+    buffer = io.BytesIO()
+    _write_wav(buffer, _pcm16(wave_, "the waveform"), sample_rate)
+    return buffer.getvalue()
+
+
+def _pcm16(wave_: Tensor | np.ndarray, what: str) -> np.ndarray:
     samples = np.asarray(wave_.detach().cpu() if isinstance(wave_, Tensor) else wave_, dtype=np.float64)
     if samples.ndim != 1:
         raise ValueError(f"expected a mono waveform of shape (T,), got {samples.shape}")
     if not np.isfinite(samples).all():
-        raise ValueError(f"the waveform for {path} has non-finite samples")
-    pcm = np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
-    path = Path(path)
-    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as f:
+        raise ValueError(f"{what} has non-finite samples")
+    return np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
+
+
+def _write_wav(target, pcm: np.ndarray, sample_rate: int) -> None:
+    with wave.open(target, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.tobytes())
-    return path
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A 16-bit PCM WAV file -> (mono float32 waveform in [-1, 1], sample rate); channels are averaged."""
-    with wave.open(str(path), "rb") as f:
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV file (a path or a binary file) -> (mono float32 waveform in [-1, 1], sample rate); channels
+    are averaged."""
+    with wave.open(path if hasattr(path, "read") else str(path), "rb") as f:
         if f.getsampwidth() != 2:
             raise ValueError(f"{path}: only 16-bit PCM WAV files are read, this one has {8 * f.getsampwidth()}-bit "
                              "samples")

@@ -1,9 +1,13 @@
-"""An in-process latentdiff server for the serve tests: uvicorn in a background thread on a free loopback port."""
+"""An in-process latentdiff server for the serve tests: uvicorn in a background thread on a free loopback port; one
+request to it."""
 
 import contextlib
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import uvicorn
 
@@ -30,3 +34,19 @@ def running(pipe, config: ServeConfig):
         server.should_exit = True
         thread.join(timeout=30)
         app.state.queue.close()
+
+
+def call(url: str, method: str = "GET", body=None, headers: dict | None = None, raw: bytes | None = None):
+    """(status, parsed JSON or bytes, headers) of one request; errors answered, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, content, hdrs = r.status, r.read(), r.headers
+    except urllib.error.HTTPError as e:
+        status, content, hdrs = e.code, e.read(), e.headers
+    try:
+        return status, json.loads(content), hdrs
+    except ValueError:
+        return status, content, hdrs

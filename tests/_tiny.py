@@ -61,6 +61,16 @@ def train_video(image_model: Path, out: Path, *extra: str) -> Path:
     return out / "model"
 
 
+def tiny_audio_model(root: Path) -> Path:
+    """train-vae and train-audio's test presets (16 mel bands, 16-frame clips of 0.256 s); returns the model folder."""
+    from latentdiff.cli import main
+
+    main(["train-vae", "--preset", "tones-test", "--out", str(root / "vae")])
+    main(["train-audio", "--preset", "tones-test", "--out", str(root / "run"), "--set",
+          f"autoencoder={root / 'vae' / 'autoencoder'}"])
+    return root / "run" / "model"
+
+
 def env(**extra) -> dict:
     """The environment of a training subprocess: this checkout first on the path, 2 threads."""
     out = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}

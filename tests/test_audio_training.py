@@ -3,7 +3,7 @@ WAV files), bad input."""
 
 import pytest
 import torch
-from _tiny import tiny_model_folder
+from _tiny import tiny_audio_model, tiny_model_folder
 
 from latentdiff.audio import MelSpec, read_wav
 from latentdiff.cli import main
@@ -17,11 +17,7 @@ PROMPT = "a piano note C5 played twice"
 
 @pytest.fixture(scope="module")
 def audio_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audio")
-    main(["train-vae", "--preset", "tones-test", "--out", str(root / "vae")])
-    main(["train-audio", "--preset", "tones-test", "--out", str(root / "run"), "--set",
-          f"autoencoder={root / 'vae' / 'autoencoder'}"])
-    return root / "run" / "model"
+    return tiny_audio_model(tmp_path_factory.mktemp("audio"))
 
 
 def test_train_audio_writes_an_audio_model(audio_model):

@@ -18,7 +18,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from _serve import running
+from _serve import call, running
 
 import latentdiff
 from latentdiff.serve.app import ServeConfig
@@ -38,22 +38,6 @@ def server(pipe):
                     max_upload_bytes=64 * 1024, max_upload_pixels=512 * 512)
     with running(pipe, ServeConfig(queue_size=8, limits=limits)) as (url, _):
         yield url
-
-
-def call(url: str, method: str = "GET", body=None, headers: dict | None = None, raw: bytes | None = None):
-    """(status, parsed JSON or bytes, headers) of one request; errors answered, not raised."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, content, hdrs = r.status, r.read(), r.headers
-    except urllib.error.HTTPError as e:
-        status, content, hdrs = e.code, e.read(), e.headers
-    try:
-        return status, json.loads(content), hdrs
-    except ValueError:
-        return status, content, hdrs
 
 
 def png(image: Image.Image) -> bytes:

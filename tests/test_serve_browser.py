@@ -1,5 +1,6 @@
 """The web page in a real headless Chromium (Debian's, driven by Playwright): type a prompt, generate, see the image
-in the gallery; its PNG carries the parameters asked for. Skips where chromium or playwright is absent."""
+in the gallery; its PNG carries the parameters asked for; a video model's clip plays in an <img>, an audio model's WAV
+in an <audio>. Skips where chromium or playwright is absent."""
 
 import io
 import json
@@ -70,3 +71,46 @@ def _png_parameters(url: str) -> tuple[Image.Image, dict]:
     with urllib.request.urlopen(url, timeout=30) as r:
         image = Image.open(io.BytesIO(r.read()))
     return image, json.loads(image.info["parameters"])
+
+
+def test_page_shows_a_video_models_clip_and_an_audio_models_wav(tmp_path):
+    from _tiny import tiny_audio_model, tiny_model_folder, train_video
+
+    video = latentdiff.load(train_video(tiny_model_folder(tmp_path / "image"), tmp_path / "video"))
+    audio = latentdiff.load(tiny_audio_model(tmp_path / "audio"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            with running(video, ServeConfig()) as (url, _):
+                page, errors = _generate(browser, url, {"#frames": "3", "#fps": "4"})
+                page.wait_for_function("document.querySelector('#gallery img.result').naturalWidth > 0")
+                assert page.evaluate("document.querySelector('#gallery img.result').naturalWidth") == 16
+                src = page.get_attribute("#gallery img.result", "src")
+                with urllib.request.urlopen(src, timeout=30) as r:
+                    assert Image.open(io.BytesIO(r.read())).n_frames == 3
+                assert "3 frames at 4 fps" in page.text_content("#gallery figcaption")
+                assert page.is_hidden("#image_file") and page.is_hidden("#seconds")  # no video editing
+                assert not errors, errors
+            with running(audio, ServeConfig()) as (url, _):
+                page, errors = _generate(browser, url, {"#seconds": "0.512"})
+                page.wait_for_selector("#gallery audio.result[controls]", timeout=60_000)
+                page.wait_for_function("document.querySelector('#gallery audio.result').readyState >= 1")
+                assert abs(page.evaluate("document.querySelector('#gallery audio.result').duration") - 0.512) < 1e-3
+                assert not errors, errors
+        finally:
+            browser.close()
+
+
+def _generate(browser, url: str, fields: dict):
+    """A new page on ``url``, a prompt and ``fields`` filled in, Generate clicked, a result shown: (page, its errors)."""
+    page, errors = browser.new_page(), []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "2")
+    for selector, value in fields.items():
+        page.fill(selector, value)
+    page.click("#generate")
+    page.wait_for_selector("#gallery .result", timeout=60_000)
+    return page, errors

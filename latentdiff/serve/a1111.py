@@ -1,7 +1,8 @@
 """The AUTOMATIC1111 web UI API subset its clients use (``/sdapi/v1``): txt2img, img2img (with mask), samplers,
 models, progress, interrupt, and the options (read-only). Fields we do not implement (hires fix, restore faces,
 scripts, ...) are accepted and ignored, as A1111 ignores what a script does not read; images are raw base64 PNGs
-carrying their parameters, ``info`` a JSON string."""
+carrying their parameters (a video model's clips: animated WebPs), ``info`` a JSON string; an audio model is
+refused (use ``/api``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 
 from latentdiff.diffusion.sampling import SAMPLERS
-from latentdiff.serve.common import finished, png_of, submit
-from latentdiff.serve.inputs import BadInput, GenerationInput, b64_image
+from latentdiff.serve.common import file_of, finished, submit
+from latentdiff.serve.inputs import BadInput, GenerationInput, b64_image, model_kind
 
 SCHEDULES = {"karras": "karras", "exponential": "exponential", "uniform": "linspace", "sgm uniform": "trailing"}
 
@@ -78,7 +79,8 @@ def router() -> APIRouter:
 
     @api.get("/options", summary="Options (read-only)")
     def options(request: Request) -> dict:
-        return {"sd_model_checkpoint": request.app.state.pipe.name, "samples_format": "png",
+        pipe = request.app.state.pipe
+        return {"sd_model_checkpoint": pipe.name, "samples_format": "webp" if model_kind(pipe) == "video" else "png",
                 "CLIP_stop_at_last_layers": 1}
 
     @api.get("/progress", summary="Progress of the running job, with its current image")
@@ -118,7 +120,7 @@ async def _run(request: Request, body: Txt2ImgBody, inp: GenerationInput) -> dic
     job = await finished(submit(request, inp, "a1111"))
     if job.state == "failed":
         raise HTTPException(500, f"generation failed: {job.error}")
-    images = [base64.b64encode(png_of(request, t)).decode() for t in job.images]
+    images = [base64.b64encode(file_of(request, t)).decode() for t in job.images]
     p = job.parameters
     info = {"prompt": inp.prompt, "all_prompts": [inp.prompt] * len(images), "negative_prompt": inp.negative_prompt,
             "seed": p["seed"], "all_seeds": [p["seed"]] * len(images), "width": p["width"], "height": p["height"],

@@ -1,5 +1,6 @@
 """The FastAPI application: the own JSON API (``/api``, documented at ``/docs``), the A1111- and OpenAI-compatible
-subsets (``a1111.py``, ``openai_api.py``), finished images at capability URLs, and the web page.
+subsets (``a1111.py``, ``openai_api.py``), finished files at capability URLs (PNGs; a video model's animated
+WebPs; an audio model's WAVs), and the web page.
 
 One ``JobQueue`` (one worker thread) runs every generation; the handlers only check input, queue and wait. An API
 key, when set, is asked of every API route (``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or HTTP basic auth
@@ -26,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, create_model
 from latentdiff.diffusion.sampling import SAMPLERS
 from latentdiff.serve import a1111, openai_api
 from latentdiff.serve.common import error_body, finished, image_url, submit
-from latentdiff.serve.inputs import BadInput, GenerationInput, Limits, b64_image
-from latentdiff.serve.queue import ImageStore, Job, JobQueue, QueueFull
+from latentdiff.serve.inputs import DEFAULT_FPS, BadInput, GenerationInput, Limits, b64_image, model_kind
+from latentdiff.serve.queue import MEDIA_TYPES, ImageStore, Job, JobQueue, QueueFull
 
 FINISHED = ("done", "failed", "cancelled")
 OPEN_PATHS = ("/", "/docs", "/openapi.json", "/images/", "/docs/oauth2-redirect")  # no API key asked
@@ -41,7 +42,7 @@ class ServeConfig:
     port: int = 7860  # AUTOMATIC1111's port, so its clients' defaults find us
     api_key: str = ""  # empty: no key asked
     queue_size: int = 4  # jobs waiting behind the running one; more are answered 429
-    store_images: int = 256  # finished PNGs kept in memory for their URLs (oldest dropped)
+    store_images: int = 256  # finished files (PNG, WebP, WAV) kept in memory for their URLs (oldest dropped)
     store_bytes: int = 256 * 2**20
     previews: int = 8  # preview images per job (0: none)
     limits: Limits = field(default_factory=Limits)
@@ -79,12 +80,14 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
     def page() -> str:
         return resources.files("latentdiff.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    @app.get("/images/{token}.png", tags=["images"], summary="A finished image (PNG with its parameters)")
-    def image(token: str) -> Response:
-        data = app.state.store.get(token)
+    @app.get("/images/{name}", tags=["images"],
+             summary="A finished file: TOKEN.png (with its parameters), TOKEN.webp (a clip), TOKEN.wav (audio)")
+    def image(name: str) -> Response:
+        data = app.state.store.get(name)
         if data is None:
             raise HTTPException(404, "no such image (images are kept in memory, the oldest dropped)")
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        media_type = MEDIA_TYPES[name[name.rindex("."):]]
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     return app
 
@@ -96,12 +99,14 @@ def _own_api() -> APIRouter:
     def info(request: Request) -> dict:
         state = request.app.state
         pipe = state.pipe
-        return {"model": pipe.name, "default_size": pipe.default_size, "size_multiple": _size_multiple(pipe),
+        return {"model": pipe.name, "kind": model_kind(pipe), **_media_info(pipe),
+                "default_size": pipe.default_size, "size_multiple": _size_multiple(pipe),
                 "samplers": sorted(SAMPLERS), "defaults": {k: v for k, v in pipe.settings().__dict__.items()},
                 "limits": state.limits.__dict__, "queue_size": state.config.queue_size,
                 "previews": pipe.preview_decoder is not None or pipe.default_size ** 2 <= 256 * 256}
 
-    @api.post("/generate", status_code=202, summary="Queue a generation (text-to-image, img2img, inpainting)")
+    @api.post("/generate", status_code=202,
+              summary="Queue a generation (text-to-image, img2img, inpainting; clips of a video model; audio)")
     async def generate(body: GenerateBody, request: Request, wait: bool = False) -> dict:
         limits = request.app.state.limits
         inp = GenerationInput(**body.model_dump(exclude={"image", "mask"}))
@@ -131,6 +136,18 @@ def _own_api() -> APIRouter:
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return api
+
+
+def _media_info(pipe) -> dict:
+    """A video model's clip length (``frames``, most ``max_frames``, default ``fps``); an audio model's ``seconds``."""
+    kind = model_kind(pipe)
+    if kind == "video":
+        return {"frames": pipe.clip_length(None), "max_frames": pipe.denoiser.network.config.max_frames,
+                "fps": DEFAULT_FPS}
+    if kind == "audio":
+        spec = pipe.index.audio
+        return {"seconds": spec.seconds(pipe.audio_frames(None)), "sample_rate": spec.sample_rate}
+    return {}
 
 
 def _size_multiple(pipe) -> int:

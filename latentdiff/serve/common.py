@@ -1,4 +1,4 @@
-"""What the three APIs share: checking and queueing a request, waiting for it, its images' URLs, error bodies."""
+"""What the three APIs share: checking and queueing a request, waiting for it, its files' URLs, error bodies."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ async def finished(job: Job) -> Job:
     return await asyncio.shield(asyncio.wrap_future(job.future))  # a client leaving does not cancel the job
 
 
-def image_url(request: Request, token: str) -> str:
-    return str(request.url_for("image", token=token))
+def image_url(request: Request, name: str) -> str:
+    return str(request.url_for("image", name=name))
 
 
-def png_of(request: Request, token: str) -> bytes:
-    return request.app.state.store.get(token) or b""
+def file_of(request: Request, name: str) -> bytes:
+    """A finished file's bytes (PNG, or a video model's WebP) by its store name."""
+    return request.app.state.store.get(name) or b""
 
 
 def error_body(request: Request, status: int, field_name: str, message: str) -> dict:

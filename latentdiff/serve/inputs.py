@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from latentdiff.edit_inputs import edit_strength, read_image, read_mask
 from latentdiff.serve.queue import Job
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what uploads may be
+MAX_FPS = 100.0  # a video clip's frames per second (WebP times frames in whole milliseconds)
+DEFAULT_FPS = 8.0  # as `latentdiff generate --fps`
 
 
 class BadInput(ValueError):
@@ -68,6 +71,9 @@ class GenerationInput:
     mask: Image.Image | None = None  # white repaints, black keeps (same size as image)
     strength: float | None = None
     previews: bool = False  # make preview images while sampling (they cost a decode each)
+    frames: int | None = None  # video models: frames per clip (None: the model's clip length)
+    fps: float | None = None  # video models: frames per second of the returned animated WebP (None: 8)
+    seconds: float | None = None  # audio models: clip length (None: the model's)
 
 
 def b64_image(text: str, field: str, limits: Limits) -> Image.Image:
@@ -117,7 +123,9 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
         raise BadInput("num_images", f"must be between 1 and {limits.max_batch}, got {inp.num_images}")
     if inp.steps is not None and not 1 <= inp.steps <= limits.max_steps:
         raise BadInput("steps", f"must be between 1 and {limits.max_steps}, got {inp.steps}")
-    height, width = _size(pipe, inp, limits)
+    kind = model_kind(pipe)
+    media, media_params = _media(pipe, inp, limits, kind, source)
+    height, width = _size(pipe, inp, limits) if kind != "audio" else (None, None)
     if inp.sampler is not None:
         try:
             get_sampler(inp.sampler)
@@ -134,10 +142,11 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
     seed = secrets.randbelow(2**32) if inp.seed is None or inp.seed == -1 else inp.seed
     if not 0 <= seed < 2**64:
         raise BadInput("seed", f"must be -1 (random) or in [0, 2**64), got {seed}")
-    kwargs = {"prompt": inp.prompt, "negative_prompt": inp.negative_prompt, "seed": seed, "height": height,
-              "width": width, "num_images": inp.num_images, **dataclasses.asdict(use)}
-    params = {**dataclasses.asdict(use), "prompt": inp.prompt, "negative_prompt": inp.negative_prompt, "seed": seed, "width": width,
-              "height": height, "model": pipe.name, "num_images": inp.num_images, "api": source}
+    size = {"height": height, "width": width} if kind != "audio" else {}
+    kwargs = {"prompt": inp.prompt, "negative_prompt": inp.negative_prompt, "seed": seed, **size,
+              "num_images": inp.num_images, **dataclasses.asdict(use), **media}
+    params = {**dataclasses.asdict(use), "prompt": inp.prompt, "negative_prompt": inp.negative_prompt, "seed": seed,
+              **size, "model": pipe.name, "num_images": inp.num_images, "api": source, **media_params}
     total = use.steps
     if inp.image is not None:
         strength = _edit(inp, kwargs, height, width)
@@ -148,12 +157,66 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
     elif inp.mask is not None or inp.strength is not None:
         name = "mask" if inp.mask is not None else "strength"
         raise BadInput(name, f"{name} edits an image: give the image too")
-    try:  # the memory the request needs, against what is available; how many batches it runs in
-        batch = pipe.batch_size(inp.num_images, height, width)
+    per = media.get("frames", 1)  # images per sample: a clip's frames
+    if kind == "audio":
+        height, width = pipe.index.audio.n_mels, media_params["mel_frames"]
+    try:  # the memory the request needs, against what is available; how many batches it runs in (as generate)
+        batch = max(1, pipe.batch_size(inp.num_images * per, height, width) // per)
     except MemoryError as e:
         raise BadInput("num_images", str(e), 413) from None
     batches = -(-inp.num_images // batch)
-    return Job(kwargs=kwargs, parameters=params, total=total * batches, batches=batches, watched=inp.previews)
+    return Job(kwargs=kwargs, parameters=params, total=total * batches, batches=batches, watched=inp.previews,
+               kind=kind)
+
+
+def model_kind(pipe) -> str:
+    """What ``pipe`` makes: "audio" (``latentdiff train-audio``), "video" (``train-video``) or "image"."""
+    if pipe.index.audio is not None:
+        return "audio"
+    return "video" if pipe.clip_length(None) is not None else "image"
+
+
+def _media(pipe, inp: GenerationInput, limits: Limits, kind: str, source: str) -> tuple[dict, dict]:
+    """A video or audio request's own fields, checked against the model: (``generate`` keywords, parameters)."""
+    a = "an" if kind[0] in "aeiou" else "a"
+    if inp.fps is not None and kind != "video":
+        raise BadInput("fps", f"fps is for video models; {pipe.name!r} is {a} {kind} model")
+    if inp.seconds is not None and kind != "audio":
+        raise BadInput("seconds", f"seconds is for audio models; {pipe.name!r} is {a} {kind} model")
+    if kind == "audio":
+        return _audio(pipe, inp, limits, source)
+    try:
+        frames = pipe.clip_length(inp.frames)  # an image model refuses frames
+    except ValueError as e:
+        raise BadInput("frames", str(e)) from None
+    if frames is None:
+        return {}, {}
+    if inp.image is not None or inp.mask is not None:
+        raise BadInput("image" if inp.image is not None else "mask",
+                       "a video model takes no image or mask (no video editing yet)")
+    fps = DEFAULT_FPS if inp.fps is None else inp.fps
+    if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise BadInput("fps", f"must be a number in (0, {MAX_FPS:g}], got {fps}")
+    return {"frames": frames}, {"frames": frames, "fps": fps}
+
+
+def _audio(pipe, inp: GenerationInput, limits: Limits, source: str) -> tuple[dict, dict]:
+    if source != "latentdiff":
+        raise BadInput("model", f"{pipe.name!r} is an audio model and this API returns images: use /api/generate")
+    given = [name for name in ("frames", "width", "height", "image", "mask") if getattr(inp, name) is not None]
+    if given:
+        raise BadInput(given[0], "an audio model's clip size follows from seconds (and its mel bands); it takes "
+                                 "no frames, width, height, image or mask")
+    try:
+        frames = pipe.audio_frames(inp.seconds)
+    except ValueError as e:
+        raise BadInput("seconds", str(e)) from None
+    spec = pipe.index.audio
+    if frames * spec.n_mels > limits.max_pixels:
+        raise BadInput("seconds", f"{spec.seconds(frames):g} s is {frames} mel frames x {spec.n_mels} bands, more "
+                                  f"than the server's {limits.max_pixels} pixels")
+    return {"seconds": inp.seconds}, {"seconds": spec.seconds(frames), "sample_rate": spec.sample_rate,
+                                      "mel_frames": frames}
 
 
 def _size(pipe, inp: GenerationInput, limits: Limits) -> tuple[int, int]:

@@ -4,6 +4,7 @@
 the PNG in the answer. Sizes are "WIDTHxHEIGHT" (or "auto": the model's). Extra fields a client may send through
 ``extra_body``: negative_prompt, steps, sampler, guidance, seed, strength. Edits follow OpenAI's mask convention:
 where the mask (or, without one, the image) is transparent is repainted; a mask without alpha repaints white.
+A video model's clips are animated WebPs (``output_format`` "webp"); an audio model is refused (use ``/api``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from latentdiff.serve.common import finished, image_url, png_of, submit
+from latentdiff.serve.common import file_of, finished, image_url, submit
 from latentdiff.serve.inputs import BadInput, GenerationInput, image_bytes
 
 FORMATS = ("url", "b64_json")
@@ -122,5 +123,6 @@ async def _run(request: Request, inp: GenerationInput, fmt: str) -> dict:
     if fmt == "url":
         data = [{"url": image_url(request, t)} for t in job.images]
     else:
-        data = [{"b64_json": base64.b64encode(png_of(request, t)).decode()} for t in job.images]
-    return {"created": int(time.time()), "data": data, "output_format": "png"}
+        data = [{"b64_json": base64.b64encode(file_of(request, t)).decode()} for t in job.images]
+    fmt = job.images[0].rpartition(".")[2] if job.images else "png"  # webp: a video model's clips
+    return {"created": int(time.time()), "data": data, "output_format": fmt}

@@ -1,5 +1,5 @@
 """A bounded job queue with one generation worker thread, per-job progress and cancel, and the in-memory, bounded
-store of finished PNGs the API links to.
+store of finished files the API links to: PNGs (image models), animated WebPs (video), WAVs (audio).
 
 The CPU is the bottleneck, so one worker runs one ``Pipeline.generate`` at a time; at most ``max_waiting`` jobs
 wait behind it, and ``submit`` refuses the next one at once (``QueueFull``, with a Retry-After estimate) instead of
@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image
+from latentdiff.audio import wav_bytes
+from latentdiff.images import png_bytes, to_pil, webp_bytes
 
-from latentdiff.images import png_bytes, to_pil
-
+MEDIA_TYPES = {".png": "image/png", ".webp": "image/webp", ".wav": "audio/wav"}  # what the store holds, by suffix
 PREVIEW_MAX_PIXELS = 256 * 256  # without a preview decoder, previews are decoded by the autoencoder up to this size
 
 
@@ -36,18 +36,19 @@ class Cancelled(Exception):
 
 @dataclass
 class Job:
-    """One generation: the keywords of ``Pipeline.generate``, what its PNGs record, and its state."""
+    """One generation: the keywords of ``Pipeline.generate``, what its files record, and its state."""
 
-    kwargs: dict  # Pipeline.generate keywords (prompt, steps, sampler, image, mask, ...)
-    parameters: dict  # written into every PNG's ``parameters`` chunk (per image: + prompt, index)
+    kwargs: dict  # Pipeline.generate (generate_audio) keywords (prompt, steps, sampler, image, mask, frames, ...)
+    parameters: dict  # written into every PNG / WebP (per file: + prompt, index); audio: only in the job's JSON
     total: int  # sampler steps the job runs, all its batches together (progress denominator)
     batches: int = 1  # Pipeline.generate's batches (each runs the whole grid)
+    kind: str = "image"  # the model's: "image" (PNGs), "video" (animated WebPs), "audio" (WAVs)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     state: str = "queued"  # queued -> running -> done | failed | cancelled
     step: int = 0  # sampler steps done
     preview: bytes | None = None  # the latest preview, PNG
     error: str = ""  # what went wrong (failed)
-    images: list = field(default_factory=list)  # store tokens of the PNGs (done)
+    images: list = field(default_factory=list)  # store names of the files (done): token + suffix
     created: float = field(default_factory=time.time)
     started: float = 0.0
     finished: float = 0.0
@@ -63,7 +64,8 @@ class Job:
 
 
 class ImageStore:
-    """Finished PNGs by random token (a capability URL), the oldest dropped beyond ``max_images`` or ``max_bytes``."""
+    """Finished files by name: a random token (a capability URL) + the suffix saying what the file is
+    (``MEDIA_TYPES``); the oldest dropped beyond ``max_images`` or ``max_bytes``."""
 
     def __init__(self, max_images: int = 256, max_bytes: int = 256 * 2**20):
         self.max_images, self.max_bytes = max_images, max_bytes
@@ -71,8 +73,10 @@ class ImageStore:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes) -> str:
-        token = secrets.token_urlsafe(16)
+    def put(self, data: bytes, suffix: str = ".png") -> str:
+        if suffix not in MEDIA_TYPES:
+            raise ValueError(f"the store holds {', '.join(MEDIA_TYPES)} files, not {suffix!r}")
+        token = secrets.token_urlsafe(16) + suffix
         with self._lock:
             self._items[token] = data
             self._bytes += len(data)
@@ -154,7 +158,8 @@ class JobQueue:
                 job.state, job.started, job.version = "running", time.time(), job.version + 1
             state = "done"
             try:
-                self._store(job, self.pipe.generate(**job.kwargs, callback=self._callback(job)))
+                make = self.pipe.generate_audio if job.kind == "audio" else self.pipe.generate
+                self._store(job, make(**job.kwargs, callback=self._callback(job)))
             except Cancelled:
                 state = "cancelled"
             except Exception as e:  # noqa: BLE001 -- a failed job reports its error; the worker keeps serving
@@ -186,7 +191,10 @@ class JobQueue:
         return report
 
     def _preview(self, denoised) -> bytes | None:
-        """The current estimate, small: the preview decoder's image, else the autoencoder's for small images."""
+        """The current estimate, small: the preview decoder's image, else the autoencoder's for small images; a
+        clip's first frame; a mel spectrogram with low frequencies at the bottom."""
+        if denoised.ndim == 5:  # a video model's (B, C, F, h, w)
+            denoised = denoised[:, :, 0]
         decoder = self.pipe.preview_decoder
         if decoder is None:
             factor = self.pipe.autoencoder.factor
@@ -196,15 +204,23 @@ class JobQueue:
         import torch
 
         with torch.no_grad():
-            image = to_pil(decoder(denoised[:1].float()))[0]
-        return png_bytes(image)
+            image = decoder(denoised[:1].float())
+        return png_bytes(to_pil(image.flip(-2) if image.shape[1] == 1 else image)[0])
 
-    def _store(self, job: Job, images: list[Image.Image]) -> None:
+    def _store(self, job: Job, result) -> None:
+        """PNGs (images), animated WebPs (clips: lists of frames), WAVs (audio: waveforms, mel spectrograms)."""
+        if job.kind == "audio":
+            rate = self.pipe.index.audio.sample_rate
+            job.images.extend(self.store.put(wav_bytes(w, rate), ".wav") for w in result[0])
+            return
         prompts = job.kwargs["prompt"] if isinstance(job.kwargs["prompt"], list) else [job.kwargs["prompt"]]
-        per_prompt = len(images) // len(prompts)
-        for i, image in enumerate(images):
+        per_prompt = len(result) // len(prompts)
+        for i, item in enumerate(result):
             params = {**job.parameters, "prompt": prompts[i // per_prompt], "index": i}
-            job.images.append(self.store.put(png_bytes(image, params)))
+            if job.kind == "video":
+                job.images.append(self.store.put(webp_bytes(item, job.parameters["fps"], params), ".webp"))
+            else:
+                job.images.append(self.store.put(png_bytes(item, params)))
 
     def _finish(self, job: Job, state: str) -> None:
         job.kwargs.pop("image", None), job.kwargs.pop("mask", None)  # kept jobs hold no decoded uploads
