@@ -93,7 +93,7 @@ CACHE_PRESETS: dict[str, dict] = {
                            "text_encoder": {"kind": "pretrained", "path": "minilm", "max_length": 32}},
     "shapes-test": {"num_images": 64, "shard_size": 40},
     # The bundled model's data plus a colour it never saw (orange), for `train-lora --preset shapes-orange`.
-    "shapes-orange": {"image_size": 32, "num_images": 8000, "seed": 1, "extra_colors": ("orange",)},
+    "shapes-orange": {"image_size": 32, "num_images": 8000, "seed": 1, "extra_colors": ("orange",), "extra_share": 0.4},
 }
 
 
