@@ -136,7 +136,9 @@ def test_audio_clips_are_the_pipelines_waveforms_as_wavs(audio):
         assert status == 200 and headers["Content-Type"] == "audio/wav" and link.endswith(".wav")
         got, rate = read_wav(io.BytesIO(data))
         assert rate == 16000 and got.shape == (32 * 256,)
-        np.testing.assert_allclose(got, np.round(want.numpy() * 32767) / 32767, atol=1e-6)  # 16-bit PCM
+        # 16-bit PCM: within one step (the server's worker thread may round a sample the other way; CI saw 1 of 8192)
+        np.testing.assert_allclose(got, np.round(want.numpy() * 32767) / 32767, atol=1.01 / 32767, rtol=0)
+        assert np.mean(np.abs(got - want.numpy()) <= 0.5 / 32767 + 1e-7) > 0.99  # nearly all exactly the rounding
     preview = app.state.queue.jobs[job["id"]].preview  # the mel spectrogram, decoded while sampling
     assert Image.open(io.BytesIO(preview)).size == (32, 16)
 
