@@ -15,6 +15,7 @@ from latentdiff.data.moving_shapes import (
     parse_clip_caption,
     render_clip,
     sample_clip,
+    score_clips,
     still_caption,
     validate_clips,
 )
@@ -163,3 +164,33 @@ def test_captions_parse_back():
     assert parse_clip_caption("a red circle on a black background") is None  # no motion
     assert parse_clip_caption("a red circle moving up and growing on a black background") is None  # two
     assert parse_clip_caption("a red circle turning red on a black background") is None
+
+
+def test_video_judge_rendered_still_frames_read_as_their_still_captions():
+    """benchmarks/video_judge.py --rendered --rendered-still: each frame's still caption rendered as the shapes data
+    draws it (here through an identity "autoencoder") reads back as that caption: shape, colour at that frame,
+    background, and the object in the middle (so no motion but grow / recolor)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "video_judge.py"
+    spec = importlib.util.spec_from_file_location("video_judge", path)
+    judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge)
+
+    class Pixels(torch.nn.Module):  # encode = the pixels themselves
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, x):
+            return x * self.scale
+
+    clips = [Clip("triangle", "red", "gray", "recolor", end_color="blue"), Clip("square", "green", "black", "grow"),
+             Clip("circle", "yellow", "white", "left")]
+    z = judge.still_latents(Pixels(), clips, 4, 32, seed=0)
+    assert z.shape == (3, 3, 4, 32, 32)
+    frames = [((clip.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy() for clip in z]
+    scores = score_clips(frames, clips)
+    assert scores["frame_accuracy"] == 1.0
+    assert scores["by_motion"] == {"left": 0.0, "grow": 1.0, "recolor": 1.0}
