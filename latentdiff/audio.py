@@ -1,5 +1,6 @@
 """Audio front end in torch only: mel spectrograms (``torch.stft`` and our own Slaney mel filter bank), their
-inversion to waveforms (Griffin-Lim with momentum over ``torch.istft``), and 16-bit PCM WAV files (stdlib ``wave``).
+inversion to waveforms (Griffin-Lim with momentum over ``torch.istft``), and 16-bit PCM WAV files (stdlib ``wave``)
+that carry their generation parameters (JSON in a ``LIST``/``INFO`` ``ICMT`` chunk after the samples).
 
 A mel spectrogram is an image to the rest of latentdiff: (1, n_mels, frames) in [-1, 1], low frequencies in row 0,
 log power mapped linearly from [max_db - top_db, max_db] dB. ``MelSpec`` owns every constant of that mapping and is
@@ -9,7 +10,9 @@ stored in an audio model's ``model_index.json``.
 from __future__ import annotations
 
 import io
+import json
 import math
+import struct
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,20 +176,20 @@ def mel_to_wave(mel: Tensor, spec: MelSpec, iters: int | None = None, seed: int 
     return griffin_lim(magnitude, spec, mel.shape[-1] * spec.hop_length, iters=iters, seed=seed)
 
 
-def write_wav(path: str | Path, wave_: Tensor | np.ndarray, sample_rate: int) -> Path:
-    """Write a mono waveform (T,) in [-1, 1] as a 16-bit PCM WAV file, atomically; values outside are clipped."""
-    pcm = _pcm16(wave_, f"the waveform for {path}")
+def write_wav(path: str | Path, wave_: Tensor | np.ndarray, sample_rate: int, parameters: dict | None = None) -> Path:
+    """Write a mono waveform (T,) in [-1, 1] as a 16-bit PCM WAV file, atomically; values outside are clipped.
+    ``parameters`` go after the samples, as JSON in a ``LIST``/``INFO`` chunk's ``ICMT`` comment
+    (:func:`read_wav_parameters` reads them; ``wave``, libsndfile and players skip or show it)."""
+    data = _wav(_pcm16(wave_, f"the waveform for {path}"), sample_rate, parameters)
     path = Path(path)
     with atomic_path(path) as tmp:
-        _write_wav(str(tmp), pcm, sample_rate)
+        tmp.write_bytes(data)
     return path
 
 
-def wav_bytes(wave_: Tensor | np.ndarray, sample_rate: int) -> bytes:
+def wav_bytes(wave_: Tensor | np.ndarray, sample_rate: int, parameters: dict | None = None) -> bytes:
     """The WAV file :func:`write_wav` writes, as bytes (the server's responses)."""
-    buffer = io.BytesIO()
-    _write_wav(buffer, _pcm16(wave_, "the waveform"), sample_rate)
-    return buffer.getvalue()
+    return _wav(_pcm16(wave_, "the waveform"), sample_rate, parameters)
 
 
 def _pcm16(wave_: Tensor | np.ndarray, what: str) -> np.ndarray:
@@ -198,12 +201,62 @@ def _pcm16(wave_: Tensor | np.ndarray, what: str) -> np.ndarray:
     return np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
 
 
-def _write_wav(target, pcm: np.ndarray, sample_rate: int) -> None:
-    with wave.open(target, "wb") as f:
+def _wav(pcm: np.ndarray, sample_rate: int, parameters: dict | None) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.tobytes())
+    data = buffer.getvalue()
+    if parameters is None:
+        return data
+    text = json.dumps(parameters, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\0"
+    info = b"INFO" + _chunk(b"ICMT", text)
+    data += _chunk(b"LIST", info)  # after the data chunk: every reader finds the samples where they were
+    return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]  # the RIFF size covers the new chunk
+
+
+def _chunk(tag: bytes, body: bytes) -> bytes:
+    """A RIFF chunk: tag, little-endian size (the body's, unpadded), body, a pad byte to an even length."""
+    return tag + struct.pack("<I", len(body)) + body + b"\0" * (len(body) % 2)
+
+
+def read_wav_parameters(source) -> dict | None:
+    """The generation parameters a WAV written by :func:`write_wav` carries (a path, the file's bytes, or a binary
+    file), or None; ValueError for a file that is not RIFF/WAVE."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _wav_comment(io.BytesIO(source), "the WAV bytes")
+    if hasattr(source, "read"):
+        return _wav_comment(source, "the WAV file")
+    with open(source, "rb") as f:
+        return _wav_comment(f, str(source))
+
+
+def _wav_comment(f, what: str) -> dict | None:
+    """Walk the RIFF chunks (reading only their headers, and LIST bodies) for LIST/INFO/ICMT, parsed as JSON."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise ValueError(f"{what} is not a WAV file (no RIFF/WAVE header)")
+    while len(header := f.read(8)) == 8:
+        tag, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if tag != b"LIST":
+            f.seek(size + size % 2, io.SEEK_CUR)
+            continue
+        body = f.read(size + size % 2)[:size]
+        if body[:4] != b"INFO":
+            continue
+        at = 4
+        while at + 8 <= len(body):
+            sub, length = body[at:at + 4], struct.unpack("<I", body[at + 4:at + 8])[0]
+            if sub == b"ICMT":
+                text = body[at + 8:at + 8 + length].rstrip(b"\0").decode("utf-8", errors="replace")
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    return None  # another program's comment: no parameters of ours
+            at += 8 + length + length % 2
+    return None
 
 
 def read_wav(path) -> tuple[np.ndarray, int]:

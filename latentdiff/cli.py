@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_checkpoint)
 
     p = sub.add_parser("generate", help="generate images from prompts", description="Generate images; each PNG "
-                       "carries its parameters (its own prompt among them) in a text chunk.")
+                       "carries its parameters (its own prompt among them) in a text chunk, each WAV in its ICMT "
+                       "comment.")
     p.add_argument("prompts", nargs="*", help="one or more prompts")
     add_config_args(p, {}, GenerateConfig)
     add_options(p, GenerateConfig, {f.name: dict(f.metadata) for f in dataclasses.fields(GenerateConfig)

@@ -913,16 +913,20 @@ def save_clips(clips: list[list[Image.Image]], path: str | Path, parameters: dic
 def save_audio(waves: Tensor, mels: Tensor, sample_rate: int, path: str | Path, parameters: dict,
                per_clip: list[dict] | None = None) -> list[Path]:
     """Write an audio model's clips as 16-bit WAV files (``path`` with .wav; numbered when several) and their mel
-    spectrograms (low frequencies at the bottom) as one PNG grid at ``path`` with .png, carrying ``parameters``."""
+    spectrograms (low frequencies at the bottom) as one PNG grid at ``path`` with .png, all carrying ``parameters``
+    (each WAV its own ``per_clip`` entry, and its ``index`` when several; the grid as :func:`save_images`)."""
     from latentdiff.audio import write_wav
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wavs = [path.with_suffix(".wav")] if len(waves) == 1 else \
-        [path.with_name(f"{path.stem}_{i:03d}.wav") for i in range(len(waves))]
-    written = [write_wav(wav, w, sample_rate) for wav, w in zip(wavs, waves)]
-    grid = save_images(to_pil(mels.flip(-2)), path.with_suffix(".png"), {**parameters, "sample_rate": sample_rate},
-                       grid=True, per_image=per_clip)
+    parameters = {**parameters, "sample_rate": sample_rate}
+    own = per_clip if per_clip is not None else [{} for _ in waves]
+    if len(waves) == 1:
+        written = [write_wav(path.with_suffix(".wav"), waves[0], sample_rate, {**parameters, **own[0]})]
+    else:
+        written = [write_wav(path.with_name(f"{path.stem}_{i:03d}.wav"), w, sample_rate,
+                             {**parameters, **own[i], "index": i}) for i, w in enumerate(waves)]
+    grid = save_images(to_pil(mels.flip(-2)), path.with_suffix(".png"), parameters, grid=True, per_image=per_clip)
     return written + grid
 
 

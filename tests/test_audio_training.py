@@ -5,7 +5,7 @@ import pytest
 import torch
 from _tiny import tiny_audio_model, tiny_model_folder
 
-from latentdiff.audio import MelSpec, read_wav
+from latentdiff.audio import MelSpec, read_wav, read_wav_parameters
 from latentdiff.cli import main
 from latentdiff.components import read_model_folder
 from latentdiff.images import read_parameters
@@ -55,6 +55,9 @@ def test_generate_command_writes_wav_files(audio_model, tmp_path, capsys):
     assert rate == 16000 and wave.shape == (16 * 256,)
     params = read_parameters(tmp_path / "clip.png")
     assert params["prompt"] == [PROMPT, "a flute note G4 played once"] and params["sample_rate"] == 16000
+    for i, prompt in enumerate([PROMPT, "a flute note G4 played once"]):  # each WAV: the grid's settings, its prompt
+        own = read_wav_parameters(tmp_path / f"clip_{i:03d}.wav")
+        assert own == {**params, "prompt": prompt, "index": i}
     # Bad lengths: an error before any work, nothing written.
     with pytest.raises(SystemExit):
         main(["generate", PROMPT, "--model", str(audio_model), "-o", str(tmp_path / "bad.wav"), "--seconds", "0.3"])

@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 from _serve import call, running
 from _tiny import tiny_audio_model, tiny_model_folder, train_video
 
-from latentdiff.audio import read_wav
+from latentdiff.audio import read_wav, read_wav_parameters
 from latentdiff.images import read_parameters
 from latentdiff.pipeline import load
 from latentdiff.serve.app import ServeConfig
@@ -131,10 +131,11 @@ def test_audio_clips_are_the_pipelines_waveforms_as_wavs(audio):
     assert status == 202 and job["state"] == "done", job
     assert (job["parameters"]["seconds"], job["parameters"]["sample_rate"]) == (0.512, 16000)
     waves, _ = pipe.generate_audio(TONE, steps=2, seed=3, num_images=2, seconds=0.512)
-    for link, want in zip(job["images"], waves):
+    for i, (link, want) in enumerate(zip(job["images"], waves)):
         status, data, headers = call(link)
         assert status == 200 and headers["Content-Type"] == "audio/wav" and link.endswith(".wav")
         got, rate = read_wav(io.BytesIO(data))
+        assert read_wav_parameters(data) == {**job["parameters"], "prompt": TONE, "index": i}
         assert rate == 16000 and got.shape == (32 * 256,)
         # 16-bit PCM: within one step (the server's worker thread may round a sample the other way; CI saw 1 of 8192)
         np.testing.assert_allclose(got, np.round(want.numpy() * 32767) / 32767, atol=1.01 / 32767, rtol=0)
@@ -173,4 +174,4 @@ def test_the_bytes_writers_are_the_file_writers(tmp_path):
     assert data == save_webp(frames, tmp_path / "a.webp", 4.0, params).read_bytes()
     assert read_parameters(io.BytesIO(data)) == params and read_parameters(save_webp(frames, tmp_path / "b.webp")) is None
     wave = np.sin(np.linspace(0, 20, 1000))
-    assert wav_bytes(wave, 8000) == write_wav(tmp_path / "a.wav", wave, 8000).read_bytes()
+    assert wav_bytes(wave, 8000, params) == write_wav(tmp_path / "a.wav", wave, 8000, params).read_bytes()

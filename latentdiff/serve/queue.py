@@ -39,7 +39,7 @@ class Job:
     """One generation: the keywords of ``Pipeline.generate``, what its files record, and its state."""
 
     kwargs: dict  # Pipeline.generate (generate_audio) keywords (prompt, steps, sampler, image, mask, frames, ...)
-    parameters: dict  # written into every PNG / WebP (per file: + prompt, index); audio: only in the job's JSON
+    parameters: dict  # written into every PNG / WebP / WAV (per file: + prompt, index)
     total: int  # sampler steps the job runs, all its batches together (progress denominator)
     batches: int = 1  # Pipeline.generate's batches (each runs the whole grid)
     kind: str = "image"  # the model's: "image" (PNGs), "video" (animated WebPs), "audio" (WAVs)
@@ -209,15 +209,14 @@ class JobQueue:
 
     def _store(self, job: Job, result) -> None:
         """PNGs (images), animated WebPs (clips: lists of frames), WAVs (audio: waveforms, mel spectrograms)."""
-        if job.kind == "audio":
-            rate = self.pipe.index.audio.sample_rate
-            job.images.extend(self.store.put(wav_bytes(w, rate), ".wav") for w in result[0])
-            return
+        items = result[0] if job.kind == "audio" else result  # audio: (waveforms, mel spectrograms)
         prompts = job.kwargs["prompt"] if isinstance(job.kwargs["prompt"], list) else [job.kwargs["prompt"]]
-        per_prompt = len(result) // len(prompts)
-        for i, item in enumerate(result):
+        per_prompt = len(items) // len(prompts)
+        for i, item in enumerate(items):
             params = {**job.parameters, "prompt": prompts[i // per_prompt], "index": i}
-            if job.kind == "video":
+            if job.kind == "audio":
+                job.images.append(self.store.put(wav_bytes(item, job.parameters["sample_rate"], params), ".wav"))
+            elif job.kind == "video":
                 job.images.append(self.store.put(webp_bytes(item, job.parameters["fps"], params), ".webp"))
             else:
                 job.images.append(self.store.put(png_bytes(item, params)))
