@@ -1,9 +1,10 @@
 """``latentdiff serve`` over a video model (clips as lossless animated WebPs, ``frames`` / ``fps``) and an audio model
-(WAVs, ``seconds``): the files are the pipeline's own output, their parameters travel with them, and bad requests
-are refused naming the field before any work."""
+(WAVs, ``seconds``), through the own API and the A1111 / OpenAI ones: the files are the pipeline's own output, their
+parameters travel with them, and bad requests are refused naming the field before any work."""
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -116,8 +117,9 @@ def test_an_image_model_refuses_frames_fps_and_seconds(image_model):
         for body, field, words in [({"frames": 4}, "frames", "is an image model"),
                                    ({"fps": 8}, "fps", "video models"),
                                    ({"seconds": 1.0}, "seconds", "audio models")]:
-            status, answer, _ = call(f"{url}/api/generate", "POST", {"prompt": "x", **body})
-            assert status == 400 and answer["field"] == field and words in answer["detail"], answer
+            for path in ("/api/generate", "/sdapi/v1/txt2img", "/v1/images/generations"):
+                refused((None, url, app), path, {"prompt": "x", **body}, field, words)
+        refused((None, url, app), "/v1/images/generations", {"prompt": "x", "size": "18x16"}, "size", "multiples of")
         assert not app.state.queue.jobs
 
 
@@ -151,16 +153,97 @@ def test_audio_clips_are_the_pipelines_waveforms_as_wavs(audio):
     ("/api/generate", {"width": 16}, "width", "follows from seconds", 400),
     ("/api/generate", {"frames": 4}, "frames", "follows from seconds", 400),
     ("/api/generate", {"fps": 8}, "fps", "video models", 400),
-    ("/sdapi/v1/txt2img", {}, "model", "audio model", 400),
-    ("/v1/images/generations", {}, "model", "audio model", 400),
+    ("/sdapi/v1/txt2img", {"seconds": 0.5}, "seconds", "try 0.512 s", 400),
+    ("/sdapi/v1/txt2img", {"width": 512}, "width", "follows from seconds", 400),  # given, not A1111's default
+    ("/sdapi/v1/txt2img", {"fps": 8}, "fps", "video models", 400),
+    ("/v1/images/generations", {"seconds": 700}, "seconds", "must be in (0, 600]", 400),
+    ("/v1/images/generations", {"size": "16x16"}, "size", "follows from seconds", 400),
+    ("/v1/images/generations", {"frames": 4}, "frames", "follows from seconds", 400),
 ])
 def test_audio_refuses_bad_requests_before_any_work(audio, path, body, field, words, code):
-    _, url, app = audio
+    refused(audio, path, {"prompt": TONE, **body}, field, words, code)
+
+
+def refused(served, path, body, field, words, code=400):
+    """``body`` answered ``code`` naming ``field`` (in each API's error shape), and nothing queued."""
+    _, url, app = served
     jobs = len(app.state.queue.jobs)
-    status, answer, _ = call(url + path, "POST", {"prompt": TONE, **body})
-    text = answer["error"]["message"] if path.startswith("/v1/") else answer["detail"]
-    assert status == code and field in text and words in text, answer
+    status, answer, _ = call(url + path, "POST", body)
+    if path.startswith("/v1/"):
+        text, named = answer["error"]["message"], answer["error"]["param"]
+    else:
+        text, named = answer["detail"], answer["field"]
+    assert status == code and named == field and words in text, answer
     assert len(app.state.queue.jobs) == jobs
+
+
+def test_audio_through_the_compatible_apis(audio):
+    _, url, _ = audio
+    body = {"prompt": TONE, "steps": 2, "seed": 5, "seconds": 0.512}
+    status, answer, _ = call(f"{url}/v1/images/generations", "POST",
+                             {**body, "guidance": 2.0, "response_format": "b64_json"})
+    assert status == 200 and (answer["output_format"], answer["media_type"]) == ("wav", "audio/wav"), answer
+    openai = base64.b64decode(answer["data"][0]["b64_json"])
+    status, answer, _ = call(f"{url}/sdapi/v1/txt2img", "POST", {**body, "cfg_scale": 2.0})  # A1111's 512 x 512 default: not a size given
+    assert status == 200 and json.loads(answer["info"])["width"] is None, answer
+    a1111 = base64.b64decode(answer["images"][0])
+    for data, api in [(openai, "openai"), (a1111, "a1111")]:
+        got, rate = read_wav(io.BytesIO(data))
+        assert rate == 16000 and got.shape == (32 * 256,)
+        params = read_wav_parameters(data)
+        assert (params["api"], params["seconds"], params["seed"], params["prompt"]) == (api, 0.512, 5, TONE)
+    assert np.array_equal(read_wav(io.BytesIO(openai))[0], read_wav(io.BytesIO(a1111))[0])  # the same clip
+    status, answer, _ = call(f"{url}/v1/images/generations", "POST", {**body, "seconds": None})
+    link = answer["data"][0]["url"]
+    status, data, headers = call(link)
+    assert link.endswith(".wav") and headers["Content-Type"] == "audio/wav"
+    assert read_wav(io.BytesIO(data))[0].shape == (16 * 256,)  # the model's 0.256 s
+    assert call(f"{url}/sdapi/v1/options")[1]["samples_format"] == "wav"
+
+
+def test_the_openai_client_gets_a_wav_through_extra_body(audio):
+    openai = pytest.importorskip("openai")
+    _, url, _ = audio
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    answer = client.images.generate(prompt=TONE, response_format="b64_json",
+                                    extra_body={"steps": 2, "seed": 1, "seconds": 0.512})
+    assert answer.output_format == "wav"
+    data = base64.b64decode(answer.data[0].b64_json)
+    assert read_wav(io.BytesIO(data))[0].shape == (32 * 256,) and read_wav_parameters(data)["seconds"] == 0.512
+    with pytest.raises(openai.BadRequestError, match="frames"):
+        client.images.generate(prompt=TONE, extra_body={"frames": 4})
+
+
+def test_video_frames_and_fps_through_the_compatible_apis(video):
+    _, url, _ = video
+    status, answer, _ = call(f"{url}/v1/images/generations", "POST",
+                             {"prompt": CLIP, "response_format": "b64_json", "steps": 2, "seed": 4, "frames": 3,
+                              "fps": 5, "guidance": 2.0})
+    assert status == 200 and (answer["output_format"], answer["media_type"]) == ("webp", "image/webp"), answer
+    openai = base64.b64decode(answer["data"][0]["b64_json"])
+    status, answer, _ = call(f"{url}/sdapi/v1/txt2img", "POST", {"prompt": CLIP, "width": 16, "height": 16,
+                                                                   "steps": 2, "seed": 4, "frames": 3, "fps": 5,
+                                                                   "cfg_scale": 2.0})
+    assert status == 200, answer
+    a1111 = base64.b64decode(answer["images"][0])
+    for data, api in [(openai, "openai"), (a1111, "a1111")]:
+        clip, _ = frames_of(data)
+        assert clip.n_frames == 3 and clip.info["duration"] == 200  # 5 fps
+        params = read_parameters(io.BytesIO(data))
+        assert (params["api"], params["frames"], params["fps"]) == (api, 3, 5)
+    assert all(np.array_equal(a, b) for a, b in zip(frames_of(openai)[1], frames_of(a1111)[1]))
+
+
+@pytest.mark.parametrize("path, body, field, words", [
+    ("/v1/images/generations", {"frames": 17}, "frames", "1 to 16 frames"),
+    ("/v1/images/generations", {"fps": 0}, "fps", "(0, 100]"),
+    ("/v1/images/generations", {"seconds": 1.0}, "seconds", "audio models"),
+    ("/sdapi/v1/txt2img", {"frames": 0, "width": 16, "height": 16}, "frames", "1 to 16 frames"),
+    ("/sdapi/v1/txt2img", {"fps": 1000, "width": 16, "height": 16}, "fps", "(0, 100]"),
+    ("/sdapi/v1/txt2img", {"seconds": 1.0, "width": 16, "height": 16}, "seconds", "audio models"),
+])
+def test_video_compatible_apis_refuse_bad_requests_before_any_work(video, path, body, field, words):
+    refused(video, path, {"prompt": CLIP, **body}, field, words)
 
 
 def test_the_bytes_writers_are_the_file_writers(tmp_path):

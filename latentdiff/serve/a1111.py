@@ -1,8 +1,9 @@
 """The AUTOMATIC1111 web UI API subset its clients use (``/sdapi/v1``): txt2img, img2img (with mask), samplers,
 models, progress, interrupt, and the options (read-only). Fields we do not implement (hires fix, restore faces,
 scripts, ...) are accepted and ignored, as A1111 ignores what a script does not read; images are raw base64 PNGs
-carrying their parameters (a video model's clips: animated WebPs), ``info`` a JSON string; an audio model is
-refused (use ``/api``)."""
+carrying their parameters (a video model's clips: animated WebPs; an audio model's: WAVs), ``info`` a JSON string.
+The own API's ``frames`` / ``fps`` (video) and ``seconds`` (audio) are taken as extra fields, checked as there;
+an audio model ignores A1111's default 512 x 512 but refuses a width or height given."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import base64
 import json
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict, Field
 
 from latentdiff.diffusion.sampling import SAMPLERS
-from latentdiff.serve.common import file_of, finished, submit
+from latentdiff.serve.common import MediaFields, file_of, finished, submit
 from latentdiff.serve.inputs import BadInput, GenerationInput, b64_image, model_kind
 
 SCHEDULES = {"karras": "karras", "exponential": "exponential", "uniform": "linspace", "sgm uniform": "trailing"}
 
 
-class Txt2ImgBody(BaseModel):
+class Txt2ImgBody(MediaFields):
     """What A1111 reads of a txt2img request (other fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -38,7 +39,7 @@ class Txt2ImgBody(BaseModel):
 
 
 class Img2ImgBody(Txt2ImgBody):
-    init_images: list[str] = []
+    init_images: list[str] = Field(default_factory=list)
     mask: str | None = None  # white repaints
     denoising_strength: float = 0.75
     inpainting_mask_invert: int = 0  # 1: black repaints
@@ -49,12 +50,12 @@ def router() -> APIRouter:
 
     @api.post("/txt2img", summary="Text to image (A1111)")
     async def txt2img(body: Txt2ImgBody, request: Request) -> dict:
-        return await _run(request, body, _input(body))
+        return await _run(request, body, _input(body, request))
 
     @api.post("/img2img", summary="Image to image, inpainting with mask (A1111)")
     async def img2img(body: Img2ImgBody, request: Request) -> dict:
         limits = request.app.state.limits
-        inp = _input(body)
+        inp = _input(body, request)
         if len(body.init_images) != 1:
             raise BadInput("init_images", f"expected one image, got {len(body.init_images)}")
         inp.image = b64_image(body.init_images[0], "init_images", limits)
@@ -80,7 +81,8 @@ def router() -> APIRouter:
     @api.get("/options", summary="Options (read-only)")
     def options(request: Request) -> dict:
         pipe = request.app.state.pipe
-        return {"sd_model_checkpoint": pipe.name, "samples_format": "webp" if model_kind(pipe) == "video" else "png",
+        formats = {"image": "png", "video": "webp", "audio": "wav"}
+        return {"sd_model_checkpoint": pipe.name, "samples_format": formats[model_kind(pipe)],
                 "CLIP_stop_at_last_layers": 1}
 
     @api.get("/progress", summary="Progress of the running job, with its current image")
@@ -108,12 +110,15 @@ def router() -> APIRouter:
     return api
 
 
-def _input(body: Txt2ImgBody) -> GenerationInput:
+def _input(body: Txt2ImgBody, request: Request) -> GenerationInput:
     sampler = body.sampler_name or body.sampler_index
     schedule = SCHEDULES.get((body.scheduler or "").lower())
-    return GenerationInput(prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
-                           height=body.height, steps=body.steps, sampler=sampler, schedule=schedule,
-                           guidance=body.cfg_scale, seed=body.seed, num_images=body.batch_size * body.n_iter)
+    size = {"width": body.width, "height": body.height}
+    if model_kind(request.app.state.pipe) == "audio":  # its size follows from seconds: only a size given is refused
+        size = {name: n if name in body.model_fields_set else None for name, n in size.items()}
+    return GenerationInput(prompt=body.prompt, negative_prompt=body.negative_prompt, **size, steps=body.steps,
+                           sampler=sampler, schedule=schedule, guidance=body.cfg_scale, seed=body.seed,
+                           num_images=body.batch_size * body.n_iter, **body.media())
 
 
 async def _run(request: Request, body: Txt2ImgBody, inp: GenerationInput) -> dict:
@@ -123,8 +128,8 @@ async def _run(request: Request, body: Txt2ImgBody, inp: GenerationInput) -> dic
     images = [base64.b64encode(file_of(request, t)).decode() for t in job.images]
     p = job.parameters
     info = {"prompt": inp.prompt, "all_prompts": [inp.prompt] * len(images), "negative_prompt": inp.negative_prompt,
-            "seed": p["seed"], "all_seeds": [p["seed"]] * len(images), "width": p["width"], "height": p["height"],
-            "sampler_name": inp.sampler or p["sampler"], "cfg_scale": p["guidance"], "steps": p["steps"],
+            "seed": p["seed"], "all_seeds": [p["seed"]] * len(images), "width": p.get("width"),  # audio: none
+            "height": p.get("height"), "sampler_name": inp.sampler or p["sampler"], "cfg_scale": p["guidance"], "steps": p["steps"],
             "batch_size": inp.num_images, "sd_model_name": p["model"], "interrupted": job.state == "cancelled",
             "infotexts": [json.dumps({**p, "prompt": inp.prompt, "index": i}) for i in range(len(images))]}
     return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}

@@ -1,13 +1,28 @@
-"""What the three APIs share: checking and queueing a request, waiting for it, its files' URLs, error bodies."""
+"""What the three APIs share: the video / audio request fields, checking and queueing a request, waiting for it,
+its files' URLs, error bodies."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from latentdiff.serve.inputs import GenerationInput, make_job
 from latentdiff.serve.queue import Job
+
+
+class MediaFields(BaseModel):
+    """The own API's video and audio fields, which the compatible APIs take as extensions (checked by ``make_job``
+    like the own API's: a field the model does not take is refused naming it)."""
+
+    frames: int | None = None  # video models: frames per clip
+    fps: float | None = None  # video models: frames per second of the animated WebP
+    seconds: float | None = None  # audio models: clip length
+
+    def media(self) -> dict:
+        """The fields as ``GenerationInput`` keywords."""
+        return {"frames": self.frames, "fps": self.fps, "seconds": self.seconds}
 
 
 def submit(request: Request, inp: GenerationInput, source: str) -> Job:
@@ -26,7 +41,7 @@ def image_url(request: Request, name: str) -> str:
 
 
 def file_of(request: Request, name: str) -> bytes:
-    """A finished file's bytes (PNG, or a video model's WebP) by its store name."""
+    """A finished file's bytes (PNG, a video model's WebP, an audio model's WAV) by its store name."""
     return request.app.state.store.get(name) or b""
 
 

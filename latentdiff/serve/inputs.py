@@ -124,7 +124,7 @@ def make_job(pipe, inp: GenerationInput, limits: Limits, source: str) -> Job:
     if inp.steps is not None and not 1 <= inp.steps <= limits.max_steps:
         raise BadInput("steps", f"must be between 1 and {limits.max_steps}, got {inp.steps}")
     kind = model_kind(pipe)
-    media, media_params = _media(pipe, inp, limits, kind, source)
+    media, media_params = _media(pipe, inp, limits, kind)
     height, width = _size(pipe, inp, limits) if kind != "audio" else (None, None)
     if inp.sampler is not None:
         try:
@@ -176,7 +176,7 @@ def model_kind(pipe) -> str:
     return "video" if pipe.clip_length(None) is not None else "image"
 
 
-def _media(pipe, inp: GenerationInput, limits: Limits, kind: str, source: str) -> tuple[dict, dict]:
+def _media(pipe, inp: GenerationInput, limits: Limits, kind: str) -> tuple[dict, dict]:
     """A video or audio request's own fields, checked against the model: (``generate`` keywords, parameters)."""
     a = "an" if kind[0] in "aeiou" else "a"
     if inp.fps is not None and kind != "video":
@@ -184,7 +184,7 @@ def _media(pipe, inp: GenerationInput, limits: Limits, kind: str, source: str) -
     if inp.seconds is not None and kind != "audio":
         raise BadInput("seconds", f"seconds is for audio models; {pipe.name!r} is {a} {kind} model")
     if kind == "audio":
-        return _audio(pipe, inp, limits, source)
+        return _audio(pipe, inp, limits)
     try:
         frames = pipe.clip_length(inp.frames)  # an image model refuses frames
     except ValueError as e:
@@ -200,9 +200,7 @@ def _media(pipe, inp: GenerationInput, limits: Limits, kind: str, source: str) -
     return {"frames": frames}, {"frames": frames, "fps": fps}
 
 
-def _audio(pipe, inp: GenerationInput, limits: Limits, source: str) -> tuple[dict, dict]:
-    if source != "latentdiff":
-        raise BadInput("model", f"{pipe.name!r} is an audio model and this API returns images: use /api/generate")
+def _audio(pipe, inp: GenerationInput, limits: Limits) -> tuple[dict, dict]:
     given = [name for name in ("frames", "width", "height", "image", "mask") if getattr(inp, name) is not None]
     if given:
         raise BadInput(given[0], "an audio model's clip size follows from seconds (and its mel bands); it takes "

@@ -2,9 +2,11 @@
 
 ``response_format`` "url" (the default, as for dall-e-2/3) links to this server's in-memory store; "b64_json" puts
 the PNG in the answer. Sizes are "WIDTHxHEIGHT" (or "auto": the model's). Extra fields a client may send through
-``extra_body``: negative_prompt, steps, sampler, guidance, seed, strength. Edits follow OpenAI's mask convention:
-where the mask (or, without one, the image) is transparent is repainted; a mask without alpha repaints white.
-A video model's clips are animated WebPs (``output_format`` "webp"); an audio model is refused (use ``/api``).
+``extra_body``: negative_prompt, steps, sampler, guidance, seed, strength, and the own API's ``frames`` / ``fps``
+(video models) and ``seconds`` (audio models). Edits follow OpenAI's mask convention: where the mask (or, without
+one, the image) is transparent is repainted; a mask without alpha repaints white. A video model's clips are
+animated WebPs, an audio model's clips WAVs, in the same envelope (``b64_json`` or ``url``); ``output_format``
+("png", "webp", "wav") and ``media_type`` say which.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import time
 
 from fastapi import APIRouter, HTTPException, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
-from latentdiff.serve.common import file_of, finished, image_url, submit
+from latentdiff.serve.common import MediaFields, file_of, finished, image_url, submit
 from latentdiff.serve.inputs import BadInput, GenerationInput, image_bytes
+from latentdiff.serve.queue import MEDIA_TYPES
 
 FORMATS = ("url", "b64_json")
 
 
-class GenerationsBody(BaseModel):
+class GenerationsBody(MediaFields):
     """What we read of an OpenAI image generation request (other fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -48,7 +51,7 @@ def router() -> APIRouter:
         width, height = _size(body.size)
         inp = GenerationInput(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
                               steps=body.steps, sampler=body.sampler, guidance=body.guidance, seed=body.seed,
-                              num_images=body.n or 1)
+                              num_images=body.n or 1, **body.media())
         return await _run(request, inp, fmt)
 
     @api.post("/edits", summary="Edit an image: inpaint where the mask is transparent (OpenAI; multipart form)")
@@ -117,12 +120,18 @@ def _number(fields: dict, name: str) -> float | None:
 
 
 async def _run(request: Request, inp: GenerationInput, fmt: str) -> dict:
-    job = await finished(submit(request, inp, "openai"))
+    try:
+        job = submit(request, inp, "openai")
+    except BadInput as e:
+        if e.field not in ("width", "height"):
+            raise
+        raise BadInput("size", e.message, e.status) from None  # OpenAI's field for both
+    job = await finished(job)
     if job.state != "done":
         raise HTTPException(500 if job.state == "failed" else 409, f"generation {job.state}: {job.error}")
     if fmt == "url":
         data = [{"url": image_url(request, t)} for t in job.images]
     else:
         data = [{"b64_json": base64.b64encode(file_of(request, t)).decode()} for t in job.images]
-    fmt = job.images[0].rpartition(".")[2] if job.images else "png"  # webp: a video model's clips
-    return {"created": int(time.time()), "data": data, "output_format": fmt}
+    suffix = job.images[0].rpartition(".")[2] if job.images else "png"  # webp: a video model's clips; wav: audio
+    return {"created": int(time.time()), "data": data, "output_format": suffix, "media_type": MEDIA_TYPES["." + suffix]}
