@@ -11,9 +11,11 @@ Prompts are the captions of ``--clips`` clips drawn from a fixed seed (``moving_
 "any"), one clip each. ``--still``: the image model, each frame drawn alone from its caption without motion
 (``moving_shapes.still_caption``): the per-frame bar a video model's frame agreement is held to. ``--rendered``:
 no sampling, the truth clips rendered, encoded and decoded by the model's autoencoder: the most any latent model
-with that autoencoder can read on these prompts. ``--checkpoint``: the EMA weights of that training checkpoint of the model's run. Prints one markdown row: per-frame judge agreement (shape, colour at that frame, background), motion
-accuracy (direction / growth / colour change read from the object's track) with one standard error, the share of
-clips right on both, motion accuracy per motion, and the frame-to-frame latent distance (RMS of z[f+1] - z[f])
+with that autoencoder can read on these prompts (``--rendered-still``: the still captions' frames, the ceiling of
+``--still``). ``--checkpoint``: the EMA weights of that training checkpoint of the model's run. Prints one markdown
+row: per-frame judge agreement (shape, colour at that frame, background), motion accuracy (direction / growth /
+colour change read from the object's track) with one standard error, the share of clips right on both, motion
+accuracy per motion, frame agreement per motion, and the frame-to-frame latent distance (RMS of z[f+1] - z[f])
 of the generated clips next to that of the same prompts' rendered clips encoded by the model's autoencoder.
 """
 
@@ -129,6 +131,7 @@ def main() -> None:
     n = scores["n"]
     se = {k: math.sqrt(scores[k] * (1 - scores[k]) / n) for k in ("motion_accuracy", "clip_accuracy")}
     by_motion = ", ".join(f"{m} {v:.2f}" for m, v in scores["by_motion"].items())
+    frames_by_motion = ", ".join(f"{m} {v:.3f}" for m, v in scores["frames_by_motion"].items())
     name = args.model or (f"{args.inflate} inflated, untrained" if args.inflate else
                           f"{args.still}, each frame from its still caption" if args.still else
                           f"rendered {'still frames' if args.rendered_still else 'clips'} through {args.rendered}'s "
@@ -137,10 +140,10 @@ def main() -> None:
     name += f" ({args.split} prompts)"
     print(f"model {name}; {n} clips of {args.frames} frames, dpmpp_2m {args.steps} steps, guidance {args.guidance}\n")
     print("| model | frame agreement | motion accuracy | clip accuracy | per motion | latent frame distance "
-          "(generated / rendered) | s / clip |\n|---|---|---|---|---|---|---|")
+          "(generated / rendered) | s / clip | frame agreement per motion |\n|---|---|---|---|---|---|---|---|")
     print(f"| {name} | {scores['frame_accuracy']:.3f} | {scores['motion_accuracy']:.3f} +- {se['motion_accuracy']:.3f} | "
           f"{scores['clip_accuracy']:.3f} +- {se['clip_accuracy']:.3f} | {by_motion} | {frame_distance(torch.cat(latents)):.3f} / "
-          f"{frame_distance(truth.latents):.3f} | {seconds:.2f} |")
+          f"{frame_distance(truth.latents):.3f} | {seconds:.2f} | {frames_by_motion} |")
 
 
 if __name__ == "__main__":

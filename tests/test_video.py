@@ -194,3 +194,8 @@ def test_video_judge_rendered_still_frames_read_as_their_still_captions():
     scores = score_clips(frames, clips)
     assert scores["frame_accuracy"] == 1.0
     assert scores["by_motion"] == {"left": 0.0, "grow": 1.0, "recolor": 1.0}
+    assert scores["frames_by_motion"] == {"left": 1.0, "grow": 1.0, "recolor": 1.0}
+    frames[0] = np.concatenate([frames[1][:1], frames[0][1:]])  # the recolour clip's first frame: the green square
+    scores = score_clips(frames, clips)
+    assert scores["frames_by_motion"] == {"left": 1.0, "grow": 1.0, "recolor": 0.75}
+    assert scores["frame_accuracy"] == pytest.approx(11 / 12)

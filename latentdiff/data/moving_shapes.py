@@ -198,7 +198,8 @@ def judge_clip(frames) -> ClipReading:
 def score_clips(clips_frames, clips: list[Clip]) -> dict:
     """Judge clips against their truth: ``frame_accuracy`` (frames whose object has the right shape, colour and
     background), ``motion_accuracy`` (the right motion read from the track), ``clip_accuracy`` (both, every
-    frame), n, and ``by_motion`` (motion accuracy per true motion)."""
+    frame), n, ``by_motion`` (motion accuracy per true motion) and ``frames_by_motion`` (frame agreement per true
+    motion)."""
     clips_frames, clips = list(clips_frames), list(clips)
     if len(clips_frames) != len(clips):
         raise ValueError(f"got {len(clips_frames)} clips but {len(clips)} truths")
@@ -206,12 +207,15 @@ def score_clips(clips_frames, clips: list[Clip]) -> dict:
         raise ValueError("score_clips needs at least one clip")
     frame_hits = frame_total = motion_hits = clip_hits = 0
     by_motion = {m: [0, 0] for m in MOTIONS}  # motion -> [right, clips]
+    frames_by_motion = {m: [0, 0] for m in MOTIONS}  # motion -> [right frames, frames]
     for frames, truth in zip(clips_frames, clips):
         reading = judge_clip(frames)
         n = len(reading.frames)
         right = [r == (truth.shape, truth.color_at(f, n), truth.background) for f, r in enumerate(reading.frames)]
         frame_hits += sum(right)
         frame_total += n
+        frames_by_motion[truth.motion][0] += sum(right)
+        frames_by_motion[truth.motion][1] += n
         motion_hits += reading.motion == truth.motion
         by_motion[truth.motion][0] += reading.motion == truth.motion
         by_motion[truth.motion][1] += 1
@@ -219,7 +223,8 @@ def score_clips(clips_frames, clips: list[Clip]) -> dict:
     n = len(clips)
     return {"frame_accuracy": frame_hits / frame_total, "motion_accuracy": motion_hits / n,
             "clip_accuracy": clip_hits / n, "n": n,
-            "by_motion": {m: right / total for m, (right, total) in by_motion.items() if total}}
+            "by_motion": {m: right / total for m, (right, total) in by_motion.items() if total},
+            "frames_by_motion": {m: right / total for m, (right, total) in frames_by_motion.items() if total}}
 
 
 def validate_clips(n: int = 120, frames: int = 8, size: int = 32, seed: int = 0) -> dict:
