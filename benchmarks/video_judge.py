@@ -8,7 +8,7 @@
 
 Prompts are the captions of ``--clips`` clips drawn from a fixed seed (``moving_shapes.sample_clip``) of
 ``--split`` ("heldout": (colour, shape, motion) triples train-video never trains on, the default; "train";
-"any"), one clip each. ``--still``: the image model, each frame drawn alone from its caption without motion
+"any"), one clip each, of ``--motions`` only when given. ``--still``: the image model, each frame drawn alone from its caption without motion
 (``moving_shapes.still_caption``): the per-frame bar a video model's frame agreement is held to. ``--rendered``:
 no sampling, the truth clips rendered, encoded and decoded by the model's autoencoder: the most any latent model
 with that autoencoder can read on these prompts (``--rendered-still``: the still captions' frames, the ceiling of
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.data.moving_shapes import ClipLatents, score_clips, still_caption
+from latentdiff.data.moving_shapes import ClipLatents, check_motions, score_clips, still_caption
 from latentdiff.data.shapes import parse_caption, render, to_tensor
 from latentdiff.diffusion.denoiser import Denoiser
 from latentdiff.images import to_uint8
@@ -82,6 +82,8 @@ def main() -> None:
                          "the ceiling of --still's frames")
     ap.add_argument("--checkpoint", default=None, help="a train-video checkpoint folder: its EMA weights")
     ap.add_argument("--split", default="heldout", choices=("heldout", "train", "any"))
+    ap.add_argument("--motions", default=None, help="only clips of these motions, comma-separated (e.g. recolor: "
+                    "objects in the middle, which the still captions describe exactly)")
     ap.add_argument("--clips", type=int, default=60)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
@@ -99,6 +101,11 @@ def main() -> None:
         network = INFLATABLE[family_of(image)][2](image)
         pipe = Pipeline(pipe.autoencoder, Denoiser(network, pipe.denoiser.parameterization), pipe.text_encoder,
                         dataclasses.replace(pipe.index, frames=args.frames))
+    motions = tuple(args.motions.split(",")) if args.motions else None
+    try:
+        check_motions(motions)
+    except ValueError as e:
+        ap.error(f"--motions: {e}")
     if args.rendered_still and not args.rendered:
         ap.error("--rendered-still goes with --rendered MODEL")
     if args.checkpoint:
@@ -106,7 +113,7 @@ def main() -> None:
     args.guidance = pipe.settings(guidance=args.guidance).guidance
     size = pipe.default_size
     truth = ClipLatents(pipe.autoencoder, args.clips, args.frames, size, seed=10_000 + args.seed,  # a seed not trained
-                        split=None if args.split == "any" else args.split)
+                        split=None if args.split == "any" else args.split, motions=motions)
     t = time.perf_counter()
     frames, latents = [], []
     for start in range(0, args.clips, args.batch):
@@ -137,7 +144,7 @@ def main() -> None:
                           f"rendered {'still frames' if args.rendered_still else 'clips'} through {args.rendered}'s "
                           "autoencoder")
     name += f" @ {Path(args.checkpoint).name}" if args.checkpoint else ""
-    name += f" ({args.split} prompts)"
+    name += f" ({args.split} prompts{', ' + args.motions + ' only' if args.motions else ''})"
     print(f"model {name}; {n} clips of {args.frames} frames, dpmpp_2m {args.steps} steps, guidance {args.guidance}\n")
     print("| model | frame agreement | motion accuracy | clip accuracy | per motion | latent frame distance "
           "(generated / rendered) | s / clip | frame agreement per motion |\n|---|---|---|---|---|---|---|---|")

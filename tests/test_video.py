@@ -98,6 +98,12 @@ def test_heldout_triples_split_and_still_captions():
     assert {m for _, _, m in HELDOUT_TRIPLES} == set(MOTIONS) and len(HELDOUT_TRIPLES) == 18
     with pytest.raises(ValueError, match="unknown clip split"):
         sample_clip(rng, "test")
+    only = [sample_clip(rng, "heldout", ("recolor", "grow")) for _ in range(40)]
+    assert {c.motion for c in only} == {"recolor", "grow"}
+    assert all((c.color, c.shape, c.motion) in HELDOUT_TRIPLES for c in only)
+    for bad in ((), ("spin",)):
+        with pytest.raises(ValueError, match="motions must be"):
+            sample_clip(rng, motions=bad)
     clip = Clip("circle", "red", "black", "recolor", "large", "blue")
     assert [still_caption(clip, f, 4) for f in (0, 3)] == [
         "a large red circle in the middle on a black background", "a large blue circle in the middle on a black background"]

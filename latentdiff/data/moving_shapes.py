@@ -62,16 +62,29 @@ class Clip:
         return self.end_color if self.end_color is not None and frame >= frames // 2 else self.color
 
 
-def sample_clip(rng: np.random.Generator, split: str | None = None) -> Clip:
+def sample_clip(rng: np.random.Generator, split: str | None = None, motions: tuple[str, ...] | None = None
+                ) -> Clip:
     """A random clip: motion, shape, colour (and an end colour), size and background, uniformly; with ``split``
     ("train" / "heldout") drawn again until its (colour, shape, motion) is in ``HELDOUT_TRIPLES`` exactly for
-    "heldout"."""
+    "heldout"; with ``motions``, drawn again until its motion is one of them."""
     if split is not None and split not in CLIP_SPLITS:
         raise ValueError(f"unknown clip split {split!r}: expected one of {CLIP_SPLITS} or None")
+    check_motions(motions)
     while True:
         clip = _draw_clip(rng)
+        if motions is not None and clip.motion not in motions:
+            continue
         if split is None or ((clip.color, clip.shape, clip.motion) in HELDOUT_TRIPLES) == (split == "heldout"):
             return clip
+
+
+def check_motions(motions: tuple[str, ...] | None) -> None:
+    """Refuse an empty motion filter or a motion that is not one of ``MOTIONS``."""
+    if motions is None:
+        return
+    unknown = [m for m in motions if m not in MOTIONS]
+    if unknown or not motions:
+        raise ValueError(f"motions must be a non-empty choice of {MOTIONS}, got {tuple(motions)}")
 
 
 def _draw_clip(rng: np.random.Generator) -> Clip:
@@ -237,16 +250,16 @@ def validate_clips(n: int = 120, frames: int = 8, size: int = 32, seed: int = 0)
 class ClipLatents:
     """``n`` moving-shapes clips encoded frame by frame with an autoencoder (posterior mode), held in memory:
     ``latents`` (n, C, F, h, w) normalized, ``captions``, ``clips`` (of ``split``: "train", "heldout", or None for
-    any); the data order is ``batch_indices``'s."""
+    any), of ``motions`` only when given; the data order is ``batch_indices``'s."""
 
     bucketed = False  # the run engine's batch split: one global batch of equal items
 
     def __init__(self, autoencoder, n: int, frames: int = 8, size: int = 32, seed: int = 0, batch: int = 64,
-                 split: str | None = None):
+                 split: str | None = None, motions: tuple[str, ...] | None = None):
         if n < 1:
             raise ValueError(f"the clip set needs at least one clip, got {n}")
         rng = np.random.default_rng(seed)
-        self.clips = [sample_clip(rng, split) for _ in range(n)]
+        self.clips = [sample_clip(rng, split, motions) for _ in range(n)]
         self.captions = [clip_caption(c) for c in self.clips]
         pixels = torch.stack([clip_tensor(render_clip(c, frames, size, seed=seed * 1_000_003 + i))
                               for i, c in enumerate(self.clips)])  # (n, 3, F, H, W)
