@@ -195,10 +195,15 @@ def test_train_video_guidance_is_the_folders_recommendation(image_model, video_m
     assert load(folder).settings().guidance == 1.5 and load(folder).settings(guidance=3.0).guidance == 3.0
 
 
-@pytest.mark.parametrize("preset", ["moving-shapes", "moving-shapes-ft", "moving-shapes-test"])
+@pytest.mark.parametrize("preset", ["moving-shapes", "moving-shapes-ft", "moving-shapes-polish", "moving-shapes-test"])
 def test_video_presets_are_valid_configs(preset):
     from latentdiff.config import from_dict
     from latentdiff.train.video import VIDEO_PRESETS, VideoTrainConfig
 
     cfg = from_dict(VideoTrainConfig, VIDEO_PRESETS[preset])
     assert cfg.frames <= cfg.max_frames and (cfg.train == "all" or not cfg.spatial_lr)
+    if preset == "moving-shapes-polish":  # the -ft run's layers (init must match them) at a third of its lr
+        ft = from_dict(VideoTrainConfig, VIDEO_PRESETS["moving-shapes-ft"])
+        assert cfg.temporal_cross_attention == ft.temporal_cross_attention and cfg.train == ft.train == "all"
+        assert cfg.lr == pytest.approx(ft.lr * 0.3) and cfg.spatial_lr == pytest.approx(ft.spatial_lr * 0.3)
+        assert cfg.ema_decay > ft.ema_decay
