@@ -1,6 +1,7 @@
 """The OpenVINO backend: converted networks match torch, the disk cache is reused and rebuilt, the CLI, int8."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,40 @@ def check_bf16_time_kept_fp32(cache: Path) -> None:
     assert names < mlp and any("time_embedding.linear_1" in n for n in mlp)
     with pytest.raises(ValueError, match="keep_fp32 takes"):
         ov_backend.Compiled(net, "x", keep_fp32=("softmax",))
+
+
+_TELEMETRY_PROBE = """
+import multiprocessing.process, os, sys, torch
+starts = []
+start = multiprocessing.process.BaseProcess.start
+multiprocessing.process.BaseProcess.start = lambda self: (starts.append(self), start(self))[1]
+if sys.argv[1] == "backend":
+    from latentdiff.backends import openvino as ov_backend
+    from latentdiff.models.unet import UNet, UNetConfig
+    from latentdiff.types import Cond
+    unet = UNet(UNetConfig(model_channels=16, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,),
+                           num_heads=2, context_dim=16, norm_groups=8)).eval()
+    net = ov_backend.OpenVINONetwork(unet, precision="fp32", cache_dir=sys.argv[2])
+    cond = Cond(context=torch.zeros(1, 3, 16), context_mask=torch.ones(1, 3, dtype=torch.bool))
+    with torch.no_grad():
+        net(torch.zeros(1, 4, 8, 8), torch.ones(1), cond)
+else:
+    import openvino
+    openvino.convert_model(torch.nn.Linear(4, 4).eval(), example_input=torch.zeros(2, 4))
+print(len(starts), "CI" in os.environ, flush=True)
+os._exit(0)  # not Python's exit, which waits on the telemetry children
+"""
+
+
+def test_openvino_telemetry_is_declined_so_no_process_is_forked(tmp_path):
+    """OpenVINO's converter sends usage telemetry from processes forked off a worker thread (offline they can
+    deadlock, and the interpreter's exit waits on them). Our import and conversion decline it, and leave the
+    environment as it was. A fresh HOME (no consent file) and no CI variable: what a user's first run sees."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    run = lambda mode: subprocess.run([sys.executable, "-c", _TELEMETRY_PROBE, mode, str(tmp_path / "cache")],
+                                      check=False, env=env, capture_output=True, text=True, timeout=300)
+    plain, ours = run("plain"), run("backend")
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert ours.stdout.split() == ["0", "False"]  # nothing forked, CI unset again
+    assert plain.returncode == 0 and int(plain.stdout.split()[0]) > 0, plain.stdout + plain.stderr[-2000:]

@@ -10,6 +10,7 @@ inside, one folder per precision hint (``CACHE_DIR``, which OpenVINO keys by mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -51,10 +52,28 @@ _PRECISE = '<rt_info><attribute name="DisablePrecisionConversion" version="0" va
 def import_openvino():
     """The openvino module, or an ImportError that says how to install it."""
     try:
-        import openvino
+        with declined_telemetry():  # openvino's converter asks for telemetry consent on import
+            import openvino
     except ImportError as e:
         raise ImportError(MISSING) from e
     return openvino
+
+
+@contextlib.contextmanager
+def declined_telemetry():
+    """OpenVINO's usage telemetry declined for what runs inside (its import, ``convert_model``, which asks for
+    consent again on every call). It sends each event from a process forked off a worker thread; offline, such a
+    child can deadlock, and Python's exit then waits on it for ever (CI was left with 145 of them). The converter
+    declines in CI, which it reads from the environment variable CI, so CI=true is set for the duration."""
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CI"]
+        else:
+            os.environ["CI"] = saved
 
 
 def openvino_version() -> str:
@@ -172,7 +191,8 @@ class Compiled:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # our shape checks, constant per shape
-                model = self.ov.convert_model(self.module, example_input=tuple(t.detach().cpu() for t in inputs))
+                with declined_telemetry():
+                    model = self.ov.convert_model(self.module, example_input=tuple(t.detach().cpu() for t in inputs))
         except Exception as e:  # OpenVINO raises its own types (OpConversionFailure, ...) and torch's tracing errors
             self.failed = _why(e)
             what = f"OpenVINO could not convert the {self.name} ({_module_names(self.module)}): {self.failed}"
