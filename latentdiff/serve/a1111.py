@@ -128,8 +128,9 @@ async def _run(request: Request, body: Txt2ImgBody, inp: GenerationInput) -> dic
     images = [base64.b64encode(file_of(request, t)).decode() for t in job.images]
     p = job.parameters
     info = {"prompt": inp.prompt, "all_prompts": [inp.prompt] * len(images), "negative_prompt": inp.negative_prompt,
-            "seed": p["seed"], "all_seeds": [p["seed"]] * len(images), "width": p.get("width"),  # audio: none
-            "height": p.get("height"), "sampler_name": inp.sampler or p["sampler"], "cfg_scale": p["guidance"], "steps": p["steps"],
+            "seed": p["seed"], "all_seeds": [p["seed"]] * len(images),
+            "width": p.get("width"), "height": p.get("height"),  # audio: none
+            "sampler_name": inp.sampler or p["sampler"], "cfg_scale": p["guidance"], "steps": p["steps"],
             "batch_size": inp.num_images, "sd_model_name": p["model"], "interrupted": job.state == "cancelled",
             "infotexts": [json.dumps({**p, "prompt": inp.prompt, "index": i}) for i in range(len(images))]}
     return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}

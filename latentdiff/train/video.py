@@ -74,6 +74,9 @@ class VideoTrainConfig(RunConfig):
                      "sample_steps": between(1, MAX_STEPS), "sample_guidance": FINITE, "guidance": at_least(0)})
 
 
+_FINE_TUNE = {"temporal_cross_attention": True, "clips": 2048, "train": "all", "spatial_lr": 1e-4, "steps": 2400,
+              "save_every": 600, "keep_last": 10, "guidance": 1.5}  # moving-shapes-ft (below)
+
 VIDEO_PRESETS: dict[str, dict] = {
     # The bundled default model's U-Net inflated; its temporal layers (with cross-attention to the prompt) trained on
     # 8-frame clips of 32 pixels: the run of BENCHMARKS.md "Video" (55 min on one thread of machine A under load).
@@ -81,13 +84,10 @@ VIDEO_PRESETS: dict[str, dict] = {
                       "keep_last": 10},
     # Its fine-tune (give --set init=RUN/model): everything trained, the image weights at a tenth of the temporal
     # layers' lr, sampled at CFG 1.5 (BENCHMARKS.md "Video": twice from the run above, 1200 then 2400 steps).
-    "moving-shapes-ft": {"temporal_cross_attention": True, "clips": 2048, "train": "all", "spatial_lr": 1e-4,
-                         "steps": 2400, "save_every": 600, "keep_last": 10, "guidance": 1.5},
+    "moving-shapes-ft": _FINE_TUNE,
     # Its polish, once the -ft runs stop gaining (give --set init=... and a new seed: new clips each run): twice the
     # clips, a third of the learning rates, a longer EMA (BENCHMARKS.md "Fresh clips at a lower learning rate").
-    "moving-shapes-polish": {"temporal_cross_attention": True, "clips": 4096, "train": "all", "lr": 3e-4,
-                             "spatial_lr": 3e-5, "ema_decay": 0.999, "steps": 2400, "save_every": 600,
-                             "keep_last": 10, "guidance": 1.5},
+    "moving-shapes-polish": {**_FINE_TUNE, "clips": 4096, "lr": 3e-4, "spatial_lr": 3e-5, "ema_decay": 0.999},
     "moving-shapes-test": {"steps": 3, "batch_size": 2, "clips": 4, "frames": 4, "warmup_steps": 1, "log_every": 1,
                            "sample_every": 2, "save_every": 2, "sample_steps": 2, "quiet": True},
 }
